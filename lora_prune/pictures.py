@@ -1,0 +1,636 @@
+"""Pictures for ``analyze``, ``render`` and ``verify``: heatmaps, labelled tiles,
+contact sheets and the block-influence bar chart, drawn with Pillow alone.
+
+Heatmaps share one colour scale across a sweep by default (:func:`global_vmax`):
+every ComfyUI peer normalises each map on its own, so a block that barely changes
+the image looks as hot as one that repaints it and maps cannot be compared.
+Per-image scaling stays available by passing a map's own maximum to
+:func:`colorize`.
+
+Images are numpy ``uint8`` arrays ``H x W x 3`` (RGB) or ``PIL.Image.Image``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TypeAlias
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .blocks import block_kind, short_label
+from .errors import OutputError, UsageError
+from .safetensors_io import create_temp, fsync_dir
+
+RGB: TypeAlias = tuple[int, int, int]
+_Font: TypeAlias = "ImageFont.FreeTypeFont | ImageFont.ImageFont"
+
+# ---------------------------------------------------------------------------
+# Colour maps
+
+
+def _lut(fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """256 x 3 uint8 table from a function of t in [0, 1] returning N x 3 floats in [0, 1]."""
+    t = np.linspace(0.0, 1.0, 256)
+    rgb = np.clip(fn(t), 0.0, 1.0)
+    return np.asarray(np.rint(rgb * 255.0), dtype=np.uint8)
+
+
+def _jet(t: np.ndarray) -> np.ndarray:
+    # Classic piecewise-linear jet: dark blue -> cyan -> yellow -> dark red.
+    return np.stack(
+        [1.5 - np.abs(4.0 * t - 3.0), 1.5 - np.abs(4.0 * t - 2.0), 1.5 - np.abs(4.0 * t - 1.0)],
+        axis=-1,
+    )
+
+
+def _poly(coeffs: Sequence[Sequence[float]]) -> Callable[[np.ndarray], np.ndarray]:
+    """Per-channel polynomial; ``coeffs[i]`` holds the RGB coefficients of ``t**i``."""
+    c = np.asarray(coeffs, dtype=np.float64)
+
+    def fn(t: np.ndarray) -> np.ndarray:
+        powers = np.stack([t**i for i in range(c.shape[0])], axis=-1)
+        return np.asarray(powers @ c)
+
+    return fn
+
+
+# Google's published polynomial fit of Turbo (Mikhailov 2019).
+_TURBO = _poly(
+    [
+        [0.13572138, 0.09140261, 0.10667330],
+        [4.61539260, 2.19418839, 12.64194608],
+        [-42.66032258, 4.84296658, -60.58204836],
+        [132.13108234, -14.18503333, 110.36276771],
+        [-152.94239396, 4.27729857, -89.90310912],
+        [59.28637943, 2.82956604, 27.34824973],
+    ]
+)
+
+# Polynomial fit of matplotlib's inferno (Matt Zucker's fit, max error ~1 level).
+_INFERNO = _poly(
+    [
+        [0.0002189403691192265, 0.001651004631001012, -0.01948089843709184],
+        [0.1065134194856116, 0.5639564367884091, 3.932712388889277],
+        [11.60249308247187, -3.972853965665698, -15.9423941062914],
+        [-41.70399613139459, 17.43639888205313, 44.35414519872813],
+        [77.162935699427, -33.40235894210092, -81.80730925738993],
+        [-71.31942824499214, 32.62606426397723, 73.20951985803202],
+        [25.13112622477341, -12.24266895238567, -23.07032500287172],
+    ]
+)
+
+COLORMAPS: dict[str, np.ndarray] = {
+    "jet": _lut(_jet),
+    "turbo": _lut(_TURBO),
+    "inferno": _lut(_INFERNO),
+    "gray": _lut(lambda t: np.stack([t, t, t], axis=-1)),
+}
+"""Colour maps as 256 x 3 uint8 lookup tables, index 0 = no change, 255 = most change."""
+
+DEFAULT_CMAP = "jet"
+
+
+def _cmap_table(cmap: str) -> np.ndarray:
+    try:
+        return COLORMAPS[cmap]
+    except KeyError:
+        raise UsageError(
+            f"unknown colour map {cmap!r}", "--cmap", f"use one of: {', '.join(COLORMAPS)}"
+        ) from None
+
+
+def colorize(diff: np.ndarray, vmax: float, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Map an ``H x W`` difference map to ``H x W x 3`` uint8 colours.
+
+    0 maps to the low end of ``cmap`` (blue for jet), values at or above ``vmax``
+    to the high end (red). ``vmax <= 0`` colours everything as "no change".
+    """
+    table = _cmap_table(cmap)
+    d = np.asarray(diff, dtype=np.float64)
+    if d.ndim != 2:
+        raise ValueError(f"expected an H x W difference map, got shape {d.shape}")
+    if not vmax > 0.0:
+        return np.broadcast_to(table[0], (*d.shape, 3)).copy()
+    d = np.nan_to_num(d, nan=0.0, posinf=vmax, neginf=0.0)
+    idx = np.rint(np.clip(d / vmax, 0.0, 1.0) * 255.0).astype(np.intp)
+    return np.asarray(table[idx], dtype=np.uint8)
+
+
+def heatmap_overlay(
+    image: np.ndarray,
+    diff: np.ndarray,
+    vmax: float,
+    opacity: float = 0.6,
+    cmap: str = DEFAULT_CMAP,
+) -> np.ndarray:
+    """Alpha-blend :func:`colorize` of ``diff`` over ``image`` (``opacity`` = heatmap weight)."""
+    img = _as_array(image)
+    if diff.shape != img.shape[:2]:
+        raise ValueError(f"diff map {diff.shape} does not match image {img.shape[:2]}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be within 0..1, got {opacity}")
+    colours = colorize(diff, vmax, cmap).astype(np.float64)
+    blended = (1.0 - opacity) * img.astype(np.float64) + opacity * colours
+    return np.asarray(np.clip(np.rint(blended), 0, 255), dtype=np.uint8)
+
+
+# A diff_map of 8-bit RGB renders is a sum of three squared integers over 3, so a
+# histogram with 3 bins per unit holds it exactly and keeps memory flat however many
+# renders a sweep streams past (sd-webui-lora-block-weight's analyzer ran out of RAM).
+_DIFF_MAX = 65025.0
+_BINS_PER_UNIT = 3
+
+
+def global_vmax(diffs: Iterable[np.ndarray], percentile: float = 99.5) -> float:
+    """One colour-scale maximum for every heatmap of a sweep.
+
+    The ``percentile`` of all values pooled over ``diffs`` (linear interpolation, as
+    ``numpy.percentile``), so a single hot pixel does not wash out every map. Falls
+    back to the maximum when the percentile is 0 but some pixel changed; 0.0 when
+    nothing changed. Values are in :func:`~lora_prune.metrics.diff_map` units and
+    clipped to 0..65025; off-grid values are rounded to 1/3 of a unit.
+    """
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be within 0..100, got {percentile}")
+    nbins = int(_DIFF_MAX) * _BINS_PER_UNIT + 1
+    counts = np.zeros(nbins, dtype=np.int64)
+    peak = 0.0
+    for diff in diffs:
+        v = np.asarray(diff, dtype=np.float64).ravel()
+        if v.size == 0:
+            continue
+        v = np.clip(np.nan_to_num(v, nan=0.0, posinf=_DIFF_MAX, neginf=0.0), 0.0, _DIFF_MAX)
+        counts += np.bincount(np.rint(v * _BINS_PER_UNIT).astype(np.intp), minlength=nbins)
+        peak = max(peak, float(v.max()))
+    n = int(counts.sum())
+    if n == 0:
+        return 0.0
+    cum = np.cumsum(counts)
+
+    def kth(k: int) -> float:
+        # k-th smallest pooled value, 0-based.
+        return float(np.searchsorted(cum, k, side="right")) / _BINS_PER_UNIT
+
+    pos = (n - 1) * percentile / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    value = kth(lo) + (kth(hi) - kth(lo)) * (pos - lo)
+    if value <= 0.0 and peak > 0.0:
+        return peak
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Text helpers
+
+
+@lru_cache(maxsize=32)
+def _font(size: int) -> _Font:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font exists
+        return ImageFont.load_default()
+
+
+def _line_height(font: _Font) -> int:
+    return math.ceil(font.getbbox("Ayg|")[3])
+
+
+def _text_width(font: _Font, text: str) -> float:
+    return float(font.getlength(text))
+
+
+def _fit(text: str, font: _Font, max_width: float) -> str:
+    """``text`` shortened with an ellipsis until it fits ``max_width`` pixels."""
+    if _text_width(font, text) <= max_width:
+        return text
+    while text and _text_width(font, text + "…") > max_width:
+        text = text[:-1]
+    return text + "…" if text else ""
+
+
+def _wrap(text: str, font: _Font, max_width: float) -> list[str]:
+    """Greedy word wrap; words longer than a line are shortened with an ellipsis."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        current = ""
+        for word in paragraph.split():
+            candidate = f"{current} {word}" if current else word
+            if current and _text_width(font, candidate) > max_width:
+                lines.append(_fit(current, font, max_width))
+                current = word
+            else:
+                current = candidate
+        lines.append(_fit(current, font, max_width))
+    return lines
+
+
+def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    arr = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected a uint8 H x W x 3 image, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+# ---------------------------------------------------------------------------
+# Tiles and sheets
+
+CAPTION_BG: RGB = (40, 40, 40)
+_TITLE_FG: RGB = (255, 255, 255)
+_BOTTOM_FG: RGB = (200, 200, 200)
+_BOX_ALPHA = 200
+
+
+def _tile_font_size(width: int) -> int:
+    # ~12 characters per line: "MSE 12345.6" fits a tile's width while 64 px renders
+    # upscaled x3 still get a 16 px font.
+    return max(10, min(28, round(width / 12)))
+
+
+def label_tile(
+    image: np.ndarray | Image.Image,
+    title: str,
+    top_right: str | None = None,
+    bottom: str | None = None,
+    scale: int = 1,
+) -> Image.Image:
+    """The image, nearest-neighbour upscaled by ``scale``, above a two-line caption.
+
+    ``title`` (e.g. ``"double.7"``) is the caption's first line and ``bottom``
+    (e.g. ``"SSIM 0.981"``) its second; ``top_right`` (e.g. ``"MSE 123.4"``) sits in
+    the image's top-right corner on a dark box. The caption always has room for
+    two lines so tiles with and without ``bottom`` line up in a sheet.
+    """
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    arr = _as_array(image)
+    h, w = arr.shape[:2]
+    img = Image.fromarray(arr, mode="RGB")
+    if scale != 1:
+        img = img.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    width, height = img.size
+    font = _font(_tile_font_size(width))
+    line_h = _line_height(font)
+    pad = max(2, line_h // 4)
+    caption_h = 2 * line_h + 3 * pad
+
+    tile = Image.new("RGB", (width, height + caption_h), CAPTION_BG)
+    tile.paste(img, (0, 0))
+
+    if top_right:
+        text = _fit(top_right, font, width - 2 * pad)
+        text_w = math.ceil(_text_width(font, text))
+        box_w = text_w + 2 * pad
+        box_h = line_h + 2 * pad
+        overlay = Image.new("RGBA", (box_w, box_h), (0, 0, 0, _BOX_ALPHA))
+        ImageDraw.Draw(overlay).text((pad, pad), text, font=font, fill=(*_TITLE_FG, 255))
+        region = (width - box_w, 0, width, box_h)
+        corner = tile.crop(region).convert("RGBA")
+        tile.paste(Image.alpha_composite(corner, overlay).convert("RGB"), region[:2])
+
+    draw = ImageDraw.Draw(tile)
+    draw.text((pad, height + pad), _fit(title, font, width - 2 * pad), font=font, fill=_TITLE_FG)
+    if bottom:
+        y = height + 2 * pad + line_h
+        draw.text((pad, y), _fit(bottom, font, width - 2 * pad), font=font, fill=_BOTTOM_FG)
+    return tile
+
+
+_MAX_COLUMNS = 12
+_HEADER_FONT_SIZE = 18
+_HEADER_FG: RGB = (235, 235, 235)
+
+
+def _sheet_size(
+    cols: int, rows: int, cell: tuple[int, int], gap: int, header_lines: int, header_line_h: int
+) -> tuple[int, int]:
+    header_h = header_lines * header_line_h + gap if header_lines else 0
+    return cols * cell[0] + (cols + 1) * gap, header_h + rows * cell[1] + (rows + 1) * gap
+
+
+def contact_sheet(
+    tiles: Sequence[Image.Image],
+    columns: int | None = None,
+    max_pixels: int | None = None,
+    background: RGB = (24, 24, 24),
+    header: str | None = None,
+    gap: int = 4,
+) -> Image.Image:
+    """Tiles in a grid, row by row, ``gap`` pixels apart, under an optional header.
+
+    ``columns`` defaults to ``ceil(sqrt(n))`` (at most 12). Tiles of different sizes
+    are centred in cells of the largest size. When the sheet would have more than
+    ``max_pixels`` pixels the tiles shrink uniformly, keeping their aspect, until
+    it fits; gaps and header keep their size so the header stays readable.
+    """
+    n = len(tiles)
+    if n == 0:
+        raise ValueError("contact_sheet needs at least one tile")
+    if columns is not None and columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    cols = min(n, columns if columns is not None else min(_MAX_COLUMNS, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    cell_w = max(t.width for t in tiles)
+    cell_h = max(t.height for t in tiles)
+
+    font = _font(_HEADER_FONT_SIZE)
+    header_line_h = _line_height(font) + 2
+
+    def layout(tw: int) -> tuple[tuple[int, int], list[str], tuple[int, int]]:
+        th = max(1, round(cell_h * tw / cell_w))
+        sheet_w = cols * tw + (cols + 1) * gap
+        lines = _wrap(header, font, sheet_w - 2 * max(gap, 4)) if header else []
+        size = _sheet_size(cols, rows, (tw, th), gap, len(lines), header_line_h)
+        return (tw, th), lines, size
+
+    (tw, th), lines, (sheet_w, sheet_h) = layout(cell_w)
+    if max_pixels is not None and sheet_w * sheet_h > max_pixels:
+        lo, hi = 1, cell_w
+        while lo < hi:  # largest tile width that fits
+            mid = (lo + hi + 1) // 2
+            if math.prod(layout(mid)[2]) <= max_pixels:
+                lo = mid
+            else:
+                hi = mid - 1
+        (tw, th), lines, (sheet_w, sheet_h) = layout(lo)
+        if sheet_w * sheet_h > max_pixels:
+            raise ValueError(f"{n} tiles cannot fit in {max_pixels} pixels")
+
+    sheet = Image.new("RGB", (sheet_w, sheet_h), background)
+    draw = ImageDraw.Draw(sheet)
+    y0 = gap
+    for line in lines:
+        draw.text((max(gap, 4), y0), line, font=font, fill=_HEADER_FG)
+        y0 += header_line_h
+    top = sheet_h - (rows * th + (rows + 1) * gap)
+    shrink = (tw, th) != (cell_w, cell_h)
+    for i, tile in enumerate(tiles):
+        img = tile.convert("RGB")
+        if shrink:
+            size = (
+                max(1, round(img.width * tw / cell_w)),
+                max(1, round(img.height * th / cell_h)),
+            )
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        r, c = divmod(i, cols)
+        x = gap + c * (tw + gap) + (tw - img.width) // 2
+        y = top + gap + r * (th + gap) + (th - img.height) // 2
+        sheet.paste(img, (x, y))
+    return sheet
+
+
+def side_by_side(tiles: Sequence[Image.Image]) -> Image.Image:
+    """Tiles in one row (``render``/``verify``: base | full | slim | heatmap)."""
+    return contact_sheet(tiles, columns=max(1, len(tiles)))
+
+
+# ---------------------------------------------------------------------------
+# Influence chart
+
+CATEGORY_COLORS: dict[str, RGB] = {
+    "double": (47, 110, 196),
+    "single": (232, 130, 30),
+    "other": (60, 160, 90),
+}
+"""Bar colours of the influence chart by block kind."""
+
+_CATEGORY_LEGEND = {
+    "double": "double blocks",
+    "single": "single blocks",
+    "other": "input / final / text encoders",
+}
+
+
+def _chart_category(block: str) -> str:
+    """Colour group of a block id: ``double``, ``single`` or ``other``."""
+    kind = block_kind(block)
+    return kind if kind in ("double", "single") else "other"
+
+
+def _fmt(value: float) -> str:
+    """Axis numbers: whole numbers from 1000 up (MSE runs to 65025), 4 significant digits below."""
+    if value == 0.0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    if abs(value) < 0.001:
+        return f"{value:.2e}"
+    return f"{value:.4g}"
+
+
+_CHART_BG: RGB = (255, 255, 255)
+_AXIS: RGB = (60, 60, 60)
+_GRID: RGB = (225, 225, 225)
+_TEXT: RGB = (30, 30, 30)
+
+
+def _draw_rotated(
+    image: Image.Image, center: tuple[int, int], text: str, font: _Font, fill: RGB
+) -> None:
+    """Text rotated 90 degrees (reading upwards), centred on ``center``."""
+    w = math.ceil(_text_width(font, text)) + 2
+    h = _line_height(font) + 2
+    mask = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(mask).text((1, 0), text, font=font, fill=255)
+    mask = mask.rotate(90, expand=True)
+    x = center[0] - mask.width // 2
+    y = center[1] - mask.height // 2
+    image.paste(Image.new("RGB", mask.size, fill), (x, y), mask)
+
+
+def _draw_panel(
+    chart: Image.Image,
+    box: tuple[int, int, int, int],
+    values: np.ndarray,
+    colours: list[RGB],
+    labels: list[str],
+    title: str,
+    axis_title: str,
+    font: _Font,
+) -> None:
+    """One bar panel in ``box`` (left, top, right, bottom of the plot area)."""
+    draw = ImageDraw.Draw(chart)
+    left, top, right, bottom = box
+    finite = values[np.isfinite(values)]
+    vmax = float(finite.max()) if finite.size else 0.0
+    axis_max = vmax if vmax > 0.0 else 1.0
+    line_h = _line_height(font)
+
+    # Grid and y tick labels at quarters of the axis maximum.
+    widest = 0.0
+    for q in range(5):
+        y = round(bottom - (bottom - top) * q / 4)
+        draw.line([(left, y), (right, y)], fill=_GRID if q else _AXIS, width=1)
+        label = _fmt(axis_max * q / 4) if vmax > 0.0 or q == 0 else ""
+        tw = _text_width(font, label)
+        widest = max(widest, tw)
+        draw.text((left - 6 - tw, y - line_h // 2), label, font=font, fill=_TEXT)
+    draw.line([(left, top), (left, bottom)], fill=_AXIS, width=1)
+
+    if values.size:
+        peak_i = int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf)))
+        peak = f"max {_fmt(vmax)} ({labels[peak_i]})" if vmax > 0.0 else "all 0"
+        if not finite.size:
+            peak = "no data"
+    else:
+        peak = "no data"
+    draw.text((left, top - line_h - 6), f"{title}  -  {peak}", font=font, fill=_TEXT)
+    title_x = max(line_h // 2 + 2, round(left - 12 - widest - line_h / 2))
+    _draw_rotated(chart, (title_x, (top + bottom) // 2), axis_title, font, _TEXT)
+
+    n = values.size
+    slot = (right - left) / max(1, n)
+    bar_w = max(1.0, min(48.0, slot * 0.72))
+    prev_kind: RGB | None = None
+    for i, (value, colour) in enumerate(zip(values, colours, strict=True)):
+        x_mid = left + slot * (i + 0.5)
+        if prev_kind is not None and colour != prev_kind:
+            xs = round(left + slot * i)
+            draw.line([(xs, top), (xs, bottom)], fill=(190, 190, 190), width=1)
+        prev_kind = colour
+        if not np.isfinite(value) or value <= 0.0:
+            continue
+        # Any positive value gets at least a 1 px bar so "tiny" reads apart from "none".
+        y = min(round(bottom - (bottom - top) * min(1.0, value / axis_max)), bottom - 1)
+        draw.rectangle(
+            (round(x_mid - bar_w / 2), y, round(x_mid + bar_w / 2) - 1, bottom - 1),
+            fill=colour,
+        )
+
+
+def influence_chart(
+    blocks: Sequence[str],
+    mse: Sequence[float],
+    one_minus_ssim: Sequence[float],
+    width: int = 1400,
+    height: int = 600,
+) -> Image.Image:
+    """Bar chart of each block's influence, blocks in the given (model) order.
+
+    Two stacked panels share the x axis: MSE vs the reference render (top) and
+    1 - SSIM (bottom), each scaled to its own maximum, which is printed with the
+    block that reaches it. Double blocks, single blocks and everything else
+    (input, final layer, text encoders) get distinct colours; x labels are
+    abbreviated (``d7``, ``s20``, ``in``, ``fin``). NaN values draw no bar.
+    """
+    n = len(blocks)
+    if n == 0:
+        raise ValueError("influence_chart needs at least one block")
+    if len(mse) != n or len(one_minus_ssim) != n:
+        raise ValueError(
+            f"influence_chart got {n} blocks, {len(mse)} MSE and {len(one_minus_ssim)} SSIM values"
+        )
+    if width < 400 or height < 300:
+        raise ValueError(f"influence_chart needs at least 400x300 px, got {width}x{height}")
+
+    kinds = [_chart_category(b) for b in blocks]
+    labels = [short_label(b) for b in blocks]
+    colours = [CATEGORY_COLORS[kind] for kind in kinds]
+
+    chart = Image.new("RGB", (width, height), _CHART_BG)
+    draw = ImageDraw.Draw(chart)
+    font = _font(13)
+    title_font = _font(17)
+    line_h = _line_height(font)
+
+    left, right = 90, width - 20
+    slot = (right - left) / n
+    label_font = _font(max(8, min(13, int(slot * 0.75))))
+    label_len = max(_text_width(label_font, s) for s in labels)
+    x_title_h = line_h + 8
+    label_area = math.ceil(label_len) + 10
+    plot_bottom = height - x_title_h - label_area
+    # Title and legend share the first line when both fit; else the legend gets its own.
+    chart_title = "Block influence (blocks in model order)"
+    present = [k for k in CATEGORY_COLORS if k in kinds]
+    swatch = line_h
+    legend_w = sum(
+        swatch + 6 + math.ceil(_text_width(font, _CATEGORY_LEGEND[k])) + 18 for k in present
+    )
+    title_w = _text_width(title_font, chart_title)
+    legend_y = 16 if left + title_w + 24 + legend_w <= right else 16 + line_h + 12
+    draw.text((left, 12), chart_title, font=title_font, fill=_TEXT)
+    x = right
+    for kind in reversed(present):
+        text = _CATEGORY_LEGEND[kind]
+        x -= math.ceil(_text_width(font, text))
+        draw.text((x, legend_y), text, font=font, fill=_TEXT)
+        x -= swatch + 6
+        draw.rectangle(
+            (x, legend_y + 1, x + swatch - 1, legend_y + swatch), fill=CATEGORY_COLORS[kind]
+        )
+        x -= 18
+
+    top = legend_y + 28 + line_h + 8
+    panel_gap = line_h + 18
+    panel_h = (plot_bottom - top - panel_gap) // 2
+    if panel_h < 40:
+        raise ValueError(f"influence_chart: {width}x{height} px leaves no room for the bars")
+
+    mse_vals = np.asarray(mse, dtype=np.float64)
+    ssim_vals = np.asarray(one_minus_ssim, dtype=np.float64)
+    upper = (left, top, right, top + panel_h)
+    lower = (left, top + panel_h + panel_gap, right, top + 2 * panel_h + panel_gap)
+    _draw_panel(
+        chart, upper, mse_vals, colours, labels, "MSE vs reference (8-bit, 0..65025)", "MSE", font
+    )
+    _draw_panel(chart, lower, ssim_vals, colours, labels, "1 - SSIM vs reference", "1 - SSIM", font)
+
+    # x labels under the lower panel, rotated so 61 of them fit.
+    label_top = lower[3] + 6
+    for i, label in enumerate(labels):
+        x_mid = round(left + slot * (i + 0.5))
+        draw.line([(x_mid, lower[3]), (x_mid, lower[3] + 3)], fill=_AXIS)
+        lw = math.ceil(_text_width(label_font, label))
+        _draw_rotated(chart, (x_mid, label_top + lw // 2 + 1), label, label_font, _TEXT)
+    x_title = "block"
+    draw.text(
+        ((left + right - _text_width(font, x_title)) / 2, height - x_title_h),
+        x_title,
+        font=font,
+        fill=_TEXT,
+    )
+    return chart
+
+
+# ---------------------------------------------------------------------------
+# Output
+
+
+def save_png(image: Image.Image | np.ndarray, path: Path) -> None:
+    """Write ``image`` as PNG to ``path`` atomically.
+
+    A temporary file in the same folder is written, fsynced and renamed over
+    ``path``, so an interrupted run never leaves a half-written picture.
+    """
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(_as_array(image), "RGB")
+    dest = Path(path)
+    tmp: Path | None = None
+    try:
+        tmp, fd = create_temp(dest)
+        with os.fdopen(fd, "wb") as fh:
+            pil.save(fh, format="PNG")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        tmp = None
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write picture ({exc.strerror or exc.__class__.__name__})",
+            dest,
+            "check that the folder exists, is writable and has free space",
+        ) from exc
+    finally:
+        if tmp is not None:
+            # The original error matters more than a temp file we could not remove.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)

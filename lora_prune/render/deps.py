@@ -1,0 +1,41 @@
+"""Check that the ``render`` extra (torch, diffusers, transformers) can be imported.
+
+Render modules import torch at module level; callers that must work without the
+extra (the CLI) call :func:`require_render` before importing them, so that a
+missing package becomes a one-line :class:`MissingDependencyError` instead of a
+traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import MissingDependencyError
+
+# Import order matters: diffusers and transformers import torch themselves, so
+# a missing torch is named as torch, not as whichever package hit it first.
+RENDER_MODULES: tuple[str, ...] = ("torch", "diffusers", "transformers")
+
+_FIX = (
+    "install torch for your platform first (https://pytorch.org), "
+    "then run pip install 'lora-prune[render]'"
+)
+
+
+def require_render() -> None:
+    """Import the render dependencies or raise :class:`MissingDependencyError`.
+
+    The imports are really performed (a package can be found yet fail to
+    import); after the first success they are cached by Python and cost nothing.
+    """
+    for name in RENDER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            missing = exc.name or name
+            what = (
+                f"rendering needs {name}, which is not installed"
+                if missing.split(".")[0] == name
+                else f"rendering needs {name}, which failed to import (missing {missing})"
+            )
+            raise MissingDependencyError(what, name, _FIX) from exc

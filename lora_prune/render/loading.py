@@ -1,0 +1,479 @@
+"""Load the FLUX.1 pipeline a user names: ``tiny``, a local diffusers folder or a hub id.
+
+A FLUX.1 transformer can also come as one ``.safetensors`` file in BFL/ComfyUI
+naming (``double_blocks.N.img_attn.qkv.weight``...), the form most people have
+on disk; the rest of the pipeline (VAE, text encoders, tokenizers, scheduler)
+then comes from ``model``.
+
+Single files are converted here rather than by diffusers' ``from_single_file``:
+its FLUX converter hard-codes FLUX.1's width (3072) when splitting the fused
+single-block ``linear1``, so it cannot load the tiny model, and it needs the
+transformer config as a diffusers folder or a hub download. Our conversion
+takes the module map from :mod:`lora_prune.keys` (the one home of BFL <->
+diffusers names) and the row split sizes from the model itself, so it works
+at any width; the config is the base folder's transformer config or, when the
+folder has none, the shipped FLUX.1-dev/schnell config chosen by whether the
+checkpoint has ``guidance_in`` weights.
+
+Only safetensors are ever read: pickle checkpoints (``.ckpt``, ``.pt``,
+``.bin``) are refused, and diffusers is told ``use_safetensors=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import diffusers as _diffusers
+import torch
+
+from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
+from ..keys import BlockRangeError, parse_key
+from ..safetensors_io import file_sha256, read_header
+from .tiny import TINY_MODEL_ID, build_tiny_pipeline
+
+# Partly typed library (untyped constructors and classmethods): used as Any.
+diffusers: Any = _diffusers
+
+__all__ = [
+    "LoadedModel",
+    "ModelSpec",
+    "convert_transformer_checkpoint",
+    "load_pipeline",
+    "resolve_device_dtype",
+    "shipped_transformer_config",
+]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+_PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
+# Full ComfyUI/A1111 checkpoints nest the transformer under one of these; the
+# other prefixes (VAE, text encoders) are not ours to load.
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_PIPELINE_CLASS_RE = re.compile(r"Flux(?!2)\w*Pipeline")
+_TINY_SEED = 0
+_FOLDER_FIX = (
+    "give a FLUX.1 diffusers folder (model_index.json, transformer/, vae/, text_encoder/, "
+    "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), a Hugging Face model id, or 'tiny'"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for.
+
+    ``model``: ``"tiny"``, a local diffusers folder, or a hub id.
+    ``transformer_file``: a single-file FLUX.1 transformer (BFL/ComfyUI or
+    diffusers naming, ``.safetensors``) that replaces ``model``'s transformer.
+    ``device``: None picks cuda > mps > cpu. ``dtype``: ``fp32``/``bf16``/``fp16``
+    or None for the device's best (bf16 on cuda/mps where supported, else fp16;
+    fp32 on cpu). ``offload``: diffusers' model CPU offload (needs a GPU).
+    """
+
+    model: str
+    transformer_file: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+    offload: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A ready pipeline and the identity renders of it can be cached under.
+
+    ``model_id`` changes whenever the weights that would render may change:
+    ``tiny:seed0``; a folder's resolved path plus a hash of its transformer
+    config; a hub id; each plus ``+transformer:<sha256>`` of a single file.
+    Device and dtype are not part of it (they are fields of their own).
+    """
+
+    pipe: Any  # diffusers.FluxPipeline (untyped library)
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+# ---------------------------------------------------------------------------
+# Device and dtype
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _mps_supports_bf16() -> bool:
+    # No capability query exists for MPS; bf16 needs macOS 14, so try it.
+    try:
+        torch.ones(1, dtype=torch.bfloat16, device="mps")
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype to render with; None means pick the best available."""
+    if device is None:
+        if torch.cuda.is_available():
+            dev = torch.device("cuda")
+        elif _mps_available():
+            dev = torch.device("mps")
+        else:
+            dev = torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise UsageError(
+                f"unknown device {device!r}", "device", "use cpu, cuda, cuda:N or mps"
+            ) from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(
+                "CUDA is not available to this torch", f"device {device}",
+                "install a CUDA build of torch or use device cpu",
+            )
+        if dev.type == "mps" and not _mps_available():
+            raise UsageError("MPS is not available", f"device {device}", "use device cpu")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise UsageError(
+                f"unsupported device type {dev.type!r}", f"device {device}",
+                "use cpu, cuda, cuda:N or mps",
+            )
+
+    if dtype is None:
+        if dev.type == "cuda":
+            return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if dev.type == "mps":
+            return dev, torch.bfloat16 if _mps_supports_bf16() else torch.float16
+        return dev, torch.float32
+    key = dtype.lower()
+    if key not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", "dtype", "use fp32, bf16 or fp16")
+    chosen = _DTYPES[key]
+    if chosen == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU has no bfloat16 support", f"dtype {dtype}", "use dtype fp16")
+    return dev, chosen
+
+
+# ---------------------------------------------------------------------------
+# Transformer checkpoints
+
+
+def shipped_transformer_config(guidance: bool) -> dict[str, Any]:
+    """FLUX.1-dev's (``guidance=True``) or FLUX.1-schnell's transformer config."""
+    name = "flux1-dev-transformer.json" if guidance else "flux1-schnell-transformer.json"
+    text = (resources.files("lora_prune") / "configs" / name).read_text(encoding="utf-8")
+    config: dict[str, Any] = json.loads(text)
+    return config
+
+
+def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
+    """The wrapper prefix of a full checkpoint's transformer keys and those keys."""
+    for prefix in _CHECKPOINT_PREFIXES:
+        inner = [k for k in keys if k.startswith(prefix)]
+        if inner:
+            return prefix, inner
+    return "", keys
+
+
+def _has_guidance(paths: list[str]) -> bool:
+    return any(p.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for p in paths)
+
+
+def convert_transformer_checkpoint(
+    tensors: Mapping[str, torch.Tensor], rows: Mapping[str, int], source: str | Path
+) -> dict[str, torch.Tensor]:
+    """Rename a FLUX.1 transformer state dict (BFL or diffusers naming) to diffusers'.
+
+    ``rows`` maps every diffusers parameter name of the target model to its
+    number of rows; fused BFL tensors (``qkv``, ``linear1``) are split by them,
+    so any width converts. ``tensors`` keys carry no wrapper prefix. Raises
+    :class:`UsageError` naming ``source`` for keys that are not FLUX.1
+    transformer weights.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        path, _, param = key.rpartition(".")
+        parsed = None
+        if param in ("weight", "bias", "scale") and path:
+            try:
+                # parse_key reads LoRA keys: give the module path a LoRA role to resolve it.
+                parsed = parse_key(f"{path}.lora_A.weight")
+            except BlockRangeError:
+                parsed = None
+        target = parsed.target if parsed is not None else None
+        if target is None or target.model != "transformer":
+            raise UsageError(
+                f"not a FLUX.1 transformer checkpoint (unexpected key {key!r})",
+                source,
+                "pass a FLUX.1-dev/schnell transformer .safetensors (BFL, ComfyUI or diffusers naming)",
+            )
+        name = "weight" if param == "scale" else param  # BFL RMSNorm scale
+        value = tensor
+        if target.swap_halves:
+            # BFL's final adaLN emits (shift, scale); diffusers' (scale, shift).
+            shift, scale = value.chunk(2, dim=0)
+            value = torch.cat([scale, shift], dim=0)
+        names = [f"{m}.{name}" for m in target.modules]
+        missing = [n for n in names if n not in rows]
+        if missing:
+            raise UsageError(
+                f"checkpoint key {key!r} has no counterpart {missing[0]!r} in the model",
+                source,
+                "use a transformer checkpoint of the same FLUX.1 variant as the model folder",
+            )
+        sizes = [rows[n] for n in names]
+        if sum(sizes) != value.shape[0]:
+            raise UsageError(
+                f"checkpoint tensor {key!r} has {value.shape[0]} rows, the model expects {sum(sizes)}",
+                source,
+                "use a transformer checkpoint of the same FLUX.1 variant as the model folder",
+            )
+        for n, part in zip(names, torch.split(value, sizes, dim=0), strict=True):
+            if n in out:
+                raise UsageError(
+                    f"checkpoint sets {n!r} twice (key {key!r})", source,
+                    "use a checkpoint in one naming only",
+                )
+            out[n] = part
+    return out
+
+
+def _check_transformer_file(path: Path) -> None:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise UnsafeFileError(
+            f"{path.suffix} checkpoints hold pickle code; refusing to load it",
+            path,
+            "lora-prune never unpickles files: use the .safetensors version of this transformer",
+        )
+    if not path.exists():
+        raise UsageError("transformer file not found", path, "check the path")
+    read_header(path)  # refuses pickle, LFS pointers, HTML pages and truncated files
+
+
+def _load_transformer_file(
+    path: Path, base_config: Mapping[str, Any] | None, dtype: torch.dtype
+) -> tuple[Any, str]:
+    """The transformer of a single file, on the CPU in ``dtype``, and the file's sha256."""
+    from safetensors import safe_open
+
+    _check_transformer_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            prefix, keys = _strip_prefix(list(f.keys()))
+            paths = [k[len(prefix):] for k in keys]
+            if any(k.endswith(("scale_weight", "scaled_fp8")) for k in paths):
+                raise UsageError(
+                    "scaled-FP8 checkpoints are not supported",
+                    path,
+                    "use a bf16, fp16 or plain fp8 FLUX.1 transformer checkpoint",
+                )
+            guidance = _has_guidance(paths)
+            if base_config is not None:
+                config = dict(base_config)
+                config["guidance_embeds"] = guidance  # a dev file may replace a schnell one
+            else:
+                config = shipped_transformer_config(guidance)
+            # Built without memory, then the checkpoint's tensors are assigned in:
+            # a real FLUX.1 transformer must not exist twice in RAM.
+            with torch.device("meta"):
+                model = diffusers.FluxTransformer2DModel.from_config(config)
+            rows = {n: p.shape[0] for n, p in model.state_dict().items()}
+            shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+            tensors = {p: f.get_tensor(k) for k, p in zip(keys, paths, strict=True)}
+    except LoraPruneError:
+        raise
+    except Exception as exc:  # safetensors/torch errors at the file boundary
+        raise UnreadableFileError(
+            f"cannot read transformer checkpoint ({type(exc).__name__}: {_first_line(exc)})",
+            path,
+            "check that it is a complete FLUX.1 transformer .safetensors",
+        ) from exc
+    converted = convert_transformer_checkpoint(tensors, rows, path)
+    missing = sorted(set(shapes) - set(converted))
+    if missing:
+        raise UsageError(
+            f"transformer checkpoint lacks {len(missing)} weights (first: {missing[0]!r})",
+            path,
+            "use a complete FLUX.1 transformer checkpoint of the model folder's variant",
+        )
+    for name, tensor in converted.items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise UsageError(
+                f"transformer checkpoint weight {name!r} has shape {list(tensor.shape)}, "
+                f"the model expects {list(shapes[name])}",
+                path,
+                "use a transformer checkpoint of the same FLUX.1 variant as the model folder",
+            )
+        converted[name] = tensor.to(dtype).contiguous()
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.eval()
+    return model, file_sha256(path)
+
+
+# ---------------------------------------------------------------------------
+# Pipelines
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _folder_config(folder: Path) -> Path:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UsageError("not a diffusers pipeline folder (no model_index.json)", folder, _FOLDER_FIX)
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UnreadableFileError(
+            f"cannot read model_index.json ({_first_line(exc)})", index, "download the model again"
+        ) from exc
+    if not isinstance(class_name, str) or not _PIPELINE_CLASS_RE.fullmatch(class_name):
+        raise UsageError(
+            f"not a FLUX.1 pipeline (model_index.json names {class_name!r})", folder, _FOLDER_FIX
+        )
+    return index
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Turn diffusers' and transformers' loading bars off unless asked, then restore them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    before = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        if show:
+            lib.enable_progress_bar()
+        else:
+            lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, before, strict=True):
+            if was:
+                lib.enable_progress_bar()
+            else:
+                lib.disable_progress_bar()
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local: bool, **components: Any) -> Any:
+    try:
+        with warnings.catch_warnings():
+            # Newer diffusers renamed torch_dtype to dtype; older releases know only torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return diffusers.FluxPipeline.from_pretrained(
+                source,
+                torch_dtype=dtype,
+                local_files_only=local,
+                use_safetensors=True,
+                **components,
+            )
+    except Exception as exc:  # diffusers/transformers/hub errors at the load boundary
+        detail = f"{type(exc).__name__}: {_first_line(exc)}"
+        if local:
+            raise UnreadableFileError(
+                f"cannot load the diffusers pipeline ({detail})", source, _FOLDER_FIX
+            ) from exc
+        raise UsageError(
+            f"model could not be loaded from the Hugging Face Hub ({detail})",
+            source,
+            "download it (huggingface-cli download) and pass the local diffusers folder",
+        ) from exc
+
+
+def _load_base(
+    spec: ModelSpec, dtype: torch.dtype
+) -> tuple[Any, str, Mapping[str, Any] | None, dict[str, Any]]:
+    """(pipe or None, identity, transformer config or None, from_pretrained args)."""
+    if spec.model == TINY_MODEL_ID:
+        pipe = build_tiny_pipeline(_TINY_SEED, dtype)
+        return pipe, f"tiny:seed{_TINY_SEED}", dict(pipe.transformer.config), {}
+    folder = Path(spec.model).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            fix = (
+                "pass a single-file transformer as the transformer file and a diffusers folder "
+                "as the model"
+                if folder.suffix == ".safetensors"
+                else _FOLDER_FIX
+            )
+            raise UsageError("model is a file, not a diffusers folder", folder, fix)
+        folder = folder.resolve()
+        _folder_config(folder)
+        config_file = folder / "transformer" / "config.json"
+        identity = str(folder)
+        config: dict[str, Any] | None = None
+        if config_file.is_file():
+            raw = config_file.read_bytes()
+            identity += f"@transformer-config:{hashlib.sha256(raw).hexdigest()[:16]}"
+            try:
+                config = json.loads(raw)
+            except ValueError as exc:
+                raise UnreadableFileError(
+                    f"cannot parse transformer config ({_first_line(exc)})",
+                    config_file,
+                    "download the model again",
+                ) from exc
+        return None, identity, config, {"source": str(folder), "local": True}
+    if _HUB_ID_RE.fullmatch(spec.model) and not spec.model.startswith("."):
+        return None, spec.model, None, {"source": spec.model, "local": False}
+    raise UsageError("model folder not found", spec.model, _FOLDER_FIX)
+
+
+def load_pipeline(spec: ModelSpec, *, show_progress: bool = False) -> LoadedModel:
+    """Load (or build) the pipeline ``spec`` names and place it on its device.
+
+    ``show_progress`` lets diffusers/transformers draw their loading bars on
+    stderr (off by default: the library does not print).
+    """
+    with _progress_bars(show_progress):
+        return _load_pipeline(spec)
+
+
+def _load_pipeline(spec: ModelSpec) -> LoadedModel:
+    device, dtype = resolve_device_dtype(spec.device, spec.dtype)
+    if spec.offload and device.type == "cpu":
+        raise UsageError("CPU offload needs a GPU", f"device {device}", "drop offload or use cuda")
+    if spec.transformer_file is not None:
+        # Refuse a bad file before spending minutes loading the rest.
+        _check_transformer_file(Path(spec.transformer_file).expanduser())
+
+    pipe, identity, base_config, pretrained = _load_base(spec, dtype)
+    transformer = None
+    if spec.transformer_file is not None:
+        path = Path(spec.transformer_file).expanduser()
+        transformer, digest = _load_transformer_file(path, base_config, dtype)
+        identity += f"+transformer:{digest}"
+    if pipe is None:
+        components = {} if transformer is None else {"transformer": transformer}
+        pipe = _from_pretrained(pretrained["source"], dtype, pretrained["local"], **components)
+    elif transformer is not None:
+        # register_modules, not attribute assignment, keeps the pipeline's config in sync.
+        pipe.register_modules(transformer=transformer)
+
+    pipe.set_progress_bar_config(disable=True)  # the library never prints
+    if spec.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return LoadedModel(pipe=pipe, model_id=identity, device=device, dtype=dtype)

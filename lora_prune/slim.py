@@ -1,0 +1,296 @@
+"""Write a LoRA that keeps only chosen blocks, byte-identical for what it keeps.
+
+:func:`slim_lora` copies the kept tensors' raw bytes (same keys, same dtypes),
+carries the metadata over with stale hashes recomputed and diffusers' adapter
+metadata narrowed to what remains, adds provenance, writes atomically and
+re-reads the result before it replaces anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
+from .errors import OutputError, OutputExistsError, SameFileError, UsageError
+from .lora import LoraFile, LoraModule, parse_lora_header, read_lora
+from .safetensors_io import (
+    SafetensorsReader,
+    TensorEntry,
+    TensorInfo,
+    build_header,
+    file_sha256,
+    read_header,
+    write_safetensors,
+)
+
+# kohya's legacy hash: SHA-256 of 64 KiB at offset 1 MiB of the file, first 8 hex digits.
+_LEGACY_OFFSET = 0x100000
+_LEGACY_LENGTH = 0x10000
+_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+PROVENANCE_PREFIX = "lora_prune."
+
+
+@dataclass
+class SlimPlan:
+    """Which modules a keep set retains, and what the result will weigh."""
+
+    kept: list[LoraModule]
+    dropped: list[LoraModule]
+    kept_blocks: list[str]
+    dropped_blocks: list[str]
+    #: requested blocks the LoRA does not contain
+    absent: list[str]
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(m.nbytes for m in self.kept)
+
+    @property
+    def kept_tensors(self) -> list[TensorInfo]:
+        return [t for m in self.kept for t in m.tensors.values()]
+
+
+@dataclass
+class SlimResult:
+    source: Path
+    output: Path
+    kept_blocks: list[str]
+    dropped_blocks: list[str]
+    absent: list[str]
+    bytes_before: int
+    bytes_after: int
+    tensors_before: int
+    tensors_after: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def plan_slim(lora: LoraFile, keep: Iterable[str]) -> SlimPlan:
+    """Split the LoRA's modules into kept and dropped for a set of block ids."""
+    keep_set = set(keep)
+    kept = [m for m in lora.modules.values() if m.block in keep_set]
+    dropped = [m for m in lora.modules.values() if m.block not in keep_set]
+    present = set(lora.blocks)
+    return SlimPlan(
+        kept=kept,
+        dropped=dropped,
+        kept_blocks=sort_blocks(m.block for m in kept),
+        dropped_blocks=sort_blocks(m.block for m in dropped),
+        absent=sort_blocks(keep_set - present - {OTHER}),
+    )
+
+
+def resolve_keep(
+    lora: LoraFile, keep: Iterable[str] | None, drop: Iterable[str] | None
+) -> set[str]:
+    """The keep set from ``--keep`` or ``--drop`` (exactly one of them)."""
+    if (keep is None) == (drop is None):
+        raise UsageError("give exactly one of --keep and --drop", None, "see lora-prune slim --help")
+    if keep is not None:
+        return set(keep)
+    assert drop is not None
+    return set(lora.blocks) - set(drop)
+
+
+def default_output(source: Path) -> Path:
+    """``<stem>.slim.safetensors`` beside the input."""
+    name = source.name
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else source.stem
+    return source.with_name(f"{stem}.slim.safetensors")
+
+
+def check_output_path(source: Path, output: Path, *, force: bool) -> None:
+    """Refuse to replace the input (also through links) or an existing file without force."""
+    if output.is_dir():
+        raise UsageError("the output is a folder", output, "give a file name with -o")
+    if output.exists() or output.is_symlink():
+        try:
+            same = output.exists() and os.path.samefile(source, output)
+        except OSError:
+            same = False
+        if same or output.resolve() == source.resolve():
+            raise SameFileError(
+                "the output would replace the input", output, "choose another output with -o"
+            )
+        if not force:
+            raise OutputExistsError("the output exists", output, "pass --force to replace it")
+    if not output.parent.exists():
+        raise UsageError("the output folder does not exist", output.parent, "create it first")
+
+
+def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
+    """diffusers' ``lora_adapter_metadata`` with target modules/patterns cut to what remains."""
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    if not isinstance(config, dict):
+        return raw
+    names = [m.target.name for m in kept if m.target is not None]
+
+    def remains(pattern: str) -> bool:
+        return any(n == pattern or n.endswith("." + pattern) for n in names)
+
+    for key, value in list(config.items()):
+        if key.endswith("target_modules") and isinstance(value, list):
+            config[key] = [v for v in value if isinstance(v, str) and remains(v)]
+        elif key.endswith(("rank_pattern", "alpha_pattern")) and isinstance(value, dict):
+            config[key] = {k: v for k, v in value.items() if remains(k)}
+    return json.dumps(config, sort_keys=True)
+
+
+@dataclass
+class _Digests:
+    data_sha256: str
+    legacy: str
+    per_tensor: dict[str, str]
+
+
+def _digest_kept(
+    reader: SafetensorsReader, entries: list[TensorEntry], ss_metadata: Mapping[str, str]
+) -> _Digests:
+    """One pass over the kept bytes, in the order the writer lays them out.
+
+    Gives the data-section SHA-256 (kohya's ``sshs_model_hash``, and the SAI
+    ``modelspec.hash_sha256``), kohya's legacy hash of the file as kohya would
+    save it (only ss_* metadata) and a digest per tensor to check the output by.
+    """
+    ss_header, ordered = build_header(entries, ss_metadata)
+    data_hash = hashlib.sha256()
+    legacy = hashlib.sha256()
+    per_tensor: dict[str, str] = {}
+    position = len(ss_header)
+    window_end = _LEGACY_OFFSET + _LEGACY_LENGTH
+
+    def feed_legacy(chunk: bytes, start: int) -> None:
+        lo = max(_LEGACY_OFFSET, start)
+        hi = min(window_end, start + len(chunk))
+        if lo < hi:
+            legacy.update(chunk[lo - start : hi - start])
+
+    feed_legacy(ss_header, 0)
+    for entry, _nbytes in ordered:
+        data = reader.read_bytes(entry.name)
+        data_hash.update(data)
+        per_tensor[entry.name] = hashlib.sha256(data).hexdigest()
+        feed_legacy(data, position)
+        position += len(data)
+    return _Digests(data_hash.hexdigest(), legacy.hexdigest()[:8], per_tensor)
+
+
+def build_metadata(
+    lora: LoraFile,
+    plan: SlimPlan,
+    source_sha256: str,
+    digests: _Digests,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The output's metadata: the input's, refreshed, plus provenance."""
+    meta = dict(lora.metadata)
+    if "sshs_model_hash" in meta:
+        meta["sshs_model_hash"] = digests.data_sha256
+    if "sshs_legacy_hash" in meta:
+        meta["sshs_legacy_hash"] = digests.legacy
+    if "modelspec.hash_sha256" in meta:
+        meta["modelspec.hash_sha256"] = "0x" + digests.data_sha256
+    if "lora_adapter_metadata" in meta:
+        meta["lora_adapter_metadata"] = _narrow_adapter_metadata(
+            meta["lora_adapter_metadata"], plan.kept
+        )
+    meta[PROVENANCE_PREFIX + "source_sha256"] = source_sha256
+    meta[PROVENANCE_PREFIX + "source_name"] = lora.path.name
+    meta[PROVENANCE_PREFIX + "kept_blocks"] = format_block_spec(plan.kept_blocks)
+    meta[PROVENANCE_PREFIX + "dropped_blocks"] = format_block_spec(plan.dropped_blocks)
+    meta[PROVENANCE_PREFIX + "version"] = __version__
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def _checker(
+    plan: SlimPlan, entries: list[TensorEntry], digests: _Digests, metadata: dict[str, str]
+) -> Callable[[Path], None]:
+    expected = {e.name: (e.dtype, e.shape) for e in entries}
+
+    def check(tmp: Path) -> None:
+        header = read_header(tmp)
+        got = {n: (t.dtype, t.shape) for n, t in header.tensors.items()}
+        if got != expected:
+            raise OutputError("the written file lists other tensors than planned", tmp, "report this bug")
+        if header.metadata != metadata:
+            raise OutputError("the written metadata differs from what was planned", tmp, "report this bug")
+        with SafetensorsReader(tmp, header) as reader:
+            for name, digest in digests.per_tensor.items():
+                if hashlib.sha256(reader.read_bytes(name)).hexdigest() != digest:
+                    raise OutputError(
+                        f"tensor {name} does not read back identical", tmp, "check the disk and retry"
+                    )
+        modules, _, _ = parse_lora_header(header, allow_unknown=OTHER in plan.kept_blocks)
+        blocks = sort_blocks(m.block for m in modules.values())
+        if blocks != plan.kept_blocks:
+            raise OutputError("the written file holds other blocks than planned", tmp, "report this bug")
+
+    return check
+
+
+def slim_lora(
+    source: str | Path | LoraFile,
+    keep: Iterable[str] | None = None,
+    *,
+    drop: Iterable[str] | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    extra_metadata: Mapping[str, str] | None = None,
+    allow_unknown: bool = False,
+) -> SlimResult:
+    """Write a LoRA keeping only the blocks in ``keep`` (or all but ``drop``).
+
+    Every kept tensor is byte-identical to the input; the output is written to a
+    temp file, re-read and checked, then renamed into place. Keys of block
+    ``other`` (with ``allow_unknown``) are kept only when ``other`` is kept.
+    """
+    lora = source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
+    keep_set = resolve_keep(lora, keep, drop)
+    unknown_ids = keep_set - set(BLOCK_IDS) - {OTHER}
+    if unknown_ids:
+        raise UsageError(f"unknown block ids {sorted(unknown_ids)}", "--keep", "use ids like double.7")
+    plan = plan_slim(lora, keep_set)
+    if not plan.kept:
+        raise UsageError(
+            "the keep set leaves no tensors",
+            lora.path,
+            f"the LoRA has blocks {format_block_spec(lora.blocks)}; keep at least one",
+        )
+    out_path = Path(output) if output is not None else default_output(lora.path)
+    check_output_path(lora.path, out_path, force=force)
+
+    source_sha = file_sha256(lora.path)
+    with SafetensorsReader(lora.path, lora.header) as reader:
+        infos = sorted(plan.kept_tensors, key=lambda t: t.begin)
+        entries = [
+            TensorEntry(t.name, t.dtype, t.shape, functools.partial(reader.read_bytes, t.name))
+            for t in infos
+        ]
+        ss_meta = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
+        digests = _digest_kept(reader, entries, ss_meta)
+        metadata = build_metadata(lora, plan, source_sha, digests, extra_metadata)
+        check = _checker(plan, entries, digests, metadata)
+        write_safetensors(out_path, entries, metadata, check=check)
+    return SlimResult(
+        source=lora.path,
+        output=out_path,
+        kept_blocks=plan.kept_blocks,
+        dropped_blocks=plan.dropped_blocks,
+        absent=plan.absent,
+        bytes_before=lora.header.file_size,
+        bytes_after=out_path.stat().st_size,
+        tensors_before=len(lora.header.tensors),
+        tensors_after=len(entries),
+        metadata=metadata,
+    )

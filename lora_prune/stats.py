@@ -1,0 +1,245 @@
+"""Render-free statistics of a LoRA: sizes per block and weight-space influence.
+
+The influence of a module is ``||scale * dW||_F`` where dW is its weight delta
+(plus its bias delta, if any), computed by each adapter type's own math and
+never by forming a full ``B @ A`` for low-rank factors: ``||B A||_F^2`` equals
+``sum((B^T B) * (A A^T))`` over r x r Gram matrices. Tensors are read one module
+at a time, so memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blocks import block_order
+from .lora import LoraFile, LoraModule
+from .safetensors_io import SafetensorsReader
+
+#: Metadata keys shown in the inspect summary, in this order, when present.
+SUMMARY_METADATA_KEYS = (
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_base_model_version",
+    "modelspec.architecture",
+    "modelspec.title",
+    "modelspec.trigger_phrase",
+    "lora_prune.kept_blocks",
+    "lora_prune.source_sha256",
+    "lora_prune.verification",
+)
+
+
+def _gram_norm_sq(up: np.ndarray, down: np.ndarray) -> float:
+    """``||up @ down||_F^2`` from r x r Gram matrices."""
+    up64 = up.reshape(up.shape[0], -1).astype(np.float64, copy=False)
+    down64 = down.reshape(down.shape[0], -1).astype(np.float64, copy=False)
+    return float(np.sum((up64.T @ up64) * (down64 @ down64.T)))
+
+
+def _khatri_rao_rows(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Row-wise Khatri-Rao product: row i is kron(a[i], c[i])."""
+    out: np.ndarray = (a[:, :, None] * c[:, None, :]).reshape(a.shape[0], -1)
+    return out
+
+
+def _loha_norm_sq(w1a: np.ndarray, w1b: np.ndarray, w2a: np.ndarray, w2b: np.ndarray) -> float:
+    """``||(w1a w1b) * (w2a w2b)||_F^2`` for LoHa's Hadamard product.
+
+    (w1a w1b) * (w2a w2b) = U V with U = rowwise-kron(w1a, w2a) and
+    V = columnwise-kron(w1b, w2b): a low-rank product of rank r1*r2.
+    """
+    u = _khatri_rao_rows(w1a.astype(np.float64), w2a.astype(np.float64))
+    v = _khatri_rao_rows(w1b.T.astype(np.float64), w2b.T.astype(np.float64)).T
+    return _gram_norm_sq(u, v)
+
+
+def _factor_norm_sq(reader: SafetensorsReader, module: LoraModule, name: str) -> float:
+    t = module.tensors
+    if name in t:
+        w = reader.read_array(t[name].name).astype(np.float64)
+        return float(np.sum(w * w))
+    a = reader.read_array(t[f"{name}_a"].name)
+    b = reader.read_array(t[f"{name}_b"].name)
+    return _gram_norm_sq(a, b)
+
+
+def module_norm(reader: SafetensorsReader, module: LoraModule) -> float:
+    """Frobenius norm of the module's scaled weight delta (and bias delta).
+
+    Replacement tensors (``set_weight``) change weights to a value rather than by
+    a delta; without the base model their change is unknown and counts as 0.
+    """
+    t = module.tensors
+    adapter = module.adapter
+    total = 0.0
+    if adapter == "lora" and "down" in t and "up" in t:
+        up = reader.read_array(t["up"].name)
+        down = reader.read_array(t["down"].name)
+        if "mid" in t:
+            mid = reader.read_array(t["mid"].name)
+            down = (mid.reshape(mid.shape[0], -1) @ down.reshape(down.shape[0], -1))
+        total += _gram_norm_sq(up, down)
+    elif adapter == "loha":
+        total += _loha_norm_sq(
+            reader.read_array(t["hada_w1_a"].name),
+            reader.read_array(t["hada_w1_b"].name),
+            reader.read_array(t["hada_w2_a"].name),
+            reader.read_array(t["hada_w2_b"].name),
+        )
+    elif adapter == "lokr":
+        # ||kron(A, B)||_F = ||A||_F * ||B||_F
+        total += _factor_norm_sq(reader, module, "lokr_w1") * _factor_norm_sq(
+            reader, module, "lokr_w2"
+        )
+    for role in ("diff", "w_norm"):
+        if role in t:
+            w = reader.read_array(t[role].name).astype(np.float64)
+            total += float(np.sum(w * w))
+    scale_sq = module.scale**2
+    total *= scale_sq
+    # Bias deltas are added unscaled by ComfyUI (diff_b) and scaled by PEFT (lora_B.bias);
+    # follow each.
+    for role, scaled in (("up_bias", True), ("diff_b", False), ("b_norm", False)):
+        if role in t:
+            b = reader.read_array(t[role].name).astype(np.float64)
+            total += float(np.sum(b * b)) * (scale_sq if scaled else 1.0)
+    return float(np.sqrt(total))
+
+
+@dataclass
+class BlockStats:
+    block: str
+    modules: int
+    tensors: int
+    params: int
+    bytes: int
+    norm: float
+    share_bytes: float = 0.0
+    share_norm: float = 0.0
+
+
+@dataclass
+class LoraReport:
+    """What ``inspect`` shows about a LoRA file."""
+
+    path: str
+    format: str
+    grammars: dict[str, int]
+    file_bytes: int
+    total_params: int
+    total_bytes: int
+    dtypes: dict[str, int]
+    ranks: dict[int, int]
+    alphas: dict[float, int]
+    adapters: dict[str, int]
+    text_encoders: list[str]
+    metadata: dict[str, str]
+    metadata_keys: int
+    blocks: list[BlockStats] = field(default_factory=list)
+
+    @property
+    def total_norm(self) -> float:
+        return sum(b.norm for b in self.blocks)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "grammars": self.grammars,
+            "file_bytes": self.file_bytes,
+            "total_params": self.total_params,
+            "total_bytes": self.total_bytes,
+            "total_norm": self.total_norm,
+            "dtypes": self.dtypes,
+            "ranks": {str(k): v for k, v in self.ranks.items()},
+            "alphas": {repr(k): v for k, v in self.alphas.items()},
+            "adapters": self.adapters,
+            "text_encoders": self.text_encoders,
+            "metadata": self.metadata,
+            "metadata_keys": self.metadata_keys,
+            "blocks": [
+                {
+                    "block": b.block,
+                    "modules": b.modules,
+                    "tensors": b.tensors,
+                    "params": b.params,
+                    "bytes": b.bytes,
+                    "norm": b.norm,
+                    "share_bytes": b.share_bytes,
+                    "share_norm": b.share_norm,
+                }
+                for b in self.blocks
+            ],
+        }
+
+
+SORT_KEYS = ("block", "size", "norm")
+
+
+def block_stats(lora: LoraFile, *, with_norms: bool = True) -> list[BlockStats]:
+    """Per-block sizes and influence, in model order."""
+    by_block: dict[str, BlockStats] = {}
+    reader = SafetensorsReader(lora.path, lora.header) if with_norms else None
+    try:
+        for module in lora.modules.values():
+            stats = by_block.setdefault(module.block, BlockStats(module.block, 0, 0, 0, 0, 0.0))
+            stats.modules += 1
+            stats.tensors += len(module.tensors)
+            stats.params += module.params
+            stats.bytes += module.nbytes
+            if reader is not None and module.target is not None:
+                stats.norm += module_norm(reader, module)
+    finally:
+        if reader is not None:
+            reader.close()
+    out = sorted(by_block.values(), key=lambda b: block_order(b.block))
+    total_bytes = sum(b.bytes for b in out) or 1
+    total_norm = sum(b.norm for b in out)
+    for b in out:
+        b.share_bytes = b.bytes / total_bytes
+        b.share_norm = b.norm / total_norm if total_norm > 0 else 0.0
+    return out
+
+
+def inspect_lora(lora: LoraFile, *, sort: str = "block") -> LoraReport:
+    """Summarise a LoRA: format, dtypes, ranks, alphas, metadata and per-block stats."""
+    if sort not in SORT_KEYS:
+        raise ValueError(f"sort must be one of {SORT_KEYS}")
+    tensors = lora.header.tensors.values()
+    dtypes = Counter(t.dtype for t in tensors)
+    ranks: Counter[int] = Counter()
+    alphas: Counter[float] = Counter()
+    adapters: Counter[str] = Counter()
+    for module in lora.modules.values():
+        adapters[module.adapter] += 1
+        if module.rank is not None and module.adapter in ("lora", "loha", "lokr"):
+            ranks[module.rank] += 1
+        if module.alpha is not None:
+            alphas[module.alpha] += 1
+    blocks = block_stats(lora)
+    if sort == "size":
+        blocks.sort(key=lambda b: (-b.bytes, block_order(b.block)))
+    elif sort == "norm":
+        blocks.sort(key=lambda b: (-b.norm, block_order(b.block)))
+    meta = lora.metadata
+    return LoraReport(
+        path=str(lora.path),
+        format=lora.format,
+        grammars=dict(lora.grammars),
+        file_bytes=lora.header.file_size,
+        total_params=lora.total_params,
+        total_bytes=lora.total_bytes,
+        dtypes=dict(dtypes),
+        ranks=dict(sorted(ranks.items())),
+        alphas=dict(sorted(alphas.items())),
+        adapters=dict(adapters),
+        text_encoders=[b for b in ("clip", "t5") if b in lora.blocks],
+        metadata={k: meta[k] for k in SUMMARY_METADATA_KEYS if k in meta},
+        metadata_keys=len(meta),
+        blocks=blocks,
+    )
