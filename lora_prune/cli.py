@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,11 +17,22 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
+from .analysis import (
+    Analysis,
+    AnalyzeSettings,
+    PictureOptions,
+    analyze,
+    compute_analysis,
+    read_manifest,
+)
 from .blocks import format_block_spec, parse_block_spec
-from .errors import EXIT_INTERRUPTED, LoraPruneError, UsageError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, LoraPruneError, UsageError
 from .lora import read_lora
+from .pictures import save_png
+from .safetensors_io import file_sha256
 from .slim import slim_lora
 from .stats import SORT_KEYS, LoraReport, inspect_lora
+from .verify import VerifyResult, check_subset, verify_slim
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -137,13 +149,36 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 @lora_arg
 @click.option("--keep", metavar="SPEC", help="Blocks to keep, e.g. double.0-5,single.10-20,input.")
 @click.option("--drop", metavar="SPEC", help="Blocks to drop (all others are kept).")
+@click.option("--auto", is_flag=True,
+              help="Find the smallest keep set that renders like the full LoRA (needs --model, --prompt).")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               help="Output file [default: <stem>.slim.safetensors beside the input].")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @allow_unknown_opt
+@click.option("--model", metavar="M", help="With --auto: 'tiny', a diffusers folder or a hub id.")
+@click.option("--transformer", "transformer_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--offload", is_flag=True)
+@click.option("--prompt", "prompts", multiple=True, help="With --auto: prompt (repeatable).")
+@click.option("--seeds", default="0", show_default=True)
+@click.option("--size", type=int)
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--steps", type=int)
+@click.option("--guidance", type=float, default=3.5, show_default=True)
+@click.option("--strength", type=float, default=1.0, show_default=True)
+@click.option("--min-ssim", type=float, default=0.95, show_default=True,
+              help="With --auto: every image of the slim LoRA must reach this SSIM to the full one.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="With --auto: analysis folder (renders are reused) [default: <stem>.analysis].")
 def slim(
-    lora: Path, keep: str | None, drop: str | None, output: Path | None, force: bool,
-    allow_unknown: bool,
+    lora: Path, keep: str | None, drop: str | None, auto: bool, output: Path | None, force: bool,
+    allow_unknown: bool, model: str | None, transformer_file: Path | None, device: str | None,
+    dtype: str | None, offload: bool, prompts: tuple[str, ...], seeds: str, size: int | None,
+    width: int | None, height: int | None, steps: int | None, guidance: float, strength: float,
+    min_ssim: float, batch_size: int, work_dir: Path | None,
 ) -> None:
     """Write a LoRA that keeps only the chosen blocks, byte-identical for what it keeps.
 
@@ -153,16 +188,42 @@ def slim(
     or 19 comma-separated weights (0 = drop); or kohya's
     train_double_block_indices=0,1,8-12 (train_single_block_indices=...).
 
+    \b
     Example: lora-prune slim my_lora.safetensors --keep double.7,double.12,single.7-20
+    Example: lora-prune slim my_lora.safetensors --auto --model tiny --prompt "a cat" --seeds 0,1
     """
-    result = slim_lora(
-        lora,
-        _spec(keep, "--keep"),
-        drop=_spec(drop, "--drop"),
-        output=output,
-        force=force,
-        allow_unknown=allow_unknown,
-    )
+    if auto:
+        if keep or drop:
+            raise UsageError("--auto chooses the blocks itself", "--keep/--drop", "drop them or --auto")
+        if model is None or not prompts:
+            raise UsageError("--auto needs --model and --prompt", "command line", "add them")
+        lora_file = read_lora(lora, allow_unknown=allow_unknown)
+        settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength,
+                             ("loo",))
+        from .render.workflows import auto_slim
+
+        bar = _Bar("ranking blocks")
+        try:
+            auto_result = auto_slim(
+                lora_file, _model_spec(model, transformer_file, device, dtype, offload), settings,
+                work_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis"),
+                min_ssim=min_ssim, output=output, force=force, batch_size=batch_size, progress=bar,
+            )
+        finally:
+            bar.close()
+        tried = ", ".join(f"top {k}: {s:.4f}" for k, s in auto_result.auto.tried)
+        click.echo(f"worst SSIM by keep-set size: {tried}")
+        _print_verification(auto_result.auto.verification)
+        result = auto_result.slim
+    else:
+        result = slim_lora(
+            lora,
+            _spec(keep, "--keep"),
+            drop=_spec(drop, "--drop"),
+            output=output,
+            force=force,
+            allow_unknown=allow_unknown,
+        )
     if result.absent:
         click.echo(f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
                    err=True)
@@ -174,6 +235,348 @@ def slim(
         f"({100 * ratio:.1f}%), {result.tensors_before} -> {result.tensors_after} tensors"
     )
     click.echo(f"wrote    {result.output}")
+
+
+# --- rendering commands -------------------------------------------------------
+def _seeds(value: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError as exc:
+        raise UsageError(f"cannot read seeds {value!r}", "--seeds", "use e.g. 0,1,2") from exc
+    if not seeds:
+        raise UsageError("no seed given", "--seeds", "use e.g. 0,1,2")
+    return seeds
+
+
+def model_options(f: F) -> F:
+    for option in reversed([
+        click.option("--model", "model", required=True, metavar="M",
+                     help="'tiny' (built-in test model), a local diffusers FLUX.1 folder, or a hub id."),
+        click.option("--transformer", "transformer_file", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) to use "
+                          "with the rest of --model."),
+        click.option("--device", help="cuda, mps or cpu [default: best available]."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+                     help="[default: bf16 on GPUs, fp32 on cpu]."),
+        click.option("--offload", is_flag=True, help="Offload model parts to the CPU between uses."),
+    ]):
+        f = option(f)
+    return f
+
+
+def settings_options(f: F) -> F:
+    for option in reversed([
+        click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable)."),
+        click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds."),
+        click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
+        click.option("--width", type=int, help="Width (overrides --size)."),
+        click.option("--height", type=int, help="Height (overrides --size)."),
+        click.option("--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."),
+        click.option("--guidance", type=float, default=3.5, show_default=True),
+        click.option("--strength", type=float, default=1.0, show_default=True,
+                     help="LoRA strength; multiplies the weight delta once."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _render_api() -> Any:
+    from .render import require_render
+
+    require_render()
+    from .render import loading, session
+
+    return loading, session
+
+
+def _settings(model: str, prompts: tuple[str, ...], seeds: str, size: int | None, width: int | None,
+              height: int | None, steps: int | None, guidance: float, strength: float,
+              modes: tuple[str, ...] = ("solo",)) -> AnalyzeSettings:
+    _, session = _render_api()
+    defaults = session.render_defaults(model)
+    side = size or defaults.size
+    return AnalyzeSettings(
+        prompts=tuple(prompts), seeds=_seeds(seeds), width=width or side, height=height or side,
+        steps=steps or defaults.steps, guidance=guidance, strength=strength, modes=modes,
+    )
+
+
+def _model_spec(model: str, transformer_file: Path | None, device: str | None, dtype: str | None,
+                offload: bool) -> Any:
+    loading, _ = _render_api()
+    return loading.ModelSpec(model=model, transformer_file=transformer_file, device=device,
+                             dtype=dtype, offload=offload)
+
+
+class _Bar:
+    """A click progress bar fed by the library's (done, total) callbacks."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, show_eta=True,
+                                         show_pos=True, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _print_ranking(analysis: Analysis, limit: int = 15, planted: Sequence[str] = ()) -> None:
+    for mode in analysis.settings["modes"]:
+        rows = analysis.rows_for(mode)
+        ref = "no LoRA" if mode == "solo" else "full LoRA"
+        click.echo(f"\n{mode}: one {'block on' if mode == 'solo' else 'block off'}, compared to {ref}")
+        mark = "  planted" if planted else ""
+        click.echo(f"{'rank':>4}  {'block':<10} {'MSE':>10} {'+-':>8} {'SSIM':>7} {'norm':>9}{mark}")
+        for row in rows[:limit]:
+            flag = ("  *" if row.block in planted else "") if planted else ""
+            click.echo(f"{row.rank:>4}  {row.block:<10} {row.mse:>10.2f} {row.mse_std:>8.2f} "
+                       f"{row.ssim:>7.4f} {row.norm:>9.3g}{flag}")
+        if len(rows) > limit:
+            click.echo(f"  ... {len(rows) - limit} more blocks in ranking.csv")
+        rho = analysis.spearman.get(mode)
+        if rho is not None:
+            click.echo(f"Spearman (render rank vs weight-norm rank): {rho:.3f}")
+
+
+def _print_suggestion(analysis: Analysis) -> None:
+    s = analysis.suggestion
+    if s.command is None:
+        click.echo("\nno block changes the image: nothing to keep")
+        return
+    click.echo(f"\nsuggested keep ({s.mode}, {100 * s.coverage:.0f}% of the influence, target "
+               f"{100 * s.coverage_target:.0f}%): {s.spec}")
+    click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
+    click.echo(f"  {s.command}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@lora_arg
+@model_options
+@settings_options
+@click.option("--blocks", "blocks_spec", required=True, metavar="SPEC", help="Blocks to switch on.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Side-by-side PNG to write.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def render(lora: Path, model: str, transformer_file: Path | None, device: str | None,
+           dtype: str | None, offload: bool, prompts: tuple[str, ...], seeds: str, size: int | None,
+           width: int | None, height: int | None, steps: int | None, guidance: float,
+           strength: float, blocks_spec: str, output: Path, force: bool) -> None:
+    """Render one block combination beside both references, with MSE and SSIM to each.
+
+    The manual testing mode of the original workflow: no LoRA | full LoRA | chosen
+    blocks | heatmap. Uses the first prompt and seed.
+
+    Example: lora-prune render my_lora.safetensors --model tiny --prompt "a cat"
+    --blocks double.7,single.20 -o combo.png
+    """
+    blocks = _spec(blocks_spec, "--blocks") or frozenset()
+    if output.exists() and not force:
+        raise UsageError("the output exists", output, "pass --force to replace it")
+    lora_file = read_lora(lora)
+    settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
+    _, session = _render_api()
+    from .render.engine import render_combination
+
+    with session.open_session(_model_spec(model, transformer_file, device, dtype, offload),
+                              lora_file) as sess:
+        result = render_combination(
+            sess.engine, frozenset(blocks) & set(lora_file.blocks),
+            sess.renderer.settings_for(settings.prompts[0], settings.seeds[0], settings),
+        )
+    save_png(result.picture, output)
+    click.echo(f"blocks   {format_block_spec(frozenset(blocks) & set(lora_file.blocks)) or 'none'}")
+    click.echo(f"vs no LoRA   MSE {result.mse_vs_base:10.2f}  SSIM {result.ssim_vs_base:.4f}")
+    click.echo(f"vs full LoRA MSE {result.mse_vs_full:10.2f}  SSIM {result.ssim_vs_full:.4f}")
+    click.echo(f"wrote    {output}")
+
+
+def _run_analyze(lora_file: Any, lora_sha: str, settings: AnalyzeSettings, spec: Any, out: Path,
+                 batch_size: int, coverage: float, options: PictureOptions) -> Analysis:
+    _, session = _render_api()
+    bar = _Bar("rendering")
+    try:
+        with session.open_session(spec, lora_file) as sess:
+            return analyze(lora_file, lora_sha, settings, out, sess.renderer, batch_size=batch_size,
+                           coverage=coverage, options=options, progress=bar)
+    finally:
+        bar.close()
+
+
+def picture_options(f: F) -> F:
+    for option in reversed([
+        click.option("--heatmap-scale", type=click.Choice(["global", "per-image"]), default="global",
+                     show_default=True, help="One scale for all heatmaps (comparable), or each its own."),
+        click.option("--cmap", type=click.Choice(["jet", "turbo", "inferno", "gray"]), default="jet",
+                     show_default=True, help="Heatmap colour map (blue = no change, red = most)."),
+        click.option("--opacity", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+                     help="Heatmap opacity in the contact sheet."),
+        click.option("--sheet-order", type=click.Choice(["block", "rank"]), default="block",
+                     show_default=True),
+        click.option("--sheet-max-pixels", type=int, default=40_000_000, show_default=True,
+                     help="Shrink the contact sheet to at most this many pixels."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command("analyze", epilog=EXIT_CODES_HELP)
+@click.argument("lora", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option("--model", metavar="M", help="'tiny', a local diffusers FLUX.1 folder, or a hub id.")
+@click.option("--transformer", "transformer_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--device")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--offload", is_flag=True)
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--size", type=int, help="Square size [default: 768; 64 for tiny].")
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--steps", type=int, help="[default: 20; 4 for tiny]")
+@click.option("--guidance", type=float, default=3.5, show_default=True)
+@click.option("--strength", type=float, default=1.0, show_default=True)
+@click.option("--mode", type=click.Choice(["solo", "loo", "both"]), default="solo", show_default=True,
+              help="solo: only that block on (vs no LoRA); loo: all but that block (vs full LoRA).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per pipeline call.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Output folder [default: <lora stem>.analysis beside the LoRA].")
+@click.option("--from", "from_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Recompute the analysis from an earlier run's renders; no model needed.")
+@click.option("--coverage", type=float, default=0.9, show_default=True,
+              help="Share of the total influence the suggested keep set must cover.")
+@picture_options
+def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | None,
+                device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
+                seeds: str, size: int | None, width: int | None, height: int | None,
+                steps: int | None, guidance: float, strength: float, mode: str, batch_size: int,
+                out_dir: Path | None, from_dir: Path | None, coverage: float, heatmap_scale: str,
+                cmap: str, opacity: float, sheet_order: str, sheet_max_pixels: int) -> None:
+    """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
+
+    Writes DIR/ranking.csv, ranking.json, contact_sheet.png, influence.png,
+    report.html, manifest.json, images/ and heatmaps/. Rerunning renders only
+    what is missing.
+
+    \b
+    Example: lora-prune analyze my_lora.safetensors --model black-forest-labs/FLUX.1-dev
+             --prompt "portrait of sks woman" --seeds 0,1 --mode both --out my_lora.analysis
+    Example: lora-prune analyze --from my_lora.analysis --heatmap-scale per-image
+    """
+    options = PictureOptions(heatmap_scale=heatmap_scale, cmap=cmap, opacity=opacity,
+                             sheet_order=sheet_order, sheet_max_pixels=sheet_max_pixels)
+    if from_dir is not None:
+        manifest = read_manifest(from_dir)
+        lora_file = None
+        lora_path = Path(manifest["lora"]["path"])
+        if lora_path.exists():
+            lora_file = read_lora(lora_path)
+        result = compute_analysis(manifest, from_dir, coverage=coverage, options=options,
+                                  lora=lora_file)
+        out = from_dir
+    else:
+        if lora is None or model is None or not prompts:
+            raise UsageError("analyze needs LORA, --model and --prompt", "command line",
+                             "or use --from DIR to recompute an earlier run")
+        modes = ("solo", "loo") if mode == "both" else (mode,)
+        settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength,
+                             modes)
+        lora_file = read_lora(lora)
+        out = out_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis")
+        spec = _model_spec(model, transformer_file, device, dtype, offload)
+        t0 = time.perf_counter()
+        result = _run_analyze(lora_file, file_sha256(lora), settings, spec, out, batch_size,
+                              coverage, options)
+        r = result.renders
+        click.echo(f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
+                   f"{time.perf_counter() - t0:.1f} s")
+    _print_ranking(result)
+    _print_suggestion(result)
+    click.echo(f"\nreport   {out / 'report.html'}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("full", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("slim_file", metavar="SLIM", type=click.Path(path_type=Path, dir_okay=False))
+@model_options
+@settings_options
+@click.option("--min-ssim", type=float, default=0.95, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for verify.png and verify.json [default: <slim stem>.verify].")
+def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | None,
+           device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
+           seeds: str, size: int | None, width: int | None, height: int | None, steps: int | None,
+           guidance: float, strength: float, min_ssim: float, out_dir: Path | None) -> None:
+    """Prove a slim LoRA renders like its full LoRA; exit 1 when any image is below --min-ssim.
+
+    Example: lora-prune verify my_lora.safetensors my_lora.slim.safetensors --model tiny
+    --prompt "a cat" --seeds 0,1
+    """
+    full_file, slim_lora_file = read_lora(full), read_lora(slim_file)
+    kept = check_subset(full_file, slim_lora_file)
+    settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
+    out = out_dir or slim_file.with_name(slim_file.name.removesuffix(".safetensors") + ".verify")
+    _, session = _render_api()
+    with session.open_session(_model_spec(model, transformer_file, device, dtype, offload),
+                              full_file) as sess:
+        result = verify_slim(full_file, file_sha256(full), kept, settings, sess.renderer,
+                             min_ssim=min_ssim, slim_path=slim_file, out_dir=out,
+                             scale=max(1, 256 // settings.width))
+    _print_verification(result)
+    click.echo(f"wrote    {out / 'verify.png'}, {out / 'verify.json'}")
+    if not result.passed:
+        sys.exit(EXIT_FAILED)
+
+
+def _print_verification(result: VerifyResult) -> None:
+    click.echo(f"kept blocks  {format_block_spec(result.kept_blocks)}")
+    click.echo(f"{'prompt':>6} {'seed':>6} {'SSIM':>8} {'MSE':>10} {'kept effect':>12}  verdict")
+    for i in result.images:
+        share = "n/a" if i.kept_share is None else f"{100 * i.kept_share:.1f}%"
+        click.echo(f"{i.prompt:>6} {i.seed:>6} {i.ssim:>8.4f} {i.mse:>10.3f} {share:>12}  "
+                   f"{'pass' if i.passed else 'FAIL'}")
+    share = "n/a" if result.kept_share is None else f"{100 * result.kept_share:.1f}%"
+    click.echo(f"overall: worst SSIM {result.worst_ssim:.4f} (min {result.min_ssim}), "
+               f"effect kept {share}: {'PASS' if result.passed else 'FAIL'}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("lora-prune-demo"), show_default=True, help="Output folder.")
+def demo(out_dir: Path) -> None:
+    """Run the whole loop on the built-in tiny model: no downloads, about a minute on a CPU.
+
+    Makes a LoRA with a few planted strong blocks, analyzes it (solo and
+    leave-one-out), slims it to the suggested keep set and verifies the result.
+    """
+    _render_api()
+    from .render.workflows import run_demo
+
+    bar = _Bar("rendering")
+    try:
+        result = run_demo(out_dir, progress=bar)
+    finally:
+        bar.close()
+    click.echo(f"demo LoRA  {result.lora_path} (planted: "
+               + ", ".join(f"{b} x{s:g}" for b, s in result.planted.items()) + ")")
+    _print_ranking(result.analysis, limit=8, planted=list(result.planted))
+    _print_suggestion(result.analysis)
+    found = set(result.analysis.suggestion.blocks)
+    planted = set(result.planted)
+    click.echo(f"\nplanted blocks found: {len(found & planted)} of {len(planted)}"
+               + (f"; extra: {format_block_spec(found - planted)}" if found - planted else ""))
+    click.echo(f"slim       {result.slim.output}: {human_bytes(result.slim.bytes_before)} -> "
+               f"{human_bytes(result.slim.bytes_after)}")
+    _print_verification(result.verification)
+    click.echo(f"report     {result.analysis.out_dir / 'report.html'}")
+    click.echo(f"done in {result.seconds:.1f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

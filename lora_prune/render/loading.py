@@ -68,6 +68,7 @@ _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transform
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _PIPELINE_CLASS_RE = re.compile(r"Flux(?!2)\w*Pipeline")
 _TINY_SEED = 0
+_ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees
 _FOLDER_FIX = (
     "give a FLUX.1 diffusers folder (model_index.json, transformer/, vae/, text_encoder/, "
     "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), a Hugging Face model id, or 'tiny'"
@@ -145,14 +146,16 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
             ) from exc
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(
-                "CUDA is not available to this torch", f"device {device}",
+                "CUDA is not available to this torch",
+                f"device {device}",
                 "install a CUDA build of torch or use device cpu",
             )
         if dev.type == "mps" and not _mps_available():
             raise UsageError("MPS is not available", f"device {device}", "use device cpu")
         if dev.type not in ("cpu", "cuda", "mps"):
             raise UsageError(
-                f"unsupported device type {dev.type!r}", f"device {device}",
+                f"unsupported device type {dev.type!r}",
+                f"device {device}",
                 "use cpu, cuda, cuda:N or mps",
             )
 
@@ -248,7 +251,8 @@ def convert_transformer_checkpoint(
         for n, part in zip(names, torch.split(value, sizes, dim=0), strict=True):
             if n in out:
                 raise UsageError(
-                    f"checkpoint sets {n!r} twice (key {key!r})", source,
+                    f"checkpoint sets {n!r} twice (key {key!r})",
+                    source,
                     "use a checkpoint in one naming only",
                 )
             out[n] = part
@@ -277,7 +281,7 @@ def _load_transformer_file(
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             prefix, keys = _strip_prefix(list(f.keys()))
-            paths = [k[len(prefix):] for k in keys]
+            paths = [k[len(prefix) :] for k in keys]
             if any(k.endswith(("scale_weight", "scaled_fp8")) for k in paths):
                 raise UsageError(
                     "scaled-FP8 checkpoints are not supported",
@@ -296,7 +300,9 @@ def _load_transformer_file(
                 model = diffusers.FluxTransformer2DModel.from_config(config)
             rows = {n: p.shape[0] for n, p in model.state_dict().items()}
             shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-            tensors = {p: f.get_tensor(k) for k, p in zip(keys, paths, strict=True)}
+            # Cast one tensor at a time so that a file in another dtype is never
+            # held twice in memory.
+            tensors = {p: f.get_tensor(k).to(dtype) for k, p in zip(keys, paths, strict=True)}
     except LoraPruneError:
         raise
     except Exception as exc:  # safetensors/torch errors at the file boundary
@@ -321,7 +327,12 @@ def _load_transformer_file(
                 path,
                 "use a transformer checkpoint of the same FLUX.1 variant as the model folder",
             )
-        converted[name] = tensor.to(dtype).contiguous()
+        if not tensor.is_contiguous() or tensor.data_ptr() % _ALIGNMENT:
+            # safetensors hands out tensors at the file's byte offsets; kernels take
+            # other code paths on unaligned data and the image changes in the last
+            # bit, so the same weights would render differently by file layout.
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        converted[name] = tensor
     model.load_state_dict(converted, strict=True, assign=True)
     model.eval()
     return model, file_sha256(path)
@@ -339,7 +350,9 @@ def _first_line(exc: BaseException) -> str:
 def _folder_config(folder: Path) -> Path:
     index = folder / "model_index.json"
     if not index.is_file():
-        raise UsageError("not a diffusers pipeline folder (no model_index.json)", folder, _FOLDER_FIX)
+        raise UsageError(
+            "not a diffusers pipeline folder (no model_index.json)", folder, _FOLDER_FIX
+        )
     try:
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError, AttributeError) as exc:
@@ -395,19 +408,28 @@ def _from_pretrained(source: str, dtype: torch.dtype, local: bool, **components:
                 f"cannot load the diffusers pipeline ({detail})", source, _FOLDER_FIX
             ) from exc
         raise UsageError(
-            f"model could not be loaded from the Hugging Face Hub ({detail})",
+            f"no such local folder, and the model could not be loaded from the Hugging Face Hub "
+            f"({detail})",
             source,
             "download it (huggingface-cli download) and pass the local diffusers folder",
         ) from exc
 
 
-def _load_base(
-    spec: ModelSpec, dtype: torch.dtype
-) -> tuple[Any, str, Mapping[str, Any] | None, dict[str, Any]]:
-    """(pipe or None, identity, transformer config or None, from_pretrained args)."""
+@dataclass(frozen=True)
+class _Base:
+    """Where the non-transformer components come from."""
+
+    identity: str
+    transformer_config: Mapping[str, Any] | None
+    pipe: Any = None  # built already (tiny), else loaded from ``source``
+    source: str = ""
+    local: bool = True
+
+
+def _resolve_base(spec: ModelSpec, dtype: torch.dtype) -> _Base:
     if spec.model == TINY_MODEL_ID:
         pipe = build_tiny_pipeline(_TINY_SEED, dtype)
-        return pipe, f"tiny:seed{_TINY_SEED}", dict(pipe.transformer.config), {}
+        return _Base(f"tiny:seed{_TINY_SEED}", dict(pipe.transformer.config), pipe=pipe)
     folder = Path(spec.model).expanduser()
     if folder.exists():
         if not folder.is_dir():
@@ -421,22 +443,24 @@ def _load_base(
         folder = folder.resolve()
         _folder_config(folder)
         config_file = folder / "transformer" / "config.json"
-        identity = str(folder)
-        config: dict[str, Any] | None = None
-        if config_file.is_file():
-            raw = config_file.read_bytes()
-            identity += f"@transformer-config:{hashlib.sha256(raw).hexdigest()[:16]}"
-            try:
-                config = json.loads(raw)
-            except ValueError as exc:
-                raise UnreadableFileError(
-                    f"cannot parse transformer config ({_first_line(exc)})",
-                    config_file,
-                    "download the model again",
-                ) from exc
-        return None, identity, config, {"source": str(folder), "local": True}
+        if not config_file.is_file():
+            # A folder without transformer/ is fine when a single file supplies it.
+            return _Base(str(folder), None, source=str(folder))
+        raw = config_file.read_bytes()
+        try:
+            config = json.loads(raw)
+        except ValueError as exc:
+            raise UnreadableFileError(
+                f"cannot parse transformer config ({_first_line(exc)})",
+                config_file,
+                "download the model again",
+            ) from exc
+        # Only the config is hashed: hashing 24 GB of weights on every load is too
+        # slow, so weights replaced in place under the same config keep the same id.
+        identity = f"{folder}@transformer-config:{hashlib.sha256(raw).hexdigest()[:16]}"
+        return _Base(identity, config, source=str(folder))
     if _HUB_ID_RE.fullmatch(spec.model) and not spec.model.startswith("."):
-        return None, spec.model, None, {"source": spec.model, "local": False}
+        return _Base(spec.model, None, source=spec.model, local=False)
     raise UsageError("model folder not found", spec.model, _FOLDER_FIX)
 
 
@@ -458,15 +482,17 @@ def _load_pipeline(spec: ModelSpec) -> LoadedModel:
         # Refuse a bad file before spending minutes loading the rest.
         _check_transformer_file(Path(spec.transformer_file).expanduser())
 
-    pipe, identity, base_config, pretrained = _load_base(spec, dtype)
+    base = _resolve_base(spec, dtype)
+    identity = base.identity
     transformer = None
     if spec.transformer_file is not None:
         path = Path(spec.transformer_file).expanduser()
-        transformer, digest = _load_transformer_file(path, base_config, dtype)
+        transformer, digest = _load_transformer_file(path, base.transformer_config, dtype)
         identity += f"+transformer:{digest}"
+    pipe = base.pipe
     if pipe is None:
         components = {} if transformer is None else {"transformer": transformer}
-        pipe = _from_pretrained(pretrained["source"], dtype, pretrained["local"], **components)
+        pipe = _from_pretrained(base.source, dtype, base.local, **components)
     elif transformer is not None:
         # register_modules, not attribute assignment, keeps the pipeline's config in sync.
         pipe.register_modules(transformer=transformer)

@@ -1,10 +1,12 @@
 """A tiny FLUX.1-architecture pipeline built offline from seeded random weights.
 
-It has FLUX.1-dev's exact block structure (19 double and 38 single blocks, the same
-module names, guidance embedding, VAE scale factor 8, FLUX.1-dev's scheduler), only
-at toy widths, so every LoRA key of a real FLUX.1 LoRA has a target of the same
-name. It is what the tests, the demo and ``--model tiny`` render with: no
-download, built in about 0.1 s, a 64x64 image in 4 steps in about 0.15 s on a CPU.
+Its transformer has FLUX.1-dev's exact block structure (19 double and 38 single
+blocks, the same module names, guidance embedding) at toy widths, so every
+transformer key of a real FLUX.1 LoRA has a target of the same name; the VAE
+(scale factor 8) and scheduler behave as FLUX.1-dev's. The text encoders are
+2-layer toys: CLIP-L/T5 LoRA keys for layers 2+ have no target here. It is what
+tests and demos render with (model ``"tiny"``): no download, built in about
+0.1 s, a 64x64 image in 4 steps in about 0.15 s on a CPU.
 
 The weights are not trained: images are structured noise, but they are
 deterministic (same seed, same dtype -> bit-identical weights), depend on the

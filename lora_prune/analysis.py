@@ -1,0 +1,627 @@
+"""The per-block sweep behind ``lora-prune analyze``, minus the rendering itself.
+
+It plans every render (references and one variant per block and mode for
+every prompt x seed), names each by a cache key of everything that determines
+it, asks a :class:`Renderer` only for the images that are not on disk yet, then
+computes MSE/SSIM against the right reference, ranks the blocks, suggests a
+keep set and writes ranking.csv/json, heatmaps, the contact sheet, the
+influence chart and the report. Torch-free: the renderer is passed in (see
+:mod:`lora_prune.render.sweep`), and ``--from DIR`` runs with none.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .blocks import block_order, format_block_spec
+from .errors import OutputError, UnreadableFileError, UsageError
+from .lora import LoraFile
+from .metrics import diff_map, mean_std, mse, spearman, ssim
+from .pictures import (
+    colorize,
+    contact_sheet,
+    global_vmax,
+    heatmap_overlay,
+    influence_chart,
+    label_tile,
+    save_png,
+)
+from .safetensors_io import build_header, create_temp, fsync_dir
+from .slim import plan_slim
+from .stats import block_stats
+
+MODES = ("solo", "loo")
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """Everything that determines the renders (and so the cache keys)."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    width: int = 768
+    height: int = 768
+    steps: int = 20
+    guidance: float = 3.5
+    strength: float = 1.0
+    modes: tuple[str, ...] = ("solo",)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise UsageError("no prompt given", "--prompt", "give at least one --prompt")
+        if not self.seeds:
+            raise UsageError("no seed given", "--seeds", "give e.g. --seeds 0,1,2")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise UsageError(f"unknown mode {bad}", "--mode", "use solo, loo or both")
+        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
+            raise UsageError(
+                f"size {self.width}x{self.height} is not a positive multiple of 16",
+                "--size/--width/--height",
+                "FLUX needs multiples of 16, e.g. 768",
+            )
+        if self.steps < 1:
+            raise UsageError("steps must be at least 1", "--steps", "use e.g. 20")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to have: a set of active blocks for one prompt x seed."""
+
+    key: str
+    kind: str  # "base", "full", "solo" or "loo"
+    block: str | None
+    blocks: frozenset[str]
+    prompt: int
+    seed: int
+
+    @property
+    def path(self) -> str:
+        return f"images/{self.key}.png"
+
+
+class Renderer(Protocol):
+    """Renders variants (sets of active blocks) for one prompt and seed."""
+
+    model_id: str
+    versions: Mapping[str, str]
+
+    def __call__(
+        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
+    ) -> list[np.ndarray]: ...
+
+
+Progress = Callable[[int, int], None]
+
+
+def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
+    """Settings as stored in a manifest (lists for tuples)."""
+    return AnalyzeSettings(
+        prompts=tuple(doc["prompts"]), seeds=tuple(int(s) for s in doc["seeds"]),
+        width=int(doc["width"]), height=int(doc["height"]), steps=int(doc["steps"]),
+        guidance=float(doc["guidance"]), strength=float(doc["strength"]), modes=tuple(doc["modes"]),
+    )
+
+
+def cache_key(
+    *,
+    model_id: str,
+    lora_sha256: str,
+    blocks: frozenset[str],
+    prompt: str,
+    seed: int,
+    settings: AnalyzeSettings,
+    versions: Mapping[str, str],
+) -> str:
+    """A key of everything that determines one image.
+
+    The no-LoRA image does not depend on the LoRA or its strength, so its key
+    leaves them out and it is shared between LoRAs analysed into one folder.
+    """
+    doc: dict[str, object] = {
+        "model": model_id,
+        "blocks": sorted(blocks, key=block_order),
+        "prompt": prompt,
+        "seed": seed,
+        "width": settings.width,
+        "height": settings.height,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "versions": dict(sorted(versions.items())),
+    }
+    if blocks:
+        doc["lora"] = lora_sha256
+        doc["strength"] = settings.strength
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def plan_jobs(
+    lora_blocks: Sequence[str],
+    settings: AnalyzeSettings,
+    *,
+    model_id: str,
+    lora_sha256: str,
+    versions: Mapping[str, str],
+) -> list[Job]:
+    """Every image of the sweep, grouped by prompt x seed (references first)."""
+    all_blocks = frozenset(lora_blocks)
+    jobs: list[Job] = []
+    for p, prompt in enumerate(settings.prompts):
+        for seed in settings.seeds:
+            variants: list[tuple[str, str | None, frozenset[str]]] = [
+                ("base", None, frozenset()),
+                ("full", None, all_blocks),
+            ]
+            for mode in settings.modes:
+                for block in lora_blocks:
+                    active = frozenset({block}) if mode == "solo" else all_blocks - {block}
+                    variants.append((mode, block, active))
+            for kind, block_id, active in variants:
+                key = cache_key(
+                    model_id=model_id, lora_sha256=lora_sha256, blocks=active, prompt=prompt,
+                    seed=seed, settings=settings, versions=versions,
+                )
+                jobs.append(Job(key, kind, block_id, active, p, seed))
+    return jobs
+
+
+def batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
+    """Fixed batches within each prompt x seed, unique images only.
+
+    The batches do not depend on what is cached: an image's pixels depend (by a
+    level at most) on its batch companions, so a resumed run must rebuild the
+    same batches to give identical results.
+    """
+    groups: dict[tuple[int, int], list[Job]] = {}
+    seen: set[str] = set()
+    for job in jobs:
+        if job.key in seen:
+            continue
+        seen.add(job.key)
+        groups.setdefault((job.prompt, job.seed), []).append(job)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp: Path | None = None
+    try:
+        tmp, fd = create_temp(path)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        tmp = None
+    except OSError as exc:
+        raise OutputError(f"cannot write ({exc.strerror})", path, "check the folder and free space") from exc
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, doc: object) -> None:
+    _write_bytes_atomic(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+
+
+def load_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise UnreadableFileError("cannot read render", path, "delete it and run analyze again") from exc
+
+
+@dataclass
+class RenderStats:
+    planned: int = 0
+    cached: int = 0
+    rendered: int = 0
+
+
+def render_missing(
+    jobs: Sequence[Job],
+    out_dir: Path,
+    renderer: Renderer,
+    settings: AnalyzeSettings,
+    *,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> RenderStats:
+    """Render the batches that have an image missing on disk; save each as PNG."""
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    all_batches = list(batches(jobs, batch_size))
+    total = sum(len(b) for b in all_batches)
+    stats = RenderStats(planned=total)
+    done = 0
+    for batch in all_batches:
+        missing = [j for j in batch if not (out_dir / j.path).exists()]
+        if not missing:
+            stats.cached += len(batch)
+            done += len(batch)
+            if progress:
+                progress(done, total)
+            continue
+        job0 = batch[0]
+        images = renderer([j.blocks for j in batch], settings.prompts[job0.prompt], job0.seed, settings)
+        stats.rendered += len(batch)
+        for job, image in zip(batch, images, strict=True):
+            if job in missing:
+                save_png(image, out_dir / job.path)
+        done += len(batch)
+        if progress:
+            progress(done, total)
+    return stats
+
+
+# --- analysis ---------------------------------------------------------------
+@dataclass
+class BlockRow:
+    block: str
+    mode: str
+    mse: float
+    mse_std: float
+    ssim: float
+    ssim_std: float
+    rank: int
+    params: int
+    bytes: int
+    norm: float
+    norm_rank: int
+
+
+@dataclass
+class Suggestion:
+    mode: str
+    coverage_target: float
+    coverage: float
+    blocks: list[str]
+    spec: str
+    bytes: int
+    bytes_before: int
+    command: str | None
+
+
+@dataclass
+class Analysis:
+    """The result of a sweep: what ``ranking.json`` holds."""
+
+    settings: dict[str, Any]
+    rows: list[BlockRow]
+    spearman: dict[str, float | None]
+    suggestion: Suggestion
+    references: list[dict[str, Any]]
+    images: list[dict[str, Any]]
+    renders: RenderStats = field(default_factory=RenderStats)
+    out_dir: Path = Path()
+
+    def rows_for(self, mode: str) -> list[BlockRow]:
+        return sorted((r for r in self.rows if r.mode == mode), key=lambda r: r.rank)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tool": {"name": "lora-prune", "version": __version__},
+            "settings": self.settings,
+            "rows": [asdict(r) for r in self.rows],
+            "spearman": self.spearman,
+            "suggestion": asdict(self.suggestion),
+            "references": self.references,
+            "images": self.images,
+            "contact_sheet": "contact_sheet.png",
+            "influence": "influence.png",
+        }
+
+
+def _ranks(values: Sequence[float]) -> list[int]:
+    """1 = largest; ties share the better rank."""
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    ranks = [0] * len(values)
+    for position, i in enumerate(order):
+        if position and values[i] == values[order[position - 1]]:
+            ranks[i] = ranks[order[position - 1]]
+        else:
+            ranks[i] = position + 1
+    return ranks
+
+
+def suggest_keep(
+    rows: Sequence[BlockRow], coverage_target: float, lora: LoraFile | None, bytes_by_block: Mapping[str, int],
+    lora_name: str,
+) -> Suggestion:
+    """The fewest top-ranked blocks whose MSE covers ``coverage_target`` of the total."""
+    mode = rows[0].mode if rows else "solo"
+    ranked = sorted(rows, key=lambda r: (r.rank, block_order(r.block)))
+    total = sum(r.mse for r in ranked)
+    chosen: list[str] = []
+    covered = 0.0
+    if total > 0:
+        for row in ranked:
+            if covered / total >= coverage_target - 1e-12:
+                break
+            chosen.append(row.block)
+            covered += row.mse
+    bytes_before = sum(bytes_by_block.values())
+    if lora is not None and chosen:
+        plan = plan_slim(lora, chosen)
+        header, _ = build_header([], lora.metadata)
+        size = plan.kept_bytes + len(header)
+        bytes_before = lora.header.file_size
+    else:
+        size = sum(bytes_by_block.get(b, 0) for b in chosen)
+    spec = format_block_spec(chosen)
+    command = f"lora-prune slim {lora_name} --keep {spec}" if chosen else None
+    return Suggestion(
+        mode=mode,
+        coverage_target=coverage_target,
+        coverage=covered / total if total > 0 else 0.0,
+        blocks=sorted(chosen, key=block_order),
+        spec=spec,
+        bytes=size,
+        bytes_before=bytes_before,
+        command=command,
+    )
+
+
+@dataclass(frozen=True)
+class PictureOptions:
+    heatmap_scale: str = "global"  # or "per-image"
+    cmap: str = "jet"
+    opacity: float = 0.6
+    sheet_order: str = "block"  # or "rank"
+    sheet_max_pixels: int | None = 40_000_000
+    tile_scale: int = 0  # 0 = automatic: small renders are upscaled so labels stay legible
+
+
+def _tile_scale(options: PictureOptions, width: int) -> int:
+    if options.tile_scale > 0:
+        return options.tile_scale
+    return max(1, 256 // max(width, 1))
+
+
+def compute_analysis(
+    manifest: Mapping[str, Any],
+    out_dir: Path,
+    *,
+    coverage: float = 0.9,
+    options: PictureOptions = PictureOptions(),
+    lora: LoraFile | None = None,
+) -> Analysis:
+    """Metrics, ranking, pictures and report from the renders listed in a manifest."""
+    settings = settings_from_json(manifest["settings"])
+    jobs = [Job(j["key"], j["kind"], j["block"], frozenset(j["blocks"]), j["prompt"], j["seed"])
+            for j in manifest["jobs"]]
+    missing = [j for j in jobs if not (out_dir / j.path).exists()]
+    if missing:
+        raise UsageError(
+            f"{len(missing)} of {len(jobs)} renders are missing (first {missing[0].path})",
+            out_dir,
+            "run analyze again without --from to render them",
+        )
+    block_info: dict[str, dict[str, Any]] = manifest["blocks"]
+    blocks = sorted(block_info, key=block_order)
+    refs: dict[tuple[str, int, int], Job] = {}
+    for j in jobs:
+        if j.kind in ("base", "full"):
+            refs[(j.kind, j.prompt, j.seed)] = j
+
+    cache: dict[str, np.ndarray] = {}
+
+    def image(job: Job) -> np.ndarray:
+        # Keep only references in memory: sweeps of hundreds of images stay on disk.
+        if job.kind in ("base", "full"):
+            if job.key not in cache:
+                cache[job.key] = load_image(out_dir / job.path)
+            return cache[job.key]
+        return load_image(out_dir / job.path)
+
+    per: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    image_rows: list[dict[str, Any]] = []
+    vmax_by_mode: dict[str, float] = {}
+    for mode in settings.modes:
+        ref_kind = "base" if mode == "solo" else "full"
+        mode_jobs = [j for j in jobs if j.kind == mode]
+
+        def diffs(mode_jobs: list[Job] = mode_jobs, ref_kind: str = ref_kind) -> Iterator[np.ndarray]:
+            for j in mode_jobs:
+                yield diff_map(image(j), image(refs[(ref_kind, j.prompt, j.seed)]))
+
+        vmax_by_mode[mode] = global_vmax(diffs()) if options.heatmap_scale == "global" else 0.0
+        (out_dir / "heatmaps").mkdir(exist_ok=True)
+        for j in mode_jobs:
+            assert j.block is not None
+            img = image(j)
+            ref = image(refs[(ref_kind, j.prompt, j.seed)])
+            d = diff_map(img, ref)
+            m, s = mse(img, ref), ssim(img, ref)
+            per.setdefault((mode, j.block), []).append((m, s))
+            vmax = vmax_by_mode[mode] if options.heatmap_scale == "global" else float(d.max())
+            heat_path = f"heatmaps/{mode}_{j.block}_p{j.prompt}_s{j.seed}.png"
+            save_png(colorize(d, vmax, options.cmap), out_dir / heat_path)
+            image_rows.append({
+                "block": j.block, "mode": mode, "prompt": j.prompt, "seed": j.seed,
+                "image": j.path, "heatmap": heat_path, "mse": m, "ssim": s,
+            })
+
+    rows: list[BlockRow] = []
+    spear: dict[str, float | None] = {}
+    for mode in settings.modes:
+        mode_blocks = [b for b in blocks if (mode, b) in per]
+        mses = [mean_std([v[0] for v in per[(mode, b)]]) for b in mode_blocks]
+        ssims = [mean_std([v[1] for v in per[(mode, b)]]) for b in mode_blocks]
+        norms = [float(block_info[b]["norm"]) for b in mode_blocks]
+        ranks = _ranks([m.mean for m in mses])
+        norm_ranks = _ranks(norms)
+        for b, m, s, r, nr, n in zip(mode_blocks, mses, ssims, ranks, norm_ranks, norms, strict=True):
+            rows.append(BlockRow(b, mode, m.mean, m.std, s.mean, s.std, r,
+                                 int(block_info[b]["params"]), int(block_info[b]["bytes"]), n, nr))
+        spear[mode] = spearman([m.mean for m in mses], norms)
+
+    primary = "loo" if "loo" in settings.modes else "solo"
+    bytes_by_block = {b: int(block_info[b]["bytes"]) for b in blocks}
+    suggestion = suggest_keep(
+        [r for r in rows if r.mode == primary], coverage, lora, bytes_by_block,
+        Path(manifest["lora"]["path"]).name,
+    )
+    references = [
+        {"prompt": p, "seed": s, "base": refs[("base", p, s)].path, "full": refs[("full", p, s)].path}
+        for (kind, p, s) in refs if kind == "base"
+    ]
+    analysis = Analysis(
+        settings={**manifest["settings"], "lora": manifest["lora"]["path"],
+                  "lora_sha256": manifest["lora"]["sha256"], "model": manifest["model"],
+                  "heatmap_scale": options.heatmap_scale,
+                  "heatmap_vmax": vmax_by_mode},
+        rows=rows, spearman=spear, suggestion=suggestion, references=references, images=image_rows,
+        out_dir=out_dir,
+    )
+    _write_pictures(analysis, out_dir, options, image, refs, jobs)
+    write_json(out_dir / "ranking.json", analysis.to_json())
+    _write_csv(out_dir / "ranking.csv", rows)
+    from .report import write_report
+
+    write_report(out_dir, analysis.to_json())
+    return analysis
+
+
+def _write_csv(path: Path, rows: Sequence[BlockRow]) -> None:
+    buf = io.StringIO()
+    fields = list(BlockRow.__dataclass_fields__)
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: (MODES.index(r.mode), r.rank, block_order(r.block))):
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
+    _write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def _write_pictures(
+    analysis: Analysis,
+    out_dir: Path,
+    options: PictureOptions,
+    image: Callable[[Job], np.ndarray],
+    refs: Mapping[tuple[str, int, int], Job],
+    jobs: Sequence[Job],
+) -> None:
+    settings = analysis.settings
+    primary = "solo" if "solo" in settings["modes"] else "loo"
+    scale = _tile_scale(options, int(settings["width"]))
+    p0, s0 = 0, int(settings["seeds"][0])
+    for mode in settings["modes"]:
+        ref_kind = "base" if mode == "solo" else "full"
+        rows = analysis.rows_for(mode)
+        if options.sheet_order == "block":
+            rows = sorted(rows, key=lambda r: block_order(r.block))
+        by_block = {j.block: j for j in jobs if j.kind == mode and j.prompt == p0 and j.seed == s0}
+        ref = image(refs[(ref_kind, p0, s0)])
+        vmax_global = float(settings["heatmap_vmax"].get(mode, 0.0))
+        tiles = [
+            label_tile(image(refs[("base", p0, s0)]), "no LoRA", bottom="reference", scale=scale),
+            label_tile(image(refs[("full", p0, s0)]), "full LoRA", bottom="reference", scale=scale),
+        ]
+        for row in rows:
+            img = image(by_block[row.block])
+            d = diff_map(img, ref)
+            vmax = vmax_global if options.heatmap_scale == "global" else float(d.max())
+            shown = heatmap_overlay(img, d, vmax, options.opacity, options.cmap)
+            tiles.append(label_tile(
+                shown, f"{row.block} #{row.rank}", top_right=f"MSE {row.mse:.1f}",
+                bottom=f"SSIM {row.ssim:.3f}", scale=scale,
+            ))
+        header = (f"{Path(settings['lora']).name} - {mode} (vs {'no LoRA' if mode == 'solo' else 'full LoRA'}) - "
+                  f"prompt 0, seed {s0}; heatmaps on a {options.heatmap_scale} scale")
+        sheet = contact_sheet(tiles, max_pixels=options.sheet_max_pixels, header=header)
+        name = "contact_sheet.png" if mode == primary else f"contact_sheet_{mode}.png"
+        save_png(sheet, out_dir / name)
+    chart_mode = primary
+    rows = sorted(analysis.rows_for(chart_mode), key=lambda r: block_order(r.block))
+    chart = influence_chart([r.block for r in rows], [r.mse for r in rows], [1.0 - r.ssim for r in rows])
+    save_png(chart, out_dir / "influence.png")
+
+
+def build_manifest(
+    lora: LoraFile,
+    lora_sha256: str,
+    settings: AnalyzeSettings,
+    jobs: Sequence[Job],
+    *,
+    model_id: str,
+    versions: Mapping[str, str],
+) -> dict[str, Any]:
+    stats = {b.block: {"params": b.params, "bytes": b.bytes, "norm": b.norm, "modules": b.modules}
+             for b in block_stats(lora)}
+    return {
+        "schema": SCHEMA_VERSION,
+        "tool": {"name": "lora-prune", "version": __version__},
+        "versions": dict(versions),
+        "model": model_id,
+        "lora": {"path": str(lora.path), "sha256": lora_sha256, "format": lora.format,
+                 "bytes": lora.header.file_size},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        "blocks": stats,
+        "jobs": [
+            {"key": j.key, "kind": j.kind, "block": j.block,
+             "blocks": sorted(j.blocks, key=block_order), "prompt": j.prompt, "seed": j.seed,
+             "path": j.path}
+            for j in jobs
+        ],
+    }
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UsageError("no manifest.json in the folder", out_dir, "give the --out folder of an earlier analyze") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UnreadableFileError("cannot read manifest.json", path, "run analyze again") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION:
+        raise UnreadableFileError("manifest.json has an unknown layout", path, "run analyze again")
+    return doc
+
+
+def analyze(
+    lora: LoraFile,
+    lora_sha256: str,
+    settings: AnalyzeSettings,
+    out_dir: Path,
+    renderer: Renderer,
+    *,
+    batch_size: int = 8,
+    coverage: float = 0.9,
+    options: PictureOptions = PictureOptions(),
+    progress: Progress | None = None,
+) -> Analysis:
+    """Render what is missing, then analyse. Rerunning renders nothing new."""
+    if not 0 < coverage <= 1:
+        raise UsageError(f"coverage {coverage} is not in (0, 1]", "--coverage", "use e.g. 0.9")
+    if batch_size < 1:
+        raise UsageError("batch size must be at least 1", "--batch-size", "use e.g. 8")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = [b for b in lora.blocks if b != "other"]
+    jobs = plan_jobs(blocks, settings, model_id=renderer.model_id, lora_sha256=lora_sha256,
+                     versions=renderer.versions)
+    manifest = build_manifest(lora, lora_sha256, settings, jobs, model_id=renderer.model_id,
+                              versions=renderer.versions)
+    write_json(out_dir / MANIFEST, manifest)
+    stats = render_missing(jobs, out_dir, renderer, settings, batch_size=batch_size, progress=progress)
+    result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
+    result.renders = stats
+    return result

@@ -1,0 +1,987 @@
+"""The render engine: a parsed LoRA attached to a diffusers FLUX.1 pipeline by forward hooks.
+
+diffusers cannot scale a Flux LoRA per block, drops some kohya modules (input and
+final layers), hard-codes FLUX.1's widths in its kohya converter, ignores
+``diff_b``/``dora_scale``/norm diffs and T5 parts, and reloading a filtered LoRA
+per block costs more than the render itself. So the engine applies the LoRA
+itself: every module of the parsed file (:mod:`lora_prune.lora`) is resolved to
+the diffusers modules its :class:`~lora_prune.keys.Target` names, its tensors are
+loaded once, and a forward hook on each module adds the delta of the blocks that
+are switched on, sample by sample. One pipeline call thus renders a batch where
+every image has its own set of active blocks, from the same starting noise, and
+the model's weights are never written (fuse/unfuse drifts in bf16).
+
+:func:`render_combination` is the manual mode of ``lora-prune render``: the base,
+full and chosen images with their metrics and a side-by-side picture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..blocks import BLOCK_IDS, OTHER, TEXT_ENCODER_IDS, format_block_spec, sort_blocks
+from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterError, UsageError
+from ..geometry import FLUX1_DEV, TINY
+from ..keys import Target
+from ..lora import LoraFile, LoraModule
+from ..metrics import diff_map, mse, ssim
+from ..pictures import global_vmax, heatmap_overlay, label_tile, side_by_side
+from ..safetensors_io import SafetensorsReader
+from .loading import LoadedModel
+
+__all__ = [
+    "BlockEngine",
+    "CombinationResult",
+    "RenderSettings",
+    "render_combination",
+]
+
+OutputKind = Literal["uint8", "float"]
+
+#: How many offending modules an error message names.
+_SHOW = 3
+# Roles that only carry a scalar or are read through LoraModule.scale.
+_SCALAR_ROLES = frozenset({"alpha"})
+_LINEAR_ROLES = frozenset(
+    {
+        "down",
+        "up",
+        "up_bias",
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+        "diff",
+        "diff_b",
+        "w_norm",
+        "b_norm",
+        "set_weight",
+    }
+)
+_NORM_ROLES = frozenset({"diff", "diff_b", "w_norm", "b_norm", "set_weight"})
+# Adapters the engine refuses, with what to tell the user.
+_UNSUPPORTED_ROLES: dict[str, str] = {
+    "dora_scale": "DoRA (dora_scale)",
+    "reshape_weight": "weight reshaping (reshape_weight)",
+    "oft_blocks": "OFT/BOFT",
+    "rescale": "OFT/BOFT",
+    "glora_a1": "GLoRA",
+    "glora_a2": "GLoRA",
+    "glora_b1": "GLoRA",
+    "glora_b2": "GLoRA",
+    "mid": "Tucker LoCon (lora_mid) on a Linear layer",
+    "hada_t1": "Tucker LoHa (hada_t1/hada_t2)",
+    "hada_t2": "Tucker LoHa (hada_t1/hada_t2)",
+    "lokr_t2": "Tucker LoKr (lokr_t2)",
+}
+# Known widths, to name the base model a mismatched LoRA was made for.
+_TRANSFORMER_WIDTHS: dict[int, str] = {
+    FLUX1_DEV.hidden: "FLUX.1",
+    TINY.hidden: "the tiny test model",
+}
+_TEXT_WIDTHS: dict[str, dict[int, str]] = {
+    "clip": {FLUX1_DEV.clip_hidden: "CLIP-L", TINY.clip_hidden: "the tiny test CLIP"},
+    "t5": {FLUX1_DEV.t5_d_model: "T5-XXL", TINY.t5_d_model: "the tiny test T5"},
+}
+_COMPONENTS: dict[str, str] = {
+    "transformer": "transformer",
+    "clip": "text_encoder",
+    "t5": "text_encoder_2",
+}
+
+# Transformers with an open engine: a second engine would stack its hooks on the first.
+_OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What to render: prompt, seed, size, sampler steps, guidance, LoRA strength.
+
+    ``strength`` multiplies every delta of the LoRA once (the "block weight" of
+    the original workflow), not alpha, up and down each. The tiny model wants
+    ``max_sequence_length=TINY_MAX_SEQUENCE_LENGTH`` (32).
+    """
+
+    prompt: str
+    seed: int = 0
+    width: int = 768
+    height: int = 768
+    steps: int = 20
+    guidance: float = 3.5
+    strength: float = 1.0
+    max_sequence_length: int = 512
+
+
+@dataclass
+class _Piece:
+    """The part of one LoRA module that lands on one diffusers module.
+
+    Linear targets: ``scale * up @ down`` (+ ``scale * up_bias``) for low-rank
+    factors, ``dense`` (already scaled) for LoHa/LoKr/diff/replacements, ``bias``
+    (unscaled, as ComfyUI adds ``diff_b``). Norm targets: ``norm`` is the change of
+    the norm's weight, applied to the normalised input.
+    """
+
+    stem: str
+    scale: float = 1.0
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
+
+    def tensors(self) -> list[str]:
+        return [
+            n
+            for n in ("down", "up", "up_bias", "dense", "bias", "norm")
+            if getattr(self, n) is not None
+        ]
+
+
+_Selection: TypeAlias = "torch.Tensor | None"  # sample indices, or None = every sample of the batch
+
+
+class _Hook:
+    """The forward hook of one diffusers module: adds its pieces' delta for active samples."""
+
+    def __init__(
+        self,
+        engine: BlockEngine,
+        block: str,
+        kind: str,
+        normalise: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
+        self.engine = engine
+        self.block = block
+        self.kind = kind
+        self.normalise = normalise
+        self.pieces: list[_Piece] = []
+        self.device: torch.device | None = None
+
+    def _to_device(self, device: torch.device) -> None:
+        # Model CPU offload moves modules at call time; the LoRA tensors follow the input.
+        for piece in self.pieces:
+            for name in piece.tensors():
+                setattr(piece, name, getattr(piece, name).to(device))
+        self.device = device
+
+    def delta(self, x: torch.Tensor, strength: float) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        normed: torch.Tensor | None = None
+        for p in self.pieces:
+            parts: list[torch.Tensor] = []
+            if p.down is not None and p.up is not None:
+                h = x.to(p.down.dtype)
+                # F.linear twice, then the scale: the op order of PEFT's LoRA layer.
+                parts.append(F.linear(F.linear(h, p.down), p.up, p.up_bias) * (p.scale * strength))
+            if p.dense is not None:
+                parts.append(F.linear(x.to(p.dense.dtype), p.dense) * strength)
+            if p.norm is not None:
+                if normed is None:
+                    assert self.normalise is not None
+                    normed = self.normalise(x)
+                parts.append(normed.to(p.norm.dtype) * p.norm * strength)
+            if p.bias is not None:
+                parts.append(p.bias * strength)
+            for part in parts:
+                total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        engine = self.engine
+        selection = engine._selection
+        if self.block not in selection or not isinstance(output, torch.Tensor):
+            return None
+        x = args[0]
+        if self.device != x.device:
+            self._to_device(x.device)
+        index = selection[self.block]
+        if index is None:
+            return output + self.delta(x, engine._strength).to(output.dtype)
+        if output.shape[0] != engine._batch or x.shape[0] != engine._batch:
+            raise RuntimeError(
+                f"hook on a {self.block} module saw batch {output.shape[0]}, expected {engine._batch}"
+            )
+        delta = self.delta(x.index_select(0, index), engine._strength).to(output.dtype)
+        # index_add on the batch dim works for 2-D modulation inputs and 3-D token inputs alike.
+        return output.index_add(0, index, delta.expand(index.shape[0], *output.shape[1:]))
+
+
+@dataclass
+class _Plan:
+    """A LoRA module checked against the model, before its tensors are read."""
+
+    module: LoraModule
+    hook_keys: list[str]  # "<component>:<module path>" per target module
+    rows: list[int]  # output rows per target module
+    in_features: int
+
+
+@dataclass(frozen=True)
+class _Mismatch:
+    module: LoraModule
+    reason: str
+    lora_in: int | None = None
+    model_in: int | None = None
+
+
+def _shape(module: LoraModule, role: str) -> tuple[int, ...]:
+    return tuple(module.tensors[role].shape)
+
+
+def _lora_io(module: LoraModule) -> tuple[int, int] | None:
+    """(in, out) of a linear module's delta from the header shapes; None for bias-only modules."""
+    t = module.tensors
+    path = str(module.stem)
+    if "down" in t or "up" in t:
+        if "down" not in t or "up" not in t:
+            missing = "up" if "down" in t else "down"
+            raise CorruptFileError(
+                f"module has no lora_{missing} tensor", path, "re-save or re-download the LoRA"
+            )
+        down, up = _shape(module, "down"), _shape(module, "up")
+        if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
+            raise CorruptFileError(
+                f"lora_down {list(down)} and lora_up {list(up)} do not chain",
+                path,
+                "re-save or re-download the LoRA",
+            )
+        return math.prod(down[1:]), up[0]
+    if "hada_w1_a" in t:
+        roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        lacking = [r for r in roles if r not in t]
+        if lacking:
+            raise CorruptFileError(
+                f"LoHa module lacks {lacking[0]}", path, "re-save or re-download the LoRA"
+            )
+        w1a, w1b, w2a, w2b = (_shape(module, r) for r in roles)
+        if w1a[1] != w1b[0] or w2a[1] != w2b[0] or w1a[0] != w2a[0] or w1b[1:] != w2b[1:]:
+            raise CorruptFileError(
+                "LoHa factors do not chain", path, "re-save or re-download the LoRA"
+            )
+        return math.prod(w1b[1:]), w1a[0]
+    if any(r.startswith("lokr_") for r in t):
+        w1, w2 = _lokr_shape(module, "lokr_w1"), _lokr_shape(module, "lokr_w2")
+        return w1[1] * w2[1], w1[0] * w2[0]
+    for role in ("diff", "w_norm", "set_weight"):
+        if role in t:
+            shape = _shape(module, role)
+            # -1: not a matrix, so it cannot fit a Linear whatever its width
+            return (shape[1], shape[0]) if len(shape) == 2 else (-1, shape[0] if shape else -1)
+    return None
+
+
+def _lokr_shape(module: LoraModule, name: str) -> tuple[int, int]:
+    t = module.tensors
+    if name in t:
+        shape = _shape(module, name)
+        if len(shape) != 2:
+            raise CorruptFileError(
+                f"{name} is not a matrix", module.stem, "re-save or re-download the LoRA"
+            )
+        return shape[0], shape[1]
+    if f"{name}_a" in t and f"{name}_b" in t:
+        a, b = _shape(module, f"{name}_a"), _shape(module, f"{name}_b")
+        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            raise CorruptFileError(
+                f"{name}_a and {name}_b do not chain",
+                module.stem,
+                "re-save or re-download the LoRA",
+            )
+        return a[0], b[1]
+    raise CorruptFileError(
+        f"LoKr module lacks {name}", module.stem, "re-save or re-download the LoRA"
+    )
+
+
+def _bias_rows(module: LoraModule) -> int | None:
+    for role in ("up_bias", "diff_b", "b_norm"):
+        if role in module.tensors:
+            shape = _shape(module, role)
+            return shape[0] if len(shape) == 1 else -1
+    return None
+
+
+def _normaliser(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The weightless normalisation of a norm layer, or None for a type we do not know."""
+    if isinstance(norm, torch.nn.RMSNorm):
+        shape = list(norm.normalized_shape)
+        eps = norm.eps
+        return lambda x: F.rms_norm(x, shape, None, eps)
+    if isinstance(norm, torch.nn.LayerNorm):
+        shape = list(norm.normalized_shape)
+        eps_ln = norm.eps
+        return lambda x: F.layer_norm(x, shape, None, None, eps_ln)
+    eps_attr = getattr(norm, "eps", None)
+    if type(norm).__name__ == "RMSNorm" and isinstance(eps_attr, float):
+        eps_d = eps_attr  # diffusers' own RMSNorm
+
+        def rms(x: torch.Tensor) -> torch.Tensor:
+            variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return x * torch.rsqrt(variance + eps_d)
+
+        return rms
+    return None
+
+
+def _norm_features(norm: torch.nn.Module) -> int | None:
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    shape = getattr(norm, "normalized_shape", None)
+    if isinstance(shape, tuple) and len(shape) == 1:
+        return int(shape[0])
+    return None
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    # BFL's final adaLN emits (shift, scale), diffusers' norm_out (scale, shift).
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+class BlockEngine:
+    """A LoRA attached to a pipeline by forward hooks, switchable per block and per image.
+
+    Construction checks every module of ``lora`` against the model (a module
+    without a target or of the wrong shape raises :class:`ModelMismatchError`
+    naming it and the likely base model; DoRA, OFT, GLoRA and Tucker factors raise
+    :class:`UnsupportedAdapterError`), reads the tensors once onto the device in
+    each target's dtype (LoHa, LoKr and full deltas materialised there) and
+    registers one hook per touched diffusers module. Outside :meth:`render` and
+    :meth:`activated` every block is off: the pipeline renders as without LoRA.
+    Use as a context manager, or call :meth:`close`, to remove every hook.
+    """
+
+    blocks: list[str]
+    attached: int
+
+    def __init__(self, loaded: LoadedModel, lora: LoraFile) -> None:
+        self.loaded = loaded
+        self.lora = lora
+        self.pipe: Any = loaded.pipe
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks: dict[str, _Hook] = {}
+        self._selection: dict[str, _Selection] = {}
+        self._strength = 1.0
+        self._batch = 0
+        self._closed = False
+        self._registered = False
+        transformer = self.pipe.transformer
+        if transformer in _OPEN:
+            raise UsageError(
+                "another render engine is still attached to this pipeline",
+                lora.path,
+                "close the first engine (with-block or close()) before attaching a second",
+            )
+        self._check_unfused(transformer)
+        plans = self._plan()
+        try:
+            with SafetensorsReader(lora.path, lora.header) as reader:
+                for plan in plans:
+                    self._attach(plan, reader)
+            for key, hook in self._hooks.items():
+                module = self._module(key)
+                assert module is not None
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.close()
+            raise
+        _OPEN.add(transformer)
+        self._registered = True
+        self.attached = len(plans)
+        self.blocks = sort_blocks(p.module.block for p in plans)
+
+    # --- attaching -----------------------------------------------------------
+    def _component(self, model: str) -> torch.nn.Module | None:
+        component = getattr(self.pipe, _COMPONENTS[model], None)
+        return component if isinstance(component, torch.nn.Module) else None
+
+    def _module(self, key: str) -> torch.nn.Module | None:
+        model, _, path = key.partition(":")
+        component = self._component(model)
+        if component is None:
+            return None
+        # transformers v5 flattened CLIPTextModel: its layers lost the "text_model." level.
+        candidates = [path, path.removeprefix("text_model.")] if model == "clip" else [path]
+        for candidate in candidates:
+            try:
+                return component.get_submodule(candidate)
+            except AttributeError:
+                continue
+        return None
+
+    @staticmethod
+    def _check_unfused(transformer: torch.nn.Module) -> None:
+        for name, module in transformer.named_modules():
+            if getattr(module, "fused_projections", False):
+                raise UsageError(
+                    "the transformer's attention projections are fused (to_qkv), LoRA hooks on to_q/to_k/to_v "
+                    "would never run",
+                    name,
+                    "call pipe.unfuse_qkv_projections() before attaching the engine",
+                )
+
+    def _check_adapter(self, module: LoraModule) -> None:
+        for role in module.tensors:
+            base = role.split("#")[0]
+            if base in _UNSUPPORTED_ROLES:
+                raise UnsupportedAdapterError(
+                    f"{_UNSUPPORTED_ROLES[base]} is not supported by the render engine",
+                    module.tensors[role].name,
+                    "render with a tool that supports it, or drop this module",
+                )
+            if "#" in role and base not in _SCALAR_ROLES:
+                raise CorruptFileError(
+                    f"two tensors give module {module.stem!r} its {base}",
+                    module.tensors[role].name,
+                    "keep one naming per module and re-save the LoRA",
+                )
+        if module.adapter == "unsupported":
+            raise UnsupportedAdapterError(
+                f"adapter roles {sorted(module.tensors)} are not supported by the render engine",
+                module.stem,
+                "drop this module",
+            )
+
+    def _plan(self) -> list[_Plan]:
+        plans: list[_Plan] = []
+        problems: list[_Mismatch] = []
+        for module in self.lora.modules.values():
+            self._check_adapter(module)
+            if module.block == OTHER or module.target is None:
+                problems.append(_Mismatch(module, "matches no module of FLUX.1"))
+                continue
+            if module.adapter == "empty":
+                continue  # only an alpha: there is no delta to attach
+            plan = self._plan_module(module, module.target, problems)
+            if plan is not None:
+                plans.append(plan)
+        if problems:
+            raise self._mismatch_error(problems)
+        return plans
+
+    def _plan_module(
+        self, module: LoraModule, target: Target, problems: list[_Mismatch]
+    ) -> _Plan | None:
+        if self._component(target.model) is None:
+            problems.append(_Mismatch(module, f"the pipeline has no {_COMPONENTS[target.model]}"))
+            return None
+        keys = [f"{target.model}:{path}" for path in target.modules]
+        found = [self._module(k) for k in keys]
+        missing = [p for p, m in zip(target.modules, found, strict=True) if m is None]
+        if missing:
+            reason = f"has no counterpart {missing[0]} in the model"
+            if "guidance_embedder" in missing[0]:
+                reason += " (a FLUX.1-schnell model has no guidance embedder: this LoRA is for FLUX.1-dev)"
+            problems.append(_Mismatch(module, reason))
+            return None
+        modules = [m for m in found if m is not None]
+        roles = {r.split("#")[0] for r in module.tensors} - _SCALAR_ROLES
+        if target.kind == "norm":
+            bad = sorted(roles - _NORM_ROLES)
+            if bad:
+                raise UnsupportedAdapterError(
+                    f"{'/'.join(bad)} on a norm layer is not supported by the render engine",
+                    module.stem,
+                    "drop this module",
+                )
+            features = [_norm_features(m) for m in modules]
+            if any(f is None for f in features) or any(_normaliser(m) is None for m in modules):
+                problems.append(
+                    _Mismatch(module, f"targets {type(modules[0]).__name__}, not a norm layer")
+                )
+                return None
+            rows = [int(f) for f in features if f is not None]
+            shapes = sorted({_shape(module, r) for r in roles})
+            if shapes != [(sum(rows),)]:
+                problems.append(
+                    _Mismatch(
+                        module, f"norm tensors of shape {shapes}, model has {sum(rows)} features"
+                    )
+                )
+                return None
+            return _Plan(module, keys, rows, sum(rows))
+        bad = sorted(roles - _LINEAR_ROLES)
+        if bad:
+            raise UnsupportedAdapterError(
+                f"roles {bad} are not supported by the render engine",
+                module.stem,
+                "drop this module",
+            )
+        weights = [getattr(m, "weight", None) for m in modules]
+        matrices = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2]
+        if len(matrices) != len(modules):
+            problems.append(
+                _Mismatch(module, f"targets {type(modules[0]).__name__}, not a Linear layer")
+            )
+            return None
+        rows = [int(w.shape[0]) for w in matrices]
+        ins = {int(w.shape[1]) for w in matrices}
+        model_in = ins.pop() if len(ins) == 1 else -1
+        io = _lora_io(module)
+        bias_rows = _bias_rows(module)
+        out_ok = (io is None or io[1] == sum(rows)) and (
+            bias_rows is None or bias_rows == sum(rows)
+        )
+        in_ok = io is None or io[0] == model_in
+        if target.swap_halves and sum(rows) % 2:
+            out_ok = False
+        if not (out_ok and in_ok):
+            lora_in, lora_out = io if io is not None else (None, bias_rows)
+            problems.append(
+                _Mismatch(
+                    module,
+                    f"LoRA {lora_in}->{lora_out}, model {model_in}->{sum(rows)}",
+                    lora_in,
+                    model_in,
+                )
+            )
+            return None
+        return _Plan(module, keys, rows, model_in)
+
+    def _model_width(self, model: str) -> int | None:
+        component = self._component(model)
+        config = getattr(component, "config", None)
+        if config is None:
+            return None
+        if model == "transformer":
+            heads = getattr(config, "num_attention_heads", None)
+            head_dim = getattr(config, "attention_head_dim", None)
+            return int(heads * head_dim) if heads and head_dim else None
+        width = getattr(config, "hidden_size" if model == "clip" else "d_model", None)
+        return int(width) if width else None
+
+    def _mismatch_error(self, problems: list[_Mismatch]) -> ModelMismatchError:
+        shown = "; ".join(f"{p.module.stem}: {p.reason}" for p in problems[:_SHOW])
+        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
+        what = f"{len(problems)} of {len(self.lora.modules)} LoRA modules do not fit the model ({shown}{more})"
+        # The likely base model: the LoRA's input width on layers that read the model's hidden width.
+        for model in ("transformer", "clip", "t5"):
+            width = self._model_width(model)
+            widths = Counter(
+                p.lora_in
+                for p in problems
+                if p.module.target is not None
+                and p.module.target.model == model
+                and p.model_in == width
+                and p.lora_in not in (None, -1, width)
+            )
+            if width is None or not widths:
+                continue
+            lora_width = widths.most_common(1)[0][0]
+            assert lora_width is not None
+            names = _TRANSFORMER_WIDTHS if model == "transformer" else _TEXT_WIDTHS[model]
+            label = "hidden" if model == "transformer" else f"{_COMPONENTS[model]} width"
+            base = names.get(lora_width, "another model")
+            what += f"; this LoRA is for {base} ({label} {lora_width}) but the model has {label} {width}"
+            break
+        return ModelMismatchError(
+            what, self.lora.path, "render with the base model the LoRA was trained for"
+        )
+
+    def _attach(self, plan: _Plan, reader: SafetensorsReader) -> None:
+        module = plan.module
+        target = module.target
+        assert target is not None
+        first = self._module(plan.hook_keys[0])
+        assert first is not None
+        weight = getattr(first, "weight", None)
+        ref = weight if isinstance(weight, torch.Tensor) else next(first.parameters(), None)
+        device = ref.device if ref is not None else self.loaded.device
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else self.loaded.dtype
+
+        def read(role: str) -> torch.Tensor:
+            # float32 until the end, whatever the file stores (fp8/bf16 arithmetic loses bits).
+            return torch.from_numpy(
+                np.ascontiguousarray(reader.read_array(module.tensors[role].name))
+            )
+
+        t = module.tensors
+        scale = module.scale
+        down = up = up_bias = dense = bias = None
+        if "down" in t:
+            down = read("down").reshape(_shape(module, "down")[0], -1)
+            up = read("up").reshape(_shape(module, "up")[0], -1)
+        if "up_bias" in t:
+            up_bias = read("up_bias")
+        dense_parts: list[torch.Tensor] = []
+        if "hada_w1_a" in t:
+            w1 = read("hada_w1_a") @ read("hada_w1_b").reshape(_shape(module, "hada_w1_b")[0], -1)
+            w2 = read("hada_w2_a") @ read("hada_w2_b").reshape(_shape(module, "hada_w2_b")[0], -1)
+            dense_parts.append(w1 * w2 * scale)
+        if any(r.startswith("lokr_") for r in t):
+            dense_parts.append(
+                torch.kron(self._lokr(read, t, "lokr_w1"), self._lokr(read, t, "lokr_w2")) * scale
+            )
+        for role in ("diff", "w_norm"):
+            if role in t:
+                dense_parts.append(read(role))
+        if "set_weight" in t:
+            dense_parts.append(read("set_weight") - self._current(plan, target))
+        bias_parts = [read(r) for r in ("diff_b", "b_norm") if r in t]
+        if up_bias is not None and down is None:
+            # A bias-only PEFT module: its bias is scaled like a weight delta would be.
+            bias_parts.append(up_bias * scale)
+            up_bias = None
+        if dense_parts:
+            dense = dense_parts[0]
+            for part in dense_parts[1:]:
+                dense = dense + part
+        if bias_parts:
+            bias = bias_parts[0]
+            for part in bias_parts[1:]:
+                bias = bias + part
+        if target.swap_halves:
+            up = _swap(up) if up is not None else None
+            up_bias = _swap(up_bias) if up_bias is not None else None
+            dense = _swap(dense) if dense is not None else None
+            bias = _swap(bias) if bias is not None else None
+
+        def place(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device=device, dtype=dtype).contiguous()
+
+        down_placed = place(down)  # shared by the row slices of a fused module
+        offsets = np.cumsum([0, *plan.rows]).tolist()
+        for i, key in enumerate(plan.hook_keys):
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+
+            def rows(x: torch.Tensor | None, lo: int = lo, hi: int = hi) -> torch.Tensor | None:
+                return None if x is None else place(x[lo:hi])
+
+            piece = _Piece(
+                stem=module.stem, scale=scale, down=down_placed, up=rows(up), up_bias=rows(up_bias)
+            )
+            if target.kind == "norm":
+                piece.norm = rows(dense)
+            else:
+                piece.dense = rows(dense)
+            piece.bias = rows(bias)
+            hook = self._hooks.get(key)
+            if hook is None:
+                target_module = self._module(key)
+                assert target_module is not None
+                normalise = _normaliser(target_module) if target.kind == "norm" else None
+                hook = self._hooks[key] = _Hook(self, module.block, target.kind, normalise)
+                hook.device = device
+            hook.pieces.append(piece)
+
+    @staticmethod
+    def _lokr(read: Callable[[str], torch.Tensor], t: dict[str, Any], name: str) -> torch.Tensor:
+        if name in t:
+            return read(name)
+        return read(f"{name}_a") @ read(f"{name}_b")
+
+    def _current(self, plan: _Plan, target: Target) -> torch.Tensor:
+        """The weight a ``set_weight`` replaces, in the LoRA's row order, as float32."""
+        parts: list[torch.Tensor] = []
+        for key, n in zip(plan.hook_keys, plan.rows, strict=True):
+            module = self._module(key)
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                parts.append(weight.detach().to(device="cpu", dtype=torch.float32))
+            else:
+                parts.append(torch.ones(n))  # an affine-free norm multiplies by 1
+        current = torch.cat(parts, dim=0)
+        return _swap(current) if target.swap_halves else current
+
+    # --- switching -----------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(
+                "the render engine is closed", self.lora.path, "create a new BlockEngine"
+            )
+
+    @staticmethod
+    def _check_variant(variant: frozenset[str]) -> None:
+        unknown = sorted(b for b in variant if b not in BLOCK_IDS)
+        if unknown:
+            raise UsageError(
+                f"unknown block id {unknown[0]!r}",
+                "variant",
+                "use ids like input, double.7, single.20, final, clip, t5",
+            )
+
+    @contextlib.contextmanager
+    def activated(self, blocks: frozenset[str], strength: float = 1.0) -> Iterator[None]:
+        """Switch ``blocks`` on for every sample of whatever runs inside the block.
+
+        For calling the pipeline (or one of its modules) yourself; :meth:`render`
+        does its own switching.
+        """
+        self._check_open()
+        self._check_variant(frozenset(blocks))
+        self._selection = {b: None for b in blocks if b in self.blocks}
+        self._strength = float(strength)
+        try:
+            yield
+        finally:
+            self._selection = {}
+            self._strength = 1.0
+
+    # --- rendering -----------------------------------------------------------
+    def _check_settings(self, settings: RenderSettings, batch_size: int) -> None:
+        multiple = int(getattr(self.pipe, "vae_scale_factor", 8)) * 2
+        for name, value in (("width", settings.width), ("height", settings.height)):
+            if value <= 0 or value % multiple:
+                raise UsageError(
+                    f"{name} {value} is not a positive multiple of {multiple}",
+                    f"--{name}",
+                    f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
+                )
+        if settings.steps < 1:
+            raise UsageError(f"steps {settings.steps} is below 1", "--steps", "use at least 1 step")
+        if not 1 <= settings.max_sequence_length <= 512:
+            raise UsageError(
+                f"max_sequence_length {settings.max_sequence_length} is outside 1..512",
+                "max_sequence_length",
+                "use 512 for FLUX.1 (32 for the tiny model)",
+            )
+        if batch_size < 1:
+            raise UsageError(
+                f"batch size {batch_size} is below 1", "--batch-size", "use at least 1"
+            )
+        if not math.isfinite(settings.strength):
+            raise UsageError(
+                f"strength {settings.strength} is not a number", "--strength", "use e.g. 1.0"
+            )
+
+    def _text_state(self, variant: frozenset[str]) -> tuple[bool, bool]:
+        return (
+            "clip" in variant and "clip" in self.blocks,
+            "t5" in variant and "t5" in self.blocks,
+        )
+
+    def _encode(
+        self, settings: RenderSettings, state: tuple[bool, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._selection = {b: None for b, on in zip(TEXT_ENCODER_IDS, state, strict=True) if on}
+        self._batch = 1
+        try:
+            with torch.no_grad():
+                embeds, pooled, _ids = self.pipe.encode_prompt(
+                    prompt=settings.prompt,
+                    prompt_2=None,
+                    device=self.pipe._execution_device,
+                    num_images_per_prompt=1,
+                    max_sequence_length=settings.max_sequence_length,
+                )
+        finally:
+            self._selection = {}
+        return embeds, pooled
+
+    def _latent(self, settings: RenderSettings, dtype: torch.dtype) -> torch.Tensor:
+        # A CPU generator draws the same noise on every device; packed once, repeated per image.
+        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        channels = self.pipe.transformer.config.in_channels // 4
+        latents, _ids = self.pipe.prepare_latents(
+            1,
+            channels,
+            settings.height,
+            settings.width,
+            dtype,
+            self.pipe._execution_device,
+            generator,
+        )
+        return torch.as_tensor(latents)
+
+    def render(
+        self,
+        variants: Sequence[frozenset[str]],
+        settings: RenderSettings,
+        *,
+        batch_size: int = 8,
+        progress: Callable[[int], None] | None = None,
+        output: OutputKind = "uint8",
+    ) -> list[np.ndarray]:
+        """One image per variant (a set of active block ids; the empty set = no LoRA).
+
+        Every image starts from the same noise (``settings.seed``, drawn by a CPU
+        generator as diffusers' ``torch.Generator("cpu")`` would) and the same
+        prompt; each has its own blocks. Variants go through the pipeline
+        ``batch_size`` at a time; ``progress`` gets the number of images done so
+        far after each batch. ``output="uint8"`` gives ``H x W x 3`` uint8
+        (rounded as diffusers' PIL output), ``"float"`` float32 in 0..1.
+        Block ids the LoRA lacks are accepted and change nothing.
+        """
+        self._check_open()
+        self._check_settings(settings, batch_size)
+        if output not in ("uint8", "float"):
+            raise UsageError(f"unknown output kind {output!r}", "output", "use 'uint8' or 'float'")
+        wanted = [frozenset(v) for v in variants]
+        for variant in wanted:
+            self._check_variant(variant)
+        if not wanted:
+            return []
+        embeddings: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._strength = float(settings.strength)
+        try:
+            for variant in wanted:
+                state = self._text_state(variant)
+                if state not in embeddings:
+                    embeddings[state] = self._encode(settings, state)
+            latent = self._latent(settings, next(iter(embeddings.values()))[0].dtype)
+            images: list[np.ndarray] = []
+            for start in range(0, len(wanted), batch_size):
+                batch = wanted[start : start + batch_size]
+                images.extend(self._render_batch(batch, settings, embeddings, latent, output))
+                if progress is not None:
+                    progress(len(images))
+            return images
+        finally:
+            self._selection = {}
+            self._strength = 1.0
+            self._batch = 0
+
+    def _render_batch(
+        self,
+        batch: list[frozenset[str]],
+        settings: RenderSettings,
+        embeddings: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]],
+        latent: torch.Tensor,
+        output: OutputKind,
+    ) -> list[np.ndarray]:
+        size = len(batch)
+        device = latent.device
+        selection: dict[str, _Selection] = {}
+        for block in self.blocks:
+            if block in TEXT_ENCODER_IDS:
+                continue  # text-encoder blocks live in the embeddings
+            on = [i for i, variant in enumerate(batch) if block in variant]
+            if not on:
+                continue  # no hook of this block does any work in this batch
+            selection[block] = (
+                None if len(on) == size else torch.tensor(on, dtype=torch.long, device=device)
+            )
+        states = [self._text_state(v) for v in batch]
+        embeds = torch.cat([embeddings[s][0] for s in states], dim=0)
+        pooled = torch.cat([embeddings[s][1] for s in states], dim=0)
+        self._selection = selection
+        self._batch = size
+        try:
+            result = self.pipe(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                latents=latent.repeat(size, *([1] * (latent.dim() - 1))),
+                height=settings.height,
+                width=settings.width,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                max_sequence_length=settings.max_sequence_length,
+                output_type="np",
+                return_dict=False,
+            )
+        finally:
+            self._selection = {}
+        arrays = np.asarray(result[0], dtype=np.float32)
+        if output == "uint8":
+            # diffusers' own PIL conversion, so "uint8" equals output_type="pil" pixel for pixel.
+            return [np.asarray((a * 255).round().astype(np.uint8)) for a in arrays]
+        return [np.asarray(a) for a in arrays]
+
+    # --- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook and drop the loaded tensors; the pipeline is as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooks.clear()
+        self._selection = {}
+        self._closed = True
+        if self._registered:
+            self._registered = False
+            _OPEN.discard(self.pipe.transformer)
+
+    def __enter__(self) -> BlockEngine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class CombinationResult:
+    """The manual mode's renders and numbers (MSE in 8-bit units, 0..65025)."""
+
+    blocks: frozenset[str]
+    settings: RenderSettings
+    base: np.ndarray
+    full: np.ndarray
+    chosen: np.ndarray
+    mse_vs_base: float
+    ssim_vs_base: float
+    mse_vs_full: float
+    ssim_vs_full: float
+    #: base | full | chosen | heatmap of chosen vs full, labelled
+    picture: Image.Image = field(repr=False)
+
+
+def render_combination(
+    engine: BlockEngine, blocks: frozenset[str], settings: RenderSettings, *, scale: int = 1
+) -> CombinationResult:
+    """Render no LoRA, the whole LoRA and ``blocks`` in one batch and compare them.
+
+    The heatmap shows where the chosen blocks differ from the full LoRA (what
+    dropping the other blocks costs). ``scale`` upscales the tiles of the picture.
+    """
+    chosen_blocks = frozenset(blocks)
+    full_blocks = frozenset(engine.blocks)
+    base, full, chosen = engine.render(
+        [frozenset(), full_blocks, chosen_blocks], settings, batch_size=3
+    )
+    result_mse_base, result_ssim_base = mse(chosen, base), ssim(chosen, base)
+    result_mse_full, result_ssim_full = mse(chosen, full), ssim(chosen, full)
+    diff = diff_map(chosen, full)
+    vmax = global_vmax([diff])
+    label = format_block_spec(chosen_blocks) or "none"
+    tiles = [
+        label_tile(base, "base (no LoRA)", scale=scale),
+        label_tile(full, "full LoRA", f"MSE {mse(full, base):.1f}", "vs base", scale=scale),
+        label_tile(
+            chosen,
+            label,
+            f"MSE {result_mse_full:.1f}",
+            f"SSIM {result_ssim_full:.3f} vs full",
+            scale=scale,
+        ),
+        label_tile(
+            heatmap_overlay(chosen, diff, vmax), "chosen vs full", f"max {vmax:.0f}", scale=scale
+        ),
+    ]
+    return CombinationResult(
+        blocks=chosen_blocks,
+        settings=settings,
+        base=base,
+        full=full,
+        chosen=chosen,
+        mse_vs_base=result_mse_base,
+        ssim_vs_base=result_ssim_base,
+        mse_vs_full=result_mse_full,
+        ssim_vs_full=result_ssim_full,
+        picture=side_by_side(tiles),
+    )

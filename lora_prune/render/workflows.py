@@ -1,0 +1,103 @@
+"""Multi-step jobs that render: ``slim --auto`` and the embedded ``demo``.
+
+Each opens one session on the full LoRA and chains the library verbs
+(analyze -> rank -> choose blocks -> slim -> verify); the CLI only prints the
+dataclasses they return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..analysis import Analysis, AnalyzeSettings, PictureOptions, analyze
+from ..lora import LoraFile, read_lora
+from ..safetensors_io import file_sha256
+from ..slim import SlimResult, slim_lora
+from ..synth import planted_lora
+from ..verify import VERIFICATION_KEY, AutoResult, VerifyResult, auto_keep, verify_slim
+from .loading import ModelSpec
+from .session import open_session
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class AutoSlimResult:
+    analysis: Analysis
+    auto: AutoResult
+    slim: SlimResult
+
+
+def auto_slim(
+    lora: LoraFile,
+    spec: ModelSpec,
+    settings: AnalyzeSettings,
+    work_dir: Path,
+    *,
+    min_ssim: float = 0.95,
+    output: Path | None = None,
+    force: bool = False,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> AutoSlimResult:
+    """Rank blocks (leave-one-out, reusing earlier renders), find the smallest passing keep set, write it."""
+    sha = file_sha256(lora.path)
+    with open_session(spec, lora) as session:
+        analysis = analyze(lora, sha, settings, work_dir, session.renderer, batch_size=batch_size,
+                           progress=progress)
+        mode = "loo" if "loo" in settings.modes else "solo"
+        order = [r.block for r in analysis.rows_for(mode)]
+        auto = auto_keep(lora, sha, order, settings, session.renderer, min_ssim=min_ssim,
+                         batch_size=batch_size)
+    slim = slim_lora(lora, auto.blocks, output=output, force=force,
+                     extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()})
+    return AutoSlimResult(analysis, auto, slim)
+
+
+#: The demo's planted blocks and their strengths: a strong double and single
+#: block and a weaker pair.
+DEMO_PLANTED: Mapping[str, float] = {
+    "double.3": 1.0,
+    "double.12": 0.6,
+    "single.7": 1.0,
+    "single.20": 0.6,
+}
+DEMO_PROMPTS = ("a red fox in the snow", "a lighthouse at dusk")
+DEMO_SEEDS = (0, 1)
+
+
+@dataclass
+class DemoResult:
+    lora_path: Path
+    planted: dict[str, float]
+    analysis: Analysis
+    slim: SlimResult
+    verification: VerifyResult
+    seconds: float
+
+
+def run_demo(out_dir: Path, *, progress: Progress | None = None, batch_size: int = 32) -> DemoResult:
+    """Plant a few strong blocks in a LoRA for the tiny model, find them, slim and verify."""
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora_path = out_dir / "demo_lora.safetensors"
+    if not lora_path.exists():
+        planted_lora(lora_path, DEMO_PLANTED, grammar="kohya", rank=4, seed=0)
+    lora = read_lora(lora_path)
+    settings = AnalyzeSettings(prompts=DEMO_PROMPTS, seeds=DEMO_SEEDS, width=64, height=64, steps=4,
+                               modes=("solo", "loo"))
+    spec = ModelSpec(model="tiny")
+    sha = file_sha256(lora_path)
+    with open_session(spec, lora) as session:
+        analysis = analyze(lora, sha, settings, out_dir / "analysis", session.renderer,
+                           batch_size=batch_size, options=PictureOptions(), progress=progress)
+        keep = analysis.suggestion.blocks
+        slim = slim_lora(lora, keep, output=out_dir / "demo_lora.slim.safetensors", force=True)
+        verification = verify_slim(lora, sha, read_lora(slim.output).blocks, settings,
+                                   session.renderer, slim_path=slim.output,
+                                   out_dir=out_dir / "verify", scale=4)
+    return DemoResult(lora_path, dict(DEMO_PLANTED), analysis, slim, verification,
+                      time.perf_counter() - t0)

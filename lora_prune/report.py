@@ -1,0 +1,757 @@
+"""The self-contained HTML page that ``lora-prune analyze`` writes as ``report.html``.
+
+The page is built from the parsed ``ranking.json`` (see :func:`write_report`) and
+links the renders, heatmaps and charts beside it by relative URL instead of
+embedding them, so it stays small and opens from disk (``file://``) with no
+network: CSS and a little vanilla JavaScript are inline, nothing is fetched.
+
+Prompts, file names and the LoRA path are user input: every string goes through
+:func:`html.escape`, every path through URL quoting as well, and no data is put
+into the script, so a prompt cannot inject markup or code.
+
+Stable hooks for tests and for people scripting the page: ``table#ranking-<mode>``
+with ``th[data-key]`` headers and ``td[data-value]`` sort values,
+``input#heatmap-toggle``, ``input#heatmap-opacity``, ``select#gallery-mode``,
+``select#gallery-ref``, ``div.gallery-group[data-mode][data-ref]``,
+``img.render`` / ``img.heatmap`` and ``code#slim-command``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .blocks import block_kind, block_order
+from .errors import OutputError
+from .pictures import CATEGORY_COLORS, COLORMAPS, DEFAULT_CMAP
+from .safetensors_io import create_temp, fsync_dir
+
+REPORT_NAME = "report.html"
+
+#: What each analysis mode compares, for headings and captions: (what is on, reference).
+MODE_INFO: dict[str, tuple[str, str]] = {
+    "solo": ("only this block of the LoRA on", "base"),
+    "loo": ("every block of the LoRA on except this one", "full"),
+}
+_REFERENCE_TEXT = {"base": "base (no LoRA)", "full": "full LoRA"}
+
+DEFAULT_OPACITY = 0.6
+_MISSING = "\u2013"  # en dash for values that were not measured
+
+
+# ---------------------------------------------------------------------------
+# Small formatting helpers
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _url(path: object) -> str:
+    # Quoting first turns '#', '?', ' ' and a 'scheme:' prefix into plain path text,
+    # so a file name can neither cut the URL short nor make it javascript:.
+    return html.escape(quote(str(path), safe="/"), quote=True)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _fmt_mse(value: object) -> str:
+    v = _number(value)
+    if v is None:
+        return _MISSING
+    if v == 0.0:
+        return "0"
+    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _fmt_ssim(value: object) -> str:
+    v = _number(value)
+    return _MISSING if v is None else f"{v:.4f}"
+
+
+def _fmt_general(value: object) -> str:
+    v = _number(value)
+    return _MISSING if v is None else f"{v:.4g}"
+
+
+def _fmt_int(value: object) -> str:
+    v = _number(value)
+    return _MISSING if v is None else f"{round(v):,}"
+
+
+def _fmt_bytes(value: object) -> str:
+    v = _number(value)
+    if v is None:
+        return _MISSING
+    # Imported here: the CLI module imports this one, and the formatter lives there.
+    from .cli import human_bytes
+
+    return human_bytes(v)
+
+
+def _fmt_percent(value: object) -> str:
+    v = _number(value)
+    return _MISSING if v is None else f"{100.0 * v:.1f}%"
+
+
+def _with_std(value: object, std: object, fmt: Callable[[object], str]) -> str:
+    text = fmt(value)
+    if _number(std) is not None and _number(value) is not None:
+        text += f" \u00b1 {fmt(std)}"
+    return text
+
+
+def _data_value(value: object) -> str:
+    v = _number(value)
+    return "" if v is None else repr(v)
+
+
+def _slug(text: str) -> str:
+    """A string usable inside an id attribute and a CSS selector."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", text) or "-"
+
+
+def _ref_key(prompt: object, seed: object) -> str:
+    return f"p{_slug(str(prompt))}-s{_slug(str(seed))}"
+
+
+def _rgb(colour: Sequence[int]) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in colour)
+
+
+def _kind_colour(block: str) -> str:
+    kind = block_kind(block)
+    return _rgb(CATEGORY_COLORS.get(kind, CATEGORY_COLORS["other"]))
+
+
+def _cmap_gradient(cmap: str) -> str:
+    table = COLORMAPS.get(cmap, COLORMAPS[DEFAULT_CMAP])
+    stops = [f"{_rgb(table[i])} {100 * i / 255:.0f}%" for i in range(0, 256, 32)]
+    stops.append(f"{_rgb(table[255])} 100%")
+    return "linear-gradient(to right, " + ", ".join(stops) + ")"
+
+
+def _lora_name(settings: Mapping[str, Any]) -> str:
+    lora = str(settings.get("lora") or "LoRA")
+    # Split on both separators: the path may have been written on Windows.
+    return re.split(r"[\\/]", lora.rstrip("\\/"))[-1] or lora
+
+
+def _prompt_text(prompts: Sequence[Any], index: object) -> str:
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(prompts):
+        return str(prompts[index])
+    return "?"
+
+
+def _prompt_label(index: object) -> str:
+    if isinstance(index, int) and not isinstance(index, bool):
+        return f"prompt {index + 1}"
+    return f"prompt {index}"
+
+
+def _modes(settings: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    modes: list[str] = [str(m) for m in settings.get("modes") or []]
+    for row in rows:
+        mode = str(row.get("mode"))
+        if mode not in modes:
+            modes.append(mode)
+    return modes
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+def _settings_section(settings: Mapping[str, Any], analysis: Mapping[str, Any]) -> str:
+    prompts = list(settings.get("prompts") or [])
+    prompt_items = "".join(
+        f"<li><span class='muted'>{i + 1}.</span> {_e(p)}</li>" for i, p in enumerate(prompts)
+    )
+    seeds = ", ".join(str(s) for s in settings.get("seeds") or [])
+    modes = []
+    for mode in settings.get("modes") or []:
+        info = MODE_INFO.get(str(mode))
+        text = f"<b>{_e(mode)}</b>"
+        if info:
+            text += f" <span class='muted'>({_e(info[0])}, vs {_e(_REFERENCE_TEXT[info[1]])})</span>"
+        modes.append(text)
+    scale = str(settings.get("heatmap_scale") or "global")
+    vmax = _number(settings.get("heatmap_vmax"))
+    scale_text = _e(scale)
+    if scale == "global" and vmax is not None:
+        scale_text += f", 0 \u2013 {_e(_fmt_mse(vmax))} (squared 8-bit levels, one scale for all maps)"
+    elif scale != "global":
+        scale_text += " (each map scaled to its own maximum: compare colours within a map only)"
+    width, height = settings.get("width"), settings.get("height")
+    size = f"{_e(width)} \u00d7 {_e(height)} px" if width and height else _MISSING
+    tool = analysis.get("tool") or {}
+    rows = [
+        ("LoRA", f"<code>{_e(settings.get('lora', _MISSING))}</code>"),
+        ("SHA-256", f"<code class='hash'>{_e(settings.get('lora_sha256') or _MISSING)}</code>"),
+        ("model", _e(settings.get("model", _MISSING))),
+        ("prompts", f"<ol class='prompts'>{prompt_items}</ol>" if prompts else _MISSING),
+        ("seeds", _e(seeds) or _MISSING),
+        ("size", size),
+        ("steps", _e(settings.get("steps", _MISSING))),
+        ("guidance", _e(_fmt_general(settings.get("guidance")))),
+        ("strength", _e(_fmt_general(settings.get("strength")))),
+        ("modes", "<br>".join(modes) or _MISSING),
+        ("heatmap scale", scale_text),
+        ("tool", f"{_e(tool.get('name', 'lora-prune'))} {_e(tool.get('version', ''))}"),
+    ]
+    body = "".join(f"<tr><th scope='row'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return (
+        "<section id='settings-section'><h2>Settings</h2>"
+        f"<table id='settings' class='kv'><tbody>{body}</tbody></table></section>"
+    )
+
+
+def _img(path: object, cls: str, alt: str, size: tuple[str, str], *, lazy: bool) -> str:
+    w, h = size
+    dims = f" width='{w}' height='{h}'" if w and h else ""
+    loading = " loading='lazy'" if lazy else ""
+    return f"<img class='{cls}' src='{_url(path)}' alt='{_e(alt)}'{dims}{loading}>"
+
+
+def _references_section(
+    references: Sequence[Mapping[str, Any]], prompts: Sequence[Any], size: tuple[str, str]
+) -> str:
+    if not references:
+        return ""
+    figures = []
+    for ref in references:
+        prompt, seed = ref.get("prompt"), ref.get("seed")
+        caption = (
+            f"<b>{_e(_prompt_label(prompt))}</b> \u00b7 seed {_e(seed)}"
+            f"<br><span class='prompt'>{_e(_prompt_text(prompts, prompt))}</span>"
+        )
+        pair = ""
+        for which in ("base", "full"):
+            if ref.get(which):
+                pair += (
+                    f"<figure class='ref-image'>{_img(ref[which], 'reference ' + which, _REFERENCE_TEXT[which], size, lazy=False)}"
+                    f"<figcaption>{_e(_REFERENCE_TEXT[which])}</figcaption></figure>"
+                )
+        figures.append(
+            f"<figure class='ref-pair' data-ref='{_e(_ref_key(prompt, seed))}'>"
+            f"<div class='pair'>{pair}</div><figcaption>{caption}</figcaption></figure>"
+        )
+    return (
+        "<section id='references'><h2>References</h2>"
+        "<p class='muted'>Every block image is compared to one of these: <b>solo</b> renders to "
+        "the base model without the LoRA, <b>loo</b> renders to the full LoRA.</p>"
+        f"<div class='refs'>{''.join(figures)}</div></section>"
+    )
+
+
+def _charts_section(analysis: Mapping[str, Any]) -> str:
+    parts = []
+    if analysis.get("influence"):
+        parts.append(
+            f"<img id='influence-chart' src='{_url(analysis['influence'])}' "
+            "alt='bar chart of block influence, blocks in model order'>"
+        )
+    if analysis.get("contact_sheet"):
+        url = _url(analysis["contact_sheet"])
+        parts.append(
+            f"<details><summary>Contact sheet (<a id='contact-sheet' href='{url}'>open full size</a>)"
+            f"</summary><img id='contact-sheet-image' src='{url}' alt='contact sheet of all renders' "
+            "loading='lazy'></details>"
+        )
+    if not parts:
+        return ""
+    return f"<section id='influence'><h2>Block influence</h2>{''.join(parts)}</section>"
+
+
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # key, header, first sort direction: impact columns start with the biggest.
+    ("block", "block", "asc"),
+    ("rank", "rank", "asc"),
+    ("mse", "MSE \u00b1 std", "desc"),
+    ("ssim", "SSIM \u00b1 std", "asc"),
+    ("params", "params", "desc"),
+    ("bytes", "size", "desc"),
+    ("norm", "weight norm", "desc"),
+)
+
+
+def _row_sort_key(row: Mapping[str, Any]) -> tuple[float, int]:
+    rank = _number(row.get("rank"))
+    return (rank if rank is not None else math.inf, block_order(str(row.get("block"))))
+
+
+def _ranking_table(
+    mode: str, rows: Sequence[Mapping[str, Any]], keep: frozenset[str], spearman: object
+) -> str:
+    mses = [v for v in (_number(r.get("mse")) for r in rows) if v is not None]
+    top = max(mses, default=0.0)
+    head = "".join(
+        f"<th scope='col' data-key='{key}' data-default='{default}'"
+        + (" aria-sort='ascending'" if key == "rank" else "")
+        + f">{_e(label)}</th>"
+        for key, label, default in _COLUMNS
+    )
+    body = []
+    for row in sorted(rows, key=_row_sort_key):
+        block = str(row.get("block"))
+        mse = _number(row.get("mse"))
+        bar = ""
+        if mse is not None and top > 0:
+            bar = f"<span class='bar' style='width:{100.0 * mse / top:.1f}%'></span>"
+        badge = " <span class='keep-badge' title='in the suggested keep set'>keep</span>" if block in keep else ""
+        norm = _fmt_general(row.get("norm"))
+        if _number(row.get("norm_rank")) is not None:
+            norm += f" <span class='muted'>(#{_fmt_int(row.get('norm_rank'))})</span>"
+        cells = [
+            f"<td data-value='{block_order(block)}' class='block'>"
+            f"<span class='dot' style='background:{_kind_colour(block)}'></span>{_e(block)}{badge}</td>",
+            f"<td data-value='{_data_value(row.get('rank'))}'>{_e(_fmt_int(row.get('rank')))}</td>",
+            f"<td data-value='{_data_value(mse)}' class='num mse'>{bar}<span>"
+            f"{_e(_with_std(mse, row.get('mse_std'), _fmt_mse))}</span></td>",
+            f"<td data-value='{_data_value(row.get('ssim'))}' class='num'>"
+            f"{_e(_with_std(row.get('ssim'), row.get('ssim_std'), _fmt_ssim))}</td>",
+            f"<td data-value='{_data_value(row.get('params'))}' class='num'>{_e(_fmt_int(row.get('params')))}</td>",
+            f"<td data-value='{_data_value(row.get('bytes'))}' class='num'>{_e(_fmt_bytes(row.get('bytes')))}</td>",
+            f"<td data-value='{_data_value(row.get('norm'))}' class='num'>{norm}</td>",
+        ]
+        cls = " class='kept'" if block in keep else ""
+        body.append(f"<tr data-block='{_e(block)}'{cls}>{''.join(cells)}</tr>")
+    info = MODE_INFO.get(mode)
+    title = f"<h3>{_e(mode)}</h3>"
+    if info:
+        title = (
+            f"<h3>{_e(mode)} <span class='muted'>\u2014 {_e(info[0])}, compared to the "
+            f"{_e(_REFERENCE_TEXT[info[1]])} render</span></h3>"
+        )
+    rho = _number(spearman)
+    rho_text = f"{rho:.2f}" if rho is not None else "n/a"
+    note = (
+        f"<p class='muted spearman' data-mode='{_e(mode)}'>Spearman correlation of this ranking "
+        f"with the weight-norm ranking: <b>{_e(rho_text)}</b>. Click a column header to sort.</p>"
+    )
+    return (
+        f"<div class='ranking' data-mode='{_e(mode)}'>{title}{note}"
+        f"<table id='ranking-{_e(_slug(mode))}' class='ranking sortable' data-mode='{_e(mode)}'>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _ranking_section(
+    modes: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    keep: frozenset[str],
+    spearman: Mapping[str, Any],
+) -> str:
+    tables = [
+        _ranking_table(mode, [r for r in rows if str(r.get("mode")) == mode], keep, spearman.get(mode))
+        for mode in modes
+    ]
+    return (
+        "<section id='ranking'><h2>Ranking</h2>"
+        "<p class='muted'>Rank 1 changes the image most. MSE is in squared 8-bit levels (0\u201365025), "
+        "mean \u00b1 std over prompts and seeds; SSIM 1 means unchanged.</p>"
+        f"{''.join(tables)}</section>"
+    )
+
+
+def _suggestion_section(suggestion: Mapping[str, Any] | None, n_blocks: int) -> str:
+    if not suggestion:
+        return (
+            "<section id='suggestion'><h2>Suggested keep set</h2>"
+            "<p>No suggestion was made for this analysis.</p></section>"
+        )
+    blocks = [str(b) for b in suggestion.get("blocks") or []]
+    chips = " ".join(f"<code class='chip'>{_e(b)}</code>" for b in sorted(blocks, key=block_order))
+    before, after = _number(suggestion.get("bytes_before")), _number(suggestion.get("bytes"))
+    size = f"{_e(_fmt_bytes(before))} \u2192 {_e(_fmt_bytes(after))}"
+    if before and after is not None:
+        size += f" <span class='muted'>({100.0 * after / before:.1f}% of the original)</span>"
+    command = str(suggestion.get("command") or "")
+    rows = [
+        ("based on", _e(suggestion.get("mode", _MISSING))),
+        (
+            "coverage",
+            f"{_e(_fmt_percent(suggestion.get('coverage')))} "
+            f"<span class='muted'>(target {_e(_fmt_percent(suggestion.get('coverage_target')))})</span>",
+        ),
+        ("blocks", f"{len(blocks)} of {n_blocks}: {chips}" if blocks else "none"),
+        ("spec", f"<code id='keep-spec'>{_e(suggestion.get('spec', ''))}</code>"),
+        ("size", f"<span id='size-change'>{size}</span>"),
+    ]
+    body = "".join(f"<tr><th scope='row'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return (
+        "<section id='suggestion'><h2>Suggested keep set</h2>"
+        "<p class='muted'>The fewest blocks, in rank order, whose influence reaches the coverage "
+        "target. Check the result with <code>lora-prune verify</code> before publishing.</p>"
+        f"<table class='kv'><tbody>{body}</tbody></table>"
+        "<div class='command'><pre><code id='slim-command'>"
+        f"{_e(command)}</code></pre>"
+        "<button type='button' id='copy-command'>copy</button></div></section>"
+    )
+
+
+def _gallery_section(
+    modes: Sequence[str],
+    references: Sequence[Mapping[str, Any]],
+    images: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+    size: tuple[str, str],
+) -> str:
+    if not images:
+        return ""
+    prompts = list(settings.get("prompts") or [])
+    # Reference order: as listed in references, then any prompt x seed only images name.
+    ref_keys: list[tuple[object, object]] = [(r.get("prompt"), r.get("seed")) for r in references]
+    for item in images:
+        key = (item.get("prompt"), item.get("seed"))
+        if key not in ref_keys:
+            ref_keys.append(key)
+    ref_by_key = {(r.get("prompt"), r.get("seed")): r for r in references}
+    ranks = {(str(r.get("mode")), str(r.get("block"))): r.get("rank") for r in rows}
+    gallery_modes = [m for m in modes if any(str(i.get("mode")) == m for i in images)]
+    if not gallery_modes:
+        return ""
+
+    groups = []
+    for mode in gallery_modes:
+        for n, (prompt, seed) in enumerate(ref_keys):
+            shown = mode == gallery_modes[0] and n == 0
+            tiles = []
+            info = MODE_INFO.get(mode)
+            reference = ref_by_key.get((prompt, seed), {})
+            if info and reference.get(info[1]):
+                label = _REFERENCE_TEXT[info[1]]
+                tiles.append(
+                    "<figure class='tile reference-tile'><div class='stack'>"
+                    f"{_img(reference[info[1]], 'render', label, size, lazy=not shown)}</div>"
+                    f"<figcaption><b>reference</b><br>{_e(label)}</figcaption></figure>"
+                )
+            items = [
+                i
+                for i in images
+                if str(i.get("mode")) == mode and (i.get("prompt"), i.get("seed")) == (prompt, seed)
+            ]
+            for item in sorted(items, key=lambda i: block_order(str(i.get("block")))):
+                block = str(item.get("block"))
+                stack = ""
+                if item.get("image"):
+                    stack += _img(item["image"], "render", f"{block}, {mode}", size, lazy=not shown)
+                if item.get("heatmap"):
+                    stack += _img(
+                        item["heatmap"], "heatmap", f"difference heatmap of {block}", size, lazy=not shown
+                    )
+                rank = _number(ranks.get((mode, block)))
+                rank_text = f" <span class='muted'>#{rank:.0f}</span>" if rank is not None else ""
+                tiles.append(
+                    f"<figure class='tile' data-block='{_e(block)}'><div class='stack'>{stack}</div>"
+                    f"<figcaption><b>{_e(block)}</b>{rank_text}<br>MSE {_e(_fmt_mse(item.get('mse')))}"
+                    f" \u00b7 SSIM {_e(_fmt_ssim(item.get('ssim')))}</figcaption></figure>"
+                )
+            caption = (
+                f"{_e(mode)} \u00b7 {_e(_prompt_label(prompt))} \u00b7 seed {_e(seed)}: "
+                f"<span class='prompt'>{_e(_prompt_text(prompts, prompt))}</span>"
+            )
+            hidden = "" if shown else " hidden"
+            groups.append(
+                f"<div class='gallery-group' data-mode='{_e(mode)}' data-ref='{_e(_ref_key(prompt, seed))}'"
+                f"{hidden}><p class='group-caption'>{caption}</p>"
+                f"<div class='tiles'>{''.join(tiles)}</div></div>"
+            )
+
+    controls = [
+        "<label><input type='checkbox' id='heatmap-toggle' checked> heatmap</label>",
+        "<label>opacity <input type='range' id='heatmap-opacity' min='0' max='1' step='0.05' "
+        f"value='{DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{DEFAULT_OPACITY:.2f}</output></label>",
+    ]
+    if len(gallery_modes) > 1:
+        options = "".join(f"<option value='{_e(m)}'>{_e(m)}</option>" for m in gallery_modes)
+        controls.append(f"<label>mode <select id='gallery-mode'>{options}</select></label>")
+    if len(ref_keys) > 1:
+        options = "".join(
+            f"<option value='{_e(_ref_key(p, s))}'>{_e(_prompt_label(p))} \u00b7 seed {_e(s)}: "
+            f"{_e(_prompt_text(prompts, p)[:60])}</option>"
+            for p, s in ref_keys
+        )
+        controls.append(f"<label>image <select id='gallery-ref'>{options}</select></label>")
+    vmax = _number(settings.get("heatmap_vmax"))
+    scale = str(settings.get("heatmap_scale") or "global")
+    high = _fmt_mse(vmax) if scale == "global" and vmax is not None else "max of each map"
+    cmap = str(settings.get("heatmap_cmap") or DEFAULT_CMAP)
+    legend = (
+        "<div class='legend'><span>0</span>"
+        f"<span class='gradient' style='background:{_cmap_gradient(cmap)}'></span>"
+        f"<span>{_e(high)}</span></div>"
+    )
+    return (
+        "<section id='gallery'><h2>Gallery</h2>"
+        "<p class='muted'>Each block's render with its per-pixel squared difference to the "
+        "reference drawn over it.</p>"
+        f"<div class='controls' data-default-mode='{_e(gallery_modes[0])}' "
+        f"data-default-ref='{_e(_ref_key(*ref_keys[0]))}'>{''.join(controls)}{legend}</div>"
+        f"{''.join(groups)}</section>"
+    )
+
+
+_CSS = """
+:root { --heatmap-opacity: %(opacity)s; --fg: #1d2125; --muted: #69707a; --line: #dde1e6;
+  --accent: #2f6ec4; color-scheme: light; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); background: #f6f7f9; }
+main { max-width: 1280px; margin: 0 auto; padding: 20px 28px 60px; }
+header { background: #1d2733; color: #fff; padding: 18px 28px; }
+header h1 { margin: 0; font-size: 22px; font-weight: 600; word-break: break-all; }
+header p { margin: 4px 0 0; color: #b9c3cf; }
+nav { margin-top: 8px; } nav a { color: #9cc3ff; margin-right: 14px; text-decoration: none; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 6px 20px 18px;
+  margin: 18px 0; }
+h2 { font-size: 18px; margin: 14px 0 8px; } h3 { font-size: 15px; margin: 18px 0 4px; }
+.muted { color: var(--muted); font-weight: normal; }
+code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px; }
+code.hash { word-break: break-all; }
+table { border-collapse: collapse; }
+table.kv th { text-align: left; font-weight: 600; padding: 3px 18px 3px 0; vertical-align: top;
+  white-space: nowrap; color: #3b434c; }
+table.kv td { padding: 3px 0; } ol.prompts { margin: 0; padding: 0; list-style: none; }
+.refs { display: flex; flex-wrap: wrap; gap: 18px; }
+figure { margin: 0; } .ref-pair .pair { display: flex; gap: 8px; }
+.ref-image img { width: 200px; height: auto; display: block; border-radius: 4px; }
+.ref-pair > figcaption { max-width: 408px; margin-top: 4px; }
+.ref-image figcaption, .tile figcaption { font-size: 12px; color: var(--muted); }
+.prompt { font-style: italic; overflow-wrap: anywhere; }
+#influence-chart { max-width: 100%%; height: auto; display: block; }
+details img { max-width: 100%%; margin-top: 8px; }
+table.ranking { width: 100%%; font-variant-numeric: tabular-nums; margin-top: 6px; }
+table.ranking th, table.ranking td { padding: 4px 10px; border-bottom: 1px solid var(--line); }
+table.ranking th { text-align: left; background: #eef1f5; cursor: pointer; user-select: none;
+  white-space: nowrap; position: sticky; top: 0; }
+table.ranking th:hover { background: #e2e8f0; }
+table.ranking th::after { content: " \\2195"; color: #a6adb6; }
+table.ranking th[aria-sort=ascending]::after { content: " \\25B2"; color: var(--accent); }
+table.ranking th[aria-sort=descending]::after { content: " \\25BC"; color: var(--accent); }
+table.ranking td.num { text-align: right; white-space: nowrap; }
+table.ranking tbody tr:hover { background: #f3f6fa; }
+tr.kept td.block { font-weight: 600; }
+td.mse { position: relative; } td.mse span:not(.bar) { position: relative; }
+.bar { position: absolute; left: 0; top: 3px; bottom: 3px; background: #dce8f8; border-radius: 2px; }
+.dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%%; margin-right: 7px; }
+.keep-badge { font-size: 11px; background: #e3f3e6; color: #23733a; border-radius: 3px;
+  padding: 0 5px; margin-left: 6px; font-weight: 600; }
+.chip { background: #eef1f5; border-radius: 3px; padding: 1px 5px; }
+.command { position: relative; margin-top: 10px; }
+.command pre { background: #1d2733; color: #e7edf4; padding: 12px 70px 12px 14px; border-radius: 6px;
+  overflow-x: auto; margin: 0; white-space: pre-wrap; word-break: break-all; }
+#copy-command { position: absolute; right: 8px; top: 8px; }
+.controls { display: flex; flex-wrap: wrap; gap: 18px; align-items: center; padding: 8px 0 12px;
+  position: sticky; top: 0; background: #fff; z-index: 2; border-bottom: 1px solid var(--line); }
+.controls label { display: flex; align-items: center; gap: 6px; }
+.legend { display: flex; align-items: center; gap: 6px; font-size: 12px; color: var(--muted); }
+.legend .gradient { width: 140px; height: 10px; border-radius: 2px; display: inline-block; }
+.group-caption { margin: 12px 0 8px; }
+.tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px; }
+.stack { position: relative; line-height: 0; background: #e9ecf0; border-radius: 4px; overflow: hidden; }
+.stack img { display: block; width: 100%%; height: auto; }
+.stack img.heatmap { position: absolute; left: 0; top: 0; height: 100%%; opacity: var(--heatmap-opacity);
+  pointer-events: none; }
+body.no-heatmaps img.heatmap { display: none; }
+.reference-tile .stack { outline: 2px dashed #a6adb6; outline-offset: -2px; }
+[hidden] { display: none !important; }
+footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
+"""
+
+_JS = """
+(function () {
+  'use strict';
+  function sortValue(row, index) {
+    var text = row.cells[index].getAttribute('data-value');
+    if (text === null || text === '') { return null; }
+    var value = parseFloat(text);
+    return isNaN(value) ? null : value;
+  }
+  function order(row) { return parseFloat(row.cells[0].getAttribute('data-value')); }
+  function sortTable(table, th) {
+    var current = th.getAttribute('aria-sort');
+    var dir = current === 'ascending' ? 'descending'
+      : current === 'descending' ? 'ascending'
+      : (th.getAttribute('data-default') === 'desc' ? 'descending' : 'ascending');
+    Array.prototype.forEach.call(table.querySelectorAll('th[data-key]'), function (h) {
+      h.removeAttribute('aria-sort');
+    });
+    th.setAttribute('aria-sort', dir);
+    var index = th.cellIndex, sign = dir === 'ascending' ? 1 : -1;
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = sortValue(a, index), y = sortValue(b, index);
+      // Unmeasured values go last whichever the direction; ties keep model order.
+      if (x === null || y === null) {
+        if (x !== y) { return x === null ? 1 : -1; }
+      } else if (x !== y) { return (x - y) * sign; }
+      return order(a) - order(b);
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  }
+  Array.prototype.forEach.call(document.querySelectorAll('table.sortable'), function (table) {
+    Array.prototype.forEach.call(table.querySelectorAll('th[data-key]'), function (th) {
+      th.tabIndex = 0;
+      th.addEventListener('click', function () { sortTable(table, th); });
+      th.addEventListener('keydown', function (event) {
+        if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); sortTable(table, th); }
+      });
+    });
+  });
+
+  var toggle = document.getElementById('heatmap-toggle');
+  var slider = document.getElementById('heatmap-opacity');
+  var shown = document.getElementById('heatmap-opacity-value');
+  function applyToggle() { document.body.classList.toggle('no-heatmaps', !toggle.checked); }
+  function applyOpacity() {
+    document.documentElement.style.setProperty('--heatmap-opacity', slider.value);
+    if (shown) { shown.textContent = Number(slider.value).toFixed(2); }
+  }
+  // Browsers restore form state on reload: start from what the inputs say.
+  if (toggle) { toggle.addEventListener('change', applyToggle); applyToggle(); }
+  if (slider) { slider.addEventListener('input', applyOpacity); slider.addEventListener('change', applyOpacity); applyOpacity(); }
+
+  var controls = document.querySelector('#gallery .controls');
+  var modeSelect = document.getElementById('gallery-mode');
+  var refSelect = document.getElementById('gallery-ref');
+  function showGroup() {
+    var mode = modeSelect ? modeSelect.value : controls.getAttribute('data-default-mode');
+    var ref = refSelect ? refSelect.value : controls.getAttribute('data-default-ref');
+    Array.prototype.forEach.call(document.querySelectorAll('.gallery-group'), function (group) {
+      group.hidden = !(group.getAttribute('data-mode') === mode && group.getAttribute('data-ref') === ref);
+    });
+  }
+  if (controls) {
+    if (modeSelect) { modeSelect.addEventListener('change', showGroup); }
+    if (refSelect) { refSelect.addEventListener('change', showGroup); }
+    showGroup();
+  }
+
+  var copy = document.getElementById('copy-command');
+  var code = document.getElementById('slim-command');
+  if (copy && code) {
+    copy.addEventListener('click', function () {
+      function done() { copy.textContent = 'copied'; setTimeout(function () { copy.textContent = 'copy'; }, 1500); }
+      function fallback() {
+        // file:// pages often get no clipboard API: select the text and copy it the old way.
+        var range = document.createRange();
+        range.selectNodeContents(code);
+        var selection = window.getSelection();
+        selection.removeAllRanges();
+        selection.addRange(range);
+        try { if (document.execCommand('copy')) { done(); } } catch (e) { /* text stays selected */ }
+      }
+      if (navigator.clipboard && navigator.clipboard.writeText) {
+        navigator.clipboard.writeText(code.textContent).then(done, fallback);
+      } else { fallback(); }
+    });
+  }
+})();
+"""
+
+
+def render_report(analysis: Mapping[str, Any]) -> str:
+    """The report page for ``analysis`` (the content of ``ranking.json``) as HTML text.
+
+    ``analysis`` follows the ``ranking.json`` schema; only ``settings`` and
+    ``rows`` are needed, every other part is left out of the page when absent.
+    Paths in it are relative to the folder the page is written to.
+    """
+    settings: Mapping[str, Any] = analysis.get("settings") or {}
+    rows: list[Mapping[str, Any]] = list(analysis.get("rows") or [])
+    references: list[Mapping[str, Any]] = list(analysis.get("references") or [])
+    images: list[Mapping[str, Any]] = list(analysis.get("images") or [])
+    suggestion: Mapping[str, Any] | None = analysis.get("suggestion")
+    spearman: Mapping[str, Any] = analysis.get("spearman") or {}
+    modes = _modes(settings, rows)
+    keep = frozenset(str(b) for b in (suggestion or {}).get("blocks") or [])
+    n_blocks = len({str(r.get("block")) for r in rows})
+    width, height = _number(settings.get("width")), _number(settings.get("height"))
+    size = (str(int(width)), str(int(height))) if width and height else ("", "")
+    name = _lora_name(settings)
+    prompts = list(settings.get("prompts") or [])
+    sections = [
+        _settings_section(settings, analysis),
+        _references_section(references, prompts, size),
+        _charts_section(analysis),
+        _ranking_section(modes, rows, keep, spearman),
+        _suggestion_section(suggestion, n_blocks),
+        _gallery_section(modes, references, images, rows, settings, size),
+    ]
+    nav = "".join(
+        f"<a href='#{target}'>{label}</a>"
+        for target, label, present in (
+            ("settings-section", "settings", True),
+            ("references", "references", bool(references)),
+            ("influence", "influence", bool(analysis.get("influence") or analysis.get("contact_sheet"))),
+            ("ranking", "ranking", True),
+            ("suggestion", "keep set", True),
+            ("gallery", "gallery", bool(images)),
+        )
+        if present
+    )
+    tool = analysis.get("tool") or {}
+    css = _CSS % {"opacity": DEFAULT_OPACITY}
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        # Nothing may be fetched from the network, even by accident.
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src 'self' file: data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        f"<title>lora-prune report: {_e(name)}</title><style>{css}</style></head>\n<body>"
+        f"<header><h1>lora-prune report: {_e(name)}</h1>"
+        f"<p>{len(modes)} mode(s), {n_blocks} blocks, {len(prompts)} prompt(s) \u00d7 "
+        f"{len(settings.get('seeds') or [])} seed(s), model {_e(settings.get('model', _MISSING))}</p>"
+        f"<nav>{nav}</nav></header>\n<main>{''.join(s for s in sections if s)}"
+        f"<footer>written by {_e(tool.get('name', 'lora-prune'))} {_e(tool.get('version', ''))}"
+        "</footer></main>\n"
+        f"<script>{_JS}</script></body></html>\n"
+    )
+
+
+def write_report(out_dir: Path, analysis: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/report.html`` for ``analysis`` atomically and return its path.
+
+    The page is written to a temp file in ``out_dir``, fsynced and renamed over
+    ``report.html``, so a reader never sees half a page. Filesystem failures
+    raise :class:`~lora_prune.errors.OutputError`.
+    """
+    dest = Path(out_dir) / REPORT_NAME
+    data = render_report(analysis).encode("utf-8")
+    tmp: Path | None = None
+    try:
+        tmp, fd = create_temp(dest)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        tmp = None
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write report ({exc.strerror or exc.__class__.__name__})",
+            dest,
+            "check that the folder exists, is writable and has free space",
+        ) from exc
+    finally:
+        if tmp is not None:
+            # The original error matters more than a temp file we could not remove.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    return dest
