@@ -471,6 +471,31 @@ def _resolve(kind: str, path: str, sep: str) -> Target | None:
     return _resolve_text(path, sep)
 
 
+def _resolve_stem(stem: str) -> tuple[str, str, Target] | None:
+    """(prefix grammar, resolver kind, target) of a module stem, or None."""
+    for prefix, grammar, resolvers in _PREFIXES:
+        if not stem.startswith(prefix):
+            continue
+        path = stem[len(prefix):]
+        for kind, sep in resolvers:
+            target = _resolve(kind, path, sep)
+            if target is not None:
+                return grammar, kind, target
+        # A matching prefix owns the stem: do not let the bare grammar guess at it.
+        if prefix:
+            return None
+    return None
+
+
+def resolve_module_path(path: str) -> Target | None:
+    """The target of a module path in any naming (e.g. a checkpoint's weight prefix).
+
+    Raises :class:`BlockRangeError` like :func:`parse_key`.
+    """
+    found = _resolve_stem(path)
+    return found[2] if found else None
+
+
 def parse_key(key: str) -> ParsedKey | None:
     """Resolve one tensor key, or return None when no FLUX.1 grammar matches.
 
@@ -481,25 +506,18 @@ def parse_key(key: str) -> ParsedKey | None:
     if split is None:
         return None
     stem, role = split
-    for prefix, grammar, resolvers in _PREFIXES:
-        if not stem.startswith(prefix):
-            continue
-        path = stem[len(prefix):]
-        for kind, sep in resolvers:
-            target = _resolve(kind, path, sep)
-            if target is not None:
-                name = _GRAMMAR_BY_RESOLVER.get(kind, grammar)
-                if grammar == "diffusers" and (".lora_down." in key or ".lora_up." in key):
-                    name = "diffusers-kohya-suffix"
-                if grammar == "kohya" and role in LOHA_ROLES | LOKR_ROLES | {"diff", "diff_b", "dora_scale"}:
-                    name = "lycoris-kohya"
-                if grammar == "peft-bfl" and kind == "diffusers":
-                    name = "peft-diffusers"
-                return ParsedKey(key, stem, role, name, block_of_target(target), target)
-        # A matching prefix owns the key: do not let the bare grammar guess at it.
-        if prefix:
-            return None
-    return None
+    found = _resolve_stem(stem)
+    if found is None:
+        return None
+    grammar, kind, target = found
+    name = _GRAMMAR_BY_RESOLVER.get(kind, grammar)
+    if grammar == "diffusers" and (".lora_down." in key or ".lora_up." in key):
+        name = "diffusers-kohya-suffix"
+    if grammar == "kohya" and role in LOHA_ROLES | LOKR_ROLES | {"diff", "diff_b", "dora_scale"}:
+        name = "lycoris-kohya"
+    if grammar == "peft-bfl" and kind == "diffusers":
+        name = "peft-diffusers"
+    return ParsedKey(key, stem, role, name, block_of_target(target), target)
 
 
 def other_key(key: str) -> ParsedKey:

@@ -36,7 +36,7 @@ import diffusers as _diffusers
 import torch
 
 from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
-from ..keys import BlockRangeError, parse_key
+from ..keys import BlockRangeError, resolve_module_path
 from ..safetensors_io import file_sha256, read_header
 from .tiny import TINY_MODEL_ID, build_tiny_pipeline
 
@@ -213,14 +213,12 @@ def convert_transformer_checkpoint(
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         path, _, param = key.rpartition(".")
-        parsed = None
+        target = None
         if param in ("weight", "bias", "scale") and path:
             try:
-                # parse_key reads LoRA keys: give the module path a LoRA role to resolve it.
-                parsed = parse_key(f"{path}.lora_A.weight")
+                target = resolve_module_path(path)
             except BlockRangeError:
-                parsed = None
-        target = parsed.target if parsed is not None else None
+                target = None
         if target is None or target.model != "transformer":
             raise UsageError(
                 f"not a FLUX.1 transformer checkpoint (unexpected key {key!r})",

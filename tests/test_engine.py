@@ -1,0 +1,464 @@
+"""Tests of the render engine on the tiny offline FLUX.1 pipeline.
+
+References are computed by other code paths: diffusers' own PEFT loader, a
+merge of the deltas into a deep copy of the transformer written here from the
+field guide's formulas, and one-by-one renders for the batched ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
+from lora_prune.errors import (
+    ModelMismatchError,
+    UnsupportedAdapterError,
+    UsageError,
+    WrongBaseModelError,
+)
+from lora_prune.geometry import FLUX1_DEV
+from lora_prune.lora import read_lora
+from lora_prune.render.engine import BlockEngine, RenderSettings, render_combination
+from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
+from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
+from lora_prune.synth import SynthSpec, supported_blocks, write_synth_lora
+
+torch.set_num_threads(1)
+
+SIZE = 32
+STEPS = 2
+PROMPT = "a red fox in the snow"
+SETTINGS = RenderSettings(
+    PROMPT, seed=7, width=SIZE, height=SIZE, steps=STEPS, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH
+)
+TRANSFORMER_BLOCKS = ("input", *DOUBLE_IDS, *SINGLE_IDS, "final")
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return load_pipeline(ModelSpec("tiny"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loras")
+
+
+def _pipe_render(pipe: Any, settings: RenderSettings = SETTINGS) -> np.ndarray:
+    """diffusers' own render from a seeded CPU generator, float output."""
+    out = pipe(
+        prompt=settings.prompt,
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        max_sequence_length=settings.max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(settings.seed),
+        output_type="np",
+    )
+    return np.asarray(out.images[0], dtype=np.float32)
+
+
+def _hook_count(pipe: Any) -> int:
+    return sum(
+        len(m._forward_hooks)
+        for component in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+        for m in component.modules()
+    )
+
+
+@pytest.fixture(scope="module")
+def kohya_path(files: Path) -> Path:
+    # alpha 2 over rank 4: scale 0.5, so a missing or doubled alpha shows.
+    spec = SynthSpec(grammar="kohya", blocks=TRANSFORMER_BLOCKS, rank=4, alpha=2.0, seed=3)
+    return write_synth_lora(files / "kohya.safetensors", spec)
+
+
+@pytest.fixture()
+def kohya_engine(loaded: LoadedModel, kohya_path: Path) -> Iterator[BlockEngine]:
+    with BlockEngine(loaded, read_lora(kohya_path)) as engine:
+        yield engine
+
+
+# --- against diffusers --------------------------------------------------------
+def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(loaded: LoadedModel, files: Path) -> None:
+    pipe = loaded.pipe
+    spec = SynthSpec(
+        grammar="diffusers", blocks=supported_blocks("diffusers"), rank=4, alpha=2.0,
+        alpha_in="metadata", seed=1,
+    )
+    path = write_synth_lora(files / "diffusers.safetensors", spec)
+    plain = _pipe_render(pipe)
+    pipe.load_lora_weights(str(path), adapter_name="ref")
+    try:
+        reference = _pipe_render(pipe)
+    finally:
+        pipe.unload_lora_weights()
+    assert np.abs(reference - plain).max() > 0.05  # the LoRA does change the image
+
+    lora = read_lora(path)
+    with BlockEngine(loaded, lora) as engine:
+        assert engine.attached == len(lora.modules)
+        assert engine.blocks == ["clip", *TRANSFORMER_BLOCKS]
+        none, full = engine.render(
+            [frozenset(), frozenset(engine.blocks)], SETTINGS, batch_size=1, output="float"
+        )
+    assert np.abs(full - reference).max() <= 1e-5
+    assert np.array_equal(none, plain)
+
+
+# --- against a merged reference -------------------------------------------------
+_KOHYA_DOUBLE = {
+    "img_mod_lin": ("norm1.linear",),
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+}
+_KOHYA_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_KOHYA_GLOBAL = {
+    "img_in": ("input", "x_embedder"),
+    "txt_in": ("input", "context_embedder"),
+    "time_in_in_layer": ("input", "time_text_embed.timestep_embedder.linear_1"),
+    "time_in_out_layer": ("input", "time_text_embed.timestep_embedder.linear_2"),
+    "vector_in_in_layer": ("input", "time_text_embed.text_embedder.linear_1"),
+    "vector_in_out_layer": ("input", "time_text_embed.text_embedder.linear_2"),
+    "guidance_in_in_layer": ("input", "time_text_embed.guidance_embedder.linear_1"),
+    "guidance_in_out_layer": ("input", "time_text_embed.guidance_embedder.linear_2"),
+    "final_layer_linear": ("final", "proj_out"),
+    "final_layer_adaLN_modulation_1": ("final", "norm_out.linear"),
+}
+
+
+def _kohya_targets(stem: str) -> tuple[str, list[str]]:
+    """(block, diffusers module paths) of a kohya stem, from the field guide's tables."""
+    path = stem.removeprefix("lora_unet_")
+    for kind, root, table in (
+        ("double", "transformer_blocks", _KOHYA_DOUBLE),
+        ("single", "single_transformer_blocks", _KOHYA_SINGLE),
+    ):
+        prefix = f"{kind}_blocks_"
+        if path.startswith(prefix):
+            index, _, rest = path[len(prefix):].partition("_")
+            return f"{kind}.{index}", [f"{root}.{index}.{m}" for m in table[rest]]
+    block, module = _KOHYA_GLOBAL[path]
+    return block, [module]
+
+
+def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
+    """A pipeline whose transformer is a deep copy with ``blocks``' deltas merged in."""
+    tensors = load_file(str(path))
+    transformer = copy.deepcopy(pipe.transformer)
+    stems = {k.split(".")[0] for k in tensors}
+    with torch.no_grad():
+        for stem in stems:
+            block, modules = _kohya_targets(stem)
+            if block not in blocks:
+                continue
+            down = tensors[f"{stem}.lora_down.weight"].astype(np.float64)
+            up = tensors[f"{stem}.lora_up.weight"].astype(np.float64)
+            scale = float(tensors[f"{stem}.alpha"]) / down.shape[0]
+            delta = scale * (up @ down)
+            if stem.endswith("adaLN_modulation_1"):
+                shift, scl = np.split(delta, 2, axis=0)  # BFL (shift, scale) -> diffusers (scale, shift)
+                delta = np.concatenate([scl, shift], axis=0)
+            row = 0
+            for name in modules:
+                weight = transformer.get_submodule(name).weight
+                rows = weight.shape[0]
+                weight += torch.from_numpy(delta[row:row + rows]).to(weight.dtype)
+                row += rows
+            assert row == delta.shape[0]
+    return FluxPipeline(**{**pipe.components, "transformer": transformer})
+
+
+def test_kohya_fused_and_global_modules_equal_a_merged_reference(
+    loaded: LoadedModel, kohya_path: Path, kohya_engine: BlockEngine
+) -> None:
+    variants = [
+        frozenset({"input"}),
+        frozenset({"double.3"}),
+        frozenset({"single.5"}),
+        frozenset({"final"}),
+        frozenset(TRANSFORMER_BLOCKS),
+    ]
+    images = kohya_engine.render(variants, SETTINGS, output="float")
+    plain = _pipe_render(loaded.pipe)
+    for variant, image in zip(variants, images, strict=True):
+        reference = _pipe_render(_merged_pipeline(loaded.pipe, kohya_path, variant))
+        assert np.abs(reference - plain).max() > 1e-3, variant  # the block does something
+        assert np.abs(image - reference).max() <= 1e-4, variant
+
+
+# --- batches --------------------------------------------------------------------
+def test_one_hot_batch_equals_one_by_one(kohya_engine: BlockEngine) -> None:
+    blocks = kohya_engine.blocks
+    assert len(blocks) == 59
+    variants = [frozenset(), frozenset(blocks), *(frozenset({b}) for b in blocks)]
+    done: list[int] = []
+    batched = kohya_engine.render(variants, SETTINGS, batch_size=61, progress=done.append)
+    assert done == [61]
+    singles = kohya_engine.render(variants, SETTINGS, batch_size=1)
+    for variant, a, b in zip(variants, batched, singles, strict=True):
+        assert a.dtype == np.uint8 and a.shape == (SIZE, SIZE, 3)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, sorted(variant)
+    base = singles[0]
+    changed = [not np.array_equal(img, base) for img in singles[2:]]
+    assert all(changed)  # every block, also input/final and 2-D modulation layers, acts per image
+
+
+def test_batches_split_and_report_progress(kohya_engine: BlockEngine) -> None:
+    variants = [frozenset({"double.0"}), frozenset(), frozenset({"final"}), frozenset({"input"}), frozenset()]
+    done: list[int] = []
+    images = kohya_engine.render(variants, SETTINGS, batch_size=2, progress=done.append)
+    assert done == [2, 4, 5]
+    assert len(images) == 5
+    assert np.abs(images[1].astype(int) - images[4].astype(int)).max() <= 1
+    assert not np.array_equal(images[0], images[1])
+
+
+# --- strength ---------------------------------------------------------------------
+def test_strength_zero_is_no_lora(kohya_engine: BlockEngine) -> None:
+    zero = RenderSettings(**{**SETTINGS.__dict__, "strength": 0.0})
+    off, full = kohya_engine.render(
+        [frozenset(), frozenset(kohya_engine.blocks)], zero, batch_size=1, output="float"
+    )
+    assert np.array_equal(off, full)
+
+
+def test_strength_scales_the_delta_linearly(kohya_engine: BlockEngine, kohya_path: Path) -> None:
+    transformer = kohya_engine.pipe.transformer
+    gen = torch.Generator().manual_seed(0)
+    cases = {
+        # a 3-D token input and a 2-D modulation input
+        "single_transformer_blocks.5.attn.to_k": torch.randn(2, 6, 32, generator=gen),
+        "transformer_blocks.3.norm1.linear": torch.randn(3, 32, generator=gen),
+    }
+    tensors = load_file(str(kohya_path))
+    stems = {
+        "single_transformer_blocks.5.attn.to_k": ("lora_unet_single_blocks_5_linear1", slice(32, 64)),
+        "transformer_blocks.3.norm1.linear": ("lora_unet_double_blocks_3_img_mod_lin", slice(0, 192)),
+    }
+    for name, x in cases.items():
+        module = transformer.get_submodule(name)
+        with torch.no_grad():
+            base = module(x)
+            deltas = {}
+            for s in (1.0, 0.5, -2.0):
+                with kohya_engine.activated(frozenset({"single.5", "double.3"}), strength=s):
+                    deltas[s] = module(x) - base
+            assert torch.equal(module(x), base)  # off again outside the block
+        stem, rows = stems[name]
+        up = torch.from_numpy(tensors[f"{stem}.lora_up.weight"][rows])
+        down = torch.from_numpy(tensors[f"{stem}.lora_down.weight"])
+        expected = x @ (0.5 * up @ down).T
+        torch.testing.assert_close(deltas[1.0], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(deltas[0.5], 0.5 * deltas[1.0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(deltas[-2.0], -2.0 * deltas[1.0], atol=1e-6, rtol=1e-5)
+
+
+# --- other adapter types ------------------------------------------------------------
+@pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr", "kohya-diff"])
+def test_materialised_adapters_apply_their_delta(loaded: LoadedModel, files: Path, grammar: str) -> None:
+    spec = SynthSpec(grammar=grammar, blocks=("double.2",), rank=4, alpha=2.0, seed=5)
+    path = write_synth_lora(files / f"{grammar}.safetensors", spec)
+    t = load_file(str(path))
+    stem = "lora_unet_double_blocks_2_img_attn_proj"
+    bias = np.zeros(32, dtype=np.float32)
+    if grammar == "lycoris-kohya-loha":
+        rank = t[f"{stem}.hada_w1_b"].shape[0]
+        dw = (t[f"{stem}.hada_w1_a"] @ t[f"{stem}.hada_w1_b"]) * (t[f"{stem}.hada_w2_a"] @ t[f"{stem}.hada_w2_b"])
+        dw = dw * float(t[f"{stem}.alpha"]) / rank
+    elif grammar == "lycoris-kohya-lokr":
+        rank = t[f"{stem}.lokr_w2_b"].shape[0]
+        dw = np.kron(t[f"{stem}.lokr_w1"], t[f"{stem}.lokr_w2_a"] @ t[f"{stem}.lokr_w2_b"])
+        dw = dw * float(t[f"{stem}.alpha"]) / rank
+    else:
+        dw, bias = t[f"{stem}.diff"], t[f"{stem}.diff_b"]  # full deltas: never scaled by alpha
+    module = loaded.pipe.transformer.get_submodule("transformer_blocks.2.attn.to_out.0")
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    with BlockEngine(loaded, read_lora(path)) as engine, torch.no_grad():
+        base = module(x)
+        with engine.activated(frozenset({"double.2"})):
+            delta = module(x) - base
+    expected = x @ torch.from_numpy(dw.astype(np.float32)).T + torch.from_numpy(bias)
+    assert float(expected.abs().max()) > 0.01
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path) -> None:
+    spec = SynthSpec(grammar="bfl-control", blocks=("input", "double.1"), rank=4, seed=9)
+    path = write_synth_lora(files / "control.safetensors", spec)
+    t = load_file(str(path))
+    transformer = loaded.pipe.transformer
+    gen = torch.Generator().manual_seed(2)
+    x_img = torch.randn(2, 4, 64, generator=gen)
+    x_q = torch.randn(2, 3, 6, 16, generator=gen)
+    norm_q = transformer.transformer_blocks[1].attn.norm_q
+    replaced = copy.deepcopy(norm_q)
+    with torch.no_grad():
+        replaced.weight.copy_(torch.from_numpy(t["double_blocks.1.img_attn.norm.query_norm.scale"]))
+    with BlockEngine(loaded, read_lora(path)) as engine, torch.no_grad():
+        base = transformer.x_embedder(x_img)
+        with engine.activated(frozenset({"input", "double.1"})):
+            img_delta = transformer.x_embedder(x_img) - base
+            normed = norm_q(x_q)
+    a, b = (torch.from_numpy(t[f"img_in.lora_{r}.weight"]) for r in "AB")
+    expected = x_img @ (b @ a).T + torch.from_numpy(t["img_in.lora_B.bias"])  # no alpha: scale 1
+    torch.testing.assert_close(img_delta, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(normed, replaced(x_q), atol=1e-6, rtol=1e-5)
+
+
+# --- text encoders --------------------------------------------------------------------
+def test_text_encoder_blocks_toggle_per_image(loaded: LoadedModel, files: Path) -> None:
+    spec = SynthSpec(grammar="kohya", blocks=("clip", "t5"), rank=4, alpha=4.0, seed=4)
+    path = write_synth_lora(files / "te.safetensors", spec)
+    lora = read_lora(path)
+    plain = _pipe_render(loaded.pipe)
+    with BlockEngine(loaded, lora) as engine:
+        assert engine.blocks == ["clip", "t5"]
+        assert engine.attached == len(lora.modules) == 2 * 6 + 2 * 7
+        none, clip, t5, both, absent = engine.render(
+            [frozenset(), frozenset({"clip"}), frozenset({"t5"}), frozenset({"clip", "t5"}),
+             frozenset({"double.0"})],
+            SETTINGS,
+            output="float",
+        )
+    assert np.abs(none - plain).max() <= 1e-5
+    assert np.array_equal(absent, none)  # a block the LoRA lacks changes nothing
+    for image in (clip, t5, both):
+        assert np.abs(image - none).max() > 0.01
+    assert np.abs(both - clip).max() > 0.01 and np.abs(both - t5).max() > 0.01
+
+
+# --- errors --------------------------------------------------------------------------
+def test_mismatched_widths_name_the_base_model(loaded: LoadedModel, files: Path) -> None:
+    spec = SynthSpec(grammar="kohya", geometry=FLUX1_DEV, blocks=("input", "double.0"), rank=1)
+    path = write_synth_lora(files / "dev.safetensors", spec)
+    with pytest.raises(ModelMismatchError) as info:
+        BlockEngine(loaded, read_lora(path))
+    message = str(info.value)
+    assert "this LoRA is for FLUX.1 (hidden 3072) but the model has hidden 32" in message
+    assert "lora_unet_double_blocks_0_img_attn_proj" in message or "more" in message
+    assert "\n" not in message
+    assert _hook_count(loaded.pipe) == 0
+    assert info.value.exit_code == 4
+
+
+def test_module_without_target_is_not_dropped(loaded: LoadedModel, files: Path) -> None:
+    spec = SynthSpec(grammar="kohya", blocks=("double.0",), rank=2)
+    path = write_synth_lora(files / "plus.safetensors", spec)
+    tensors = load_file(str(path))
+    tensors["lora_unet_mystery_layer.lora_down.weight"] = np.ones((2, 32), dtype=np.float32)
+    tensors["lora_unet_mystery_layer.lora_up.weight"] = np.ones((32, 2), dtype=np.float32)
+    save_file(tensors, str(files / "plus2.safetensors"))
+    lora = read_lora(files / "plus2.safetensors", allow_unknown=True)
+    with pytest.raises(ModelMismatchError, match="lora_unet_mystery_layer"):
+        BlockEngine(loaded, lora)
+
+
+def test_sdxl_lora_is_refused_by_the_reader(files: Path) -> None:
+    path = files / "sdxl.safetensors"
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
+    save_file(
+        {
+            f"{stem}.lora_down.weight": np.zeros((4, 640), dtype=np.float32),
+            f"{stem}.lora_up.weight": np.zeros((640, 4), dtype=np.float32),
+        },
+        str(path),
+    )
+    with pytest.raises(WrongBaseModelError) as info:
+        read_lora(path)
+    assert info.value.base_model == "SDXL"
+
+
+@pytest.mark.parametrize("suffix", [".dora_scale", ".lora_magnitude_vector"])
+def test_dora_is_unsupported(loaded: LoadedModel, files: Path, suffix: str) -> None:
+    grammar = "kohya" if suffix == ".dora_scale" else "diffusers"
+    path = write_synth_lora(files / f"dora-{grammar}.safetensors", SynthSpec(grammar=grammar, blocks=("double.1",)))
+    tensors = load_file(str(path))
+    stem = next(k for k in tensors if k.endswith((".lora_down.weight", ".lora_A.weight"))).rsplit(".", 2)[0]
+    tensors[stem + suffix] = np.ones((1, 32), dtype=np.float32)
+    save_file(tensors, str(files / f"dora2-{grammar}.safetensors"))
+    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
+        BlockEngine(loaded, read_lora(files / f"dora2-{grammar}.safetensors"))
+    assert _hook_count(loaded.pipe) == 0
+
+
+# --- lifetime -------------------------------------------------------------------------
+def test_hooks_only_weights_untouched_and_close_detaches(loaded: LoadedModel, kohya_path: Path) -> None:
+    pipe = loaded.pipe
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    engine = BlockEngine(loaded, read_lora(kohya_path))
+    # fused linear1 lands on 4 modules: more hooks than LoRA modules
+    assert _hook_count(pipe) > engine.attached == 19 * 10 + 38 * 3 + 8 + 2
+    with pytest.raises(UsageError, match="another render engine"):
+        BlockEngine(loaded, read_lora(kohya_path))
+    engine.render([frozenset(engine.blocks)], SETTINGS)
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    engine.close()
+    engine.close()  # idempotent
+    assert _hook_count(pipe) == 0
+    with pytest.raises(UsageError, match="closed"):
+        engine.render([frozenset()], SETTINGS)
+    with BlockEngine(loaded, read_lora(kohya_path)):  # a new engine may attach again
+        assert _hook_count(pipe) > 0
+    assert _hook_count(pipe) == 0
+
+
+def test_bad_settings_and_block_ids_are_usage_errors(kohya_engine: BlockEngine) -> None:
+    with pytest.raises(UsageError, match="multiple of 16"):
+        kohya_engine.render([frozenset()], RenderSettings(PROMPT, width=40, height=32, steps=1))
+    with pytest.raises(UsageError, match="unknown block id 'double.99'"):
+        kohya_engine.render([frozenset({"double.99"})], SETTINGS)
+    with pytest.raises(UsageError, match="batch size"):
+        kohya_engine.render([frozenset()], SETTINGS, batch_size=0)
+    assert kohya_engine.render([], SETTINGS) == []
+
+
+# --- manual mode ---------------------------------------------------------------------
+def test_render_combination(kohya_engine: BlockEngine) -> None:
+    chosen = frozenset({"double.3", "single.5"})
+    result = render_combination(kohya_engine, chosen, SETTINGS)
+    assert result.blocks == chosen
+    base, full = kohya_engine.render([frozenset(), frozenset(kohya_engine.blocks)], SETTINGS)
+    assert np.abs(result.base.astype(int) - base).max() <= 1
+    assert np.abs(result.full.astype(int) - full).max() <= 1
+    d_base = result.chosen.astype(float) - result.base
+    assert math.isclose(result.mse_vs_base, float(np.mean(d_base * d_base)))
+    assert result.mse_vs_base > 0 and result.mse_vs_full > 0
+    assert 0 < result.ssim_vs_full < 1
+    assert isinstance(result.picture, Image.Image)
+    assert result.picture.width > 4 * SIZE  # base | full | chosen | heatmap
+    same = render_combination(kohya_engine, frozenset(kohya_engine.blocks), SETTINGS)
+    assert same.mse_vs_full == 0.0 and same.ssim_vs_full == 1.0
+
+
+def test_engine_does_not_change_rendering_dtype_path(kohya_engine: BlockEngine) -> None:
+    # Every hook tensor lives in its target's dtype: no float64 slipped in.
+    hooks = kohya_engine._hooks.values()
+    dtypes = {getattr(p, n).dtype for h in hooks for p in h.pieces for n in p.tensors()}
+    assert dtypes == {torch.float32}
+    assert F.linear is torch.nn.functional.linear
