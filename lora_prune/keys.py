@@ -433,20 +433,22 @@ def _resolve_text(path: str, sep: str) -> Target | None:
 # (prefix, grammar name, resolvers tried in order). Longest prefixes first.
 _Resolver = tuple[str, str]  # (kind, sep)
 _PREFIXES: tuple[tuple[str, str, tuple[_Resolver, ...]], ...] = (
-    ("text_encoders.clip_l.transformer.", "comfyui", (("text", "."),)),
-    ("text_encoders.t5xxl.transformer.", "comfyui", (("text", "."),)),
+    ("text_encoders.clip_l.transformer.", "comfyui", (("clip", "."),)),
+    ("text_encoders.t5xxl.transformer.", "comfyui", (("t5", "."),)),
     ("base_model.model.", "peft-bfl", (("bfl", "."), ("diffusers", "."))),
     ("diffusion_model.", "comfyui", (("bfl", "."), ("xlabs", "."))),
     ("transformer.", "diffusers", (("diffusers", "."),)),
-    ("text_encoder_2.", "diffusers", (("text", "."),)),
-    ("text_encoder.", "diffusers", (("text", "."),)),
+    ("text_encoder_2.", "diffusers", (("t5", "."),)),
+    ("text_encoder.", "diffusers", (("clip", "."),)),
     ("lora_transformer_", "onetrainer", (("diffusers", "_"),)),
     ("lycoris_", "lycoris", (("diffusers", "_"),)),
     ("lora_unet_", "kohya", (("bfl", "_"), ("diffusers_trailing", "_"))),
-    ("lora_te1_", "kohya", (("text", "_"),)),
-    ("lora_te2_", "kohya", (("text", "_"),)),
-    ("lora_te3_", "kohya", (("text", "_"),)),
-    ("lora_te_", "kohya", (("text", "_"),)),
+    # FLUX.1 has one CLIP (CLIP-L: te1) and T5 (te3 in kohya, te2 in LyCORIS/OneTrainer);
+    # a CLIP path under lora_te2_/text_encoder_2. is SDXL's or SD3's CLIP-G.
+    ("lora_te1_", "kohya", (("clip", "_"),)),
+    ("lora_te2_", "kohya", (("t5", "_"),)),
+    ("lora_te3_", "kohya", (("t5", "_"),)),
+    ("lora_te_", "kohya", (("clip", "_"),)),
     ("", "bfl", (("bfl", "."), ("xlabs", "."), ("diffsynth", "."), ("diffusers", "."))),
 )
 _GRAMMAR_BY_RESOLVER = {
@@ -468,7 +470,8 @@ def _resolve(kind: str, path: str, sep: str) -> Target | None:
         return _resolve_xlabs(path)
     if kind == "diffsynth":
         return _resolve_diffsynth(path)
-    return _resolve_text(path, sep)
+    target = _resolve_text(path, sep)
+    return target if target is not None and target.model == kind else None
 
 
 def _resolve_stem(stem: str) -> tuple[str, str, Target] | None:

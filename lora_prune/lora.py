@@ -37,6 +37,8 @@ from .keys import (
 )
 from .safetensors_io import SafetensorsHeader, SafetensorsReader, TensorInfo, read_header
 
+#: key grammar -> the generic grammar its modules' bare ".alpha" keys read as
+_REFINED_GRAMMARS = {"lycoris-kohya": "kohya", "diffusers-kohya-suffix": "diffusers"}
 #: How many unknown keys an error message lists.
 _SHOW_KEYS = 5
 
@@ -255,7 +257,8 @@ def parse_lora_header(
     if range_errors:
         _range_error(range_errors, path)
     if unknown:
-        if not parsed:
+        # Text-encoder keys alone do not make a FLUX.1 LoRA: SD1.5 and SDXL share its CLIP-L.
+        if not any(pk.target is not None and pk.target.model == "transformer" for pk in parsed):
             _check_other_base_model(unknown, path)
         if not allow_unknown:
             _check_other_base_model(unknown, path)
@@ -280,14 +283,18 @@ def parse_lora_header(
         module = modules.get(pk.stem)
         if module is None:
             module = modules[pk.stem] = LoraModule(pk.stem, pk.block, pk.grammar, pk.target)
+        elif _REFINED_GRAMMARS.get(pk.grammar) == module.grammar:
+            # A bare ".alpha" reads as the generic grammar; the module's other keys tell more.
+            module.grammar = pk.grammar
         role = pk.role
         if role in module.tensors:
             # e.g. both ".alpha" and ".lora_A.weight.alpha": keep both, distinctly named.
             role = f"{role}#{sum(r.startswith(role) for r in module.tensors)}"
         module.tensors[role] = header.tensors[pk.key]
         key_blocks[pk.key] = pk.block
-        if pk.block != OTHER:
-            grammars[pk.grammar] += 1
+    for module in modules.values():
+        if module.block != OTHER:
+            grammars[module.grammar] += len(module.tensors)
     return modules, key_blocks, grammars
 
 

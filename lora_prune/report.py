@@ -51,7 +51,7 @@ _MISSING = "\u2013"  # en dash for values that were not measured
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    return str(value)
 
 
 def _url(path: object) -> str:
@@ -111,6 +111,14 @@ def _with_std(value: object, std: object, fmt: Callable[[object], str]) -> str:
     if _number(std) is not None and _number(value) is not None:
         text += f" \u00b1 {fmt(std)}"
     return text
+
+
+def _mse_with_std(value: object, std: object) -> str:
+    v, s = _number(value), _number(std)
+    if v is None or s is None or abs(v) < 10:
+        return _with_std(value, std, _fmt_mse)
+    # One decimal on both sides from 10 up, so "300.2 \u00b1 30.0" lines up in a column.
+    return f"{v:.1f} \u00b1 {s:.1f}"
 
 
 def _data_value(value: object) -> str:
@@ -185,13 +193,17 @@ def _settings_section(settings: Mapping[str, Any], analysis: Mapping[str, Any]) 
         info = MODE_INFO.get(str(mode))
         text = f"<b>{_e(mode)}</b>"
         if info:
-            text += f" <span class='muted'>({_e(info[0])}, vs {_e(_REFERENCE_TEXT[info[1]])})</span>"
+            text += (
+                f" <span class='muted'>({_e(info[0])}, vs {_e(_REFERENCE_TEXT[info[1]])})</span>"
+            )
         modes.append(text)
     scale = str(settings.get("heatmap_scale") or "global")
     vmax = _number(settings.get("heatmap_vmax"))
     scale_text = _e(scale)
     if scale == "global" and vmax is not None:
-        scale_text += f", 0 \u2013 {_e(_fmt_mse(vmax))} (squared 8-bit levels, one scale for all maps)"
+        scale_text += (
+            f", 0 \u2013 {_e(_fmt_mse(vmax))} (squared 8-bit levels, one scale for all maps)"
+        )
     elif scale != "global":
         scale_text += " (each map scaled to its own maximum: compare colours within a map only)"
     width, height = settings.get("width"), settings.get("height")
@@ -275,15 +287,15 @@ def _charts_section(analysis: Mapping[str, Any]) -> str:
     return f"<section id='influence'><h2>Block influence</h2>{''.join(parts)}</section>"
 
 
-_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # key, header, first sort direction: impact columns start with the biggest.
-    ("block", "block", "asc"),
-    ("rank", "rank", "asc"),
-    ("mse", "MSE \u00b1 std", "desc"),
-    ("ssim", "SSIM \u00b1 std", "asc"),
-    ("params", "params", "desc"),
-    ("bytes", "size", "desc"),
-    ("norm", "weight norm", "desc"),
+_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    # key, header, first sort direction (impact columns start with the biggest), tooltip.
+    ("block", "block", "asc", "block id; sorts in model order"),
+    ("rank", "rank", "asc", "1 = changes the image most"),
+    ("mse", "MSE \u00b1 std", "desc", "mean squared error vs the reference, 8-bit levels squared"),
+    ("ssim", "SSIM \u00b1 std", "asc", "structural similarity vs the reference; 1 = unchanged"),
+    ("params", "params", "desc", "LoRA parameters in this block"),
+    ("bytes", "size", "desc", "bytes this block takes in the file"),
+    ("norm", "weight norm", "desc", "Frobenius norm of the block's weight change (#rank by norm)"),
 )
 
 
@@ -298,10 +310,10 @@ def _ranking_table(
     mses = [v for v in (_number(r.get("mse")) for r in rows) if v is not None]
     top = max(mses, default=0.0)
     head = "".join(
-        f"<th scope='col' data-key='{key}' data-default='{default}'"
+        f"<th scope='col' data-key='{key}' data-default='{default}' title='{_e(tip)}'"
         + (" aria-sort='ascending'" if key == "rank" else "")
         + f">{_e(label)}</th>"
-        for key, label, default in _COLUMNS
+        for key, label, default, tip in _COLUMNS
     )
     body = []
     for row in sorted(rows, key=_row_sort_key):
@@ -310,7 +322,11 @@ def _ranking_table(
         bar = ""
         if mse is not None and top > 0:
             bar = f"<span class='bar' style='width:{100.0 * mse / top:.1f}%'></span>"
-        badge = " <span class='keep-badge' title='in the suggested keep set'>keep</span>" if block in keep else ""
+        badge = (
+            " <span class='keep-badge' title='in the suggested keep set'>keep</span>"
+            if block in keep
+            else ""
+        )
         norm = _fmt_general(row.get("norm"))
         if _number(row.get("norm_rank")) is not None:
             norm += f" <span class='muted'>(#{_fmt_int(row.get('norm_rank'))})</span>"
@@ -319,7 +335,7 @@ def _ranking_table(
             f"<span class='dot' style='background:{_kind_colour(block)}'></span>{_e(block)}{badge}</td>",
             f"<td data-value='{_data_value(row.get('rank'))}'>{_e(_fmt_int(row.get('rank')))}</td>",
             f"<td data-value='{_data_value(mse)}' class='num mse'>{bar}<span>"
-            f"{_e(_with_std(mse, row.get('mse_std'), _fmt_mse))}</span></td>",
+            f"{_e(_mse_with_std(mse, row.get('mse_std')))}</span></td>",
             f"<td data-value='{_data_value(row.get('ssim'))}' class='num'>"
             f"{_e(_with_std(row.get('ssim'), row.get('ssim_std'), _fmt_ssim))}</td>",
             f"<td data-value='{_data_value(row.get('params'))}' class='num'>{_e(_fmt_int(row.get('params')))}</td>",
@@ -355,7 +371,9 @@ def _ranking_section(
     spearman: Mapping[str, Any],
 ) -> str:
     tables = [
-        _ranking_table(mode, [r for r in rows if str(r.get("mode")) == mode], keep, spearman.get(mode))
+        _ranking_table(
+            mode, [r for r in rows if str(r.get("mode")) == mode], keep, spearman.get(mode)
+        )
         for mode in modes
     ]
     return (
@@ -451,7 +469,11 @@ def _gallery_section(
                     stack += _img(item["image"], "render", f"{block}, {mode}", size, lazy=not shown)
                 if item.get("heatmap"):
                     stack += _img(
-                        item["heatmap"], "heatmap", f"difference heatmap of {block}", size, lazy=not shown
+                        item["heatmap"],
+                        "heatmap",
+                        f"difference heatmap of {block}",
+                        size,
+                        lazy=not shown,
                     )
                 rank = _number(ranks.get((mode, block)))
                 rank_text = f" <span class='muted'>#{rank:.0f}</span>" if rank is not None else ""
@@ -567,6 +589,7 @@ td.mse { position: relative; } td.mse span:not(.bar) { position: relative; }
 .stack img.heatmap { position: absolute; left: 0; top: 0; height: 100%%; opacity: var(--heatmap-opacity);
   pointer-events: none; }
 body.no-heatmaps img.heatmap { display: none; }
+body.small-renders .stack img, body.small-renders .ref-image img { image-rendering: pixelated; }
 .reference-tile .stack { outline: 2px dashed #a6adb6; outline-offset: -2px; }
 [hidden] { display: none !important; }
 footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
@@ -698,7 +721,11 @@ def render_report(analysis: Mapping[str, Any]) -> str:
         for target, label, present in (
             ("settings-section", "settings", True),
             ("references", "references", bool(references)),
-            ("influence", "influence", bool(analysis.get("influence") or analysis.get("contact_sheet"))),
+            (
+                "influence",
+                "influence",
+                bool(analysis.get("influence") or analysis.get("contact_sheet")),
+            ),
             ("ranking", "ranking", True),
             ("suggestion", "keep set", True),
             ("gallery", "gallery", bool(images)),
@@ -707,13 +734,15 @@ def render_report(analysis: Mapping[str, Any]) -> str:
     )
     tool = analysis.get("tool") or {}
     css = _CSS % {"opacity": DEFAULT_OPACITY}
+    # Renders of the tiny test model are blown up several times: keep their pixels sharp.
+    body_tag = "<body class='small-renders'>" if width and width <= 128 else "<body>"
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         # Nothing may be fetched from the network, even by accident.
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src 'self' file: data:; "
         "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
-        f"<title>lora-prune report: {_e(name)}</title><style>{css}</style></head>\n<body>"
+        f"<title>lora-prune report: {_e(name)}</title><style>{css}</style></head>\n{body_tag}"
         f"<header><h1>lora-prune report: {_e(name)}</h1>"
         f"<p>{len(modes)} mode(s), {n_blocks} blocks, {len(prompts)} prompt(s) \u00d7 "
         f"{len(settings.get('seeds') or [])} seed(s), model {_e(settings.get('model', _MISSING))}</p>"

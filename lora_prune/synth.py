@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -111,7 +111,11 @@ class SynthSpec:
 
 @dataclass(frozen=True)
 class SynthModule:
-    """One module of a synthetic LoRA: its stem, block, layer shape and tensor keys."""
+    """One module of a synthetic LoRA: its stem, block, layer shape and tensor keys.
+
+    ``adapter`` is ``lora``, ``loha``, ``lokr``, ``diff``, or ``norm`` for a
+    control LoRA's replacement norm scale.
+    """
 
     stem: str
     block: str
@@ -450,7 +454,7 @@ def _adapter(spec: SynthSpec) -> Adapter:
         raise ValueError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
     if adapter != "lora" and not gr.lycoris:
         raise ValueError(f"grammar {spec.grammar!r} cannot carry {adapter} tensors")
-    return adapter  # type: ignore[return-value]
+    return cast(Adapter, adapter)
 
 
 def _alpha_key(spec: SynthSpec, adapter: str) -> bool:
@@ -500,9 +504,7 @@ def _stem(gr: _Grammar, layer: _Layer) -> str:
     return gr.prefix + path + gr.trailing
 
 
-def _suffixes(gr: _Grammar, layer: _Layer, adapter: Adapter, alpha: bool) -> tuple[str, ...]:
-    if layer.kind == "norm":
-        return (".scale",)
+def _suffixes(gr: _Grammar, adapter: Adapter, alpha: bool) -> tuple[str, ...]:
     if adapter != "lora":
         out = _LYCORIS_SUFFIXES[adapter]
     else:
@@ -525,16 +527,17 @@ def synth_modules(spec: SynthSpec) -> list[SynthModule]:
         else:
             layers += _transformer_layers(g, gr.family, block, norms=gr.bias)
     out: list[SynthModule] = []
+    alpha = _alpha_key(spec, adapter)
+    keys: tuple[str, ...]
     for layer in layers:
-        # Control LoRAs' norm tensors are replacement scales whatever the adapter type.
-        kind_adapter: Adapter = "lora" if layer.kind == "norm" else adapter
-        alpha = layer.kind == "linear" and _alpha_key(spec, kind_adapter)
         stem = _stem(gr, layer)
-        keys = tuple(stem + s for s in _suffixes(gr, layer, kind_adapter, alpha))
+        if layer.kind == "norm":
+            # Control LoRAs' norm tensors are replacement scales whatever the adapter type.
+            keys, name = (stem + ".scale",), "norm"
+        else:
+            keys, name = tuple(stem + s for s in _suffixes(gr, adapter, alpha)), adapter
         out.append(
-            SynthModule(
-                stem, layer.block, layer.fan_in, layer.fan_out, layer.kind, kind_adapter, keys
-            )
+            SynthModule(stem, layer.block, layer.fan_in, layer.fan_out, layer.kind, name, keys)
         )
     return out
 

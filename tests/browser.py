@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -84,7 +85,8 @@ class Browser:
     def __init__(self, width: int = 1280, height: int = 900, timeout: float = 15.0) -> None:
         self.timeout = timeout
         self._profile = tempfile.TemporaryDirectory(prefix="lora-prune-chromium-")
-        self._log = tempfile.TemporaryFile()
+        # Chromium's own output, read back only to explain a failure; closed in close().
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self._buffer = b""
         self._next_id = 0
         self._events: list[dict[str, Any]] = []
@@ -153,7 +155,9 @@ class Browser:
         message: dict[str, Any] = json.loads(raw)
         return message
 
-    def send(self, method: str, params: dict[str, Any] | None = None, *, session: bool = True) -> Any:
+    def send(
+        self, method: str, params: dict[str, Any] | None = None, *, session: bool = True
+    ) -> Any:
         """Send one CDP command (to the page's session unless ``session=False``) and return its result."""
         self._next_id += 1
         message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
@@ -162,7 +166,7 @@ class Browser:
         data = json.dumps(message).encode("utf-8") + b"\0"
         try:
             while data:
-                data = data[os.write(self._out, data):]
+                data = data[os.write(self._out, data) :]
         except BrokenPipeError as exc:
             raise self._fail("chromium is gone") from exc
         deadline = time.monotonic() + self.timeout
@@ -171,7 +175,8 @@ class Browser:
             if reply.get("id") == self._next_id:
                 break
             if "method" in reply:
-                self._events.append(reply)
+                # Kept for debugging only; bounded so a long session cannot grow it forever.
+                self._events = [*self._events[-99:], reply]
         if "error" in reply:
             raise BrowserError(f"{method} failed: {reply['error']}")
         return reply.get("result", {})
@@ -182,7 +187,9 @@ class Browser:
         if pages:
             target = pages[0]["targetId"]
         else:
-            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)[
+                "targetId"
+            ]
         attached = self.send(
             "Target.attachToTarget", {"targetId": target, "flatten": True}, session=False
         )
@@ -227,9 +234,7 @@ class Browser:
         result = self.send("Page.navigate", {"url": url})
         if result.get("errorText"):
             raise BrowserError(f"cannot open {url}: {result['errorText']}")
-        self.wait_for(
-            "document.readyState === 'complete' && location.href === " + json.dumps(url)
-        )
+        self.wait_for("document.readyState === 'complete' && location.href === " + json.dumps(url))
 
     def center_of(self, selector: str) -> tuple[float, float]:
         """Viewport coordinates of the middle of the first element matching ``selector``."""
@@ -277,10 +282,8 @@ class Browser:
         """Ask Chromium to quit, kill it if it does not, and remove its profile."""
         proc = getattr(self, "_proc", None)
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(BrowserError, OSError):
                 self.send("Browser.close", session=False)
-            except (BrowserError, OSError):
-                pass
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -289,10 +292,8 @@ class Browser:
         for fd_name in ("_out", "_in"):
             fd = getattr(self, fd_name, None)
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
                 setattr(self, fd_name, None)
         self._log.close()
         self._profile.cleanup()

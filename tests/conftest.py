@@ -18,18 +18,10 @@ TensorFile = Callable[..., Path]
 
 @pytest.fixture
 def synth_file(tmp_path: Path) -> SynthFile:
-    """``synth_file(spec=None, name="lora.safetensors", **fields)`` writes a synthetic LoRA.
+    """``synth_file(spec=SynthSpec(), name="lora.safetensors")`` writes a synthetic LoRA."""
 
-    Fields given as keywords replace those of ``spec`` (default: ``SynthSpec()``).
-    """
-
-    def make(
-        spec: SynthSpec | None = None, name: str = "lora.safetensors", **fields: object
-    ) -> Path:
-        base = spec if spec is not None else SynthSpec()
-        if fields:
-            base = SynthSpec(**{**base.__dict__, **fields})  # type: ignore[arg-type]
-        return write_synth_lora(tmp_path / name, base)
+    def make(spec: SynthSpec | None = None, name: str = "lora.safetensors") -> Path:
+        return write_synth_lora(tmp_path / name, spec if spec is not None else SynthSpec())
 
     return make
 
@@ -49,9 +41,7 @@ def tensor_file(tmp_path: Path) -> TensorFile:
         entries = []
         for key, value in tensors.items():
             array = np.ascontiguousarray(value, dtype="<f4")
-            entries.append(
-                TensorEntry(key, "F32", tuple(array.shape), lambda a=array: a.tobytes())
-            )
+            entries.append(TensorEntry(key, "F32", tuple(array.shape), array.tobytes))
         return write_safetensors(tmp_path / name, entries, metadata)
 
     return make

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from diffusers import FluxPipeline
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
@@ -32,7 +30,7 @@ from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine, RenderSettings, render_combination
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
-from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
+from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
 from lora_prune.synth import SynthSpec, supported_blocks, write_synth_lora
 
 torch.set_num_threads(1)
@@ -41,7 +39,12 @@ SIZE = 32
 STEPS = 2
 PROMPT = "a red fox in the snow"
 SETTINGS = RenderSettings(
-    PROMPT, seed=7, width=SIZE, height=SIZE, steps=STEPS, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH
+    PROMPT,
+    seed=7,
+    width=SIZE,
+    height=SIZE,
+    steps=STEPS,
+    max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
 )
 TRANSFORMER_BLOCKS = ("input", *DOUBLE_IDS, *SINGLE_IDS, "final")
 
@@ -93,11 +96,17 @@ def kohya_engine(loaded: LoadedModel, kohya_path: Path) -> Iterator[BlockEngine]
 
 
 # --- against diffusers --------------------------------------------------------
-def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(loaded: LoadedModel, files: Path) -> None:
+def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(
+    loaded: LoadedModel, files: Path
+) -> None:
     pipe = loaded.pipe
     spec = SynthSpec(
-        grammar="diffusers", blocks=supported_blocks("diffusers"), rank=4, alpha=2.0,
-        alpha_in="metadata", seed=1,
+        grammar="diffusers",
+        blocks=supported_blocks("diffusers"),
+        rank=4,
+        alpha=2.0,
+        alpha_in="metadata",
+        seed=1,
     )
     path = write_synth_lora(files / "diffusers.safetensors", spec)
     plain = _pipe_render(pipe)
@@ -160,7 +169,7 @@ def _kohya_targets(stem: str) -> tuple[str, list[str]]:
     ):
         prefix = f"{kind}_blocks_"
         if path.startswith(prefix):
-            index, _, rest = path[len(prefix):].partition("_")
+            index, _, rest = path[len(prefix) :].partition("_")
             return f"{kind}.{index}", [f"{root}.{index}.{m}" for m in table[rest]]
     block, module = _KOHYA_GLOBAL[path]
     return block, [module]
@@ -181,16 +190,17 @@ def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
             scale = float(tensors[f"{stem}.alpha"]) / down.shape[0]
             delta = scale * (up @ down)
             if stem.endswith("adaLN_modulation_1"):
-                shift, scl = np.split(delta, 2, axis=0)  # BFL (shift, scale) -> diffusers (scale, shift)
+                # BFL's (shift, scale) rows are diffusers' (scale, shift)
+                shift, scl = np.split(delta, 2, axis=0)
                 delta = np.concatenate([scl, shift], axis=0)
             row = 0
             for name in modules:
                 weight = transformer.get_submodule(name).weight
                 rows = weight.shape[0]
-                weight += torch.from_numpy(delta[row:row + rows]).to(weight.dtype)
+                weight += torch.from_numpy(delta[row : row + rows]).to(weight.dtype)
                 row += rows
             assert row == delta.shape[0]
-    return FluxPipeline(**{**pipe.components, "transformer": transformer})
+    return type(pipe)(**{**pipe.components, "transformer": transformer})
 
 
 def test_kohya_fused_and_global_modules_equal_a_merged_reference(
@@ -229,7 +239,13 @@ def test_one_hot_batch_equals_one_by_one(kohya_engine: BlockEngine) -> None:
 
 
 def test_batches_split_and_report_progress(kohya_engine: BlockEngine) -> None:
-    variants = [frozenset({"double.0"}), frozenset(), frozenset({"final"}), frozenset({"input"}), frozenset()]
+    variants = [
+        frozenset({"double.0"}),
+        frozenset(),
+        frozenset({"final"}),
+        frozenset({"input"}),
+        frozenset(),
+    ]
     done: list[int] = []
     images = kohya_engine.render(variants, SETTINGS, batch_size=2, progress=done.append)
     assert done == [2, 4, 5]
@@ -257,8 +273,14 @@ def test_strength_scales_the_delta_linearly(kohya_engine: BlockEngine, kohya_pat
     }
     tensors = load_file(str(kohya_path))
     stems = {
-        "single_transformer_blocks.5.attn.to_k": ("lora_unet_single_blocks_5_linear1", slice(32, 64)),
-        "transformer_blocks.3.norm1.linear": ("lora_unet_double_blocks_3_img_mod_lin", slice(0, 192)),
+        "single_transformer_blocks.5.attn.to_k": (
+            "lora_unet_single_blocks_5_linear1",
+            slice(32, 64),
+        ),
+        "transformer_blocks.3.norm1.linear": (
+            "lora_unet_double_blocks_3_img_mod_lin",
+            slice(0, 192),
+        ),
     }
     for name, x in cases.items():
         module = transformer.get_submodule(name)
@@ -280,7 +302,9 @@ def test_strength_scales_the_delta_linearly(kohya_engine: BlockEngine, kohya_pat
 
 # --- other adapter types ------------------------------------------------------------
 @pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr", "kohya-diff"])
-def test_materialised_adapters_apply_their_delta(loaded: LoadedModel, files: Path, grammar: str) -> None:
+def test_materialised_adapters_apply_their_delta(
+    loaded: LoadedModel, files: Path, grammar: str
+) -> None:
     spec = SynthSpec(grammar=grammar, blocks=("double.2",), rank=4, alpha=2.0, seed=5)
     path = write_synth_lora(files / f"{grammar}.safetensors", spec)
     t = load_file(str(path))
@@ -288,7 +312,9 @@ def test_materialised_adapters_apply_their_delta(loaded: LoadedModel, files: Pat
     bias = np.zeros(32, dtype=np.float32)
     if grammar == "lycoris-kohya-loha":
         rank = t[f"{stem}.hada_w1_b"].shape[0]
-        dw = (t[f"{stem}.hada_w1_a"] @ t[f"{stem}.hada_w1_b"]) * (t[f"{stem}.hada_w2_a"] @ t[f"{stem}.hada_w2_b"])
+        dw = (t[f"{stem}.hada_w1_a"] @ t[f"{stem}.hada_w1_b"]) * (
+            t[f"{stem}.hada_w2_a"] @ t[f"{stem}.hada_w2_b"]
+        )
         dw = dw * float(t[f"{stem}.alpha"]) / rank
     elif grammar == "lycoris-kohya-lokr":
         rank = t[f"{stem}.lokr_w2_b"].shape[0]
@@ -302,9 +328,12 @@ def test_materialised_adapters_apply_their_delta(loaded: LoadedModel, files: Pat
         base = module(x)
         with engine.activated(frozenset({"double.2"})):
             delta = module(x) - base
+        with engine.activated(frozenset({"double.2"}), strength=0.5):
+            half = module(x) - base
     expected = x @ torch.from_numpy(dw.astype(np.float32)).T + torch.from_numpy(bias)
     assert float(expected.abs().max()) > 0.01
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(half, 0.5 * expected, atol=1e-5, rtol=1e-4)
 
 
 def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path) -> None:
@@ -324,10 +353,18 @@ def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path
         with engine.activated(frozenset({"input", "double.1"})):
             img_delta = transformer.x_embedder(x_img) - base
             normed = norm_q(x_q)
+        with engine.activated(frozenset({"input", "double.1"}), strength=-1.5):
+            img_scaled = transformer.x_embedder(x_img) - base
+            normed_scaled = norm_q(x_q)
     a, b = (torch.from_numpy(t[f"img_in.lora_{r}.weight"]) for r in "AB")
     expected = x_img @ (b @ a).T + torch.from_numpy(t["img_in.lora_B.bias"])  # no alpha: scale 1
     torch.testing.assert_close(img_delta, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(img_scaled, -1.5 * expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(normed, replaced(x_q), atol=1e-6, rtol=1e-5)
+    # strength s moves the weight s of the way to the replacement
+    with torch.no_grad():
+        replaced.weight.copy_(norm_q.weight - 1.5 * (replaced.weight - norm_q.weight))
+    torch.testing.assert_close(normed_scaled, replaced(x_q), atol=1e-5, rtol=1e-5)
 
 
 # --- text encoders --------------------------------------------------------------------
@@ -340,8 +377,13 @@ def test_text_encoder_blocks_toggle_per_image(loaded: LoadedModel, files: Path) 
         assert engine.blocks == ["clip", "t5"]
         assert engine.attached == len(lora.modules) == 2 * 6 + 2 * 7
         none, clip, t5, both, absent = engine.render(
-            [frozenset(), frozenset({"clip"}), frozenset({"t5"}), frozenset({"clip", "t5"}),
-             frozenset({"double.0"})],
+            [
+                frozenset(),
+                frozenset({"clip"}),
+                frozenset({"t5"}),
+                frozenset({"clip", "t5"}),
+                frozenset({"double.0"}),
+            ],
             SETTINGS,
             output="float",
         )
@@ -396,9 +438,12 @@ def test_sdxl_lora_is_refused_by_the_reader(files: Path) -> None:
 @pytest.mark.parametrize("suffix", [".dora_scale", ".lora_magnitude_vector"])
 def test_dora_is_unsupported(loaded: LoadedModel, files: Path, suffix: str) -> None:
     grammar = "kohya" if suffix == ".dora_scale" else "diffusers"
-    path = write_synth_lora(files / f"dora-{grammar}.safetensors", SynthSpec(grammar=grammar, blocks=("double.1",)))
+    path = write_synth_lora(
+        files / f"dora-{grammar}.safetensors", SynthSpec(grammar=grammar, blocks=("double.1",))
+    )
     tensors = load_file(str(path))
-    stem = next(k for k in tensors if k.endswith((".lora_down.weight", ".lora_A.weight"))).rsplit(".", 2)[0]
+    down_key = next(k for k in tensors if k.endswith((".lora_down.weight", ".lora_A.weight")))
+    stem = down_key.rsplit(".", 2)[0]
     tensors[stem + suffix] = np.ones((1, 32), dtype=np.float32)
     save_file(tensors, str(files / f"dora2-{grammar}.safetensors"))
     with pytest.raises(UnsupportedAdapterError, match="DoRA"):
@@ -407,7 +452,9 @@ def test_dora_is_unsupported(loaded: LoadedModel, files: Path, suffix: str) -> N
 
 
 # --- lifetime -------------------------------------------------------------------------
-def test_hooks_only_weights_untouched_and_close_detaches(loaded: LoadedModel, kohya_path: Path) -> None:
+def test_hooks_only_weights_untouched_and_close_detaches(
+    loaded: LoadedModel, kohya_path: Path
+) -> None:
     pipe = loaded.pipe
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     engine = BlockEngine(loaded, read_lora(kohya_path))
@@ -431,7 +478,7 @@ def test_hooks_only_weights_untouched_and_close_detaches(loaded: LoadedModel, ko
 def test_bad_settings_and_block_ids_are_usage_errors(kohya_engine: BlockEngine) -> None:
     with pytest.raises(UsageError, match="multiple of 16"):
         kohya_engine.render([frozenset()], RenderSettings(PROMPT, width=40, height=32, steps=1))
-    with pytest.raises(UsageError, match="unknown block id 'double.99'"):
+    with pytest.raises(UsageError, match=r"unknown block id 'double\.99'"):
         kohya_engine.render([frozenset({"double.99"})], SETTINGS)
     with pytest.raises(UsageError, match="batch size"):
         kohya_engine.render([frozenset()], SETTINGS, batch_size=0)
@@ -456,9 +503,17 @@ def test_render_combination(kohya_engine: BlockEngine) -> None:
     assert same.mse_vs_full == 0.0 and same.ssim_vs_full == 1.0
 
 
-def test_engine_does_not_change_rendering_dtype_path(kohya_engine: BlockEngine) -> None:
-    # Every hook tensor lives in its target's dtype: no float64 slipped in.
-    hooks = kohya_engine._hooks.values()
-    dtypes = {getattr(p, n).dtype for h in hooks for p in h.pieces for n in p.tensors()}
-    assert dtypes == {torch.float32}
-    assert F.linear is torch.nn.functional.linear
+def test_bf16_pipeline_gets_bf16_deltas(kohya_path: Path) -> None:
+    pipe = build_tiny_pipeline(0, torch.bfloat16)
+    loaded = LoadedModel(pipe, "tiny:seed0", torch.device("cpu"), torch.bfloat16)
+    with BlockEngine(loaded, read_lora(kohya_path)) as engine:
+        dtypes = {
+            getattr(p, n).dtype
+            for h in engine._hooks.values()
+            for p in h.pieces
+            for n in p.tensors()
+        }
+        assert dtypes == {torch.bfloat16}
+        none, full = engine.render([frozenset(), frozenset(engine.blocks)], SETTINGS, batch_size=1)
+    assert np.array_equal(none, (_pipe_render(pipe) * 255).round().astype(np.uint8))
+    assert not np.array_equal(none, full)

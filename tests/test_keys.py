@@ -8,6 +8,7 @@ written independently of the parser's, and from the numbers of the field guide
 from __future__ import annotations
 
 from collections import Counter
+
 import numpy as np
 import pytest
 from conftest import SynthFile, TensorFile
@@ -142,6 +143,8 @@ def test_default_module_sets_follow_the_trainers() -> None:
     assert (diffusers["double.18"], diffusers["single.37"]) == (14, 6)
     assert (per_block("xlabs")["double.5"], per_block("xlabs")["single.5"]) == (4, 2)
     control = per_block("bfl-control")  # norms and the input/final layers too
+    norms = [m for m in synth_modules(SynthSpec(grammar="bfl-control")) if m.kind == "norm"]
+    assert len(norms) == 19 * 4 + 38 * 2 and {m.adapter for m in norms} == {"norm"}
     assert (control["double.0"], control["single.0"], control["input"], control["final"]) == (
         14, 5, 8, 2,
     )
@@ -423,8 +426,8 @@ def test_other_base_models_are_named(
 @pytest.mark.parametrize(
     ("stems", "base_model"),
     [
-        (["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_proj_out"],
-         "SD1.5"),
+        (["lora_unet_down_blocks_0_attentions_0_proj_in",
+          "lora_unet_mid_block_attentions_0_proj_out"], "SD1.5"),
         *(case for case in _OTHER_MODELS if case[1] in ("SD3", "FLUX.2", "HunyuanVideo")),
     ],
 )
@@ -436,11 +439,6 @@ def test_allow_unknown_does_not_hide_other_base_models(
     assert info.value.base_model == base_model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lora.py checks the base model under allow_unknown only when no key parsed; an "
-    "SD1.5 LoRA's lora_te_ keys parse as FLUX's CLIP-L, so its UNet becomes block 'other'",
-)
 def test_allow_unknown_does_not_hide_sd15_with_text_encoder(tensor_file: TensorFile) -> None:
     stems, base_model = _OTHER_MODELS[0]
     with pytest.raises(WrongBaseModelError) as info:
@@ -469,7 +467,10 @@ def test_double_index_19_alone_names_hunyuan_video(tensor_file: TensorFile) -> N
 
 @pytest.mark.parametrize(
     "stem",
-    ["lora_unet_double_blocks_25_img_attn_qkv", "transformer.single_transformer_blocks.60.proj_out"],
+    [
+        "lora_unet_double_blocks_25_img_attn_qkv",
+        "transformer.single_transformer_blocks.60.proj_out",
+    ],
 )
 def test_block_index_far_out_of_range(stem: str, tensor_file: TensorFile) -> None:
     pair = _kohya_triplet(stem) if stem.startswith("lora_") else _peft_pair(stem)
@@ -508,11 +509,6 @@ def test_empty_file_is_not_a_lora(tensor_file: TensorFile) -> None:
         read_lora(tensor_file({}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keys.py resolves any CLIP path under lora_te2_, but FLUX.1 has no second CLIP: "
-    "lora_te2_ is T5 in FLUX files, so lora_te2_text_model_* (CLIP-G) means SDXL/SD3",
-)
 def test_sdxl_text_encoder_lora_is_not_read_as_flux_clip(tensor_file: TensorFile) -> None:
     tensors = {
         **_kohya_triplet("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),

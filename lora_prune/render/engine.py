@@ -137,7 +137,9 @@ class _Piece:
     Linear targets: ``scale * up @ down`` (+ ``scale * up_bias``) for low-rank
     factors, ``dense`` (already scaled) for LoHa/LoKr/diff/replacements, ``bias``
     (unscaled, as ComfyUI adds ``diff_b``). Norm targets: ``norm`` is the change of
-    the norm's weight, applied to the normalised input.
+    the norm's weight, applied to the normalised input. A replacement
+    (``set_weight``) is stored as its difference to the model's weight, so
+    strength s moves the weight s of the way to the replacement.
     """
 
     stem: str
@@ -275,7 +277,13 @@ def _lora_io(module: LoraModule) -> tuple[int, int] | None:
                 f"LoHa module lacks {lacking[0]}", path, "re-save or re-download the LoRA"
             )
         w1a, w1b, w2a, w2b = (_shape(module, r) for r in roles)
-        if w1a[1] != w1b[0] or w2a[1] != w2b[0] or w1a[0] != w2a[0] or w1b[1:] != w2b[1:]:
+        if (
+            any(len(w) < 2 for w in (w1a, w1b, w2a, w2b))
+            or w1a[1] != w1b[0]
+            or w2a[1] != w2b[0]
+            or w1a[0] != w2a[0]
+            or w1b[1:] != w2b[1:]
+        ):
             raise CorruptFileError(
                 "LoHa factors do not chain", path, "re-save or re-download the LoRA"
             )

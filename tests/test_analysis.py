@@ -1,0 +1,207 @@
+"""The analyze sweep's planning, caching, ranking and outputs, with a fake renderer.
+
+The fake renderer paints each active block's own pattern into the image, so the
+true influence of every block is known. Rendering with the real engine is
+covered in test_analyze_tiny.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_prune.analysis import (
+    AnalyzeSettings,
+    analyze,
+    batches,
+    compute_analysis,
+    plan_jobs,
+    read_manifest,
+)
+from lora_prune.blocks import block_order
+from lora_prune.errors import UsageError
+from lora_prune.lora import read_lora
+from lora_prune.safetensors_io import file_sha256
+from lora_prune.synth import planted_lora
+
+PLANTED = {"double.3": 1.0, "single.7": 0.5, "single.20": 0.25}
+
+
+class FakeRenderer:
+    """Images whose change per block is known: block b adds strength(b) * pattern(b)."""
+
+    model_id = "fake"
+    versions: Mapping[str, str] = {"fake": "1"}
+
+    def __init__(self, strengths: Mapping[str, float], fail_after: int | None = None) -> None:
+        self.strengths = strengths
+        self.calls = 0
+        self.rendered = 0
+        self.fail_after = fail_after
+
+    def __call__(
+        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
+    ) -> list[np.ndarray]:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.rendered += len(variants)
+        base_rng = np.random.default_rng(abs(hash((prompt, seed))) % 2**32)
+        base = base_rng.uniform(60, 190, (settings.height, settings.width, 3))
+        out = []
+        for active in variants:
+            img = base.copy()
+            for block in active:
+                s = self.strengths.get(block, 0.0)
+                if s:
+                    rng = np.random.default_rng(block_order(block))
+                    img += s * rng.normal(0, 40, img.shape)
+            out.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+        return out
+
+
+@pytest.fixture()
+def lora(tmp_path: Path):
+    path = planted_lora(tmp_path / "planted.safetensors", PLANTED)
+    return read_lora(path)
+
+
+def settings(modes: tuple[str, ...] = ("solo", "loo")) -> AnalyzeSettings:
+    return AnalyzeSettings(prompts=("a fox", "a <b>lighthouse</b>"), seeds=(0, 1), width=32,
+                           height=32, steps=2, modes=modes)
+
+
+def test_plan_covers_every_block_prompt_seed_and_mode(lora) -> None:
+    jobs = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={})
+    per_combo = 2 + 2 * len(lora.blocks)
+    assert len(jobs) == 4 * per_combo
+    assert {j.kind for j in jobs} == {"base", "full", "solo", "loo"}
+    solo = [j for j in jobs if j.kind == "solo" and j.prompt == 0 and j.seed == 0]
+    assert [j.block for j in solo] == lora.blocks
+    assert all(j.blocks == frozenset({j.block}) for j in solo)
+    loo = [j for j in jobs if j.kind == "loo"]
+    assert all(j.block not in j.blocks and len(j.blocks) == len(lora.blocks) - 1 for j in loo)
+
+
+def test_cache_key_depends_on_everything_that_determines_the_image(lora) -> None:
+    base = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={"t": "1"})
+    keys = {j.key for j in base}
+    for changed in (
+        plan_jobs(lora.blocks, settings(), model_id="m2", lora_sha256="x", versions={"t": "1"}),
+        plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={"t": "2"}),
+        plan_jobs(lora.blocks, AnalyzeSettings(prompts=("a fox", "a <b>lighthouse</b>"), seeds=(0, 1),
+                                               width=32, height=32, steps=3, modes=("solo", "loo")),
+                  model_id="m", lora_sha256="x", versions={"t": "1"}),
+    ):
+        assert keys.isdisjoint(j.key for j in changed)
+    other_lora = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="y", versions={"t": "1"})
+    # Only the no-LoRA references are shared between LoRAs.
+    shared = keys & {j.key for j in other_lora}
+    assert shared == {j.key for j in base if j.kind == "base"}
+
+
+def test_ranking_puts_planted_blocks_first_and_others_at_zero(lora, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    renderer = FakeRenderer(PLANTED)
+    result = analyze(lora, file_sha256(lora.path), settings(), out, renderer, batch_size=16)
+    for mode in ("solo", "loo"):
+        rows = result.rows_for(mode)
+        assert [r.block for r in rows[:3]] == ["double.3", "single.7", "single.20"]
+        assert all(r.mse > 0 for r in rows[:3])
+        assert all(r.mse == 0.0 and r.ssim == 1.0 and r.mse_std == 0.0 for r in rows[3:])
+        assert all(r.rank == 4 for r in rows[3:])  # ties share a rank
+    assert set(result.suggestion.blocks) <= set(PLANTED)
+    assert result.suggestion.blocks[0] == "double.3" or "double.3" in result.suggestion.blocks
+    assert result.suggestion.coverage >= 0.9
+    assert result.suggestion.command == (
+        f"lora-prune slim planted.safetensors --keep {result.suggestion.spec}"
+    )
+    assert 0 < result.suggestion.bytes < result.suggestion.bytes_before
+    # The weight norm is exactly 0 for non-planted blocks, so both rankings agree strongly.
+    assert result.spearman["solo"] is not None and result.spearman["solo"] > 0.5
+
+
+def test_outputs_are_written_and_read_back(lora, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    analyze(lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED), batch_size=16)
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert ranking["suggestion"]["mode"] == "loo"
+    assert {r["block"] for r in ranking["rows"]} == set(lora.blocks)
+    with (out / "ranking.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(lora.blocks)
+    for column in ("block", "mode", "mse", "mse_std", "ssim", "ssim_std", "rank", "params",
+                   "bytes", "norm"):
+        assert column in rows[0]
+    assert rows[0]["block"] == "double.3" and rows[0]["rank"] == "1"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["prompts"] == ["a fox", "a <b>lighthouse</b>"]
+    assert len(list((out / "images").glob("*.png"))) == len({j["key"] for j in manifest["jobs"]})
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2 * 4 * len(lora.blocks)
+    sheet = Image.open(out / "contact_sheet.png")
+    # two references + one tile per block, each 32 px upscaled x8 plus a caption
+    assert sheet.width >= 8 * 256 and sheet.height > 8 * 256
+    assert (out / "contact_sheet_loo.png").exists()
+    assert Image.open(out / "influence.png").size == (1400, 600)
+    assert (out / "report.html").exists()
+
+
+def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(lora, tmp_path: Path) -> None:
+    sha = file_sha256(lora.path)
+    full_out = tmp_path / "uninterrupted"
+    analyze(lora, sha, settings(), full_out, FakeRenderer(PLANTED), batch_size=10)
+    again = FakeRenderer(PLANTED)
+    analyze(lora, sha, settings(), full_out, again, batch_size=10)
+    assert again.rendered == 0
+
+    out = tmp_path / "interrupted"
+    first = FakeRenderer(PLANTED, fail_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(lora, sha, settings(), out, first, batch_size=10)
+    assert first.rendered == 50
+    resumed = FakeRenderer(PLANTED)
+    analyze(lora, sha, settings(), out, resumed, batch_size=10)
+    jobs = read_manifest(out)["jobs"]
+    unique = len({j["key"] for j in jobs})
+    assert resumed.rendered == unique - 50
+    for name in ("ranking.json", "ranking.csv"):
+        a = (out / name).read_text().replace(str(out), "")
+        b = (full_out / name).read_text().replace(str(full_out), "")
+        assert a == b
+
+
+def test_from_dir_recomputes_without_a_renderer(lora, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = analyze(lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED), batch_size=16)
+    again = compute_analysis(read_manifest(out), out)
+    assert [(r.block, r.mode, r.rank, r.mse) for r in again.rows] == [
+        (r.block, r.mode, r.rank, r.mse) for r in first.rows
+    ]
+    (out / first.images[0]["image"]).unlink()
+    with pytest.raises(UsageError, match="renders are missing"):
+        compute_analysis(read_manifest(out), out)
+
+
+def test_batches_stay_within_one_prompt_and_seed(lora) -> None:
+    jobs = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={})
+    for batch in batches(jobs, 7):
+        assert len({(j.prompt, j.seed) for j in batch}) == 1
+        assert len(batch) <= 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [({"prompts": ()}, "no prompt"), ({"width": 30}, "multiple of 16"),
+     ({"modes": ("sideways",)}, "unknown mode"), ({"steps": 0}, "steps")],
+)
+def test_bad_settings_are_usage_errors(kwargs: dict[str, object], fragment: str) -> None:
+    base: dict[str, object] = {"prompts": ("a",), "width": 32, "height": 32}
+    base.update(kwargs)
+    with pytest.raises(UsageError, match=fragment):
+        AnalyzeSettings(**base)  # type: ignore[arg-type]
