@@ -69,6 +69,7 @@ __all__ = [
     "FileResult",
     "Finding",
     "Policy",
+    "Reverify",
     "SlimPair",
     "VerifyOutcome",
     "github_escape_data",
@@ -448,29 +449,41 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(root):
+def _walk(root: Path) -> Iterator[Path | OSError]:
+    """Files under ``root`` in a stable order, and the errors of folders that cannot be listed."""
+    errors: list[OSError] = []
+    for folder, dirs, files in os.walk(root, onerror=errors.append):
+        yield from errors
+        errors.clear()
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
         for name in sorted(files):
             yield Path(folder) / name
+    yield from errors
 
 
-def _candidates(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
-    """(file, explicitly given) in a stable order, each file once."""
-    out: list[tuple[Path, bool]] = []
+_Candidate = tuple[Path, bool, OSError | None]
+
+
+def _candidates(paths: Sequence[str | Path]) -> list[_Candidate]:
+    """(file, explicitly given, listing error) in a stable order, each file once."""
+    out: list[_Candidate] = []
     seen: set[str] = set()
 
-    def add(path: Path, explicit: bool) -> None:
+    def add(path: Path, explicit: bool, error: OSError | None = None) -> None:
         ident = os.path.realpath(path)
         if ident not in seen:
             seen.add(ident)
-            out.append((path, explicit))
+            out.append((path, explicit, error))
 
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for found in _walk(path):
-                add(found, False)
+                if isinstance(found, OSError):
+                    # A folder that cannot be listed may hide LoRA files: say so.
+                    add(Path(found.filename or path), False, found)
+                else:
+                    add(found, False)
         elif path.exists() or path.is_symlink():
             add(path, True)
         else:
@@ -1137,7 +1150,13 @@ def run_check(
 
     results: list[FileResult] = []
     parsed: list[tuple[FileResult, SafetensorsHeader, LoraFile | None]] = []
-    for path, explicit in _candidates(paths):
+    for path, explicit, error in _candidates(paths):
+        if error is not None:
+            reason = error.strerror or error.__class__.__name__
+            finding = Finding("error", "unreadable",
+                              f"cannot list folder ({reason}), check its permissions")
+            results.append(FileResult(path, "unreadable", [finding]))
+            continue
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES:
             results.append(_unsafe_result(path, _pickle_sniff(path) if _is_regular(path) else None))

@@ -208,10 +208,22 @@ def _check_other_base_model(unknown: list[str], path: Path) -> None:
         )
 
 
-def _range_error(errors: list[BlockRangeError], path: Path) -> None:
+def _range_error(
+    errors: list[BlockRangeError], keys: list[str], path: Path, has_single: bool
+) -> None:
     max_double = max((e.index for e in errors if e.kind == "double"), default=-1)
     max_single = max((e.index for e in errors if e.kind == "single"), default=-1)
     first = errors[0]
+    diffusers_named = all("transformer_blocks" in k for k in keys)
+    if max_double >= 20 and not has_single and max_single < 0 and diffusers_named:
+        # SD3's joint blocks use the same diffusers names as FLUX's double blocks (24 or 38 of them).
+        raise WrongBaseModelError(
+            f"double block index {max_double} is beyond FLUX.1's {DOUBLE_BLOCKS} and there are no "
+            "single blocks; SD3 has 24-38 joint blocks with these names, so this LoRA is likely for SD3",
+            path,
+            "use a FLUX.1 LoRA",
+            "SD3",
+        )
     if max_single >= SINGLE_BLOCKS and max_single < 48 and max_double < DOUBLE_BLOCKS:
         raise WrongBaseModelError(
             f"single block index {max_single} is beyond FLUX.1's {SINGLE_BLOCKS}; "
@@ -244,18 +256,21 @@ def parse_lora_header(
     parsed: list[ParsedKey] = []
     unknown: list[str] = []
     range_errors: list[BlockRangeError] = []
+    range_keys: list[str] = []
     for key in header.tensors:
         try:
             pk = parse_key(key)
         except BlockRangeError as exc:
             range_errors.append(exc)
+            range_keys.append(key)
             continue
         if pk is None:
             unknown.append(key)
         else:
             parsed.append(pk)
     if range_errors:
-        _range_error(range_errors, path)
+        has_single = any(pk.block.startswith("single.") for pk in parsed)
+        _range_error(range_errors, range_keys, path, has_single)
     if unknown:
         # Text-encoder keys alone do not make a FLUX.1 LoRA: SD1.5 and SDXL share its CLIP-L.
         if not any(pk.target is not None and pk.target.model == "transformer" for pk in parsed):

@@ -51,7 +51,7 @@ _MISSING = "\u2013"  # en dash for values that were not measured
 
 
 def _e(value: object) -> str:
-    return str(value)
+    return html.escape(str(value), quote=True)
 
 
 def _url(path: object) -> str:

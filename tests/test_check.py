@@ -803,3 +803,28 @@ def test_no_zip_false_positive(tmp_path: Path) -> None:
         z.writestr("a.png", b"\x89PNG")
     (tmp_path / "data.raw").write_bytes(b"\x80\x02" + b"\x00" * 6 + b"{")
     assert run_check([tmp_path]).files == []
+
+
+def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lora_prune.check as check
+
+    synth(tmp_path / "a" / "good.safetensors", blocks=("double.0",))
+    real_walk = os.walk
+    locked = tmp_path / "a" / "locked"
+
+    def walk(top: str, onerror: object = None) -> object:
+        assert callable(onerror)
+        # As os.walk reports a folder it may not scandir (tests run as root here).
+        onerror(PermissionError(13, "Permission denied", str(locked)))
+        return real_walk(top)
+
+    monkeypatch.setattr(check.os, "walk", walk)
+    result = run_check([tmp_path])
+    assert [(f.path, f.status) for f in result.files] == [
+        (locked, "unreadable"),
+        (tmp_path / "a" / "good.safetensors", "pass"),
+    ]
+    assert result.files[0].errors[0].message == (
+        "cannot list folder (Permission denied), check its permissions"
+    )
+    assert result.exit_code == EXIT_UNREADABLE

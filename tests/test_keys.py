@@ -527,3 +527,12 @@ def test_synth_modules_are_typed() -> None:
         "lora_unet_single_blocks_0_linear1.lora_up.weight",
         "lora_unet_single_blocks_0_linear1.alpha",
     )
+
+
+def test_sd3_in_diffusers_naming_is_named(tensor_file: TensorFile) -> None:
+    tensors = {
+        **_triplets([f"transformer.transformer_blocks.{i}.attn.to_q" for i in (0, 12, 23)]),
+    }
+    with pytest.raises(WrongBaseModelError) as info:
+        read_lora(tensor_file(tensors))
+    assert info.value.base_model == "SD3"
