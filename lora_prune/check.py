@@ -55,9 +55,9 @@ from .lora import LoraFile, LoraModule, read_lora
 from .safetensors_io import (
     SafetensorsHeader,
     SafetensorsReader,
-    _sniff,
     file_sha256,
     read_header,
+    sniff_head,
 )
 from .slim import PROVENANCE_PREFIX
 
@@ -510,7 +510,7 @@ def _pickle_sniff(path: Path) -> str | None:
             return "a zip archive with pickle code inside, as torch.save writes"
         return None
     try:
-        _sniff(head, path)
+        sniff_head(head, path)
     except UnsafeFileError:
         return f"pickle data (protocol {head[1]})"
     except NotSafetensorsError:
@@ -982,7 +982,10 @@ def _verify_slim(
     source_sha = meta.get(_SOURCE_SHA_KEY)
     raw = meta.get(_VERIFICATION_KEY)
     record: _Verification | None = None
-    if raw is None:
+    # With re-rendering (check --model) the render is the proof; the record's
+    # verdict is then not judged, only which file it names.
+    judge_record = reverify is None
+    if raw is None and judge_record:
         out.append(
             Finding(
                 "error",
@@ -992,7 +995,7 @@ def _verify_slim(
                 _VERIFICATION_KEY,
             )
         )
-    else:
+    elif raw is not None:
         parsed = _parse_verification(raw)
         if isinstance(parsed, str):
             out.append(
@@ -1002,7 +1005,7 @@ def _verify_slim(
             )
         else:
             record = parsed
-    if record is not None:
+    if record is not None and judge_record:
         if not record.passed:
             worst = f" (worst SSIM {record.worst_ssim:.4f})" if record.worst_ssim is not None else ""
             out.append(
@@ -1020,13 +1023,13 @@ def _verify_slim(
                         f"{policy.min_ssim}: verify again with --min-ssim {policy.min_ssim}",
                         _VERIFICATION_KEY)
             )
-        if source_sha is not None and source_sha != record.full_sha256:
-            out.append(
-                Finding("error", "source_mismatch",
-                        f"the verification was made against {record.full_sha256[:12]}..., "
-                        f"but the file was cut from {source_sha[:12]}...: verify it again",
-                        _SOURCE_SHA_KEY)
-            )
+    if record is not None and source_sha is not None and source_sha != record.full_sha256:
+        out.append(
+            Finding("error", "source_mismatch",
+                    f"the verification was made against {record.full_sha256[:12]}..., "
+                    f"but the file was cut from {source_sha[:12]}...: verify it again",
+                    _SOURCE_SHA_KEY)
+        )
 
     expected = record.full_sha256 if record is not None else source_sha
     full = explicit_full
@@ -1086,6 +1089,14 @@ def _verify_slim(
         except (UnreadableFileError, UnsupportedLoraError) as exc:
             out.append(_finding_from(exc, path))
         else:
+            if policy is not None and policy.min_ssim is not None and (
+                outcome.min_ssim < policy.min_ssim
+            ):
+                out.append(
+                    Finding("error", "verification_too_weak",
+                            f"re-rendering used min_ssim {outcome.min_ssim}, the policy needs "
+                            f"at least {policy.min_ssim}: pass --min-ssim {policy.min_ssim}")
+                )
             if outcome.passed:
                 out.append(
                     Finding("info", "reverified",
@@ -1098,7 +1109,12 @@ def _verify_slim(
                             f"re-rendering gives worst SSIM {outcome.worst_ssim:.4f} < "
                             f"{outcome.min_ssim}: keep more blocks and verify again")
                 )
-    if record is not None and record.passed and not any(f.level == "error" for f in out):
+    if (
+        judge_record
+        and record is not None
+        and record.passed
+        and not any(f.level == "error" for f in out)
+    ):
         worst = f" at worst SSIM {record.worst_ssim:.4f}" if record.worst_ssim is not None else ""
         out.append(Finding("info", "verified", f"verified subset of {str(full)!r}{worst}"))
     return out

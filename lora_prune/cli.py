@@ -26,6 +26,9 @@ from .analysis import (
     read_manifest,
 )
 from .blocks import format_block_spec, parse_block_spec
+from .check import FORMATS as CHECK_FORMATS
+from .check import load_policy, run_check
+from .check import render as render_check
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, LoraPruneError, UsageError
 from .lora import read_lora
 from .pictures import save_png
@@ -40,6 +43,11 @@ EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 verification/policy failed, 2 usage, 3 unreadable or
 unsafe file, 4 unsupported LoRA, 5 missing optional dependency, 6 output
 could not be written, 130 interrupted."""
+
+
+CHECK_EXIT_HELP = """\b
+Exit codes: 0 all files pass, 1 a policy or content check failed (also a LoRA
+for another base model), 2 usage, 3 a file is unreadable or unsafe (wins over 1)."""
 
 
 def human_bytes(n: float) -> str:
@@ -577,6 +585,39 @@ def demo(out_dir: Path) -> None:
     _print_verification(result.verification)
     click.echo(f"report     {result.analysis.out_dir / 'report.html'}")
     click.echo(f"done in {result.seconds:.1f} s")
+
+
+@cli.command(epilog=CHECK_EXIT_HELP)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--policy", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML policy: max size, allowed/required blocks, metadata, verified slims.")
+@click.option("--format", "fmt", type=click.Choice(CHECK_FORMATS), default="text", show_default=True)
+@click.option("--model", metavar="M",
+              help="Re-render slim files against their full files instead of trusting the "
+                   "recorded verification (needs --prompt).")
+@click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
+@click.option("--seeds", default="0", show_default=True)
+@click.option("--min-ssim", type=float, default=0.95, show_default=True)
+def check(paths: tuple[Path, ...], policy: Path | None, fmt: str, model: str | None,
+          prompts: tuple[str, ...], seeds: str, min_ssim: float) -> None:
+    """Check LoRA files for CI: integrity, FLUX format, finite values, ranks/alphas, policy.
+
+    Every .safetensors under PATHS is read (never unpickled); pickle files are
+    reported as unsafe. Works without torch.
+
+    Example: lora-prune check loras/ --policy lora-policy.toml --format github
+    """
+    reverify = None
+    if model is not None:
+        if not prompts:
+            raise UsageError("--model needs --prompt", "check", "add --prompt")
+        settings = _settings(model, prompts, seeds, None, None, None, None, 3.5, 1.0)
+        from .render.workflows import make_reverify
+
+        reverify = make_reverify(_model_spec(model, None, None, None, False), settings, min_ssim)
+    result = run_check(list(paths), load_policy(policy) if policy else None, reverify=reverify)
+    click.echo(render_check(result, fmt), nl=False)
+    sys.exit(result.exit_code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,9 @@ code meaning
 130  interrupted (Ctrl-C)
 ==== =====================================================================
 
+``check`` reports per file instead of stopping at the first error: there a
+LoRA for another base model is a failed check (1), and 3 wins over 1.
+
 Library code raises these and never prints or exits; wrapping foreign
 exceptions (``OSError``, safetensors' ``SafetensorError``, JSON errors) into
 this tree happens at the boundary where they occur.

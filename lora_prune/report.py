@@ -151,6 +151,32 @@ def _cmap_gradient(cmap: str) -> str:
     return "linear-gradient(to right, " + ", ".join(stops) + ")"
 
 
+def _vmax(settings: Mapping[str, Any], mode: str) -> float | None:
+    """The global heatmap maximum of ``mode``: one number, or one per mode."""
+    vmax = settings.get("heatmap_vmax")
+    if isinstance(vmax, Mapping):
+        return _number(vmax.get(mode))
+    return _number(vmax)
+
+
+def _is_global(settings: Mapping[str, Any]) -> bool:
+    return str(settings.get("heatmap_scale") or "global") == "global"
+
+
+def _cmap(settings: Mapping[str, Any]) -> str:
+    return str(settings.get("cmap") or settings.get("heatmap_cmap") or DEFAULT_CMAP)
+
+
+def _legend(settings: Mapping[str, Any], mode: str) -> str:
+    vmax = _vmax(settings, mode)
+    high = _fmt_mse(vmax) if _is_global(settings) and vmax is not None else "max of each map"
+    return (
+        "<span class='legend'><span>0</span>"
+        f"<span class='gradient' style='background:{_cmap_gradient(_cmap(settings))}'></span>"
+        f"<span>{_e(high)}</span></span>"
+    )
+
+
 def _lora_name(settings: Mapping[str, Any]) -> str:
     lora = str(settings.get("lora") or "LoRA")
     # Split on both separators: the path may have been written on Windows.
@@ -197,15 +223,24 @@ def _settings_section(settings: Mapping[str, Any], analysis: Mapping[str, Any]) 
                 f" <span class='muted'>({_e(info[0])}, vs {_e(_REFERENCE_TEXT[info[1]])})</span>"
             )
         modes.append(text)
-    scale = str(settings.get("heatmap_scale") or "global")
-    vmax = _number(settings.get("heatmap_vmax"))
-    scale_text = _e(scale)
-    if scale == "global" and vmax is not None:
-        scale_text += (
-            f", 0 \u2013 {_e(_fmt_mse(vmax))} (squared 8-bit levels, one scale for all maps)"
-        )
-    elif scale != "global":
+    scale_text = _e(settings.get("heatmap_scale") or "global")
+    if _is_global(settings):
+        raw = settings.get("heatmap_vmax")
+        if isinstance(raw, Mapping):
+            ranges = [
+                f"{_e(mode)} 0 \u2013 {_e(_fmt_mse(_vmax(settings, str(mode))))}" for mode in raw
+            ]
+            scale_text += (
+                f" per mode: {', '.join(ranges)} "
+                "(squared 8-bit levels, one scale for all maps of a mode)"
+            )
+        elif _number(raw) is not None:
+            scale_text += (
+                f", 0 \u2013 {_e(_fmt_mse(raw))} (squared 8-bit levels, one scale for all maps)"
+            )
+    else:
         scale_text += " (each map scaled to its own maximum: compare colours within a map only)"
+    scale_text += f", colour map {_e(_cmap(settings))}"
     width, height = settings.get("width"), settings.get("height")
     size = f"{_e(width)} \u00d7 {_e(height)} px" if width and height else _MISSING
     tool = analysis.get("tool") or {}
@@ -397,6 +432,14 @@ def _suggestion_section(suggestion: Mapping[str, Any] | None, n_blocks: int) -> 
     if before and after is not None:
         size += f" <span class='muted'>({100.0 * after / before:.1f}% of the original)</span>"
     command = str(suggestion.get("command") or "")
+    if command:
+        command_box = (
+            "<div class='command'><pre><code id='slim-command'>"
+            f"{_e(command)}</code></pre>"
+            "<button type='button' id='copy-command'>copy</button></div>"
+        )
+    else:
+        command_box = "<p id='no-command'>No slim command: nothing to drop.</p>"
     rows = [
         ("based on", _e(suggestion.get("mode", _MISSING))),
         (
@@ -413,10 +456,7 @@ def _suggestion_section(suggestion: Mapping[str, Any] | None, n_blocks: int) -> 
         "<section id='suggestion'><h2>Suggested keep set</h2>"
         "<p class='muted'>The fewest blocks, in rank order, whose influence reaches the coverage "
         "target. Check the result with <code>lora-prune verify</code> before publishing.</p>"
-        f"<table class='kv'><tbody>{body}</tbody></table>"
-        "<div class='command'><pre><code id='slim-command'>"
-        f"{_e(command)}</code></pre>"
-        "<button type='button' id='copy-command'>copy</button></div></section>"
+        f"<table class='kv'><tbody>{body}</tbody></table>{command_box}</section>"
     )
 
 
@@ -489,7 +529,7 @@ def _gallery_section(
             hidden = "" if shown else " hidden"
             groups.append(
                 f"<div class='gallery-group' data-mode='{_e(mode)}' data-ref='{_e(_ref_key(prompt, seed))}'"
-                f"{hidden}><p class='group-caption'>{caption}</p>"
+                f"{hidden}><p class='group-caption'>{caption} {_legend(settings, mode)}</p>"
                 f"<div class='tiles'>{''.join(tiles)}</div></div>"
             )
 
@@ -508,21 +548,12 @@ def _gallery_section(
             for p, s in ref_keys
         )
         controls.append(f"<label>image <select id='gallery-ref'>{options}</select></label>")
-    vmax = _number(settings.get("heatmap_vmax"))
-    scale = str(settings.get("heatmap_scale") or "global")
-    high = _fmt_mse(vmax) if scale == "global" and vmax is not None else "max of each map"
-    cmap = str(settings.get("heatmap_cmap") or DEFAULT_CMAP)
-    legend = (
-        "<div class='legend'><span>0</span>"
-        f"<span class='gradient' style='background:{_cmap_gradient(cmap)}'></span>"
-        f"<span>{_e(high)}</span></div>"
-    )
     return (
         "<section id='gallery'><h2>Gallery</h2>"
         "<p class='muted'>Each block's render with its per-pixel squared difference to the "
         "reference drawn over it.</p>"
         f"<div class='controls' data-default-mode='{_e(gallery_modes[0])}' "
-        f"data-default-ref='{_e(_ref_key(*ref_keys[0]))}'>{''.join(controls)}{legend}</div>"
+        f"data-default-ref='{_e(_ref_key(*ref_keys[0]))}'>{''.join(controls)}</div>"
         f"{''.join(groups)}</section>"
     )
 
@@ -580,7 +611,7 @@ td.mse { position: relative; } td.mse span:not(.bar) { position: relative; }
 .controls { display: flex; flex-wrap: wrap; gap: 18px; align-items: center; padding: 8px 0 12px;
   position: sticky; top: 0; background: #fff; z-index: 2; border-bottom: 1px solid var(--line); }
 .controls label { display: flex; align-items: center; gap: 6px; }
-.legend { display: flex; align-items: center; gap: 6px; font-size: 12px; color: var(--muted); }
+.legend { display: inline-flex; margin-left: 12px; vertical-align: middle; align-items: center; gap: 6px; font-size: 12px; color: var(--muted); }
 .legend .gradient { width: 140px; height: 10px; border-radius: 2px; display: inline-block; }
 .group-caption { margin: 12px 0 8px; }
 .tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px; }

@@ -203,7 +203,7 @@ def _pread_into(f: io.BufferedReader, buf: bytearray, offset: int) -> int:
     return got
 
 
-def _sniff(head: bytes, path: Path) -> None:
+def sniff_head(head: bytes, path: Path) -> None:
     """Refuse the usual wrong downloads before interpreting any byte as a header."""
     if not head:
         raise NotSafetensorsError("empty file", path, _REDOWNLOAD)
@@ -326,7 +326,7 @@ def _parse_entry(key: str, raw: object, path: Path) -> tuple[str, tuple[int, ...
 
 def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> SafetensorsHeader:
     head = _pread(f, min(file_size, _SNIFF_BYTES), 0)
-    _sniff(head, path)
+    sniff_head(head, path)
     if len(head) < 8:
         raise IncompleteFileError(
             f"incomplete download: {len(head)} of at least 8 bytes", path, _REDOWNLOAD

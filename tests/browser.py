@@ -90,6 +90,8 @@ class Browser:
         self._buffer = b""
         self._next_id = 0
         self._events: list[dict[str, Any]] = []
+        #: Messages of the alert/confirm/prompt dialogs the pages opened (all dismissed).
+        self.dialogs: list[str] = []
         executable = find_chromium()
         cmd_read, cmd_write = (_high_fd(fd) for fd in os.pipe())
         res_read, res_write = (_high_fd(fd) for fd in os.pipe())
@@ -155,10 +157,7 @@ class Browser:
         message: dict[str, Any] = json.loads(raw)
         return message
 
-    def send(
-        self, method: str, params: dict[str, Any] | None = None, *, session: bool = True
-    ) -> Any:
-        """Send one CDP command (to the page's session unless ``session=False``) and return its result."""
+    def _write(self, method: str, params: dict[str, Any] | None, session: bool) -> int:
         self._next_id += 1
         message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session and getattr(self, "_session", None):
@@ -169,12 +168,24 @@ class Browser:
                 data = data[os.write(self._out, data) :]
         except BrokenPipeError as exc:
             raise self._fail("chromium is gone") from exc
+        return self._next_id
+
+    def send(
+        self, method: str, params: dict[str, Any] | None = None, *, session: bool = True
+    ) -> Any:
+        """Send one CDP command (to the page's session unless ``session=False``) and return its result."""
+        wanted = self._write(method, params, session)
         deadline = time.monotonic() + self.timeout
         while True:
             reply = self._read_message(deadline)
-            if reply.get("id") == self._next_id:
+            if reply.get("id") == wanted:
                 break
-            if "method" in reply:
+            if reply.get("method") == "Page.javascriptDialogOpening":
+                # An alert() blocks the page and every later command: record it (a test
+                # can treat it as injected script) and dismiss it without waiting.
+                self.dialogs.append(str(reply.get("params", {}).get("message", "")))
+                self._write("Page.handleJavaScriptDialog", {"accept": False}, True)
+            elif "method" in reply:
                 # Kept for debugging only; bounded so a long session cannot grow it forever.
                 self._events = [*self._events[-99:], reply]
         if "error" in reply:

@@ -46,7 +46,7 @@ from lora_prune.check import (
 from lora_prune.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREADABLE, UnsafeFileError, UsageError
 from lora_prune.safetensors_io import TensorEntry, file_sha256, read_header, write_safetensors
 from lora_prune.slim import slim_lora
-from lora_prune.synth import SynthSpec, write_synth_lora
+from lora_prune.synth import GRAMMARS, SynthSpec, write_synth_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,6 +297,24 @@ def test_render_dispatch(repo_result: CheckResult) -> None:
 
 # ---------------------------------------------------------------------------
 # Single-file checks
+
+
+def test_every_synthetic_grammar_and_dtype_passes(tmp_path: Path) -> None:
+    """No false alarms: LoRA, LoHa, LoKr and diff files of every grammar and dtype pass."""
+    for grammar in GRAMMARS:
+        path = tmp_path / f"{grammar}.safetensors"
+        try:
+            synth(path, grammar=grammar, text_encoders=True)
+        except ValueError:  # the grammar has no text-encoder keys
+            synth(path, grammar=grammar)
+    for dtype in ("F16", "BF16", "F8_E4M3", "F8_E5M2"):
+        synth(tmp_path / f"kohya-{dtype}.safetensors", dtype=dtype, blocks=("double.0", "final"))
+    result = run_check([tmp_path])
+    assert len(result.files) == len(GRAMMARS) + 4
+    for f in result.files:
+        assert (f.status, f.findings) == ("pass", []), f.path
+        assert f.base_model is not None and f.base_model.startswith("FLUX.1")
+    assert result.exit_code == EXIT_OK
 
 
 def test_inf_named_by_key_in_f16(tmp_path: Path) -> None:
@@ -732,6 +750,14 @@ def test_reverify_is_called_with_slim_and_full(slim_repo: tuple[Path, Path, Path
     s = next(f for f in result.files if f.path == slim)
     assert [x.code for x in s.errors] == ["reverify_failed"]
     assert "0.8000 < 0.95" in s.errors[0].message
+
+    # Re-rendering is the proof: a slim file without a record passes when it renders alike.
+    bare = slim_lora(full, {"double.0"}, output=root / "loras" / "bare.slim.safetensors").output
+    result = run_check([bare], parse_policy({"require_verified": True}), reverify=good)
+    assert result.files[0].status == "pass"
+    assert [x.code for x in result.files[0].findings] == ["reverified"]
+    result = run_check([bare], parse_policy({"min_ssim": 0.99}), reverify=good)
+    assert [x.code for x in result.files[0].errors] == ["verification_too_weak"]
 
     full.unlink()
     result = run_check([slim], None, reverify=good)

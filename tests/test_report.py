@@ -135,7 +135,8 @@ def make_analysis(
             "strength": 1.0,
             "modes": modes,
             "heatmap_scale": "global",
-            "heatmap_vmax": 812.5,
+            # As analyze writes it: one global scale per mode.
+            "heatmap_vmax": {mode: 812.5 / (1 + i) for i, mode in enumerate(modes)},
         },
         "rows": rows,
         "spearman": {"solo": 0.93, "loo": None},
@@ -354,7 +355,10 @@ def test_settings_and_suggestion(dom: Node) -> None:
     assert settings["steps"] == "4"
     assert settings["guidance"] == "3.5"
     assert settings["strength"] == "1"
-    assert settings["heatmap scale"].startswith("global, 0 \u2013 812.5")
+    assert settings["heatmap scale"].startswith(
+        "global per mode: solo 0 \u2013 812.5, loo 0 \u2013 406.2 (squared 8-bit levels"
+    )
+    assert settings["heatmap scale"].endswith("colour map jet")
     assert settings["modes"].startswith("solo (")
     suggestion = dom.find("section", id="suggestion").text()
     assert "93.0%" in suggestion and "target 90.0%" in suggestion
@@ -386,6 +390,15 @@ def test_gallery_groups(dom: Node) -> None:
 
 def test_one_mode_one_image_has_no_selectors(tmp_path: Path) -> None:
     analysis = make_analysis(tmp_path, modes=["solo"], prompts=["only"], seeds=[7])
+    analysis["settings"]["heatmap_scale"] = "per-image"
+    analysis["settings"]["heatmap_vmax"] = 0.0
+    dom = parse(write_report(tmp_path, analysis).read_text(encoding="utf-8"))
+    assert "each map scaled to its own maximum" in dom.find("table", id="settings").text()
+    assert dom.find("span", cls="legend").text() == "0max of each map"
+    analysis["suggestion"]["command"] = None
+    dom = parse(write_report(tmp_path, analysis).read_text(encoding="utf-8"))
+    assert dom.find_all("code", id="slim-command") == []
+    assert dom.find("p", id="no-command").text().startswith("No slim command")
     analysis["suggestion"] = None
     dom = parse(write_report(tmp_path, analysis).read_text(encoding="utf-8"))
     assert len(dom.find("table", id="ranking-solo").find("tbody").find_all("tr")) == len(BLOCKS)
@@ -441,6 +454,9 @@ def test_browser_loads_every_visible_image(page: Browser) -> None:
     assert count == len(BLOCKS)
     odd = page.evaluate("document.querySelector('img[src^=\"images/odd\"]').naturalWidth")
     assert odd == SIZE
+    # No markup from a prompt or file name ran as script.
+    assert page.dialogs == []
+    assert page.evaluate("document.querySelectorAll('script').length") == 1
 
 
 def test_browser_sorts_by_clicking_headers(
@@ -536,6 +552,8 @@ def test_browser_gallery_selectors(page: Browser) -> None:
         "document.querySelector('.gallery-group:not([hidden]) .group-caption').textContent"
     )
     assert "prompt 2" in caption and "a dog" in caption
+    # The colour scale shown is the one of the mode on screen.
+    assert caption.endswith("0406.2")
 
 
 def test_browser_screenshot(page: Browser, tmp_path: Path) -> None:

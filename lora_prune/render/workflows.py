@@ -17,7 +17,14 @@ from ..lora import LoraFile, read_lora
 from ..safetensors_io import file_sha256
 from ..slim import SlimResult, slim_lora
 from ..synth import planted_lora
-from ..verify import VERIFICATION_KEY, AutoResult, VerifyResult, auto_keep, verify_slim
+from ..verify import (
+    VERIFICATION_KEY,
+    AutoResult,
+    VerifyResult,
+    auto_keep,
+    check_subset,
+    verify_slim,
+)
 from .loading import ModelSpec
 from .session import open_session
 
@@ -101,3 +108,18 @@ def run_demo(out_dir: Path, *, progress: Progress | None = None, batch_size: int
                                    out_dir=out_dir / "verify", scale=4)
     return DemoResult(lora_path, dict(DEMO_PLANTED), analysis, slim, verification,
                       time.perf_counter() - t0)
+
+
+def make_reverify(
+    spec: ModelSpec, settings: AnalyzeSettings, min_ssim: float
+) -> Callable[[Path, Path], VerifyResult]:
+    """A re-rendering verifier for ``check --model``: (slim, full) -> verification."""
+
+    def reverify(slim_path: Path, full_path: Path) -> VerifyResult:
+        full = read_lora(full_path)
+        kept = check_subset(full, read_lora(slim_path))
+        with open_session(spec, full) as session:
+            return verify_slim(full, file_sha256(full_path), kept, settings, session.renderer,
+                               min_ssim=min_ssim, slim_path=slim_path)
+
+    return reverify
