@@ -38,6 +38,7 @@ from .pictures import (
     label_tile,
     save_png,
 )
+from .report import write_report
 from .safetensors_io import build_header, create_temp, fsync_dir
 from .slim import plan_slim
 from .stats import block_stats
@@ -487,7 +488,7 @@ def compute_analysis(
     analysis = Analysis(
         settings={**manifest["settings"], "lora": manifest["lora"]["path"],
                   "lora_sha256": manifest["lora"]["sha256"], "model": manifest["model"],
-                  "heatmap_scale": options.heatmap_scale,
+                  "heatmap_scale": options.heatmap_scale, "cmap": options.cmap,
                   "heatmap_vmax": vmax_by_mode},
         rows=rows, spearman=spear, suggestion=suggestion, references=references, images=image_rows,
         out_dir=out_dir,
@@ -495,8 +496,6 @@ def compute_analysis(
     _write_pictures(analysis, out_dir, options, image, refs, jobs)
     write_json(out_dir / "ranking.json", analysis.to_json())
     _write_csv(out_dir / "ranking.csv", rows)
-    from .report import write_report
-
     write_report(out_dir, analysis.to_json())
     return analysis
 

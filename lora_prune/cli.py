@@ -34,7 +34,7 @@ from .lora import read_lora
 from .pictures import save_png
 from .safetensors_io import file_sha256
 from .slim import slim_lora
-from .stats import SORT_KEYS, LoraReport, inspect_lora
+from .stats import SORT_KEYS, LoraReport, human_bytes, inspect_lora
 from .verify import VerifyResult, check_subset, verify_slim
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,14 +48,6 @@ could not be written, 130 interrupted."""
 CHECK_EXIT_HELP = """\b
 Exit codes: 0 all files pass, 1 a policy or content check failed (also a LoRA
 for another base model), 2 usage, 3 a file is unreadable or unsafe (wins over 1)."""
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def _counter_text(counts: dict[Any, int], fmt: Callable[[Any], str] = str) -> str:

@@ -32,6 +32,7 @@ from .blocks import block_kind, block_order
 from .errors import OutputError
 from .pictures import CATEGORY_COLORS, COLORMAPS, DEFAULT_CMAP
 from .safetensors_io import create_temp, fsync_dir
+from .stats import human_bytes
 
 REPORT_NAME = "report.html"
 
@@ -95,9 +96,6 @@ def _fmt_bytes(value: object) -> str:
     v = _number(value)
     if v is None:
         return _MISSING
-    # Imported here: the CLI module imports this one, and the formatter lives there.
-    from .cli import human_bytes
-
     return human_bytes(v)
 
 

@@ -73,7 +73,7 @@ def find_chromium() -> str:
 
 
 def _high_fd(fd: int) -> int:
-    """A close-on-exec copy of ``fd`` numbered 10 or more, clear of fds 3 and 4."""
+    """A close-on-exec copy of ``fd`` numbered 10 or more, so ``3<&N 4>&M`` cannot clash."""
     high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
     return high
@@ -95,30 +95,26 @@ class Browser:
         executable = find_chromium()
         cmd_read, cmd_write = (_high_fd(fd) for fd in os.pipe())
         res_read, res_write = (_high_fd(fd) for fd in os.pipe())
+        # Chromium reads commands on fd 3 and answers on fd 4. bash moves the pipes there
+        # (dash refuses fd numbers above 9), so no Python code runs between fork and exec.
+        bash = shutil.which("bash") or "/bin/bash"
         argv = [
+            bash,
+            "-c",
+            f'exec "$0" "$@" 3<&{cmd_read} 4>&{res_write} {cmd_read}<&- {res_write}>&-',
             executable,
             *CHROMIUM_FLAGS,
             f"--user-data-dir={self._profile.name}",
             f"--window-size={width},{height}",
             "about:blank",
         ]
-
-        def pipes_to_3_and_4() -> None:
-            # Chromium reads commands on fd 3 and answers on fd 4. The source fds are
-            # 10 or more, so neither dup2 can overwrite the other's source.
-            os.dup2(cmd_read, 3)
-            os.dup2(res_write, 4)
-
         try:
-            # close_fds=False keeps the new fds 3 and 4; every other fd Python opened
-            # is close-on-exec anyway.
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=self._log,
-                close_fds=False,
-                preexec_fn=pipes_to_3_and_4,
+                pass_fds=(cmd_read, res_write),
             )
         except OSError as exc:
             self._profile.cleanup()

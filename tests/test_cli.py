@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,16 @@ EVERY = ["clip", "t5", "input", *DOUBLES, *SINGLES, "final"]
 ORDER = {b: i for i, b in enumerate([*EVERY, "other"])}
 
 
+# The official reader, typed: name -> {"dtype", "shape", "data"} in file order.
+deserialize: Callable[[bytes], list[tuple[str, dict[str, Any]]]] = safetensors.deserialize
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        meta: dict[str, str] | None = f.metadata()
+    return meta or {}
+
+
 def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
@@ -56,7 +67,7 @@ def inspect_json(path: Path, *extra: str) -> dict[str, Any]:
 def official_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     return {
         name: (info["dtype"], tuple(info["shape"]), bytes(info["data"]))
-        for name, info in safetensors.deserialize(path.read_bytes())
+        for name, info in deserialize(path.read_bytes())
     }
 
 
@@ -125,12 +136,23 @@ def expected_lora_norms(spec: SynthSpec) -> dict[str, float]:
 INSPECT_SPECS = {
     "kohya": (SynthSpec(grammar="kohya", text_encoders=True, seed=1), "kohya"),
     "diffusers": (
-        SynthSpec(grammar="diffusers", dtype="BF16", alpha=8.0, seed=2,
-                  blocks=("input", "double.0", "double.5", "single.0", "single.20", "final")),
+        SynthSpec(
+            grammar="diffusers",
+            dtype="BF16",
+            alpha=8.0,
+            seed=2,
+            blocks=("input", "double.0", "double.5", "single.0", "single.20", "final"),
+        ),
         "diffusers",
     ),
-    "comfyui": (SynthSpec(grammar="comfyui", dtype="F16", rank=8, alpha=2.0, text_encoders=True), "comfyui"),
-    "loha": (SynthSpec(grammar="lycoris-kohya-loha", blocks=("double.3", "single.7")), "lycoris-kohya"),
+    "comfyui": (
+        SynthSpec(grammar="comfyui", dtype="F16", rank=8, alpha=2.0, text_encoders=True),
+        "comfyui",
+    ),
+    "loha": (
+        SynthSpec(grammar="lycoris-kohya-loha", blocks=("double.3", "single.7")),
+        "lycoris-kohya",
+    ),
     "xlabs": (SynthSpec(grammar="xlabs", alpha=None), "xlabs"),
     "fp8": (SynthSpec(grammar="onetrainer", dtype="F8_E4M3"), "onetrainer"),
 }
@@ -178,7 +200,9 @@ def test_inspect_prints_summary_and_one_row_per_block(name: str, files: dict[str
     dtype_counts: dict[str, int] = {}
     for dtype, _, _ in tensors.values():
         dtype_counts[dtype] = dtype_counts.get(dtype, 0) + 1
-    assert sorted(info["dtypes"].split(", ")) == sorted(f"{d} x{n}" for d, n in dtype_counts.items())
+    assert sorted(info["dtypes"].split(", ")) == sorted(
+        f"{d} x{n}" for d, n in dtype_counts.items()
+    )
     linear = [m for m in modules if m.kind == "linear"]
     assert info["ranks"] == f"{spec.rank} x{len(linear)}"
     has_alpha = any(k.endswith(".alpha") for k in tensors)
@@ -208,7 +232,9 @@ def test_inspect_json_has_the_promised_fields_and_values(name: str, files: dict[
     doc = inspect_json(files[name])
     tensors = synth_tensors(spec)
     assert doc["format"] == fmt
-    assert doc["total_params"] == sum(int(np.prod(s, dtype=np.int64)) for _, s, _ in tensors.values())
+    assert doc["total_params"] == sum(
+        int(np.prod(s, dtype=np.int64)) for _, s, _ in tensors.values()
+    )
     assert doc["total_bytes"] == sum(len(raw) for _, _, raw in tensors.values())
     expected = expected_blocks(spec)
     assert [b["block"] for b in doc["blocks"]] == sorted(expected, key=ORDER.__getitem__)
@@ -224,7 +250,9 @@ def test_inspect_json_has_the_promised_fields_and_values(name: str, files: dict[
 def test_inspect_norms_match_the_full_product(tmp_path: Path) -> None:
     for spec in (
         SynthSpec(grammar="kohya", alpha=8.0, rank=4, seed=4, text_encoders=True),
-        SynthSpec(grammar="diffusers", alpha=2.0, rank=2, seed=4, blocks=("input", "double.1", "final")),
+        SynthSpec(
+            grammar="diffusers", alpha=2.0, rank=2, seed=4, blocks=("input", "double.1", "final")
+        ),
     ):
         path = write_synth_lora(tmp_path / f"{spec.grammar}.safetensors", spec)
         doc = inspect_json(path)
@@ -235,7 +263,8 @@ def test_inspect_norms_match_the_full_product(tmp_path: Path) -> None:
 
 
 PLANTED = SynthSpec(
-    grammar="kohya", blocks=("input", "double.2", "double.3", "double.7", "single.10", "single.11", "final"),
+    grammar="kohya",
+    blocks=("input", "double.2", "double.3", "double.7", "single.10", "single.11", "final"),
     strength={"double.3": 5.0, "final": 2.0, "single.10": 1.0, "double.7": 0.1},
     rank=2,
 )
@@ -248,7 +277,15 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_inspect_sort_orders_the_rows(planted: Path) -> None:
     by_block = [r[0] for r in table_rows(run("inspect", planted).stdout)]
-    assert by_block == ["input", "double.2", "double.3", "double.7", "single.10", "single.11", "final"]
+    assert by_block == [
+        "input",
+        "double.2",
+        "double.3",
+        "double.7",
+        "single.10",
+        "single.11",
+        "final",
+    ]
 
     want = expected_lora_norms(PLANTED)
     by_norm = [r[0] for r in table_rows(run("inspect", planted, "--sort", "norm").stdout)]
@@ -261,7 +298,9 @@ def test_inspect_sort_orders_the_rows(planted: Path) -> None:
     by_size = inspect_json(planted, "--sort", "size")["blocks"]
     sizes = [b["bytes"] for b in by_size]
     assert sizes == sorted(sizes, reverse=True)
-    assert [b["block"] for b in by_size] == [r[0] for r in table_rows(run("inspect", planted, "--sort", "size").stdout)]
+    assert [b["block"] for b in by_size] == [
+        r[0] for r in table_rows(run("inspect", planted, "--sort", "size").stdout)
+    ]
     assert by_size[0]["block"] == "double.2"  # a double block is the biggest; ties in model order
     assert run("inspect", planted, "--sort", "sideways").exit_code == 2
 
@@ -280,7 +319,9 @@ def script(console_script: str, *args: str | Path) -> subprocess.CompletedProces
     )
 
 
-def test_console_script_inspects_several_grammars(console_script: str, files: dict[str, Path]) -> None:
+def test_console_script_inspects_several_grammars(
+    console_script: str, files: dict[str, Path]
+) -> None:
     for name in ("kohya", "diffusers", "xlabs", "fp8"):
         proc = script(console_script, "inspect", files[name], "--json", "--sort", "size")
         assert proc.returncode == 0, proc.stderr
@@ -291,11 +332,18 @@ def test_console_script_inspects_several_grammars(console_script: str, files: di
     assert proc.returncode == 0 and proc.stdout == run("inspect", files["comfyui"]).stdout
 
 
-def test_console_script_slims_and_reports_errors(console_script: str, files: dict[str, Path], tmp_path: Path) -> None:
+def test_console_script_slims_and_reports_errors(
+    console_script: str, files: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "slim.safetensors"
     proc = script(console_script, "slim", files["kohya"], "--keep", "double.0-2,clip", "-o", out)
     assert proc.returncode == 0, proc.stderr
-    assert [b["block"] for b in inspect_json(out)["blocks"]] == ["clip", "double.0", "double.1", "double.2"]
+    assert [b["block"] for b in inspect_json(out)["blocks"]] == [
+        "clip",
+        "double.0",
+        "double.1",
+        "double.2",
+    ]
 
     pickle_file = tmp_path / "model.safetensors"
     pickle_file.write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94.")
@@ -339,7 +387,10 @@ SPEC_CASES: dict[str, tuple[str, set[str]]] = {
     "groups_mixed": ("te,single,double.18", {"clip", "t5", *SINGLES, "double.18"}),
     "vector_57": (vector({"double.7", "single.20"}, LAYOUT_57), {"double.7", "single.20", *FIXED}),
     "vector_58": (vector({"double.12"}, LAYOUT_58), {"double.12", "clip", "t5"}),
-    "vector_58_base_on": (vector({"input", "single.0"}, LAYOUT_58), {"input", "final", "single.0", "clip", "t5"}),
+    "vector_58_base_on": (
+        vector({"input", "single.0"}, LAYOUT_58),
+        {"input", "final", "single.0", "clip", "t5"},
+    ),
     "vector_61": (vector({"t5", "double.0", "final"}, LAYOUT_61), {"t5", "double.0", "final"}),
     "vector_19": (vector({"double.4"}, LAYOUT_19), {"double.4", "single.8", "single.9", *FIXED}),
     "kohya_double": (
@@ -354,7 +405,9 @@ SPEC_CASES: dict[str, tuple[str, set[str]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(SPEC_CASES))
-def test_slim_keep_and_drop_understand_every_spec_form(case: str, full: Path, tmp_path: Path) -> None:
+def test_slim_keep_and_drop_understand_every_spec_form(
+    case: str, full: Path, tmp_path: Path
+) -> None:
     spec, keep = SPEC_CASES[case]
     kept_out, dropped_out = tmp_path / "kept.safetensors", tmp_path / "dropped.safetensors"
     assert run("slim", full, "--keep", spec, "-o", kept_out).exit_code == 0
@@ -364,7 +417,10 @@ def test_slim_keep_and_drop_understand_every_spec_form(case: str, full: Path, tm
         assert run("slim", full, "--drop", spec, "-o", dropped_out).exit_code == 0
         dropped = [b["block"] for b in inspect_json(dropped_out)["blocks"]]
         assert dropped == sorted(set(EVERY) - keep, key=ORDER.__getitem__)
-        assert official_tensors(kept_out).keys() | official_tensors(dropped_out).keys() == official_tensors(full).keys()
+        assert (
+            official_tensors(kept_out).keys() | official_tensors(dropped_out).keys()
+            == official_tensors(full).keys()
+        )
     else:
         result = run("slim", full, "--drop", spec, "-o", dropped_out)
         assert_one_error_line(result, 2, "leaves no tensors")
@@ -377,23 +433,29 @@ def test_slim_writes_beside_the_input_and_reports_sizes(full: Path, tmp_path: Pa
     result = run("slim", src, "--keep", "double.7,single.7-20")
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "my lora.slim.safetensors"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["my lora.safetensors", "my lora.slim.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "my lora.safetensors",
+        "my lora.slim.safetensors",
+    ]
     before, after = src.stat().st_size, out.stat().st_size
     n_before, n_after = len(official_tensors(src)), len(official_tensors(out))
     lines = result.stdout.splitlines()
     assert lines == [
         "kept     double.7,single.7-20",
         "dropped  clip,t5,input,double.0-6,double.8-18,single.0-6,single.21-37,final",
-        f"size     {kb(before)} -> {kb(after)} ({100 * after / before:.1f}%), {n_before} -> {n_after} tensors",
+        f"size     {kb(before)} -> {kb(after)} ({100 * after / before:.1f}%), "
+        f"{n_before} -> {n_after} tensors",
         f"wrote    {out}",
     ]
-    meta = safetensors.safe_open(str(out), "numpy").metadata()
+    meta = metadata_of(out)
     assert meta["lora_prune.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert meta["lora_prune.kept_blocks"] == "double.7,single.7-20"
 
 
 def test_slim_notes_blocks_the_lora_lacks(files: dict[str, Path], tmp_path: Path) -> None:
-    result = run("slim", files["loha"], "--keep", "double.3,double.4", "-o", tmp_path / "o.safetensors")
+    result = run(
+        "slim", files["loha"], "--keep", "double.3,double.4", "-o", tmp_path / "o.safetensors"
+    )
     assert result.exit_code == 0
     assert result.stderr == "note: the LoRA has no double.4; nothing to keep there\n"
 
@@ -428,7 +490,9 @@ def test_slim_never_writes_over_its_input(lone: Path, force: bool) -> None:
     targets = same_file_targets(lone)
     before = snapshot(lone.parent)
     for name, target in targets.items():
-        result = run("slim", lone, "--keep", "double", "-o", target, *(["--force"] if force else []))
+        result = run(
+            "slim", lone, "--keep", "double", "-o", target, *(["--force"] if force else [])
+        )
         assert_one_error_line(result, 2, "would replace the input")
         assert snapshot(lone.parent) == before, name
     # ... and not when the input is named through a link and the output is the real file.
@@ -453,7 +517,9 @@ def test_slim_refuses_an_existing_output_unless_forced(lone: Path) -> None:
 
 
 def test_slim_output_folder_problems_are_usage_errors(lone: Path) -> None:
-    result = run("slim", lone, "--keep", "double.0", "-o", lone.parent / "missing" / "o.safetensors")
+    result = run(
+        "slim", lone, "--keep", "double.0", "-o", lone.parent / "missing" / "o.safetensors"
+    )
     assert_one_error_line(result, 2, "does not exist")
 
 
@@ -542,13 +608,16 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 @pytest.mark.parametrize("command", ["inspect", "slim"])
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=CLICK_FOLDER_BUG) if n == "directory" else n for n in CORPUS_NAMES]
+    "name",
+    [pytest.param(n, marks=CLICK_FOLDER_BUG) if n == "directory" else n for n in CORPUS_NAMES],
 )
 def test_hostile_files_give_exit_3_and_one_error_line(
     name: str, command: str, corpus: Corpus, tmp_path: Path
 ) -> None:
     path, _cls, fragment = corpus[name]
-    args = ["--keep", "all", "-o", tmp_path / "o.safetensors"] if command == "slim" else []
+    args: list[str | Path] = (
+        ["--keep", "all", "-o", tmp_path / "o.safetensors"] if command == "slim" else []
+    )
     result = run(command, path, *args)
     assert_one_error_line(result, 3, fragment, path.name)
     assert result.stdout == ""
@@ -559,7 +628,7 @@ def test_the_corpus_has_what_the_parametrization_expects(corpus: Corpus) -> None
     assert sorted(corpus) == CORPUS_NAMES and len(CORPUS_NAMES) >= 20
 
 
-def write_f32(path: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
+def write_f32(path: Path, tensors: Mapping[str, tuple[int, ...]]) -> Path:
     rng = np.random.default_rng(0)
     safetensors.numpy.save_file(
         {k: rng.standard_normal(s).astype(np.float32) for k, s in tensors.items()}, str(path)
@@ -580,32 +649,47 @@ def test_other_base_models_and_unknown_keys_give_exit_4(tmp_path: Path) -> None:
     for command in (["inspect"], ["slim", "--keep", "all"]):
         assert_one_error_line(run(*command[:1], sdxl, *command[1:]), 4, "SDXL", "sdxl.safetensors")
 
-    flux2 = write_f32(tmp_path / "flux2.safetensors", {
-        "lora_unet_single_blocks_45_linear1.lora_down.weight": (4, 32),
-        "lora_unet_single_blocks_45_linear1.lora_up.weight": (32, 4),
-    })
+    flux2 = write_f32(
+        tmp_path / "flux2.safetensors",
+        {
+            "lora_unet_single_blocks_45_linear1.lora_down.weight": (4, 32),
+            "lora_unet_single_blocks_45_linear1.lora_up.weight": (32, 4),
+        },
+    )
     assert_one_error_line(run("inspect", flux2), 4, "FLUX.2", "flux2.safetensors")
 
-    mixed = write_f32(tmp_path / "mixed.safetensors", {
-        f"{FLUX_KEY}.lora_down.weight": (4, 32),
-        f"{FLUX_KEY}.lora_up.weight": (32, 4),
-        "some_adapter.weird_key": (3,),
-        "another.thing": (2, 2),
-    })
-    assert_one_error_line(run("inspect", mixed), 4, "2 keys match no FLUX.1 LoRA format", "--allow-unknown")
+    mixed = write_f32(
+        tmp_path / "mixed.safetensors",
+        {
+            f"{FLUX_KEY}.lora_down.weight": (4, 32),
+            f"{FLUX_KEY}.lora_up.weight": (32, 4),
+            "some_adapter.weird_key": (3,),
+            "another.thing": (2, 2),
+        },
+    )
+    assert_one_error_line(
+        run("inspect", mixed), 4, "2 keys match no FLUX.1 LoRA format", "--allow-unknown"
+    )
     assert_one_error_line(run("slim", mixed, "--keep", "double.0"), 4, "--allow-unknown")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux2.safetensors", "mixed.safetensors", "sdxl.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "flux2.safetensors",
+        "mixed.safetensors",
+        "sdxl.safetensors",
+    ]
 
 
 def test_allow_unknown_reports_and_keeps_block_other(tmp_path: Path) -> None:
-    mixed = write_f32(tmp_path / "mixed.safetensors", {
-        f"{FLUX_KEY}.lora_down.weight": (4, 32),
-        f"{FLUX_KEY}.lora_up.weight": (32, 4),
-        "lora_unet_single_blocks_3_linear2.lora_down.weight": (4, 160),
-        "lora_unet_single_blocks_3_linear2.lora_up.weight": (32, 4),
-        "some_adapter.weird_key": (3,),
-        "another.thing": (2, 2),
-    })
+    mixed = write_f32(
+        tmp_path / "mixed.safetensors",
+        {
+            f"{FLUX_KEY}.lora_down.weight": (4, 32),
+            f"{FLUX_KEY}.lora_up.weight": (32, 4),
+            "lora_unet_single_blocks_3_linear2.lora_down.weight": (4, 160),
+            "lora_unet_single_blocks_3_linear2.lora_up.weight": (32, 4),
+            "some_adapter.weird_key": (3,),
+            "another.thing": (2, 2),
+        },
+    )
     doc = inspect_json(mixed, "--allow-unknown")
     rows = {b["block"]: b for b in doc["blocks"]}
     assert list(rows) == ["double.0", "single.3", "other"]
@@ -617,7 +701,10 @@ def test_allow_unknown_reports_and_keeps_block_other(tmp_path: Path) -> None:
     result = run("slim", mixed, "--allow-unknown", "--drop", "single.3", "-o", out)
     assert result.exit_code == 0, result.stderr
     assert set(official_tensors(out)) == {
-        f"{FLUX_KEY}.lora_down.weight", f"{FLUX_KEY}.lora_up.weight", "some_adapter.weird_key", "another.thing"
+        f"{FLUX_KEY}.lora_down.weight",
+        f"{FLUX_KEY}.lora_up.weight",
+        "some_adapter.weird_key",
+        "another.thing",
     }
 
 
@@ -644,7 +731,9 @@ def test_bad_block_specs_give_exit_2(case: str, option: str, full: Path, tmp_pat
 
 def test_keep_and_drop_together_or_neither_give_exit_2(full: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.safetensors"
-    assert_one_error_line(run("slim", full, "--keep", "double", "--drop", "single", "-o", out), 2, "exactly one")
+    assert_one_error_line(
+        run("slim", full, "--keep", "double", "--drop", "single", "-o", out), 2, "exactly one"
+    )
     assert_one_error_line(run("slim", full, "-o", out), 2, "exactly one")
     assert list(tmp_path.iterdir()) == []
 
@@ -657,8 +746,10 @@ def test_keep_and_drop_together_or_neither_give_exit_2(full: Path, tmp_path: Pat
 def test_inspect_json_is_strict_json_even_for_nan_weights(tmp_path: Path) -> None:
     path = tmp_path / "nan.safetensors"
     safetensors.numpy.save_file(
-        {f"{FLUX_KEY}.lora_down.weight": np.full((2, 32), np.nan, np.float32),
-         f"{FLUX_KEY}.lora_up.weight": np.ones((32, 2), np.float32)},
+        {
+            f"{FLUX_KEY}.lora_down.weight": np.full((2, 32), np.nan, np.float32),
+            f"{FLUX_KEY}.lora_up.weight": np.ones((32, 2), np.float32),
+        },
         str(path),
     )
     result = run("inspect", path, "--json")
@@ -668,4 +759,3 @@ def test_inspect_json_is_strict_json_even_for_nan_weights(tmp_path: Path) -> Non
         raise ValueError(f"{name} is not JSON")
 
     json.loads(result.stdout, parse_constant=refuse)
-
