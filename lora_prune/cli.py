@@ -112,7 +112,9 @@ def cli() -> None:
     """Find which blocks of a FLUX.1 LoRA matter and ship smaller LoRAs."""
 
 
-lora_arg = click.argument("lora", type=click.Path(path_type=Path, dir_okay=False))
+# No dir_okay=False: click would answer a folder with its own three-line usage error
+# (exit 2) before the library's one-line "is a folder, not a file" (exit 3).
+lora_arg = click.argument("lora", type=click.Path(path_type=Path))
 allow_unknown_opt = click.option(
     "--allow-unknown", is_flag=True, help="Report keys that match no FLUX.1 format as block 'other'."
 )
@@ -151,7 +153,7 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 @click.option("--drop", metavar="SPEC", help="Blocks to drop (all others are kept).")
 @click.option("--auto", is_flag=True,
               help="Find the smallest keep set that renders like the full LoRA (needs --model, --prompt).")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file [default: <stem>.slim.safetensors beside the input].")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @allow_unknown_opt

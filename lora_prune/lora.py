@@ -165,6 +165,15 @@ def _peft_config(metadata: dict[str, str], path: Path) -> dict[str, object] | No
     return config if isinstance(config, dict) else None
 
 
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """PEFT's rule for rank/alpha pattern keys: a regex matching the module name's tail."""
+    try:
+        return re.search(rf"(^|\.){pattern}$", name) is not None
+    except re.error:
+        # A key that is no regex (a hand-edited or damaged config): match it literally.
+        return name == pattern or name.endswith("." + pattern)
+
+
 def _peft_alpha(config: dict[str, object], module: LoraModule) -> float | None:
     """alpha for a PEFT module from diffusers' packed adapter config, or None.
 
@@ -183,7 +192,7 @@ def _peft_alpha(config: dict[str, object], module: LoraModule) -> float | None:
         pattern = get(pattern_key)
         if isinstance(pattern, dict):
             for pat, value in pattern.items():
-                if isinstance(value, (int, float)) and re.search(rf"(^|\.){pat}$", name):
+                if isinstance(value, (int, float)) and _pattern_matches(pat, name):
                     if target == "r":
                         r = value
                     else:

@@ -93,7 +93,11 @@ def resolve_keep(
     if (keep is None) == (drop is None):
         raise UsageError("give exactly one of --keep and --drop", None, "see lora-prune slim --help")
     if keep is not None:
-        return set(keep)
+        keep_set = set(keep)
+        # "all" means every tensor: with --allow-unknown, also those of block 'other'.
+        if keep_set >= set(BLOCK_IDS):
+            keep_set.add(OTHER)
+        return keep_set
     assert drop is not None
     return set(lora.blocks) - set(drop)
 

@@ -258,8 +258,9 @@ def test_inspect_norms_match_the_full_product(tmp_path: Path) -> None:
         doc = inspect_json(path)
         want = expected_lora_norms(spec)
         got = {b["block"]: b["norm"] for b in doc["blocks"]}
-        assert got == pytest.approx(want, rel=1e-9)
-        assert doc["total_norm"] == pytest.approx(sum(want.values()), rel=1e-9)
+        # A tolerance that allows float32 Gram matrices, not a wrong scale or factor.
+        assert got == pytest.approx(want, rel=1e-5)
+        assert doc["total_norm"] == pytest.approx(sum(want.values()), rel=1e-5)
 
 
 PLANTED = SynthSpec(
@@ -523,6 +524,14 @@ def test_slim_output_folder_problems_are_usage_errors(lone: Path) -> None:
     assert_one_error_line(result, 2, "does not exist")
 
 
+def test_slim_output_that_is_a_folder_is_one_error_line(lone: Path) -> None:
+    folder = lone.parent / "a folder"
+    folder.mkdir()
+    result = run("slim", lone, "--keep", "double.0", "-o", folder)
+    assert_one_error_line(result, 2, "the output is a folder", "a folder")
+    assert list(folder.iterdir()) == []
+
+
 class _OsProxy:
     """The os module with some functions replaced, for one module's eyes only."""
 
@@ -594,11 +603,6 @@ def _corpus_names() -> list[str]:
 CORPUS_NAMES = _corpus_names()
 # click's own check of the argument turns a folder into a multi-line usage error (exit 2)
 # before the library's "is a folder, not a file" (exit 3) can speak.
-CLICK_FOLDER_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="cli.lora_arg uses click.Path(dir_okay=False): a folder gives click's usage error, "
-    "exit 2, three lines (proposed fix: drop dir_okay=False from lora_arg)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -609,7 +613,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 @pytest.mark.parametrize("command", ["inspect", "slim"])
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=CLICK_FOLDER_BUG) if n == "directory" else n for n in CORPUS_NAMES],
+    CORPUS_NAMES,
 )
 def test_hostile_files_give_exit_3_and_one_error_line(
     name: str, command: str, corpus: Corpus, tmp_path: Path
@@ -708,6 +712,21 @@ def test_allow_unknown_reports_and_keeps_block_other(tmp_path: Path) -> None:
     }
 
 
+def test_keep_all_keeps_every_tensor_also_unknown_ones(tmp_path: Path) -> None:
+    mixed = write_f32(
+        tmp_path / "mixed.safetensors",
+        {
+            f"{FLUX_KEY}.lora_down.weight": (4, 32),
+            f"{FLUX_KEY}.lora_up.weight": (32, 4),
+            "some_adapter.weird_key": (3,),
+        },
+    )
+    out = tmp_path / "out.safetensors"
+    result = run("slim", mixed, "--allow-unknown", "--keep", "all", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert official_tensors(out) == official_tensors(mixed)
+
+
 BAD_SPECS = {
     "double_out_of_range": ("double.19", "out of range 0..18"),
     "single_out_of_range": ("single.38", "out of range 0..37"),
@@ -738,11 +757,6 @@ def test_keep_and_drop_together_or_neither_give_exit_2(full: Path, tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inspect --json prints NaN for a LoRA with NaN weights: not valid JSON "
-    "(proposed fix: emit null for non-finite norms in LoraReport.to_dict)",
-)
 def test_inspect_json_is_strict_json_even_for_nan_weights(tmp_path: Path) -> None:
     path = tmp_path / "nan.safetensors"
     safetensors.numpy.save_file(

@@ -39,3 +39,7 @@ def require_render() -> None:
                 else f"rendering needs {name}, which failed to import (missing {missing})"
             )
             raise MissingDependencyError(what, name, _FIX) from exc
+    # transformers warns at import time about optional image backends (torchvision)
+    # that FLUX never uses; a CLI run should show our output, not that.
+    transformers = importlib.import_module("transformers")
+    transformers.logging.set_verbosity_error()
