@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from PIL import Image
 
 from . import __version__
 from .blocks import block_order, format_block_spec
-from .errors import OutputError, UnreadableFileError, UsageError
+from .errors import UnreadableFileError, UsageError
+from .fileio import atomic_write_bytes
 from .lora import LoraFile
 from .metrics import diff_map, mean_std, mse, spearman, ssim
 from .pictures import (
@@ -39,7 +39,7 @@ from .pictures import (
     save_png,
 )
 from .report import write_report
-from .safetensors_io import build_header, create_temp, fsync_dir
+from .safetensors_io import build_header
 from .slim import plan_slim
 from .stats import block_stats
 
@@ -200,26 +200,8 @@ def batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
             yield group[start : start + batch_size]
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp: Path | None = None
-    try:
-        tmp, fd = create_temp(path)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-        tmp = None
-    except OSError as exc:
-        raise OutputError(f"cannot write ({exc.strerror})", path, "check the folder and free space") from exc
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
 def write_json(path: Path, doc: object) -> None:
-    _write_bytes_atomic(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -507,7 +489,7 @@ def _write_csv(path: Path, rows: Sequence[BlockRow]) -> None:
     writer.writeheader()
     for row in sorted(rows, key=lambda r: (MODES.index(r.mode), r.rank, block_order(r.block))):
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
-    _write_bytes_atomic(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _write_pictures(

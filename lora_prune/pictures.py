@@ -12,9 +12,7 @@ Images are numpy ``uint8`` arrays ``H x W x 3`` (RGB) or ``PIL.Image.Image``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -24,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .blocks import block_kind, short_label
-from .errors import OutputError, UsageError
-from .safetensors_io import create_temp, fsync_dir
+from .errors import UsageError
+from .fileio import atomic_output
 
 RGB: TypeAlias = tuple[int, int, int]
 _Font: TypeAlias = "ImageFont.FreeTypeFont | ImageFont.ImageFont"
@@ -612,25 +610,5 @@ def save_png(image: Image.Image | np.ndarray, path: Path) -> None:
     ``path``, so an interrupted run never leaves a half-written picture.
     """
     pil = image if isinstance(image, Image.Image) else Image.fromarray(_as_array(image), "RGB")
-    dest = Path(path)
-    tmp: Path | None = None
-    try:
-        tmp, fd = create_temp(dest)
-        with os.fdopen(fd, "wb") as fh:
-            pil.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        tmp = None
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write picture ({exc.strerror or exc.__class__.__name__})",
-            dest,
-            "check that the folder exists, is writable and has free space",
-        ) from exc
-    finally:
-        if tmp is not None:
-            # The original error matters more than a temp file we could not remove.
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
+    with atomic_output(path, what="picture") as fh:
+        pil.save(fh, format="PNG")

@@ -18,10 +18,8 @@ with ``th[data-key]`` headers and ``td[data-value]`` sort values,
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,9 +27,8 @@ from typing import Any
 from urllib.parse import quote
 
 from .blocks import block_kind, block_order
-from .errors import OutputError
+from .fileio import atomic_write_bytes
 from .pictures import CATEGORY_COLORS, COLORMAPS, DEFAULT_CMAP
-from .safetensors_io import create_temp, fsync_dir
 from .stats import human_bytes
 
 REPORT_NAME = "report.html"
@@ -791,25 +788,5 @@ def write_report(out_dir: Path, analysis: Mapping[str, Any]) -> Path:
     """
     dest = Path(out_dir) / REPORT_NAME
     data = render_report(analysis).encode("utf-8")
-    tmp: Path | None = None
-    try:
-        tmp, fd = create_temp(dest)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        tmp = None
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write report ({exc.strerror or exc.__class__.__name__})",
-            dest,
-            "check that the folder exists, is writable and has free space",
-        ) from exc
-    finally:
-        if tmp is not None:
-            # The original error matters more than a temp file we could not remove.
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
+    atomic_write_bytes(dest, data, what="report")
     return dest

@@ -14,14 +14,12 @@ leaves a half-written LoRA where the user expects a good one.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
 import json
 import math
 import os
-import secrets
 import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -36,10 +34,10 @@ from lora_prune.errors import (
     CorruptFileError,
     IncompleteFileError,
     NotSafetensorsError,
-    OutputError,
     UnreadableFileError,
     UnsafeFileError,
 )
+from lora_prune.fileio import atomic_output
 
 __all__ = [
     "DTYPE_ITEMSIZE",
@@ -49,10 +47,8 @@ __all__ = [
     "TensorEntry",
     "TensorInfo",
     "build_header",
-    "create_temp",
     "decode_array",
     "file_sha256",
-    "fsync_dir",
     "read_header",
     "write_safetensors",
 ]
@@ -709,43 +705,6 @@ def build_header(
     return struct.pack("<Q", len(text)) + text, sized
 
 
-def create_temp(dest: Path) -> tuple[Path, int]:
-    """Create a new, empty temp file beside ``dest``; returns its path and a write fd.
-
-    The name starts with a dot and ends in ``.tmp`` so that a leftover is
-    recognisable. Shared by every atomic writer of the package (outputs must be
-    renamed within one folder to be atomic).
-    """
-    # os.open with 0o666 lets the umask decide the final permissions, as for any
-    # new file; mkstemp would leave the output readable by its owner only.
-    for _ in range(100):
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        return tmp, fd
-    raise FileExistsError(errno.EEXIST, "could not create a unique temp file", str(dest))
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename into ``folder`` durable, where the platform allows it."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        # Some filesystems refuse fsync on folders; the rename is done, and
-        # durability of the directory entry is all that is lost.
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_safetensors(
     dest: str | Path,
     entries: Sequence[TensorEntry],
@@ -763,42 +722,16 @@ def write_safetensors(
     """
     dest_path = Path(dest)
     header, sized = build_header(entries, metadata)
-    tmp: Path | None = None
-    try:
-        tmp, fd = create_temp(dest_path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for entry, nbytes in sized:
-                data = entry.data()
-                got = memoryview(data).nbytes
-                if got != nbytes:
-                    raise ValueError(
-                        f"tensor {entry.name!r}: data() gave {got} bytes, shape "
-                        f"{list(entry.shape)} of {entry.dtype} needs {nbytes}"
-                    )
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, dest_path)
-        tmp = None
-    except OSError as exc:
-        reason = exc.strerror or exc.__class__.__name__
-        raise OutputError(
-            f"cannot write output ({reason})",
-            dest_path,
-            "check that the folder exists, is writable and has free space",
-        ) from exc
-    finally:
-        if tmp is not None:
-            # The original error matters more than a temp file we could not remove.
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    fsync_dir(dest_path.parent)
+    with atomic_output(dest_path, check) as f:
+        f.write(header)
+        for entry, nbytes in sized:
+            data = entry.data()
+            got = memoryview(data).nbytes
+            if got != nbytes:
+                raise ValueError(
+                    f"tensor {entry.name!r}: data() gave {got} bytes, shape "
+                    f"{list(entry.shape)} of {entry.dtype} needs {nbytes}"
+                )
+            f.write(data)
     return dest_path
 
-
-# Older names, imported by modules written before these helpers were public.
-_create_temp = create_temp
-_fsync_dir = fsync_dir

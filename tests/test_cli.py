@@ -26,7 +26,7 @@ import safetensors.numpy
 from click.testing import CliRunner, Result
 from hostile import Corpus, make_hostile_corpus
 
-from lora_prune import safetensors_io
+from lora_prune import fileio
 from lora_prune.cli import cli
 from lora_prune.synth import (
     SynthSpec,
@@ -555,7 +555,7 @@ def test_slim_that_cannot_rename_leaves_no_temp_file(
     def no_space(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors_io, "os", _OsProxy(replace=no_space))
+    monkeypatch.setattr(fileio, "os", _OsProxy(replace=no_space))
     before = snapshot(lone.parent)
     result = run("slim", lone, "--keep", "double.0", "-o", existing_output, "--force")
     assert_one_error_line(result, 6, "No space left on device", "out.safetensors")
@@ -568,7 +568,7 @@ def test_slim_interrupted_while_writing_leaves_no_temp_file(
     def interrupt(fd: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors_io, "os", _OsProxy(fsync=interrupt))
+    monkeypatch.setattr(fileio, "os", _OsProxy(fsync=interrupt))
     before = snapshot(lone.parent)
     result = run("slim", lone, "--keep", "double.0", "-o", existing_output, "--force")
     assert_one_error_line(result, 130, "interrupted")
@@ -587,7 +587,7 @@ def test_slim_output_that_reads_back_wrong_is_not_kept(
             os.pwrite(fd, b"\xff\xff\xff\xff", size - 4)
         real_fsync(fd)
 
-    monkeypatch.setattr(safetensors_io, "os", _OsProxy(fsync=corrupting_fsync))
+    monkeypatch.setattr(fileio, "os", _OsProxy(fsync=corrupting_fsync))
     before = snapshot(lone.parent)
     result = run("slim", lone, "--keep", "double.0-3", "-o", existing_output, "--force")
     assert_one_error_line(result, 6, "does not read back identical")

@@ -499,7 +499,8 @@ def test_render_combination(kohya_engine: BlockEngine) -> None:
     assert result.mse_vs_base > 0 and result.mse_vs_full > 0
     assert 0 < result.ssim_vs_full < 1
     assert isinstance(result.picture, Image.Image)
-    assert result.picture.width > 4 * SIZE  # base | full | chosen | heatmap
+    # base | full | chosen | heatmap, 32 px renders upscaled to 256 px tiles
+    assert result.picture.width >= 4 * 256
     same = render_combination(kohya_engine, frozenset(kohya_engine.blocks), SETTINGS)
     assert same.mse_vs_full == 0.0 and same.ssim_vs_full == 1.0
 

@@ -50,6 +50,8 @@ __all__ = [
 
 OutputKind = Literal["uint8", "float"]
 
+#: Tiles of the manual mode's picture are upscaled to about this width.
+_LEGIBLE_WIDTH = 256
 #: How many offending modules an error message names.
 _SHOW = 3
 # Roles that only carry a scalar or are read through LoraModule.scale.
@@ -950,18 +952,25 @@ class CombinationResult:
 
 
 def render_combination(
-    engine: BlockEngine, blocks: frozenset[str], settings: RenderSettings, *, scale: int = 1
+    engine: BlockEngine,
+    blocks: frozenset[str],
+    settings: RenderSettings,
+    *,
+    scale: int | None = None,
 ) -> CombinationResult:
     """Render no LoRA, the whole LoRA and ``blocks`` in one batch and compare them.
 
     The heatmap shows where the chosen blocks differ from the full LoRA (what
-    dropping the other blocks costs). ``scale`` upscales the tiles of the picture.
+    dropping the other blocks costs). ``scale`` upscales the tiles of the
+    picture; None upscales small renders to about 256 px so captions stay legible.
     """
     chosen_blocks = frozenset(blocks)
     full_blocks = frozenset(engine.blocks)
     base, full, chosen = engine.render(
         [frozenset(), full_blocks, chosen_blocks], settings, batch_size=3
     )
+    if scale is None:
+        scale = max(1, round(_LEGIBLE_WIDTH / max(settings.width, 1)))
     result_mse_base, result_ssim_base = mse(chosen, base), ssim(chosen, base)
     result_mse_full, result_ssim_full = mse(chosen, full), ssim(chosen, full)
     diff = diff_map(chosen, full)
