@@ -39,7 +39,7 @@ from .pictures import (
     save_png,
 )
 from .report import write_report
-from .safetensors_io import build_header
+from .safetensors_io import TensorEntry, build_header
 from .slim import plan_slim
 from .stats import block_stats
 
@@ -344,7 +344,9 @@ def suggest_keep(
     bytes_before = sum(bytes_by_block.values())
     if lora is not None and chosen:
         plan = plan_slim(lora, chosen)
-        header, _ = build_header([], lora.metadata)
+        # The header lists every kept tensor; slim adds a few provenance keys on top.
+        entries = [TensorEntry(t.name, t.dtype, t.shape, bytes) for t in plan.kept_tensors]
+        header, _ = build_header(entries, lora.metadata)
         size = plan.kept_bytes + len(header)
         bytes_before = lora.header.file_size
     else:
