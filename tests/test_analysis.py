@@ -205,3 +205,37 @@ def test_bad_settings_are_usage_errors(kwargs: dict[str, object], fragment: str)
     base.update(kwargs)
     with pytest.raises(UsageError, match=fragment):
         AnalyzeSettings(**base)  # type: ignore[arg-type]
+
+
+def test_contact_sheet_has_one_labelled_tile_per_block(lora, tmp_path: Path) -> None:
+    import math
+
+    from lora_prune.pictures import label_tile
+
+    out = tmp_path / "out"
+    analyze(lora, file_sha256(lora.path), settings(("solo",)), out, FakeRenderer(PLANTED),
+            batch_size=16)
+    # Same tile size as analyze makes: 32 px renders upscaled x8 with a caption strip.
+    tile = label_tile(np.zeros((32, 32, 3), np.uint8), "x", top_right="MSE 0", bottom="SSIM 1",
+                      scale=8)
+    tw, th = tile.size
+    n = 2 + len(lora.blocks)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape[1] == cols * tw + (cols + 1) * 4
+    top = sheet.shape[0] - (rows * th + (rows + 1) * 4)
+    assert top > 0  # room for the header line
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x, y = 4 + c * (tw + 4), top + 4 + r * (th + 4)
+        caption = sheet[y + 256 : y + th, x : x + tw]
+        assert (caption.min(axis=2) > 180).sum() > 30, f"tile {i} has no caption text"
+        if i >= 2:  # block tiles carry the MSE box in the top-right corner
+            corner = sheet[y : y + 20, x + tw - 60 : x + tw]
+            assert (corner.min(axis=2) > 180).sum() > 10, f"tile {i} has no MSE label"
+    # Cells beyond the last tile stay background.
+    r, c = divmod(n, cols)
+    if r < rows:
+        x, y = 4 + c * (tw + 4), top + 4 + r * (th + 4)
+        assert (sheet[y : y + th, x : x + tw] == 24).all()

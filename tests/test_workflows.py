@@ -216,3 +216,19 @@ def test_demo_finds_the_planted_blocks_and_verifies(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "analysis" / "report.html").exists()
     sheet = np.asarray(Image.open(tmp_path / "demo" / "analysis" / "contact_sheet.png"))
     assert sheet.shape[0] > 1000 and sheet.shape[1] > 1000
+
+
+def test_rendering_without_the_render_extra_is_one_error_line(planted: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from lora_prune.cli import main\n"
+        f"main(['render', {str(planted)!r}, '--model', 'tiny', '--prompt', 'a', '--blocks', 'double.3',"
+        " '-o', 'x.png'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 5, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: rendering needs torch, which is not installed")
+    assert "pip install 'lora-prune[render]'" in lines[0]
