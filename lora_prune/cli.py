@@ -120,6 +120,61 @@ allow_unknown_opt = click.option(
 )
 
 
+def _seeds(value: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError as exc:
+        raise UsageError(f"cannot read seeds {value!r}", "--seeds", "use e.g. 0,1,2") from exc
+    if not seeds:
+        raise UsageError("no seed given", "--seeds", "use e.g. 0,1,2")
+    return seeds
+
+
+def model_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
+    """--model, --transformer, --device, --dtype, --offload (``when``: e.g. "With --auto: ")."""
+
+    def decorate(f: F) -> F:
+        for option in reversed([
+            click.option("--model", "model", required=required, metavar="M",
+                         help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
+                              "folder, or a hub id."),
+            click.option("--transformer", "transformer_file", type=click.Path(path_type=Path),
+                         help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
+                              "to use with the rest of --model."),
+            click.option("--device", help="cuda, mps or cpu [default: best available]."),
+            click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+                         help="[default: bf16 on GPUs, fp32 on cpu]."),
+            click.option("--offload", is_flag=True,
+                         help="Offload model parts to the CPU between uses."),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def settings_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
+    """--prompt, --seeds, --size/--width/--height, --steps, --guidance, --strength."""
+
+    def decorate(f: F) -> F:
+        for option in reversed([
+            click.option("--prompt", "prompts", multiple=True, required=required,
+                         help=f"{when}Prompt (repeatable)."),
+            click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds."),
+            click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
+            click.option("--width", type=int, help="Width (overrides --size)."),
+            click.option("--height", type=int, help="Height (overrides --size)."),
+            click.option("--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."),
+            click.option("--guidance", type=float, default=3.5, show_default=True),
+            click.option("--strength", type=float, default=1.0, show_default=True,
+                         help="LoRA strength; multiplies the weight delta once."),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -157,19 +212,8 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
               help="Output file [default: <stem>.slim.safetensors beside the input].")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @allow_unknown_opt
-@click.option("--model", metavar="M", help="With --auto: 'tiny', a diffusers folder or a hub id.")
-@click.option("--transformer", "transformer_file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--device")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--offload", is_flag=True)
-@click.option("--prompt", "prompts", multiple=True, help="With --auto: prompt (repeatable).")
-@click.option("--seeds", default="0", show_default=True)
-@click.option("--size", type=int)
-@click.option("--width", type=int)
-@click.option("--height", type=int)
-@click.option("--steps", type=int)
-@click.option("--guidance", type=float, default=3.5, show_default=True)
-@click.option("--strength", type=float, default=1.0, show_default=True)
+@model_options(required=False, when="With --auto: ")
+@settings_options(required=False, when="With --auto: ")
 @click.option("--min-ssim", type=float, default=0.95, show_default=True,
               help="With --auto: every image of the slim LoRA must reach this SSIM to the full one.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -240,48 +284,6 @@ def slim(
 
 
 # --- rendering commands -------------------------------------------------------
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError as exc:
-        raise UsageError(f"cannot read seeds {value!r}", "--seeds", "use e.g. 0,1,2") from exc
-    if not seeds:
-        raise UsageError("no seed given", "--seeds", "use e.g. 0,1,2")
-    return seeds
-
-
-def model_options(f: F) -> F:
-    for option in reversed([
-        click.option("--model", "model", required=True, metavar="M",
-                     help="'tiny' (built-in test model), a local diffusers FLUX.1 folder, or a hub id."),
-        click.option("--transformer", "transformer_file", type=click.Path(path_type=Path, dir_okay=False),
-                     help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) to use "
-                          "with the rest of --model."),
-        click.option("--device", help="cuda, mps or cpu [default: best available]."),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
-                     help="[default: bf16 on GPUs, fp32 on cpu]."),
-        click.option("--offload", is_flag=True, help="Offload model parts to the CPU between uses."),
-    ]):
-        f = option(f)
-    return f
-
-
-def settings_options(f: F) -> F:
-    for option in reversed([
-        click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable)."),
-        click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds."),
-        click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
-        click.option("--width", type=int, help="Width (overrides --size)."),
-        click.option("--height", type=int, help="Height (overrides --size)."),
-        click.option("--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."),
-        click.option("--guidance", type=float, default=3.5, show_default=True),
-        click.option("--strength", type=float, default=1.0, show_default=True,
-                     help="LoRA strength; multiplies the weight delta once."),
-    ]):
-        f = option(f)
-    return f
-
-
 def _render_api() -> Any:
     from .render import require_render
 
@@ -362,8 +364,8 @@ def _print_suggestion(analysis: Analysis) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
-@model_options
-@settings_options
+@model_options()
+@settings_options()
 @click.option("--blocks", "blocks_spec", required=True, metavar="SPEC", help="Blocks to switch on.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Side-by-side PNG to write.")
@@ -432,19 +434,8 @@ def picture_options(f: F) -> F:
 
 @cli.command("analyze", epilog=EXIT_CODES_HELP)
 @click.argument("lora", type=click.Path(path_type=Path, dir_okay=False), required=False)
-@click.option("--model", metavar="M", help="'tiny', a local diffusers FLUX.1 folder, or a hub id.")
-@click.option("--transformer", "transformer_file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--device")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--offload", is_flag=True)
-@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
-@click.option("--size", type=int, help="Square size [default: 768; 64 for tiny].")
-@click.option("--width", type=int)
-@click.option("--height", type=int)
-@click.option("--steps", type=int, help="[default: 20; 4 for tiny]")
-@click.option("--guidance", type=float, default=3.5, show_default=True)
-@click.option("--strength", type=float, default=1.0, show_default=True)
+@model_options(required=False)
+@settings_options(required=False)
 @click.option("--mode", type=click.Choice(["solo", "loo", "both"]), default="solo", show_default=True,
               help="solo: only that block on (vs no LoRA); loo: all but that block (vs full LoRA).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per pipeline call.")
@@ -507,8 +498,8 @@ def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | N
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("full", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("slim_file", metavar="SLIM", type=click.Path(path_type=Path, dir_okay=False))
-@model_options
-@settings_options
+@model_options()
+@settings_options()
 @click.option("--min-ssim", type=float, default=0.95, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for verify.png and verify.json [default: <slim stem>.verify].")
