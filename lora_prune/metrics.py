@@ -15,10 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from skimage.metrics import structural_similarity
-
-# skimage leaves this function unannotated; a typed handle keeps strict mypy quiet.
-_structural_similarity: Callable[..., Any] = structural_similarity
 
 # skimage's default SSIM window; smaller renders get the largest odd window that fits.
 _SSIM_WIN = 7
@@ -65,7 +61,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     if side < _SSIM_MIN_WIN:
         raise ValueError(f"images of {a.shape[0]}x{a.shape[1]} px are too small for SSIM")
     win = min(_SSIM_WIN, side if side % 2 == 1 else side - 1)
-    value = _structural_similarity(a, b, channel_axis=-1, data_range=255, win_size=win)
+    # Imported here: skimage pulls in scipy.ndimage (~0.2 s), which inspect, slim and
+    # check, sharing the CLI's imports, never need.
+    from skimage.metrics import structural_similarity
+
+    # skimage leaves the function unannotated; a typed handle keeps strict mypy quiet.
+    compare: Callable[..., Any] = structural_similarity
+    value = compare(a, b, channel_axis=-1, data_range=255, win_size=win)
     return float(value)
 
 
