@@ -232,3 +232,19 @@ def test_rendering_without_the_render_extra_is_one_error_line(planted: Path) -> 
     assert len(lines) == 1
     assert lines[0].startswith("error: rendering needs torch, which is not installed")
     assert "pip install 'lora-prune[render]'" in lines[0]
+
+
+def test_slim_auto_in_an_analyze_folder_keeps_its_solo_ranking(planted: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    common = ["--model", "tiny", "--prompt", "a red fox", *SMALL]
+    code, output = run_cli("analyze", str(planted), *common, "--mode", "solo", "--out", str(work))
+    assert code == 0, output
+    solo_images = {p.name for p in (work / "images").glob("*.png")}
+    code, output = run_cli("slim", str(planted), "--auto", *common, "--min-ssim", "0.999",
+                           "-o", str(tmp_path / "auto.safetensors"), "--work-dir", str(work))
+    assert code == 0, output
+    ranking = json.loads((work / "ranking.json").read_text())
+    assert {r["mode"] for r in ranking["rows"]} == {"solo", "loo"}
+    assert ranking["settings"]["modes"] == ["solo", "loo"]
+    # The earlier renders are still there and were reused, not replaced.
+    assert solo_images <= {p.name for p in (work / "images").glob("*.png")}

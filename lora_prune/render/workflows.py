@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..analysis import Analysis, AnalyzeSettings, PictureOptions, analyze
+from ..analysis import (
+    MANIFEST,
+    MODES,
+    Analysis,
+    AnalyzeSettings,
+    PictureOptions,
+    analyze,
+    read_manifest,
+    settings_from_json,
+)
+from ..errors import LoraPruneError
 from ..lora import LoraFile, read_lora
 from ..safetensors_io import file_sha256
 from ..slim import SlimResult, slim_lora
@@ -52,6 +62,7 @@ def auto_slim(
 ) -> AutoSlimResult:
     """Rank blocks (leave-one-out, reusing earlier renders), find the smallest passing keep set, write it."""
     sha = file_sha256(lora.path)
+    settings = _keep_earlier_modes(settings, work_dir)
     with open_session(spec, lora) as session:
         analysis = analyze(lora, sha, settings, work_dir, session.renderer, batch_size=batch_size,
                            progress=progress)
@@ -62,6 +73,25 @@ def auto_slim(
     slim = slim_lora(lora, auto.blocks, output=output, force=force,
                      extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()})
     return AutoSlimResult(analysis, auto, slim)
+
+
+def _keep_earlier_modes(settings: AnalyzeSettings, work_dir: Path) -> AnalyzeSettings:
+    """Settings that also keep the modes of an earlier analyze in ``work_dir``.
+
+    Reusing an analyze folder must not replace its solo ranking and report with a
+    leave-one-out-only one; when the earlier run differs in anything but its
+    modes, it is replaced as usual.
+    """
+    if not (work_dir / MANIFEST).exists():
+        return settings
+    try:
+        earlier = settings_from_json(read_manifest(work_dir)["settings"])
+    except (LoraPruneError, KeyError, TypeError, ValueError):
+        return settings
+    if replace(earlier, modes=settings.modes) != settings:
+        return settings
+    modes = tuple(m for m in MODES if m in {*earlier.modes, *settings.modes})
+    return replace(settings, modes=modes)
 
 
 #: The demo's planted blocks and their strengths: a strong double and single
