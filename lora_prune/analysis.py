@@ -109,6 +109,11 @@ class Renderer(Protocol):
 Progress = Callable[[int, int], None]
 
 
+def settings_to_json(settings: AnalyzeSettings) -> dict[str, Any]:
+    """Settings as stored in manifests and reports (lists for tuples)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+
+
 def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
     """Settings as stored in a manifest (lists for tuples)."""
     return AnalyzeSettings(
@@ -556,7 +561,7 @@ def build_manifest(
         "model": model_id,
         "lora": {"path": str(lora.path), "sha256": lora_sha256, "format": lora.format,
                  "bytes": lora.header.file_size},
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        "settings": settings_to_json(settings),
         "blocks": stats,
         "jobs": [
             {"key": j.key, "kind": j.kind, "block": j.block,
