@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .analysis import AnalyzeSettings, Renderer, write_json
+from .analysis import AnalyzeSettings, Renderer, settings_to_json, write_json
 from .blocks import block_order, format_block_spec, sort_blocks
 from .errors import UnsupportedLoraError, UsageError
 from .lora import LoraFile
@@ -187,7 +187,7 @@ def verify_slim(
     result = VerifyResult(
         full=str(full.path), slim=str(slim_path) if slim_path else None, full_sha256=full_sha256,
         kept_blocks=sort_blocks(kept), min_ssim=min_ssim,
-        settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        settings=settings_to_json(settings),
         model=renderer.model_id,
     )
     rows = []
@@ -241,6 +241,9 @@ def auto_keep(
     """
     _check_threshold(min_ssim)
     order = [b for b in order if b in full.blocks]
+    if not order:
+        raise UsageError("the ranking names none of the LoRA's blocks", full.path,
+                         "run analyze on this LoRA first")
     all_blocks = frozenset(full.blocks)
     refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for p, prompt in enumerate(settings.prompts):
@@ -248,16 +251,21 @@ def auto_keep(
             base, full_img = renderer([frozenset(), all_blocks], prompt, seed, settings)
             refs[(p, seed)] = (base, full_img)
     tried: list[tuple[int, float]] = []
+    # The scores of the chosen set are those of the very renders that chose it.
+    scores: dict[int, list[VerifyImage]] = {}
     chosen = len(order)
     total = len(order)
     for start in range(1, len(order) + 1, batch_size):
         ks = list(range(start, min(start + batch_size, len(order) + 1)))
-        worst = dict.fromkeys(ks, 1.0)
+        for k in ks:
+            scores[k] = []
         for p, prompt in enumerate(settings.prompts):
             for seed in settings.seeds:
+                base, full_img = refs[(p, seed)]
                 imgs = renderer([frozenset(order[:k]) for k in ks], prompt, seed, settings)
                 for k, img in zip(ks, imgs, strict=True):
-                    worst[k] = min(worst[k], ssim(img, refs[(p, seed)][1]))
+                    scores[k].append(_score(base, full_img, img, p, seed, min_ssim))
+        worst = {k: min(i.ssim for i in scores[k]) for k in ks}
         tried.extend((k, worst[k]) for k in ks)
         if progress:
             progress(ks[-1], total)
@@ -269,13 +277,8 @@ def auto_keep(
     result = VerifyResult(
         full=str(full.path), slim=None, full_sha256=full_sha256, kept_blocks=blocks,
         min_ssim=min_ssim,
-        settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        settings=settings_to_json(settings),
         model=renderer.model_id,
+        images=scores[chosen],
     )
-    kept = frozenset(blocks)
-    for p, prompt in enumerate(settings.prompts):
-        for seed in settings.seeds:
-            base, full_img = refs[(p, seed)]
-            (slim_img,) = renderer([kept], prompt, seed, settings)
-            result.images.append(_score(base, full_img, slim_img, p, seed, min_ssim))
     return AutoResult(blocks, list(order), tried, result)
