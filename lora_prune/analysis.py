@@ -36,12 +36,15 @@ from .pictures import (
     heatmap_overlay,
     influence_chart,
     label_tile,
+    pruning_curve_chart,
     save_png,
 )
+from .provenance import CRITERION, FORMULA
 from .report import write_report
 from .safetensors_io import TensorEntry, build_header
 from .slim import plan_slim
 from .stats import block_stats
+from .verdict import NOISE_MSE, Criterion, CurvePoint, effect_is_measurable
 
 MODES = ("solo", "loo")
 MANIFEST = "manifest.json"
@@ -286,6 +289,10 @@ class Suggestion:
     bytes: int
     bytes_before: int
     command: str | None
+    #: "coverage" (estimated from per-block influence) or "kept_share" (the verdict, from the curve)
+    criterion: str = "coverage"
+    #: with "kept_share": the worst kept share per distance of the suggested set
+    kept: dict[str, float] | None = None
 
 
 @dataclass
@@ -300,6 +307,22 @@ class Analysis:
     images: list[dict[str, Any]]
     renders: RenderStats = field(default_factory=RenderStats)
     out_dir: Path = Path()
+    #: per prompt x seed: what the full LoRA does to the image (see lora_prune.verdict)
+    effects: list[dict[str, Any]] = field(default_factory=list)
+    #: the pruning curve, when one was rendered (analyze --curve, slim --auto)
+    curve: list[CurvePoint] | None = None
+    curve_criterion: Criterion | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """Images on which the LoRA shows (next to) no effect: nothing can be verified there."""
+        prompts = self.settings["prompts"]
+        return [
+            f"the LoRA has no measurable effect on prompt {e['prompt']} ({prompts[e['prompt']]!r}) "
+            f"seed {e['seed']}: MSE(base, full) {e['mse']:.3g} <= noise floor {NOISE_MSE:g}; use "
+            "prompts where the LoRA shows, such as its trigger words"
+            for e in self.effects if not e["measurable"]
+        ]
 
     def rows_for(self, mode: str) -> list[BlockRow]:
         return sorted((r for r in self.rows if r.mode == mode), key=lambda r: r.rank)
@@ -315,6 +338,17 @@ class Analysis:
             "images": self.images,
             "contact_sheet": "contact_sheet.png",
             "influence": "influence.png",
+            "effects": self.effects,
+            "noise_floor_mse": NOISE_MSE,
+            "warnings": self.warnings,
+            "pruning_curve": None if self.curve is None else {
+                "image": "pruning_curve.png",
+                "order": self.curve[-1].blocks if self.curve else [],
+                "criterion": CRITERION,
+                "formula": FORMULA,
+                "min_kept": self.curve_criterion.min_kept if self.curve_criterion else None,
+                "points": [asdict(p) for p in self.curve],
+            },
         }
 
 
@@ -328,6 +362,17 @@ def _ranks(values: Sequence[float]) -> list[int]:
         else:
             ranks[i] = position + 1
     return ranks
+
+
+def keep_size(lora: LoraFile, blocks: Sequence[str]) -> int:
+    """The size of the file ``slim --keep blocks`` would write (header included)."""
+    if not blocks:
+        return 0
+    plan = plan_slim(lora, blocks)
+    # The header lists every kept tensor; slim adds a few provenance keys on top.
+    entries = [TensorEntry(t.name, t.dtype, t.shape, bytes) for t in plan.kept_tensors]
+    header, _ = build_header(entries, lora.metadata)
+    return plan.kept_bytes + len(header)
 
 
 def suggest_keep(
@@ -348,11 +393,7 @@ def suggest_keep(
             covered += row.mse
     bytes_before = sum(bytes_by_block.values())
     if lora is not None and chosen:
-        plan = plan_slim(lora, chosen)
-        # The header lists every kept tensor; slim adds a few provenance keys on top.
-        entries = [TensorEntry(t.name, t.dtype, t.shape, bytes) for t in plan.kept_tensors]
-        header, _ = build_header(entries, lora.metadata)
-        size = plan.kept_bytes + len(header)
+        size = keep_size(lora, chosen)
         bytes_before = lora.header.file_size
     else:
         size = sum(bytes_by_block.get(b, 0) for b in chosen)
@@ -474,19 +515,107 @@ def compute_analysis(
         {"prompt": p, "seed": s, "base": refs[("base", p, s)].path, "full": refs[("full", p, s)].path}
         for (kind, p, s) in refs if kind == "base"
     ]
+    effects = []
+    for kind, p_i, s_i in list(refs):
+        if kind != "base":
+            continue
+        base_img, full_img = image(refs[("base", p_i, s_i)]), image(refs[("full", p_i, s_i)])
+        effect = mse(base_img, full_img)
+        effects.append({"prompt": p_i, "seed": s_i, "mse": effect,
+                        "ssim_distance": 1.0 - ssim(base_img, full_img),
+                        "measurable": effect_is_measurable(effect)})
     analysis = Analysis(
         settings={**manifest["settings"], "lora": manifest["lora"]["path"],
                   "lora_sha256": manifest["lora"]["sha256"], "model": manifest["model"],
                   "heatmap_scale": options.heatmap_scale, "cmap": options.cmap,
                   "heatmap_vmax": vmax_by_mode},
         rows=rows, spearman=spear, suggestion=suggestion, references=references, images=image_rows,
-        out_dir=out_dir,
+        out_dir=out_dir, effects=effects,
     )
     _write_pictures(analysis, out_dir, options, image, refs, jobs)
-    write_json(out_dir / "ranking.json", analysis.to_json())
     _write_csv(out_dir / "ranking.csv", rows)
-    write_report(out_dir, analysis.to_json())
+    stored = read_curve(out_dir, manifest)
+    if stored is not None:
+        set_curve(analysis, *stored, lora=lora)
+    else:
+        write_results(analysis)
     return analysis
+
+
+CURVE_FILE = "pruning_curve.json"
+
+
+def write_results(analysis: Analysis) -> None:
+    """ranking.json and report.html (and the curve's picture) from ``analysis``."""
+    out_dir = analysis.out_dir
+    if analysis.curve:
+        curve = analysis.curve
+        chosen = analysis.suggestion.blocks and analysis.suggestion.criterion == CRITERION
+        names = sorted({n for p in curve for n in p.kept})
+        chart = pruning_curve_chart(
+            [p.k for p in curve], {n: [p.kept.get(n, 0.0) for p in curve] for n in names},
+            [p.bytes for p in curve],
+            min_kept=analysis.curve_criterion.min_kept if analysis.curve_criterion else None,
+            chosen=len(analysis.suggestion.blocks) if chosen else None,
+        )
+        save_png(chart, out_dir / "pruning_curve.png")
+    write_json(out_dir / "ranking.json", analysis.to_json())
+    write_report(out_dir, analysis.to_json())
+
+
+def set_curve(
+    analysis: Analysis, curve: Sequence[CurvePoint], criterion: Criterion, *,
+    lora: LoraFile | None = None,
+) -> None:
+    """Attach a pruning curve; the suggestion becomes the fewest blocks passing the verdict.
+
+    The curve is stored beside the renders (``pruning_curve.json``) so that
+    ``analyze --from`` keeps it.
+    """
+    analysis.curve = list(curve)
+    analysis.curve_criterion = criterion
+    passing = [p for p in curve if p.passed and p.k > 0]
+    if passing:
+        best = passing[0]
+        s = analysis.suggestion
+        spec = format_block_spec(best.blocks)
+        name = Path(analysis.settings["lora"]).name
+        analysis.suggestion = Suggestion(
+            mode=s.mode, coverage_target=s.coverage_target, coverage=s.coverage,
+            blocks=list(best.blocks), spec=spec, bytes=best.bytes,
+            bytes_before=lora.header.file_size if lora is not None else s.bytes_before,
+            command=f"lora-prune slim {name} --keep {spec}", criterion=CRITERION,
+            kept=dict(best.worst),
+        )
+    doc = {"lora_sha256": analysis.settings["lora_sha256"],
+           "settings": {k: analysis.settings[k] for k in ("prompts", "seeds", "width", "height",
+                                                         "steps", "guidance", "strength")},
+           "min_kept": criterion.min_kept, "min_ssim": criterion.min_ssim,
+           "points": [asdict(p) for p in curve]}
+    write_json(analysis.out_dir / CURVE_FILE, doc)
+    write_results(analysis)
+
+
+def read_curve(
+    out_dir: Path, manifest: Mapping[str, Any]
+) -> tuple[list[CurvePoint], Criterion] | None:
+    """A stored curve of the same LoRA and render settings, else None (never trusted blindly)."""
+    path = out_dir / CURVE_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        settings = manifest["settings"]
+        if doc["lora_sha256"] != manifest["lora"]["sha256"] or any(
+            doc["settings"][k] != settings[k] for k in doc["settings"]
+        ):
+            return None
+        points = [CurvePoint(**p) for p in doc["points"]]
+        criterion = Criterion(min_kept=float(doc["min_kept"]),
+                              min_ssim=None if doc["min_ssim"] is None else float(doc["min_ssim"]))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError):
+        return None
+    return points, criterion
 
 
 def _write_csv(path: Path, rows: Sequence[BlockRow]) -> None:
@@ -596,8 +725,14 @@ def analyze(
     coverage: float = 0.9,
     options: PictureOptions = PictureOptions(),
     progress: Progress | None = None,
+    curve: Criterion | None = None,
 ) -> Analysis:
-    """Render what is missing, then analyse. Rerunning renders nothing new."""
+    """Render what is missing, then analyse. Rerunning renders nothing new.
+
+    With ``curve`` (a verdict's thresholds), also renders the pruning curve: the
+    top-k blocks of the ranking for every k, scored by the share of the LoRA's
+    effect they keep; the suggestion is then the fewest blocks that pass.
+    """
     if not 0 < coverage <= 1:
         raise UsageError(f"coverage {coverage} is not in (0, 1]", "--coverage", "use e.g. 0.9")
     if batch_size < 1:
@@ -612,4 +747,14 @@ def analyze(
     stats = render_missing(jobs, out_dir, renderer, settings, batch_size=batch_size, progress=progress)
     result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
     result.renders = stats
+    if curve is not None and not result.warnings:
+        # Imported here: verify builds on this module.
+        from .verify import auto_keep
+
+        primary = "loo" if "loo" in settings.modes else "solo"
+        order = [r.block for r in result.rows_for(primary)]
+        auto = auto_keep(lora, lora_sha256, order, settings, renderer, criterion=curve,
+                         batch_size=batch_size, stop_at_pass=False,
+                         size_of=lambda blocks: keep_size(lora, blocks))
+        set_curve(result, auto.curve, curve, lora=lora)
     return result

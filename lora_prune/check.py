@@ -52,6 +52,7 @@ from .errors import (
     WrongBaseModelError,
 )
 from .lora import LoraFile, LoraModule, read_lora
+from .provenance import CRITERION, VERIFICATION_KEY, VerificationRecord
 from .safetensors_io import (
     SafetensorsHeader,
     SafetensorsReader,
@@ -98,7 +99,7 @@ _SKIP_DIRS = frozenset({".git", ".hg", ".svn"})
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _SNIFF_BYTES = 16
 _SHOW_KEYS = 5
-_VERIFICATION_KEY = PROVENANCE_PREFIX + "verification"
+_VERIFICATION_KEY = VERIFICATION_KEY
 _SOURCE_SHA_KEY = PROVENANCE_PREFIX + "source_sha256"
 _SOURCE_NAME_KEY = PROVENANCE_PREFIX + "source_name"
 _NEVER_LOADED = "lora-prune never unpickles files: publish the .safetensors version instead"
@@ -218,7 +219,13 @@ class VerifyOutcome(Protocol):
     def worst_ssim(self) -> float: ...
 
     @property
-    def min_ssim(self) -> float: ...
+    def min_ssim(self) -> float | None: ...
+
+    @property
+    def min_kept(self) -> float: ...
+
+    @property
+    def kept_share(self) -> float | None: ...
 
 
 Reverify = Callable[[Path, Path], VerifyOutcome]
@@ -249,6 +256,8 @@ class Policy:
     require_verified: bool = False
     #: the lowest SSIM threshold a recorded verification may have used
     min_ssim: float | None = None
+    #: the lowest share of the LoRA's effect a verification must have demanded and found
+    min_kept: float | None = None
     slim: tuple[SlimPair, ...] = ()
     source: Path | None = None
 
@@ -262,6 +271,7 @@ POLICY_KEYS: tuple[str, ...] = (
     "required_metadata",
     "require_verified",
     "min_ssim",
+    "min_kept",
     "slim",
 )
 _SLIM_KEYS = ("file", "full")
@@ -410,6 +420,15 @@ def parse_policy(
         raise _bad("min_ssim", source, "min_ssim must be a number from 0 to 1",
                    "write e.g. min_ssim = 0.95")
 
+    min_kept = data.get("min_kept")
+    if min_kept is not None and (
+        isinstance(min_kept, bool)
+        or not isinstance(min_kept, (int, float))
+        or not 0.0 < float(min_kept) <= 1.0
+    ):
+        raise _bad("min_kept", source, "min_kept must be a number above 0 and at most 1",
+                   "write e.g. min_kept = 0.9")
+
     slim_value = data.get("slim", [])
     if not isinstance(slim_value, list) or not all(isinstance(t, dict) for t in slim_value):
         raise _bad("slim", source, "slim must be a list of tables",
@@ -433,6 +452,7 @@ def parse_policy(
         required_metadata=tuple(meta_keys),
         require_verified=require_verified,
         min_ssim=float(min_ssim) if min_ssim is not None else None,
+        min_kept=float(min_kept) if min_kept is not None else None,
         slim=tuple(pairs),
         source=source,
     )
@@ -853,36 +873,53 @@ def _policy_findings(
     return out
 
 
-@dataclass
-class _Verification:
-    passed: bool
-    full_sha256: str
-    min_ssim: float | None
-    worst_ssim: float | None
-
-
-def _parse_verification(raw: str) -> _Verification | str:
+def _parse_verification(raw: str) -> VerificationRecord | str:
     """The record, or why it cannot be used."""
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        return "is not valid JSON"
-    if not isinstance(doc, dict):
-        return "is not a JSON object"
-    passed = doc.get("passed")
-    full = doc.get("full_sha256")
-    if not isinstance(passed, bool):
-        return "has no true/false 'passed'"
-    if not isinstance(full, str) or not re.fullmatch(r"[0-9a-f]{64}", full):
-        return "has no 'full_sha256' hex digest"
+    return VerificationRecord.parse(raw)
 
-    def number(name: str) -> float | None:
-        value = doc.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        return None
 
-    return _Verification(passed, full, number("min_ssim"), number("worst_ssim"))
+def _record_findings(record: VerificationRecord, policy: Policy | None) -> list[Finding]:
+    """A recorded verification judged against the policy's thresholds."""
+    out: list[Finding] = []
+    if not record.passed:
+        kept = record.kept_share
+        worst = f" (worst share of the effect kept {100 * kept:.1f}%)" if kept is not None else (
+            f" (worst SSIM {record.worst_ssim:.4f})" if record.worst_ssim is not None else "")
+        out.append(
+            Finding("error", "verification_failed",
+                    f"the recorded verification failed{worst}: keep more blocks and "
+                    "verify again", _VERIFICATION_KEY)
+        )
+    if policy is not None and policy.min_ssim is not None and (
+        record.min_ssim is None or record.min_ssim < policy.min_ssim
+    ):
+        used = "no SSIM floor" if record.min_ssim is None else f"min_ssim {record.min_ssim}"
+        out.append(
+            Finding("error", "verification_too_weak",
+                    f"the verification used {used}, the policy needs at least "
+                    f"{policy.min_ssim}: verify again with --min-ssim {policy.min_ssim}",
+                    _VERIFICATION_KEY)
+        )
+    if policy is not None and policy.min_kept is not None:
+        if record.criterion != CRITERION or record.min_kept is None:
+            out.append(
+                Finding("error", "verification_too_weak",
+                        "the verification did not judge the share of the LoRA's effect kept, "
+                        f"the policy needs min_kept {policy.min_kept}: verify again with "
+                        f"lora-prune verify --min-kept {policy.min_kept}", _VERIFICATION_KEY)
+            )
+        elif record.min_kept < policy.min_kept or (
+            record.kept_share is not None and record.kept_share < policy.min_kept
+        ):
+            found = "" if record.kept_share is None else (
+                f", worst share kept {100 * record.kept_share:.1f}%")
+            out.append(
+                Finding("error", "verification_too_weak",
+                        f"the verification used min_kept {record.min_kept}{found}, the policy "
+                        f"needs at least {policy.min_kept}: keep more blocks and verify again "
+                        f"with --min-kept {policy.min_kept}", _VERIFICATION_KEY)
+            )
+    return out
 
 
 class _Hashes:
@@ -981,7 +1018,7 @@ def _verify_slim(
     out: list[Finding] = []
     source_sha = meta.get(_SOURCE_SHA_KEY)
     raw = meta.get(_VERIFICATION_KEY)
-    record: _Verification | None = None
+    record: VerificationRecord | None = None
     # With re-rendering (check --model) the render is the proof; the record's
     # verdict is then not judged, only which file it names.
     judge_record = reverify is None
@@ -1006,23 +1043,7 @@ def _verify_slim(
         else:
             record = parsed
     if record is not None and judge_record:
-        if not record.passed:
-            worst = f" (worst SSIM {record.worst_ssim:.4f})" if record.worst_ssim is not None else ""
-            out.append(
-                Finding("error", "verification_failed",
-                        f"the recorded verification failed{worst}: keep more blocks and "
-                        "verify again", _VERIFICATION_KEY)
-            )
-        if policy is not None and policy.min_ssim is not None and (
-            record.min_ssim is None or record.min_ssim < policy.min_ssim
-        ):
-            used = "no threshold" if record.min_ssim is None else f"min_ssim {record.min_ssim}"
-            out.append(
-                Finding("error", "verification_too_weak",
-                        f"the verification used {used}, the policy needs at least "
-                        f"{policy.min_ssim}: verify again with --min-ssim {policy.min_ssim}",
-                        _VERIFICATION_KEY)
-            )
+        out.extend(_record_findings(record, policy))
     if record is not None and source_sha is not None and source_sha != record.full_sha256:
         out.append(
             Finding("error", "source_mismatch",
@@ -1090,24 +1111,34 @@ def _verify_slim(
             out.append(_finding_from(exc, path))
         else:
             if policy is not None and policy.min_ssim is not None and (
-                outcome.min_ssim < policy.min_ssim
+                outcome.min_ssim is None or outcome.min_ssim < policy.min_ssim
             ):
                 out.append(
                     Finding("error", "verification_too_weak",
                             f"re-rendering used min_ssim {outcome.min_ssim}, the policy needs "
                             f"at least {policy.min_ssim}: pass --min-ssim {policy.min_ssim}")
                 )
+            if policy is not None and policy.min_kept is not None and (
+                outcome.min_kept < policy.min_kept
+            ):
+                out.append(
+                    Finding("error", "verification_too_weak",
+                            f"re-rendering used min_kept {outcome.min_kept}, the policy needs "
+                            f"at least {policy.min_kept}: pass --min-kept {policy.min_kept}")
+                )
+            share = "n/a" if outcome.kept_share is None else f"{100 * outcome.kept_share:.1f}%"
             if outcome.passed:
                 out.append(
                     Finding("info", "reverified",
-                            f"re-rendered: worst SSIM {outcome.worst_ssim:.4f} >= "
-                            f"{outcome.min_ssim}")
+                            f"re-rendered: worst share of the effect kept {share} >= "
+                            f"{100 * outcome.min_kept:g}%, worst SSIM {outcome.worst_ssim:.4f}")
                 )
             else:
                 out.append(
                     Finding("error", "reverify_failed",
-                            f"re-rendering gives worst SSIM {outcome.worst_ssim:.4f} < "
-                            f"{outcome.min_ssim}: keep more blocks and verify again")
+                            f"re-rendering keeps at worst {share} of the LoRA's effect "
+                            f"(needs {100 * outcome.min_kept:g}% on every image), worst SSIM "
+                            f"{outcome.worst_ssim:.4f}: keep more blocks and verify again")
                 )
     if (
         judge_record
@@ -1115,7 +1146,12 @@ def _verify_slim(
         and record.passed
         and not any(f.level == "error" for f in out)
     ):
-        worst = f" at worst SSIM {record.worst_ssim:.4f}" if record.worst_ssim is not None else ""
+        if record.kept_share is not None:
+            worst = f", worst share of the effect kept {100 * record.kept_share:.1f}%"
+        elif record.worst_ssim is not None:
+            worst = f" at worst SSIM {record.worst_ssim:.4f}"
+        else:
+            worst = ""
         out.append(Finding("info", "verified", f"verified subset of {str(full)!r}{worst}"))
     return out
 

@@ -35,6 +35,7 @@ from .pictures import save_png
 from .safetensors_io import file_sha256
 from .slim import slim_lora
 from .stats import SORT_KEYS, LoraReport, human_bytes, inspect_lora
+from .verdict import DEFAULT_MIN_KEPT, Criterion
 from .verify import VerifyResult, check_subset, verify_slim
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -160,7 +161,8 @@ def settings_options(*, required: bool = True, when: str = "") -> Callable[[F], 
         for option in reversed([
             click.option("--prompt", "prompts", multiple=True, required=required,
                          help=f"{when}Prompt (repeatable)."),
-            click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds."),
+            click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
+                         help="Comma-separated seeds (--seed S for one)."),
             click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
             click.option("--width", type=int, help="Width (overrides --size)."),
             click.option("--height", type=int, help="Height (overrides --size)."),
@@ -171,6 +173,30 @@ def settings_options(*, required: bool = True, when: str = "") -> Callable[[F], 
         ]):
             f = option(f)
         return f
+
+    return decorate
+
+
+VERDICT_HELP = """\b
+Verdict: for every image (prompt x seed) and distance d (MSE on 8-bit RGB,
+1 - SSIM), the LoRA's effect is E = d(base, full), the slim's residual
+R = d(slim, full), and the share of the effect kept is 1 - R / E. A slim
+passes when every image keeps at least --min-kept for every distance (and
+reaches --min-ssim, when given). An image where MSE(base, full) <= 1 (one
+8-bit level RMS: render noise) proves nothing: exit 7, use prompts where
+the LoRA shows, such as its trigger words."""
+
+
+def verdict_options(when: str = "") -> Callable[[F], F]:
+    """--min-kept and --min-ssim: the thresholds of :mod:`lora_prune.verdict`."""
+
+    def decorate(f: F) -> F:
+        f = click.option("--min-ssim", type=float, default=None,
+                         help=f"{when}Also require SSIM(slim, full) >= this on every image "
+                              "[default: off].")(f)
+        return click.option("--min-kept", type=float, default=DEFAULT_MIN_KEPT, show_default=True,
+                            help=f"{when}Share of the LoRA's effect (1 - d(slim, full) / "
+                                 "d(base, full)) every image must keep, for MSE and 1-SSIM.")(f)
 
     return decorate
 
@@ -214,8 +240,7 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 @allow_unknown_opt
 @model_options(required=False, when="With --auto: ")
 @settings_options(required=False, when="With --auto: ")
-@click.option("--min-ssim", type=float, default=0.95, show_default=True,
-              help="With --auto: every image of the slim LoRA must reach this SSIM to the full one.")
+@verdict_options("With --auto: ")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
               help="With --auto: analysis folder (renders are reused) [default: <stem>.analysis].")
@@ -224,7 +249,7 @@ def slim(
     allow_unknown: bool, model: str | None, transformer_file: Path | None, device: str | None,
     dtype: str | None, offload: bool, prompts: tuple[str, ...], seeds: str, size: int | None,
     width: int | None, height: int | None, steps: int | None, guidance: float, strength: float,
-    min_ssim: float, batch_size: int, work_dir: Path | None,
+    min_kept: float, min_ssim: float | None, batch_size: int, work_dir: Path | None,
 ) -> None:
     """Write a LoRA that keeps only the chosen blocks, byte-identical for what it keeps.
 
@@ -237,6 +262,10 @@ def slim(
     \b
     Example: lora-prune slim my_lora.safetensors --keep double.7,double.12,single.7-20
     Example: lora-prune slim my_lora.safetensors --auto --model tiny --prompt "a cat" --seeds 0,1
+
+    With --auto: the fewest top-ranked blocks whose slim keeps --min-kept of the
+    LoRA's effect on every image (see Verdict below); writes the pruning curve
+    into --work-dir.
     """
     if auto:
         if keep or drop:
@@ -253,12 +282,12 @@ def slim(
             auto_result = auto_slim(
                 lora_file, _model_spec(model, transformer_file, device, dtype, offload), settings,
                 work_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis"),
-                min_ssim=min_ssim, output=output, force=force, batch_size=batch_size, progress=bar,
+                criterion=Criterion(min_kept=min_kept, min_ssim=min_ssim), output=output,
+                force=force, batch_size=batch_size, progress=bar,
             )
         finally:
             bar.close()
-        tried = ", ".join(f"top {k}: {s:.4f}" for k, s in auto_result.auto.tried)
-        click.echo(f"worst SSIM by keep-set size: {tried}")
+        _print_curve(auto_result.analysis)
         _print_verification(auto_result.auto.verification)
         result = auto_result.slim
     else:
@@ -321,6 +350,10 @@ class _Bar:
         self.done = 0
 
     def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None and (done < self.done or total != self.bar.length):
+            # A new phase (ranking, then the pruning curve) starts a new bar.
+            self.close()
+            self.bar, self.done = None, 0
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=self.label, show_eta=True,
                                          show_pos=True, file=sys.stderr)
@@ -356,8 +389,12 @@ def _print_suggestion(analysis: Analysis) -> None:
     if s.command is None:
         click.echo("\nno block changes the image: nothing to keep")
         return
-    click.echo(f"\nsuggested keep ({s.mode}, {100 * s.coverage:.0f}% of the influence, target "
-               f"{100 * s.coverage_target:.0f}%): {s.spec}")
+    if s.criterion == "kept_share" and s.kept:
+        click.echo(f"\nsuggested keep (pruning curve: keeps at worst {_share(min(s.kept.values()))} "
+                   f"of the LoRA's effect): {s.spec}")
+    else:
+        click.echo(f"\nsuggested keep ({s.mode}, {100 * s.coverage:.0f}% of the influence, target "
+                   f"{100 * s.coverage_target:.0f}%, an estimate: --curve verifies it): {s.spec}")
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
 
@@ -404,13 +441,14 @@ def render(lora: Path, model: str, transformer_file: Path | None, device: str | 
 
 
 def _run_analyze(lora_file: Any, lora_sha: str, settings: AnalyzeSettings, spec: Any, out: Path,
-                 batch_size: int, coverage: float, options: PictureOptions) -> Analysis:
+                 batch_size: int, coverage: float, options: PictureOptions,
+                 curve: Criterion | None = None) -> Analysis:
     _, session = _render_api()
     bar = _Bar("rendering")
     try:
         with session.open_session(spec, lora_file) as sess:
             return analyze(lora_file, lora_sha, settings, out, sess.renderer, batch_size=batch_size,
-                           coverage=coverage, options=options, progress=bar)
+                           coverage=coverage, options=options, progress=bar, curve=curve)
     finally:
         bar.close()
 
@@ -444,13 +482,18 @@ def picture_options(f: F) -> F:
 @click.option("--from", "from_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Recompute the analysis from an earlier run's renders; no model needed.")
 @click.option("--coverage", type=float, default=0.9, show_default=True,
-              help="Share of the total influence the suggested keep set must cover.")
+              help="Share of the total influence the suggested keep set must cover (without --curve).")
+@click.option("--curve", is_flag=True,
+              help="Also render the pruning curve (top-k blocks for every k) and suggest the "
+                   "fewest blocks that keep --min-kept of the effect on every image.")
+@verdict_options("With --curve: ")
 @picture_options
 def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | None,
                 device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
                 seeds: str, size: int | None, width: int | None, height: int | None,
                 steps: int | None, guidance: float, strength: float, mode: str, batch_size: int,
-                out_dir: Path | None, from_dir: Path | None, coverage: float, heatmap_scale: str,
+                out_dir: Path | None, from_dir: Path | None, coverage: float, curve: bool,
+                min_kept: float, min_ssim: float | None, heatmap_scale: str,
                 cmap: str, opacity: float, sheet_order: str, sheet_max_pixels: int) -> None:
     """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
 
@@ -486,32 +529,39 @@ def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | N
         spec = _model_spec(model, transformer_file, device, dtype, offload)
         t0 = time.perf_counter()
         result = _run_analyze(lora_file, file_sha256(lora), settings, spec, out, batch_size,
-                              coverage, options)
+                              coverage, options,
+                              Criterion(min_kept=min_kept, min_ssim=min_ssim) if curve else None)
         r = result.renders
         click.echo(f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
                    f"{time.perf_counter() - t0:.1f} s")
     _print_ranking(result)
+    _print_effects(result)
+    _print_curve(result)
     _print_suggestion(result)
     click.echo(f"\nreport   {out / 'report.html'}")
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=VERDICT_HELP + "\n\n" + EXIT_CODES_HELP)
 @click.argument("full", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("slim_file", metavar="SLIM", type=click.Path(path_type=Path, dir_okay=False))
 @model_options()
 @settings_options()
-@click.option("--min-ssim", type=float, default=0.95, show_default=True)
+@verdict_options()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for verify.png and verify.json [default: <slim stem>.verify].")
 def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | None,
            device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
            seeds: str, size: int | None, width: int | None, height: int | None, steps: int | None,
-           guidance: float, strength: float, min_ssim: float, out_dir: Path | None) -> None:
-    """Prove a slim LoRA renders like its full LoRA; exit 1 when any image is below --min-ssim.
+           guidance: float, strength: float, min_kept: float, min_ssim: float | None,
+           out_dir: Path | None) -> None:
+    """Prove a slim LoRA renders like its full LoRA; exit 1 when an image keeps too little.
+
+    Each image must keep --min-kept of the LoRA's effect (see Verdict below).
 
     Example: lora-prune verify my_lora.safetensors my_lora.slim.safetensors --model tiny
     --prompt "a cat" --seeds 0,1
     """
+    criterion = Criterion(min_kept=min_kept, min_ssim=min_ssim)
     full_file, slim_lora_file = read_lora(full), read_lora(slim_file)
     kept = check_subset(full_file, slim_lora_file)
     settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
@@ -520,24 +570,57 @@ def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | Non
     with session.open_session(_model_spec(model, transformer_file, device, dtype, offload),
                               full_file) as sess:
         result = verify_slim(full_file, file_sha256(full), kept, settings, sess.renderer,
-                             min_ssim=min_ssim, slim_path=slim_file, out_dir=out,
+                             criterion=criterion, slim_path=slim_file, out_dir=out,
                              scale=max(1, 256 // settings.width))
     _print_verification(result)
     click.echo(f"wrote    {out / 'verify.png'}, {out / 'verify.json'}")
+    if not result.measurable:
+        raise result.no_effect_error()
     if not result.passed:
         sys.exit(EXIT_FAILED)
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def _print_verification(result: VerifyResult) -> None:
-    click.echo(f"kept blocks  {format_block_spec(result.kept_blocks)}")
-    click.echo(f"{'prompt':>6} {'seed':>6} {'SSIM':>8} {'MSE':>10} {'kept effect':>12}  verdict")
+    click.echo(f"kept blocks  {format_block_spec(result.kept_blocks) or 'none'}")
+    click.echo("kept share = 1 - d(slim, full) / d(base, full); " + result.criterion.describe())
+    click.echo(f"{'prompt':>6} {'seed':>6} {'effect MSE':>10} {'kept MSE':>9} {'kept SSIM':>9} "
+               f"{'SSIM':>8}  verdict")
     for i in result.images:
-        share = "n/a" if i.kept_share is None else f"{100 * i.kept_share:.1f}%"
-        click.echo(f"{i.prompt:>6} {i.seed:>6} {i.ssim:>8.4f} {i.mse:>10.3f} {share:>12}  "
-                   f"{'pass' if i.passed else 'FAIL'}")
-    share = "n/a" if result.kept_share is None else f"{100 * result.kept_share:.1f}%"
-    click.echo(f"overall: worst SSIM {result.worst_ssim:.4f} (min {result.min_ssim}), "
-               f"effect kept {share}: {'PASS' if result.passed else 'FAIL'}")
+        verdict = ("pass" if i.passed else "FAIL") if i.measurable else "no effect"
+        click.echo(f"{i.prompt:>6} {i.seed:>6} {i.effect['mse']:>10.2f} "
+                   f"{_share(i.kept.get('mse')):>9} {_share(i.kept.get('ssim')):>9} "
+                   f"{i.ssim:>8.4f}  {verdict}")
+    if not result.measurable:
+        click.echo("overall: the LoRA shows no measurable effect on some image: NOT VERIFIED")
+        return
+    click.echo(f"overall: worst share of the effect kept {_share(result.kept_share)} "
+               f"(min {100 * result.min_kept:g}%), worst SSIM {result.worst_ssim:.4f}: "
+               f"{'PASS' if result.passed else 'FAIL'}")
+
+
+def _print_effects(analysis: Analysis) -> None:
+    click.echo("\nthe LoRA's effect per image (base vs full):")
+    prompts = analysis.settings["prompts"]
+    for e in analysis.effects:
+        click.echo(f"  prompt {e['prompt']} seed {e['seed']}: MSE {e['mse']:.2f}, "
+                   f"1-SSIM {e['ssim_distance']:.4f}  ({prompts[e['prompt']][:40]!r})")
+    for warning in analysis.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _print_curve(analysis: Analysis) -> None:
+    if not analysis.curve:
+        return
+    click.echo("\npruning curve (top-k blocks: worst share of the effect kept, MSE / 1-SSIM, size):")
+    for p in analysis.curve:
+        mark = "" if p.rendered else "  (by definition)"
+        click.echo(f"  k={p.k:>3}  {_share(p.worst.get('mse')):>7} / {_share(p.worst.get('ssim')):>7}"
+                   f"  {human_bytes(p.bytes):>10}  {'pass' if p.passed else '-'}{mark}")
+    click.echo(f"curve    {analysis.out_dir / 'pruning_curve.png'}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -581,10 +664,11 @@ def demo(out_dir: Path) -> None:
               help="Re-render slim files against their full files instead of trusting the "
                    "recorded verification (needs --prompt).")
 @click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
-@click.option("--seeds", default="0", show_default=True)
-@click.option("--min-ssim", type=float, default=0.95, show_default=True)
+@click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
+              help="With --model: comma-separated seeds.")
+@verdict_options("With --model: ")
 def check(paths: tuple[Path, ...], policy: Path | None, fmt: str, model: str | None,
-          prompts: tuple[str, ...], seeds: str, min_ssim: float) -> None:
+          prompts: tuple[str, ...], seeds: str, min_kept: float, min_ssim: float | None) -> None:
     """Check LoRA files for CI: integrity, FLUX format, finite values, ranks/alphas, policy.
 
     Every .safetensors under PATHS is read (never unpickled); pickle files are
@@ -599,7 +683,8 @@ def check(paths: tuple[Path, ...], policy: Path | None, fmt: str, model: str | N
         settings = _settings(model, prompts, seeds, None, None, None, None, 3.5, 1.0)
         from .render.workflows import make_reverify
 
-        reverify = make_reverify(_model_spec(model, None, None, None, False), settings, min_ssim)
+        reverify = make_reverify(_model_spec(model, None, None, None, False), settings,
+                                 Criterion(min_kept=min_kept, min_ssim=min_ssim))
     result = run_check(list(paths), load_policy(policy) if policy else None, reverify=reverify)
     click.echo(render_check(result, fmt), nl=False)
     sys.exit(result.exit_code)

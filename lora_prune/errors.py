@@ -18,6 +18,8 @@ code meaning
      (:class:`UnsupportedLoraError`)
 5    an optional dependency is missing (:class:`MissingDependencyError`)
 6    an output could not be written (:class:`OutputError`)
+7    the LoRA has no measurable effect on a verification image, so nothing
+     can be proved there (:class:`NoEffectError`)
 130  interrupted (Ctrl-C)
 ==== =====================================================================
 
@@ -40,6 +42,7 @@ EXIT_UNREADABLE = 3
 EXIT_UNSUPPORTED = 4
 EXIT_MISSING_DEPENDENCY = 5
 EXIT_OUTPUT = 6
+EXIT_NO_EFFECT = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -160,3 +163,9 @@ class OutputError(LoraPruneError):
     """An output file could not be written or did not read back correctly."""
 
     exit_code = EXIT_OUTPUT
+
+
+class NoEffectError(LoraPruneError):
+    """The LoRA leaves an image unchanged (within render noise): nothing can be proved on it."""
+
+    exit_code = EXIT_NO_EFFECT

@@ -13,7 +13,7 @@ Images are numpy ``uint8`` arrays ``H x W x 3`` (RGB) or ``PIL.Image.Image``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeAlias
@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .blocks import block_kind, short_label
 from .errors import UsageError
 from .fileio import atomic_output
+from .stats import human_bytes
 
 RGB: TypeAlias = tuple[int, int, int]
 _Font: TypeAlias = "ImageFont.FreeTypeFont | ImageFont.ImageFont"
@@ -596,6 +597,85 @@ def influence_chart(
         font=font,
         fill=_TEXT,
     )
+    return chart
+
+
+def pruning_curve_chart(
+    ks: Sequence[int],
+    kept: Mapping[str, Sequence[float]],
+    sizes: Sequence[int],
+    *,
+    min_kept: float | None = None,
+    chosen: int | None = None,
+    width: int = 1000,
+    height: int = 520,
+) -> Image.Image:
+    """Share of the LoRA's effect kept by the top-k blocks, with each keep set's size.
+
+    One line per distance (mean kept share over the images, 0..100%), the
+    file size of each keep set as grey bars on a second scale, the verdict's
+    threshold as a dashed line and the chosen k marked.
+    """
+    if not ks or any(len(v) != len(ks) for v in kept.values()) or len(sizes) != len(ks):
+        raise ValueError("pruning_curve_chart needs one value per k for every series")
+    chart = Image.new("RGB", (width, height), _CHART_BG)
+    draw = ImageDraw.Draw(chart)
+    font = _font(13)
+    title_font = _font(17)
+    line_h = _line_height(font)
+    left, right, top, bottom = 70, width - 80, 20 + 2 * line_h + 16, height - 2 * line_h - 24
+    draw.text((left, 12), "Pruning curve: share of the LoRA's effect kept by the top-k blocks",
+              font=title_font, fill=_TEXT)
+    k_max = max(max(ks), 1)
+    size_max = max(max(sizes), 1)
+
+    def x_of(k: float) -> float:
+        return left + (right - left) * k / k_max
+
+    def y_of(share: float) -> float:
+        return bottom - (bottom - top) * min(max(share, 0.0), 1.0)
+
+    bar_w = max(1.0, (right - left) / (k_max + 1) * 0.6)
+    for k, size in zip(ks, sizes, strict=True):
+        h = (bottom - top) * size / size_max
+        draw.rectangle((x_of(k) - bar_w / 2, bottom - h, x_of(k) + bar_w / 2, bottom),
+                       fill=(215, 215, 215))
+    draw.line([(left, top), (left, bottom), (right, bottom), (right, top)], fill=_AXIS)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = y_of(tick)
+        draw.line([(left - 4, y), (left, y)], fill=_AXIS)
+        text = f"{100 * tick:.0f}%"
+        draw.text((left - 8 - _text_width(font, text), y - line_h / 2), text, font=font, fill=_TEXT)
+        size_text = human_bytes(int(size_max * tick))
+        draw.text((right + 6, y - line_h / 2), size_text, font=font, fill=(120, 120, 120))
+    if min_kept is not None:
+        y = y_of(min_kept)
+        for x0 in range(left, right, 12):
+            draw.line([(x0, y), (min(x0 + 6, right), y)], fill=(200, 40, 40))
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189)]
+    legend_x = left
+    for (name, values), colour in zip(kept.items(), colours, strict=False):
+        points = [(x_of(k), y_of(v)) for k, v in zip(ks, values, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        label = f"{name} kept (mean over images)"
+        draw.rectangle((legend_x, 14 + line_h + 6, legend_x + line_h, 14 + 2 * line_h + 6), fill=colour)
+        draw.text((legend_x + line_h + 6, 14 + line_h + 6), label, font=font, fill=_TEXT)
+        legend_x += line_h + 24 + math.ceil(_text_width(font, label))
+    draw.text((legend_x, 14 + line_h + 6), "grey bars: file size", font=font, fill=(120, 120, 120))
+    if chosen is not None:
+        x = x_of(chosen)
+        draw.line([(x, top), (x, bottom)], fill=(200, 40, 40))
+        draw.text((x + 4, top + 2), f"chosen: top {chosen}", font=font, fill=(200, 40, 40))
+    step = max(1, math.ceil(k_max / 20))
+    for k in range(0, k_max + 1, step):
+        text = str(k)
+        draw.text((x_of(k) - _text_width(font, text) / 2, bottom + 4), text, font=font, fill=_TEXT)
+    x_title = "k = number of top-ranked blocks kept"
+    draw.text(((left + right - _text_width(font, x_title)) / 2, height - line_h - 8), x_title,
+              font=font, fill=_TEXT)
     return chart
 
 

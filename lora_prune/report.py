@@ -317,6 +317,64 @@ def _charts_section(analysis: Mapping[str, Any]) -> str:
     return f"<section id='influence'><h2>Block influence</h2>{''.join(parts)}</section>"
 
 
+def _effects_section(analysis: Mapping[str, Any], prompts: Sequence[Any]) -> str:
+    """What the full LoRA does to each image, and a warning where it does (next to) nothing."""
+    effects = [e for e in analysis.get("effects") or [] if isinstance(e, Mapping)]
+    if not effects:
+        return ""
+    rows = []
+    for e in effects:
+        flag = "" if e.get("measurable", True) else " class='no-effect'"
+        verdict = "yes" if e.get("measurable", True) else "<b>no: nothing can be verified here</b>"
+        rows.append(
+            f"<tr{flag}><td>{_e(_prompt_text(prompts, e.get('prompt')))}</td><td>{_e(e.get('seed'))}</td>"
+            f"<td>{_fmt_mse(e.get('mse'))}</td><td>{_fmt_ssim(e.get('ssim_distance'))}</td>"
+            f"<td>{verdict}</td></tr>"
+        )
+    warnings = "".join(f"<p class='warning'>warning: {_e(w)}</p>"
+                       for w in analysis.get("warnings") or [])
+    return (
+        "<section id='effects'><h2>The LoRA's effect per image</h2>"
+        "<p class='muted'>MSE and 1 - SSIM of the full LoRA's render against the render without "
+        f"it. An effect at or below MSE {_e(analysis.get('noise_floor_mse', 1.0))} (one 8-bit level) "
+        "is render noise.</p>" + warnings +
+        "<table id='effects-table'><thead><tr><th>prompt</th><th>seed</th><th>MSE</th>"
+        "<th>1 - SSIM</th><th>measurable</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></section>"
+    )
+
+
+def _curve_section(analysis: Mapping[str, Any]) -> str:
+    """The pruning curve: share of the effect kept by the top-k blocks, and each set's size."""
+    curve = analysis.get("pruning_curve")
+    if not isinstance(curve, Mapping):
+        return ""
+    rows = []
+    for p in curve.get("points") or []:
+        if not isinstance(p, Mapping):
+            continue
+        worst = p.get("worst") or {}
+        mean = p.get("kept") or {}
+        rows.append(
+            f"<tr data-k='{_e(p.get('k'))}'><td>{_e(p.get('k'))}</td>"
+            f"<td>{_fmt_percent(mean.get('mse'))}</td><td>{_fmt_percent(worst.get('mse'))}</td>"
+            f"<td>{_fmt_percent(mean.get('ssim'))}</td><td>{_fmt_percent(worst.get('ssim'))}</td>"
+            f"<td>{_fmt_bytes(p.get('bytes'))}</td><td>{'pass' if p.get('passed') else ''}</td></tr>"
+        )
+    image = curve.get("image")
+    img = (f"<img id='pruning-curve' src='{_url(image)}' alt='pruning curve: share of the "
+           "effect kept by the top-k blocks'>") if image else ""
+    return (
+        "<section id='curve'><h2>Pruning curve</h2>"
+        f"<p class='muted'>{_e(curve.get('formula', ''))}; a keep set passes when every image keeps "
+        f"at least {_fmt_percent(curve.get('min_kept'))} for every distance.</p>{img}"
+        "<table id='curve-table'><thead><tr><th>k</th><th>mean kept (MSE)</th>"
+        "<th>worst kept (MSE)</th><th>mean kept (1-SSIM)</th><th>worst kept (1-SSIM)</th>"
+        "<th>size</th><th>verdict</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        "</section>"
+    )
+
+
 _COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     # key, header, first sort direction (impact columns start with the biggest), tooltip.
     ("block", "block", "asc", "block id; sorts in model order"),
@@ -737,7 +795,9 @@ def render_report(analysis: Mapping[str, Any]) -> str:
     sections = [
         _settings_section(settings, analysis),
         _references_section(references, prompts, size),
+        _effects_section(analysis, prompts),
         _charts_section(analysis),
+        _curve_section(analysis),
         _ranking_section(modes, rows, keep, spearman),
         _suggestion_section(suggestion, n_blocks),
         _gallery_section(modes, references, images, rows, settings, size),
@@ -752,6 +812,8 @@ def render_report(analysis: Mapping[str, Any]) -> str:
                 "influence",
                 bool(analysis.get("influence") or analysis.get("contact_sheet")),
             ),
+            ("effects", "effect", bool(analysis.get("effects"))),
+            ("curve", "pruning curve", bool(analysis.get("pruning_curve"))),
             ("ranking", "ranking", True),
             ("suggestion", "keep set", True),
             ("gallery", "gallery", bool(images)),

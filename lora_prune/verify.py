@@ -10,8 +10,7 @@ engine attached to the full LoRA (torch-free here: the renderer is passed in).
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,30 @@ import numpy as np
 from . import __version__
 from .analysis import AnalyzeSettings, Renderer, settings_to_json, write_json
 from .blocks import block_order, format_block_spec, sort_blocks
-from .errors import UnsupportedLoraError, UsageError
+from .errors import NoEffectError, UnsupportedLoraError, UsageError
 from .lora import LoraFile
-from .metrics import diff_map, mse, ssim
+from .metrics import diff_map
 from .pictures import contact_sheet, heatmap_overlay, label_tile, save_png, side_by_side
+from .provenance import CRITERION, FORMULA, VERIFICATION_KEY, VerificationRecord
 from .safetensors_io import SafetensorsReader
+from .verdict import (
+    BASE_DISTANCES,
+    DEFAULT_CRITERION,
+    NOISE_MSE,
+    Criterion,
+    CurvePoint,
+    Distance,
+    ImageScore,
+    curve_point,
+    no_effect_error,
+    score_image,
+    unmeasurable,
+    verdict_passes,
+    worst_kept,
+)
 
-VERIFICATION_KEY = "lora_prune.verification"
+__all__ = ["VERIFICATION_KEY", "AutoResult", "NotASubsetError", "VerifyResult", "auto_keep",
+           "check_subset", "verify_slim"]
 
 
 class NotASubsetError(UnsupportedLoraError):
@@ -77,32 +93,32 @@ def check_subset(full: LoraFile, slim: LoraFile) -> list[str]:
 
 
 @dataclass
-class VerifyImage:
-    prompt: int
-    seed: int
-    ssim: float
-    mse: float
-    #: MSE(base, full): how much the LoRA changes this image
-    effect: float
-    #: 1 - MSE(slim, full) / MSE(base, full); None when the LoRA changes nothing
-    kept_share: float | None
-    passed: bool
-
-
-@dataclass
 class VerifyResult:
     full: str
     slim: str | None
     full_sha256: str
     kept_blocks: list[str]
-    min_ssim: float
+    criterion: Criterion
     settings: dict[str, Any]
     model: str
-    images: list[VerifyImage] = field(default_factory=list)
+    images: list[ImageScore] = field(default_factory=list)
+
+    @property
+    def min_ssim(self) -> float | None:
+        return self.criterion.min_ssim
+
+    @property
+    def min_kept(self) -> float:
+        return self.criterion.min_kept
+
+    @property
+    def measurable(self) -> bool:
+        """False when the LoRA shows no effect on some image: then nothing is proved."""
+        return all(i.measurable for i in self.images)
 
     @property
     def passed(self) -> bool:
-        return all(i.passed for i in self.images)
+        return verdict_passes(self.images)
 
     @property
     def worst_ssim(self) -> float:
@@ -113,9 +129,19 @@ class VerifyResult:
         return float(np.mean([i.ssim for i in self.images]))
 
     @property
+    def worst_kept(self) -> dict[str, float]:
+        return worst_kept(self.images)
+
+    @property
     def kept_share(self) -> float | None:
-        effect = sum(i.effect for i in self.images)
-        return 1.0 - sum(i.mse for i in self.images) / effect if effect > 0 else None
+        """The smallest kept share over images and distances (None without an effect)."""
+        if not self.measurable:
+            return None
+        worst = self.worst_kept
+        return min(worst.values()) if worst else None
+
+    def no_effect_error(self) -> NoEffectError:
+        return no_effect_error(self.images, self.settings["prompts"], self.slim or self.full)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,42 +152,38 @@ class VerifyResult:
             "kept_blocks": format_block_spec(self.kept_blocks),
             "model": self.model,
             "settings": self.settings,
+            "criterion": CRITERION,
+            "formula": FORMULA,
+            "min_kept": self.min_kept,
             "min_ssim": self.min_ssim,
+            "noise_floor_mse": NOISE_MSE,
+            "measurable": self.measurable,
             "passed": self.passed,
             "worst_ssim": self.worst_ssim,
             "mean_ssim": self.mean_ssim,
             "kept_share": self.kept_share,
+            "worst_kept": self.worst_kept,
             "images": [asdict(i) for i in self.images],
         }
 
+    def record(self) -> VerificationRecord:
+        return VerificationRecord(
+            passed=self.passed, full_sha256=self.full_sha256, min_kept=self.min_kept,
+            min_ssim=self.min_ssim, worst_ssim=self.worst_ssim, worst_kept=self.worst_kept,
+            distances=sorted(self.images[0].effect) if self.images else [],
+            images=[{"prompt": i.prompt, "seed": i.seed,
+                     "kept": {k: round(v, 6) for k, v in i.kept.items()},
+                     "effect_mse": round(i.effect["mse"], 6)} for i in self.images],
+            model=self.model,
+            settings={"prompts": list(self.settings["prompts"]),
+                      "seeds": list(self.settings["seeds"]),
+                      "size": [self.settings["width"], self.settings["height"]],
+                      "steps": self.settings["steps"]},
+        )
+
     def metadata_value(self) -> str:
         """The compact JSON stored in a slim file's ``lora_prune.verification``."""
-        return json.dumps({
-            "full_sha256": self.full_sha256,
-            "model": self.model,
-            "prompts": list(self.settings["prompts"]),
-            "seeds": list(self.settings["seeds"]),
-            "size": [self.settings["width"], self.settings["height"]],
-            "steps": self.settings["steps"],
-            "min_ssim": self.min_ssim,
-            "worst_ssim": round(self.worst_ssim, 6),
-            "kept_share": None if self.kept_share is None else round(self.kept_share, 6),
-            "passed": self.passed,
-        }, sort_keys=True)
-
-
-def _score(
-    base: np.ndarray, full: np.ndarray, slim: np.ndarray, prompt: int, seed: int, min_ssim: float
-) -> VerifyImage:
-    s = ssim(slim, full)
-    m = mse(slim, full)
-    effect = mse(base, full)
-    return VerifyImage(prompt, seed, s, m, effect, 1.0 - m / effect if effect > 0 else None, s >= min_ssim)
-
-
-def _check_threshold(min_ssim: float) -> None:
-    if not 0.0 <= min_ssim <= 1.0:
-        raise UsageError(f"--min-ssim {min_ssim} is not in 0..1", "--min-ssim", "use e.g. 0.95")
+        return self.record().to_metadata()
 
 
 def verify_slim(
@@ -171,22 +193,23 @@ def verify_slim(
     settings: AnalyzeSettings,
     renderer: Renderer,
     *,
-    min_ssim: float = 0.95,
+    criterion: Criterion = DEFAULT_CRITERION,
+    distances: Mapping[str, Distance] = BASE_DISTANCES,
     slim_path: Path | None = None,
     out_dir: Path | None = None,
     scale: int = 1,
 ) -> VerifyResult:
     """Render base, full and the kept blocks for every prompt x seed and score them.
 
-    With ``out_dir``, writes ``verify.png`` (rows of base | full | slim |
-    heatmap of slim vs full) and ``verify.json``.
+    The verdict is :mod:`lora_prune.verdict`'s: the share of the LoRA's effect
+    kept, on every image and distance. With ``out_dir``, writes ``verify.png``
+    (rows of base | full | slim | heatmap of slim vs full) and ``verify.json``.
     """
-    _check_threshold(min_ssim)
     kept = frozenset(keep)
     all_blocks = frozenset(full.blocks)
     result = VerifyResult(
         full=str(full.path), slim=str(slim_path) if slim_path else None, full_sha256=full_sha256,
-        kept_blocks=sort_blocks(kept), min_ssim=min_ssim,
+        kept_blocks=sort_blocks(kept), criterion=criterion,
         settings=settings_to_json(settings),
         model=renderer.model_id,
     )
@@ -194,16 +217,18 @@ def verify_slim(
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
             base, full_img, slim_img = renderer([frozenset(), all_blocks, kept], prompt, seed, settings)
-            score = _score(base, full_img, slim_img, p, seed, min_ssim)
+            score = score_image(base, full_img, slim_img, p, seed, criterion, distances)
             result.images.append(score)
             if out_dir is not None:
                 d = diff_map(slim_img, full_img)
-                verdict = "pass" if score.passed else "FAIL"
+                verdict = ("pass" if score.passed else "FAIL") if score.measurable else "no effect"
+                share = "n/a" if score.kept_share is None else f"{100 * score.kept_share:.1f}%"
                 rows.append(side_by_side([
                     label_tile(base, "no LoRA", bottom=f"prompt {p}, seed {seed}", scale=scale),
-                    label_tile(full_img, "full", scale=scale),
-                    label_tile(slim_img, "slim", top_right=f"SSIM {score.ssim:.4f}",
-                               bottom=f"MSE {score.mse:.2f}", scale=scale),
+                    label_tile(full_img, "full", bottom=f"effect MSE {score.effect['mse']:.1f}",
+                               scale=scale),
+                    label_tile(slim_img, "slim", top_right=f"kept {share}",
+                               bottom=f"SSIM {score.ssim:.4f}", scale=scale),
                     label_tile(heatmap_overlay(slim_img, d, max(float(d.max()), 1.0), 0.75),
                                f"slim vs full: {verdict}", bottom=f"max diff {float(d.max()):.1f}",
                                scale=scale),
@@ -219,8 +244,14 @@ def verify_slim(
 class AutoResult:
     blocks: list[str]
     order: list[str]
-    tried: list[tuple[int, float]]  # (number of top blocks kept, worst SSIM)
+    #: the pruning curve: top-k of ``order`` for k = 0, every k rendered, and n
+    curve: list[CurvePoint]
     verification: VerifyResult
+
+    @property
+    def tried(self) -> list[tuple[int, float | None]]:
+        """(k, worst kept share over images and distances) for every k rendered."""
+        return [(p.k, min(p.worst.values()) if p.worst else None) for p in self.curve if p.rendered]
 
 
 def auto_keep(
@@ -230,33 +261,42 @@ def auto_keep(
     settings: AnalyzeSettings,
     renderer: Renderer,
     *,
-    min_ssim: float = 0.95,
+    criterion: Criterion = DEFAULT_CRITERION,
+    distances: Mapping[str, Distance] = BASE_DISTANCES,
     batch_size: int = 8,
+    stop_at_pass: bool = True,
+    size_of: Callable[[Sequence[str]], int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AutoResult:
-    """The smallest keep set, in ranking order, that passes ``min_ssim`` on every image.
+    """The fewest blocks, in ranking order, whose slim passes the verdict on every image.
 
     Candidate sets are the top-k blocks of ``order`` for k = 1..n, rendered as
-    per-image block masks in batches; the scan stops at the first passing k.
+    per-image block masks in batches; with ``stop_at_pass`` the scan stops at
+    the batch holding the first passing k, otherwise every k is rendered (the
+    full pruning curve). Raises :class:`NoEffectError` when the LoRA shows no
+    measurable effect on some image: no keep set can be proved there.
     """
-    _check_threshold(min_ssim)
     order = [b for b in order if b in full.blocks]
     if not order:
         raise UsageError("the ranking names none of the LoRA's blocks", full.path,
                          "run analyze on this LoRA first")
     all_blocks = frozenset(full.blocks)
     refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    ref_scores: list[ImageScore] = []
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
             base, full_img = renderer([frozenset(), all_blocks], prompt, seed, settings)
             refs[(p, seed)] = (base, full_img)
-    tried: list[tuple[int, float]] = []
+            ref_scores.append(score_image(base, full_img, base, p, seed, criterion, distances))
+    if unmeasurable(ref_scores):
+        raise no_effect_error(ref_scores, settings.prompts, str(full.path))
+    size = size_of or (lambda blocks: 0)
+    n = len(order)
     # The scores of the chosen set are those of the very renders that chose it.
-    scores: dict[int, list[VerifyImage]] = {}
-    chosen = len(order)
-    total = len(order)
-    for start in range(1, len(order) + 1, batch_size):
-        ks = list(range(start, min(start + batch_size, len(order) + 1)))
+    scores: dict[int, list[ImageScore]] = {0: ref_scores}
+    chosen: int | None = None
+    for start in range(1, n + 1, batch_size):
+        ks = list(range(start, min(start + batch_size, n + 1)))
         for k in ks:
             scores[k] = []
         for p, prompt in enumerate(settings.prompts):
@@ -264,21 +304,29 @@ def auto_keep(
                 base, full_img = refs[(p, seed)]
                 imgs = renderer([frozenset(order[:k]) for k in ks], prompt, seed, settings)
                 for k, img in zip(ks, imgs, strict=True):
-                    scores[k].append(_score(base, full_img, img, p, seed, min_ssim))
-        worst = {k: min(i.ssim for i in scores[k]) for k in ks}
-        tried.extend((k, worst[k]) for k in ks)
+                    scores[k].append(score_image(base, full_img, img, p, seed, criterion, distances))
         if progress:
-            progress(ks[-1], total)
-        passing = [k for k in ks if worst[k] >= min_ssim]
-        if passing:
+            progress(ks[-1], n)
+        passing = [k for k in ks if verdict_passes(scores[k])]
+        if passing and chosen is None:
             chosen = passing[0]
-            break
+            if stop_at_pass:
+                break
+    curve = [curve_point(k, sorted(order[:k], key=block_order), size(order[:k]), s,
+                         rendered=k != 0) for k, s in sorted(scores.items())]
+    if n not in scores:
+        # The full keep set renders as the full LoRA: all of the effect, by definition.
+        curve.append(CurvePoint(n, sorted(order, key=block_order), size(order),
+                                dict.fromkeys(distances, 1.0), dict.fromkeys(distances, 1.0),
+                                True, rendered=False))
+    if chosen is None:
+        chosen = n
     blocks = sorted(order[:chosen], key=block_order)
     result = VerifyResult(
         full=str(full.path), slim=None, full_sha256=full_sha256, kept_blocks=blocks,
-        min_ssim=min_ssim,
+        criterion=criterion,
         settings=settings_to_json(settings),
         model=renderer.model_id,
-        images=scores[chosen],
+        images=scores.get(chosen, []),
     )
-    return AutoResult(blocks, list(order), tried, result)
+    return AutoResult(blocks, list(order), curve, result)

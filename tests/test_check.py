@@ -727,7 +727,9 @@ def test_slim_not_a_subset(tmp_path: Path) -> None:
 class Outcome:
     passed: bool
     worst_ssim: float
-    min_ssim: float
+    min_ssim: float | None
+    kept_share: float | None = None
+    min_kept: float = 0.9
 
 
 def test_reverify_is_called_with_slim_and_full(slim_repo: tuple[Path, Path, Path]) -> None:
@@ -736,10 +738,10 @@ def test_reverify_is_called_with_slim_and_full(slim_repo: tuple[Path, Path, Path
 
     def good(s: Path, f: Path) -> Outcome:
         calls.append((s, f))
-        return Outcome(True, 0.97, 0.95)
+        return Outcome(True, 0.97, 0.95, 0.96)
 
     def bad(s: Path, f: Path) -> Outcome:
-        return Outcome(False, 0.80, 0.95)
+        return Outcome(False, 0.80, 0.95, 0.25)
 
     result = run_check([root], None, reverify=good)
     assert calls == [(slim, full)]
@@ -749,7 +751,7 @@ def test_reverify_is_called_with_slim_and_full(slim_repo: tuple[Path, Path, Path
     result = run_check([root], None, reverify=bad)
     s = next(f for f in result.files if f.path == slim)
     assert [x.code for x in s.errors] == ["reverify_failed"]
-    assert "0.8000 < 0.95" in s.errors[0].message
+    assert "keeps at worst 25.0% of the LoRA's effect (needs 90% on every image), worst SSIM 0.8000" in s.errors[0].message
 
     # Re-rendering is the proof: a slim file without a record passes when it renders alike.
     bare = slim_lora(full, {"double.0"}, output=root / "loras" / "bare.slim.safetensors").output

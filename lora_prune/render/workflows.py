@@ -19,7 +19,9 @@ from ..analysis import (
     AnalyzeSettings,
     PictureOptions,
     analyze,
+    keep_size,
     read_manifest,
+    set_curve,
     settings_from_json,
 )
 from ..errors import LoraPruneError
@@ -27,6 +29,7 @@ from ..lora import LoraFile, read_lora
 from ..safetensors_io import file_sha256
 from ..slim import SlimResult, slim_lora
 from ..synth import planted_lora
+from ..verdict import DEFAULT_CRITERION, Criterion
 from ..verify import (
     VERIFICATION_KEY,
     AutoResult,
@@ -54,13 +57,18 @@ def auto_slim(
     settings: AnalyzeSettings,
     work_dir: Path,
     *,
-    min_ssim: float = 0.95,
+    criterion: Criterion = DEFAULT_CRITERION,
     output: Path | None = None,
     force: bool = False,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> AutoSlimResult:
-    """Rank blocks (leave-one-out, reusing earlier renders), find the smallest passing keep set, write it."""
+    """Rank blocks (leave-one-out, reusing earlier renders), find the smallest passing keep set, write it.
+
+    The keep set is the fewest top-ranked blocks whose slim keeps ``criterion``'s
+    share of the LoRA's effect on every image; the pruning curve of every k
+    rendered goes into ``work_dir`` (pruning_curve.png, ranking.json, report).
+    """
     sha = file_sha256(lora.path)
     settings = _keep_earlier_modes(settings, work_dir)
     with open_session(spec, lora) as session:
@@ -68,8 +76,10 @@ def auto_slim(
                            progress=progress)
         mode = "loo" if "loo" in settings.modes else "solo"
         order = [r.block for r in analysis.rows_for(mode)]
-        auto = auto_keep(lora, sha, order, settings, session.renderer, min_ssim=min_ssim,
-                         batch_size=batch_size)
+        auto = auto_keep(lora, sha, order, settings, session.renderer, criterion=criterion,
+                         batch_size=batch_size, size_of=lambda blocks: keep_size(lora, blocks),
+                         progress=progress)
+    set_curve(analysis, auto.curve, criterion, lora=lora)
     slim = slim_lora(lora, auto.blocks, output=output, force=force,
                      extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()})
     return AutoSlimResult(analysis, auto, slim)
@@ -144,7 +154,7 @@ def run_demo(out_dir: Path, *, progress: Progress | None = None, batch_size: int
 
 
 def make_reverify(
-    spec: ModelSpec, settings: AnalyzeSettings, min_ssim: float
+    spec: ModelSpec, settings: AnalyzeSettings, criterion: Criterion
 ) -> Callable[[Path, Path], VerifyResult]:
     """A re-rendering verifier for ``check --model``: (slim, full) -> verification."""
 
@@ -153,6 +163,6 @@ def make_reverify(
         kept = check_subset(full, read_lora(slim_path))
         with open_session(spec, full) as session:
             return verify_slim(full, file_sha256(full_path), kept, settings, session.renderer,
-                               min_ssim=min_ssim, slim_path=slim_path)
+                               criterion=criterion, slim_path=slim_path)
 
     return reverify

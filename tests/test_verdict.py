@@ -1,0 +1,228 @@
+"""The verdict: a slim LoRA is judged by the share of the LoRA's effect it keeps.
+
+Unit tests of the formula on hand-made images, then the acceptance cases of the
+tiny model: a LoRA whose blocks carry known, unequal shares (``final`` strong,
+``double.3`` weaker, ``single.7`` weakest, every other block zero), and a LoRA
+that changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from browser import Browser
+from click.testing import CliRunner
+from PIL import Image
+
+from lora_prune.analysis import AnalyzeSettings
+from lora_prune.check import load_policy, run_check
+from lora_prune.cli import cli
+from lora_prune.errors import EXIT_NO_EFFECT, NoEffectError
+from lora_prune.lora import read_lora
+from lora_prune.provenance import VERIFICATION_KEY, VerificationRecord
+from lora_prune.render.loading import ModelSpec
+from lora_prune.render.session import open_session
+from lora_prune.safetensors_io import file_sha256
+from lora_prune.slim import slim_lora
+from lora_prune.synth import planted_lora
+from lora_prune.verdict import NOISE_MSE, Criterion, score_image
+from lora_prune.verify import auto_keep, verify_slim
+
+torch.set_num_threads(1)
+
+PLANTED = {"final": 1.0, "double.3": 0.5, "single.7": 0.25}
+SMALL = ["--size", "32", "--steps", "2"]
+RENDER = ["--model", "tiny", "--prompt", "a red fox", "--seed", "0", *SMALL]
+SETTINGS = AnalyzeSettings(prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return planted_lora(tmp_path_factory.mktemp("verdict") / "planted.safetensors", PLANTED)
+
+
+@pytest.fixture(scope="module")
+def inert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Every block present, every weight zero: the renders do not change.
+    return planted_lora(tmp_path_factory.mktemp("inert") / "inert.safetensors", {})
+
+
+# --- the formula ------------------------------------------------------------
+def _img(value: int, noise: np.ndarray | None = None) -> np.ndarray:
+    img = np.full((16, 16, 3), value, dtype=np.int16)
+    if noise is not None:
+        img = img + noise
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_kept_share_is_one_minus_residual_over_effect() -> None:
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(-40, 40, size=(16, 16, 3))
+    base, full = _img(100), _img(100, pattern)
+    half = _img(100, pattern // 2)
+    score = score_image(base, full, half, 0, 0, Criterion())
+    effect = float(np.mean((full.astype(float) - base) ** 2))
+    residual = float(np.mean((full.astype(float) - half) ** 2))
+    assert score.effect["mse"] == pytest.approx(effect)
+    assert score.kept["mse"] == pytest.approx(1 - residual / effect)
+    assert 0.5 < score.kept["mse"] < 0.9 and not score.passed
+    same = score_image(base, full, full, 0, 0, Criterion())
+    assert same.kept == {"mse": 1.0, "ssim": 1.0} and same.passed
+    empty = score_image(base, full, base, 0, 0, Criterion())
+    assert empty.kept == {"mse": 0.0, "ssim": 0.0} and not empty.passed
+
+
+def test_effect_at_the_noise_floor_is_not_measurable() -> None:
+    base = _img(100)
+    one_level = _img(101)  # every pixel one level off: MSE exactly 1
+    score = score_image(base, one_level, one_level, 0, 0, Criterion())
+    assert score.effect["mse"] == NOISE_MSE
+    assert not score.measurable and not score.passed and score.kept_share is None
+
+
+def test_absolute_ssim_floor_is_optional_and_extra() -> None:
+    rng = np.random.default_rng(1)
+    pattern = rng.integers(-60, 60, size=(16, 16, 3))
+    base, full = _img(120), _img(120, pattern)
+    close = _img(120, pattern + rng.integers(-3, 4, size=pattern.shape))
+    loose = score_image(base, full, close, 0, 0, Criterion(min_kept=0.9))
+    assert loose.passed
+    strict = score_image(base, full, close, 0, 0, Criterion(min_kept=0.9, min_ssim=0.9999))
+    assert strict.kept == loose.kept and not strict.passed
+
+
+# --- the tiny model: known, unequal shares ------------------------------------
+def test_verify_fails_a_slim_without_the_strongest_block(planted: Path, tmp_path: Path) -> None:
+    slim = slim_lora(planted, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
+    code, out, _ = run_cli("verify", str(planted), str(slim.output), *RENDER,
+                           "--out", str(tmp_path / "v"))
+    assert code == 1, out
+    report = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert report["criterion"] == "kept_share" and report["min_kept"] == 0.9
+    assert report["passed"] is False and report["kept_share"] < 0.5
+    assert "FAIL" in out and "worst share of the effect kept" in out
+
+
+def test_verify_passes_the_full_keep_set(planted: Path, tmp_path: Path) -> None:
+    slim = slim_lora(planted, list(PLANTED), output=tmp_path / "all.safetensors")
+    code, out, _ = run_cli("verify", str(planted), str(slim.output), *RENDER,
+                           "--out", str(tmp_path / "v"))
+    assert code == 0, out
+    assert json.loads((tmp_path / "v" / "verify.json").read_text())["kept_share"] == 1.0
+
+
+def test_empty_keep_set_fails(planted: Path) -> None:
+    lora = read_lora(planted)
+    with open_session(ModelSpec(model="tiny"), lora) as session:
+        result = verify_slim(lora, file_sha256(planted), [], SETTINGS, session.renderer)
+    assert not result.passed and result.kept_share == 0.0
+
+
+def test_slim_auto_keeps_only_blocks_that_carry_effect_and_passes(
+    planted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "auto.safetensors"
+    work = tmp_path / "work"
+    code, stdout, _ = run_cli("slim", str(planted), "--auto", *RENDER, "-o", str(out),
+                              "--work-dir", str(work), "--batch-size", "16")
+    assert code == 0, stdout
+    kept = set(read_lora(out).blocks)
+    assert kept and kept <= set(PLANTED)
+    assert "final" in kept
+    record = VerificationRecord.parse(read_lora(out).metadata[VERIFICATION_KEY])
+    assert isinstance(record, VerificationRecord)
+    assert record.passed and record.criterion == "kept_share" and record.min_kept == 0.9
+    assert record.kept_share is not None and record.kept_share >= 0.9
+    assert record.images and set(record.images[0]["kept"]) == {"mse", "ssim"}
+    assert "worst share of the effect kept" in stdout
+    # The curve of every k rendered, from 0% (no block) to 100% (all blocks).
+    ranking = json.loads((work / "ranking.json").read_text())
+    points = ranking["pruning_curve"]["points"]
+    assert points[0]["k"] == 0 and points[0]["kept"] == {"mse": 0.0, "ssim": 0.0}
+    assert points[-1]["k"] == len(read_lora(planted).blocks)
+    assert points[-1]["kept"] == {"mse": 1.0, "ssim": 1.0}
+    assert Image.open(work / "pruning_curve.png").size == (1000, 520)
+    # ... and the verified slim passes check against a policy demanding 90%, not 99.99%.
+    policy = tmp_path / "p.toml"
+    policy.write_text("require_verified = true\nmin_kept = 0.9\n")
+    assert run_check([out, planted], load_policy(policy)).exit_code == 0
+    policy.write_text("require_verified = true\nmin_kept = 0.9999\n")
+    strict = run_check([out, planted], load_policy(policy))
+    assert strict.exit_code == 1
+    codes = {f.code for f in strict.files[0].findings} | {f.code for f in strict.files[1].findings}
+    assert "verification_too_weak" in codes
+
+
+def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
+    planted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "a"
+    code, stdout, _ = run_cli("analyze", str(planted), *RENDER, "--mode", "loo", "--curve",
+                              "--out", str(out), "--batch-size", "32")
+    assert code == 0, stdout
+    ranking = json.loads((out / "ranking.json").read_text())
+    points = ranking["pruning_curve"]["points"]
+    n = len(read_lora(planted).blocks)
+    assert [p["k"] for p in points] == list(range(n + 1))
+    assert points[0]["kept"]["mse"] == 0.0 and points[-1]["kept"]["mse"] == 1.0
+    assert points[-1]["bytes"] > points[1]["bytes"] > 0
+    suggestion = ranking["suggestion"]
+    assert suggestion["criterion"] == "kept_share"
+    assert set(suggestion["blocks"]) <= set(PLANTED)
+    assert min(suggestion["kept"].values()) >= 0.9
+    assert ranking["effects"][0]["measurable"] is True and ranking["effects"][0]["mse"] > 100
+    html = (out / "report.html").read_text()
+    assert "id='pruning-curve'" in html and "id='effects-table'" in html
+    # In a real browser: the curve's picture loads and its table has a row per k.
+    with Browser(width=1280, height=900) as page:
+        page.open(out / "report.html")
+        page.wait_for("document.querySelector('#pruning-curve').complete")
+        assert page.evaluate("document.querySelector('#pruning-curve').naturalWidth") == 1000
+        assert page.evaluate("document.querySelectorAll('#curve-table tbody tr').length") == n + 1
+        first = page.evaluate("document.querySelector('#curve-table tbody tr').innerText")
+        assert first.split("\t")[:3] == ["0", "0.0%", "0.0%"]
+    # --from keeps the stored curve.
+    code, _, _ = run_cli("analyze", "--from", str(out))
+    assert code == 0
+    assert json.loads((out / "ranking.json").read_text())["pruning_curve"]["points"] == points
+
+
+# --- a LoRA that changes nothing ----------------------------------------------
+def test_no_effect_is_a_named_error_never_a_pass(inert: Path, tmp_path: Path) -> None:
+    slim = slim_lora(inert, ["double.3"], output=tmp_path / "s.safetensors")
+    code, _, err = run_cli("verify", str(inert), str(slim.output), *RENDER,
+                           "--out", str(tmp_path / "v"))
+    assert code == EXIT_NO_EFFECT == 7
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the LoRA has no measurable effect on prompt 0 ('a red fox') seed 0")
+    assert "trigger words" in line
+    code, _, err = run_cli("slim", str(inert), "--auto", *RENDER, "-o", str(tmp_path / "a.st"),
+                           "--work-dir", str(tmp_path / "w"))
+    assert code == 7 and "no measurable effect" in err
+    assert not (tmp_path / "a.st").exists()
+    code, stdout, err = run_cli("analyze", str(inert), *RENDER, "--out", str(tmp_path / "an"))
+    assert code == 0
+    assert "warning: the LoRA has no measurable effect on prompt 0" in err
+    ranking = json.loads((tmp_path / "an" / "ranking.json").read_text())
+    assert ranking["effects"][0]["measurable"] is False and ranking["warnings"]
+
+
+def test_auto_keep_raises_no_effect(inert: Path) -> None:
+    lora = read_lora(inert)
+    with open_session(ModelSpec(model="tiny"), lora) as session, pytest.raises(NoEffectError):
+        auto_keep(lora, file_sha256(inert), ["double.3"], SETTINGS, session.renderer)
+
+
+def test_seed_is_accepted_wherever_seeds_is() -> None:
+    for command in ("render", "analyze", "verify", "slim", "check"):
+        code, out, _ = run_cli(command, "--help")
+        assert code == 0 and "--seed" in out, command
