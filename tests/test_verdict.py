@@ -209,7 +209,7 @@ def test_no_effect_is_a_named_error_never_a_pass(inert: Path, tmp_path: Path) ->
                            "--work-dir", str(tmp_path / "w"))
     assert code == 7 and "no measurable effect" in err
     assert not (tmp_path / "a.st").exists()
-    code, stdout, err = run_cli("analyze", str(inert), *RENDER, "--out", str(tmp_path / "an"))
+    code, _, err = run_cli("analyze", str(inert), *RENDER, "--out", str(tmp_path / "an"))
     assert code == 0
     assert "warning: the LoRA has no measurable effect on prompt 0" in err
     ranking = json.loads((tmp_path / "an" / "ranking.json").read_text())
