@@ -44,7 +44,14 @@ from .report import write_report
 from .safetensors_io import TensorEntry, build_header
 from .slim import plan_slim
 from .stats import block_stats
-from .verdict import NOISE_MSE, Criterion, CurvePoint, effect_is_measurable
+from .verdict import (
+    BASE_DISTANCES,
+    NOISE_MSE,
+    Criterion,
+    CurvePoint,
+    Distance,
+    effect_is_measurable,
+)
 
 MODES = ("solo", "loo")
 MANIFEST = "manifest.json"
@@ -726,6 +733,7 @@ def analyze(
     options: PictureOptions = PictureOptions(),
     progress: Progress | None = None,
     curve: Criterion | None = None,
+    distances: Mapping[str, Distance] | None = None,
 ) -> Analysis:
     """Render what is missing, then analyse. Rerunning renders nothing new.
 
@@ -754,6 +762,7 @@ def analyze(
         primary = "loo" if "loo" in settings.modes else "solo"
         order = [r.block for r in result.rows_for(primary)]
         auto = auto_keep(lora, lora_sha256, order, settings, renderer, criterion=curve,
+                         distances=distances or BASE_DISTANCES,
                          batch_size=batch_size, stop_at_pass=False,
                          size_of=lambda blocks: keep_size(lora, blocks))
         set_curve(result, auto.curve, curve, lora=lora)

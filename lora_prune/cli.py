@@ -187,6 +187,24 @@ reaches --min-ssim, when given). An image where MSE(base, full) <= 1 (one
 the LoRA shows, such as its trigger words."""
 
 
+perceptual_opt = click.option(
+    "--perceptual", metavar="MODEL",
+    help="Add a perceptual distance to the verdict: 1 - cosine of the pooled embeddings of a "
+         "transformers image encoder (DINOv2 or CLIP vision; local folder or hub id).")
+
+
+def _distances(perceptual: str | None, device: str | None) -> Any:
+    """The verdict's distances: MSE and 1-SSIM, plus the perceptual one when asked for."""
+    from .verdict import BASE_DISTANCES
+
+    if perceptual is None:
+        return dict(BASE_DISTANCES)
+    _render_api()
+    from .render.perceptual import PerceptualDistance
+
+    return {**BASE_DISTANCES, "perceptual": PerceptualDistance(perceptual, device or "cpu")}
+
+
 def verdict_options(when: str = "") -> Callable[[F], F]:
     """--min-kept and --min-ssim: the thresholds of :mod:`lora_prune.verdict`."""
 
@@ -241,6 +259,7 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 @model_options(required=False, when="With --auto: ")
 @settings_options(required=False, when="With --auto: ")
 @verdict_options("With --auto: ")
+@perceptual_opt
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
               help="With --auto: analysis folder (renders are reused) [default: <stem>.analysis].")
@@ -249,7 +268,8 @@ def slim(
     allow_unknown: bool, model: str | None, transformer_file: Path | None, device: str | None,
     dtype: str | None, offload: bool, prompts: tuple[str, ...], seeds: str, size: int | None,
     width: int | None, height: int | None, steps: int | None, guidance: float, strength: float,
-    min_kept: float, min_ssim: float | None, batch_size: int, work_dir: Path | None,
+    min_kept: float, min_ssim: float | None, perceptual: str | None, batch_size: int,
+    work_dir: Path | None,
 ) -> None:
     """Write a LoRA that keeps only the chosen blocks, byte-identical for what it keeps.
 
@@ -282,7 +302,8 @@ def slim(
             auto_result = auto_slim(
                 lora_file, _model_spec(model, transformer_file, device, dtype, offload), settings,
                 work_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis"),
-                criterion=Criterion(min_kept=min_kept, min_ssim=min_ssim), output=output,
+                criterion=Criterion(min_kept=min_kept, min_ssim=min_ssim),
+                distances=_distances(perceptual, device), output=output,
                 force=force, batch_size=batch_size, progress=bar,
             )
         finally:
@@ -442,13 +463,14 @@ def render(lora: Path, model: str, transformer_file: Path | None, device: str | 
 
 def _run_analyze(lora_file: Any, lora_sha: str, settings: AnalyzeSettings, spec: Any, out: Path,
                  batch_size: int, coverage: float, options: PictureOptions,
-                 curve: Criterion | None = None) -> Analysis:
+                 curve: Criterion | None = None, distances: Any = None) -> Analysis:
     _, session = _render_api()
     bar = _Bar("rendering")
     try:
         with session.open_session(spec, lora_file) as sess:
             return analyze(lora_file, lora_sha, settings, out, sess.renderer, batch_size=batch_size,
-                           coverage=coverage, options=options, progress=bar, curve=curve)
+                           coverage=coverage, options=options, progress=bar, curve=curve,
+                           distances=distances)
     finally:
         bar.close()
 
@@ -487,13 +509,15 @@ def picture_options(f: F) -> F:
               help="Also render the pruning curve (top-k blocks for every k) and suggest the "
                    "fewest blocks that keep --min-kept of the effect on every image.")
 @verdict_options("With --curve: ")
+@perceptual_opt
 @picture_options
 def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | None,
                 device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
                 seeds: str, size: int | None, width: int | None, height: int | None,
                 steps: int | None, guidance: float, strength: float, mode: str, batch_size: int,
                 out_dir: Path | None, from_dir: Path | None, coverage: float, curve: bool,
-                min_kept: float, min_ssim: float | None, heatmap_scale: str,
+                min_kept: float, min_ssim: float | None, perceptual: str | None,
+                heatmap_scale: str,
                 cmap: str, opacity: float, sheet_order: str, sheet_max_pixels: int) -> None:
     """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
 
@@ -530,7 +554,8 @@ def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | N
         t0 = time.perf_counter()
         result = _run_analyze(lora_file, file_sha256(lora), settings, spec, out, batch_size,
                               coverage, options,
-                              Criterion(min_kept=min_kept, min_ssim=min_ssim) if curve else None)
+                              Criterion(min_kept=min_kept, min_ssim=min_ssim) if curve else None,
+                              _distances(perceptual, device) if curve else None)
         r = result.renders
         click.echo(f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
                    f"{time.perf_counter() - t0:.1f} s")
@@ -547,13 +572,14 @@ def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | N
 @model_options()
 @settings_options()
 @verdict_options()
+@perceptual_opt
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for verify.png and verify.json [default: <slim stem>.verify].")
 def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | None,
            device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
            seeds: str, size: int | None, width: int | None, height: int | None, steps: int | None,
            guidance: float, strength: float, min_kept: float, min_ssim: float | None,
-           out_dir: Path | None) -> None:
+           perceptual: str | None, out_dir: Path | None) -> None:
     """Prove a slim LoRA renders like its full LoRA; exit 1 when an image keeps too little.
 
     Each image must keep --min-kept of the LoRA's effect (see Verdict below).
@@ -570,7 +596,8 @@ def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | Non
     with session.open_session(_model_spec(model, transformer_file, device, dtype, offload),
                               full_file) as sess:
         result = verify_slim(full_file, file_sha256(full), kept, settings, sess.renderer,
-                             criterion=criterion, slim_path=slim_file, out_dir=out,
+                             criterion=criterion, distances=_distances(perceptual, device),
+                             slim_path=slim_file, out_dir=out,
                              scale=max(1, 256 // settings.width))
     _print_verification(result)
     click.echo(f"wrote    {out / 'verify.png'}, {out / 'verify.json'}")

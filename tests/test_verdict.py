@@ -226,3 +226,37 @@ def test_seed_is_accepted_wherever_seeds_is() -> None:
     for command in ("render", "analyze", "verify", "slim", "check"):
         code, out, _ = run_cli(command, "--help")
         assert code == 0 and "--seed" in out, command
+
+
+# --- the optional perceptual distance ----------------------------------------
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A tiny, randomly initialised DINOv2 built from a config: plumbing, not quality.
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, image_size=32, patch_size=8)
+    folder = tmp_path_factory.mktemp("dino") / "tiny-dinov2"
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+def test_perceptual_distance_joins_the_verdict(planted: Path, encoder: Path, tmp_path: Path) -> None:
+    from lora_prune.render.perceptual import PerceptualDistance
+
+    d = PerceptualDistance(str(encoder))
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    assert d(a, a) == 0.0 and 0.0 < d(a, b) <= 2.0
+    slim = slim_lora(planted, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
+    code, out, _ = run_cli("verify", str(planted), str(slim.output), *RENDER, "--perceptual",
+                           str(encoder), "--out", str(tmp_path / "v"))
+    assert code == 1, out
+    image = json.loads((tmp_path / "v" / "verify.json").read_text())["images"][0]
+    assert set(image["kept"]) == {"mse", "ssim", "perceptual"}
+    assert image["effect"]["perceptual"] > 0
+    code, _, err = run_cli("verify", str(planted), str(slim.output), *RENDER, "--perceptual",
+                           str(tmp_path / "missing"))
+    assert code == 2 and err.startswith("error: cannot load image encoder")

@@ -29,7 +29,7 @@ from ..lora import LoraFile, read_lora
 from ..safetensors_io import file_sha256
 from ..slim import SlimResult, slim_lora
 from ..synth import planted_lora
-from ..verdict import DEFAULT_CRITERION, Criterion
+from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
 from ..verify import (
     VERIFICATION_KEY,
     AutoResult,
@@ -58,6 +58,7 @@ def auto_slim(
     work_dir: Path,
     *,
     criterion: Criterion = DEFAULT_CRITERION,
+    distances: Mapping[str, Distance] = BASE_DISTANCES,
     output: Path | None = None,
     force: bool = False,
     batch_size: int = 8,
@@ -77,7 +78,7 @@ def auto_slim(
         mode = "loo" if "loo" in settings.modes else "solo"
         order = [r.block for r in analysis.rows_for(mode)]
         auto = auto_keep(lora, sha, order, settings, session.renderer, criterion=criterion,
-                         batch_size=batch_size, size_of=lambda blocks: keep_size(lora, blocks),
+                         distances=distances, batch_size=batch_size, size_of=lambda blocks: keep_size(lora, blocks),
                          progress=progress)
     set_curve(analysis, auto.curve, criterion, lora=lora)
     slim = slim_lora(lora, auto.blocks, output=output, force=force,
