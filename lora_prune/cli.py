@@ -43,7 +43,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 verification/policy failed, 2 usage, 3 unreadable or
 unsafe file, 4 unsupported LoRA, 5 missing optional dependency, 6 output
-could not be written, 130 interrupted."""
+could not be written, 7 no measurable effect of the LoRA on an image, 130
+interrupted."""
 
 
 CHECK_EXIT_HELP = """\b
