@@ -51,7 +51,8 @@ from .errors import (
     UsageError,
     WrongBaseModelError,
 )
-from .lora import LoraFile, LoraModule, read_lora
+from .boundedjson import JsonLimitError, loads_bounded
+from .lora import ALPHA_LIMIT, LoraFile, LoraModule, factor_problem, read_lora
 from .safetensors_io import (
     SafetensorsHeader,
     SafetensorsReader,
@@ -645,15 +646,20 @@ def _module_findings(module: LoraModule) -> list[Finding]:
                     b.name,
                 )
             )
+    if not any(f.code in ("bad_shape", "rank_mismatch") for f in out):
+        problem = factor_problem(module)
+        if problem is not None:
+            out.append(Finding("error", "bad_shape", f"module {module.stem!r}: {problem}: "
+                               "re-export the LoRA", module.keys[0] if module.keys else None))
     alpha = module.alpha
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+    if alpha is not None and not (math.isfinite(alpha) and 0 < alpha <= ALPHA_LIMIT):
         info = t.get("alpha")
         out.append(
             Finding(
                 "error",
                 "bad_alpha",
                 f"alpha of module {module.stem!r} is {alpha!r}, expected a finite "
-                "positive number: fix or re-export the LoRA",
+                f"positive number up to {ALPHA_LIMIT:g}: fix or re-export the LoRA",
                 info.name if info is not None else None,
             )
         )
@@ -864,9 +870,9 @@ class _Verification:
 def _parse_verification(raw: str) -> _Verification | str:
     """The record, or why it cannot be used."""
     try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        return "is not valid JSON"
+        doc = loads_bounded(raw)
+    except JsonLimitError as exc:
+        return exc.reason
     if not isinstance(doc, dict):
         return "is not a JSON object"
     passed = doc.get("passed")
