@@ -51,7 +51,7 @@ from .errors import (
     UsageError,
     WrongBaseModelError,
 )
-from .lora import LoraFile, LoraModule, read_lora
+from .lora import ALPHA_LIMIT, LoraFile, LoraModule, factor_problem, read_lora
 from .provenance import CRITERION, VERIFICATION_KEY, VerificationRecord
 from .safetensors_io import (
     SafetensorsHeader,
@@ -665,15 +665,20 @@ def _module_findings(module: LoraModule) -> list[Finding]:
                     b.name,
                 )
             )
+    if not any(f.code in ("bad_shape", "rank_mismatch") for f in out):
+        problem = factor_problem(module)
+        if problem is not None:
+            out.append(Finding("error", "bad_shape", f"module {module.stem!r}: {problem}: "
+                               "re-export the LoRA", module.keys[0] if module.keys else None))
     alpha = module.alpha
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+    if alpha is not None and not (math.isfinite(alpha) and 0 < alpha <= ALPHA_LIMIT):
         info = t.get("alpha")
         out.append(
             Finding(
                 "error",
                 "bad_alpha",
                 f"alpha of module {module.stem!r} is {alpha!r}, expected a finite "
-                "positive number: fix or re-export the LoRA",
+                f"positive number up to {ALPHA_LIMIT:g}: fix or re-export the LoRA",
                 info.name if info is not None else None,
             )
         )

@@ -259,6 +259,18 @@ class BlockRangeError(ValueError):
         super().__init__(f"{kind} block index {index}")
 
 
+#: Digits of a block index read from a key; more is out of range for any model and is
+#: never converted (int() of 4,301 digits raises ValueError, and costs quadratic time).
+INDEX_MAX_DIGITS = 6
+_OUT_OF_RANGE = 10**INDEX_MAX_DIGITS
+
+
+def _index(text: str) -> int:
+    """A key's block index; an overlong one reads as out of range for any model."""
+    digits = text.lstrip("0")
+    return int(text) if len(digits) <= INDEX_MAX_DIGITS else _OUT_OF_RANGE
+
+
 def _check_index(kind: str, index: int) -> None:
     limit = DOUBLE_BLOCKS if kind == "double" else SINGLE_BLOCKS
     if index >= limit:
@@ -334,12 +346,12 @@ def _resolve_bfl(path: str, sep: str) -> Target | None:
     m = re.fullmatch(rf"double_blocks{re.escape(sep)}(\d+){re.escape(sep)}(.+)", path)
     if m and m.group(2) in table_d:
         comp = m.group(2) if sep == "." else _BFL_DOUBLE_FLAT[m.group(2)]
-        return _double(int(m.group(1)), comp)
+        return _double(_index(m.group(1)), comp)
     m = re.fullmatch(rf"single_blocks{re.escape(sep)}(\d+){re.escape(sep)}(.+)", path)
     if m and m.group(2) in table_s:
         comp = m.group(2) if sep == "." else _BFL_SINGLE_FLAT[m.group(2)]
         modules, kind = _BFL_SINGLE[comp]
-        return _single(int(m.group(1)), comp, modules, kind)
+        return _single(_index(m.group(1)), comp, modules, kind)
     if path in table_g:
         return _bfl_global(path if sep == "." else _BFL_GLOBAL_FLAT[path])
     return None
@@ -357,13 +369,13 @@ def _resolve_diffusers(path: str, sep: str) -> Target | None:
         if m.group(2) not in table_s:
             return None
         comp = m.group(2) if sep == "." else _DIFF_SINGLE_FLAT[m.group(2)]
-        return _diff_single(int(m.group(1)), comp)
+        return _diff_single(_index(m.group(1)), comp)
     m = re.fullmatch(rf"transformer_blocks{re.escape(sep)}(\d+){re.escape(sep)}(.+)", path)
     if m:
         if m.group(2) not in table_d:
             return None
         comp = m.group(2) if sep == "." else _DIFF_DOUBLE_FLAT[m.group(2)]
-        return _diff_double(int(m.group(1)), comp)
+        return _diff_double(_index(m.group(1)), comp)
     if path in table_g:
         return _diff_global(path if sep == "." else _DIFF_GLOBAL_FLAT[path])
     return None
@@ -372,10 +384,10 @@ def _resolve_diffusers(path: str, sep: str) -> Target | None:
 def _resolve_xlabs(path: str) -> Target | None:
     m = re.fullmatch(r"double_blocks\.(\d+)\.processor\.(\w+)", path)
     if m and m.group(2) in _XLABS_DOUBLE:
-        return _double(int(m.group(1)), _XLABS_DOUBLE[m.group(2)])
+        return _double(_index(m.group(1)), _XLABS_DOUBLE[m.group(2)])
     m = re.fullmatch(r"single_blocks\.(\d+)\.processor\.(qkv_lora|proj_lora)", path)
     if m:
-        index = int(m.group(1))
+        index = _index(m.group(1))
         if m.group(2) == "proj_lora":
             modules, kind = _BFL_SINGLE["linear2"]
             return _single(index, "linear2", modules, kind)
@@ -387,11 +399,11 @@ def _resolve_xlabs(path: str) -> Target | None:
 def _resolve_diffsynth(path: str) -> Target | None:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", path)
     if m and m.group(2) in _DIFFSYNTH_DOUBLE:
-        return _double(int(m.group(1)), _DIFFSYNTH_DOUBLE[m.group(2)])
+        return _double(_index(m.group(1)), _DIFFSYNTH_DOUBLE[m.group(2)])
     m = re.fullmatch(r"single_blocks\.(\d+)\.(.+)", path)
     if m and m.group(2) in _DIFFSYNTH_SINGLE:
         modules, kind = _DIFFSYNTH_SINGLE[m.group(2)]
-        return _single(int(m.group(1)), m.group(2), modules, kind)
+        return _single(_index(m.group(1)), m.group(2), modules, kind)
     return None
 
 

@@ -9,22 +9,23 @@ that are not FLUX.1 LoRAs with an error naming what they are.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS, sort_blocks
+from .boundedjson import JsonLimitError, loads_bounded
 from .errors import (
     BlockIndexError,
     CorruptFileError,
     UnknownKeysError,
+    UnsupportedLoraError,
     WrongBaseModelError,
 )
 from .keys import (
     FULL_ROLES,
+    INDEX_MAX_DIGITS,
     LOHA_ROLES,
     LOKR_ROLES,
     UNSUPPORTED_ROLES,
@@ -77,13 +78,10 @@ class LoraModule:
     def rank(self) -> int | None:
         """The rank that alpha divides: lora down rows, LoHa w1b rows, LoKr factor rank."""
         t = self.tensors
-        if "down" in t and t["down"].shape:
-            return t["down"].shape[0]
-        if "hada_w1_b" in t:
-            return t["hada_w1_b"].shape[0]
-        for role in ("lokr_w2_b", "lokr_w1_b"):
+        # A scalar factor has no rank; factor_problem() reports it.
+        for role in ("down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
             if role in t:
-                return t[role].shape[0]
+                return t[role].shape[0] if t[role].shape else None
         return None
 
     @property
@@ -110,6 +108,108 @@ class LoraModule:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+#: Largest |alpha| accepted. Real alphas are at most a few thousand; beyond this,
+#: alpha / rank squared overflows float64 in the norms (1e300 did).
+ALPHA_LIMIT = 1e6
+
+
+def _matrix(info: TensorInfo, *, conv_in: bool = False) -> str | None:
+    """Why ``info`` is no usable factor matrix, or None.
+
+    A factor is 2-D; a conv-shaped one (kohya writes Linear LoRAs as [r, in, 1, 1])
+    may add trailing dimensions of 1. ``conv_in`` lets a down factor fold its
+    kernel into its columns; its width then decides whether it fits a layer.
+    """
+    shape = info.shape
+    if len(shape) < 2:
+        return f"tensor {info.name!r} has shape {list(shape)}, a factor needs 2 dimensions"
+    if 0 in shape:
+        return f"tensor {info.name!r} has shape {list(shape)}, an empty factor"
+    if not conv_in and any(d != 1 for d in shape[2:]):
+        return (
+            f"tensor {info.name!r} has shape {list(shape)}, a convolution kernel; "
+            "FLUX.1 has only linear layers"
+        )
+    return None
+
+
+def _cols(info: TensorInfo) -> tuple[int, ...]:
+    return info.shape[1:]
+
+
+def factor_problem(module: LoraModule) -> str | None:
+    """Why the module's factors cannot be multiplied, or None when they can.
+
+    The one shape rule for low-rank factors: statistics, ``check`` and the render
+    engine all ask it before they read a tensor, so a hostile shape (empty, scalar,
+    4-D, mismatched) is refused the same way everywhere and no product is formed
+    whose size the file does not bound.
+    """
+    t = module.tensors
+    adapter = module.adapter
+    if adapter == "lora" and "down" in t and "up" in t:
+        up, down = t["up"], t["down"]
+        problem = _matrix(up) or _matrix(down, conv_in=True)
+        if problem:
+            return problem
+        inner = down
+        if "mid" in t:
+            mid = t["mid"]
+            problem = _matrix(mid)
+            if problem:
+                return problem
+            if mid.shape[1] != down.shape[0]:
+                return f"mid {list(mid.shape)} does not fit down {list(down.shape)}"
+            inner = mid
+        if up.shape[1] != inner.shape[0]:
+            return f"up {list(up.shape)} and down {list(inner.shape)} share no rank"
+    elif adapter == "loha":
+        roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        missing = [r for r in roles if r not in t]
+        if missing:
+            return f"LoHa factors {', '.join(missing)} are missing"
+        w1a, w1b, w2a, w2b = (t[r] for r in roles)
+        for info in (w1a, w2a, w1b, w2b):
+            problem = _matrix(info, conv_in=info in (w1b, w2b))
+            if problem:
+                return problem
+        if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
+            return "LoHa factors share no rank"
+        if w1a.shape[0] != w2a.shape[0] or _cols(w1b) != _cols(w2b):
+            return (
+                f"LoHa products {w1a.shape[0]}x{list(_cols(w1b))} and "
+                f"{w2a.shape[0]}x{list(_cols(w2b))} differ in shape"
+            )
+    elif adapter == "lokr":
+        for side in ("lokr_w1", "lokr_w2"):
+            if side in t:
+                problem = _matrix(t[side])
+                if problem:
+                    return problem
+                continue
+            a, b = t.get(f"{side}_a"), t.get(f"{side}_b")
+            if a is None or b is None:
+                return f"LoKr factor {side} is missing"
+            problem = _matrix(a) or _matrix(b)
+            if problem:
+                return problem
+            if a.shape[1] != b.shape[0]:
+                return f"LoKr factors {side}_a and {side}_b share no rank"
+    return None
+
+
+def alpha_problem(module: LoraModule) -> str | None:
+    """Why the module's alpha is out of the range lora-prune computes with, or None.
+
+    NaN and negative alphas are ``check``'s ``bad_alpha`` findings and give NaN
+    norms elsewhere, as before; only magnitudes past :data:`ALPHA_LIMIT` are refused.
+    """
+    alpha = module.alpha
+    if alpha is not None and not math.isnan(alpha) and abs(alpha) > ALPHA_LIMIT:
+        return f"alpha {alpha!r} is beyond {ALPHA_LIMIT:g}"
+    return None
 
 
 @dataclass
@@ -157,28 +257,187 @@ def _peft_config(metadata: dict[str, str], path: Path) -> dict[str, object] | No
     if raw is None:
         return None
     try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        config = loads_bounded(raw)
+    except JsonLimitError as exc:
         raise CorruptFileError(
-            "metadata 'lora_adapter_metadata' is not valid JSON", path, "re-save the LoRA"
+            f"metadata 'lora_adapter_metadata' {exc.reason}", path, "re-save the LoRA"
         ) from exc
     return config if isinstance(config, dict) else None
 
 
-def _pattern_matches(pattern: str, name: str) -> bool:
-    """PEFT's rule for rank/alpha pattern keys: a regex matching the module name's tail."""
+#: Longest rank_pattern/alpha_pattern key matched; PEFT keys are module names (< 100 chars).
+PATTERN_MAX_CHARS = 256
+_META = frozenset(".^$*+?{}[]()|\\")
+_DIGITS = frozenset("0123456789")
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+class PatternError(ValueError):
+    """A PEFT pattern key that lora-prune will not run; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Atom:
+    chars: frozenset[str] | None  # None: any character ("."); else the set, or its complement
+    negated: bool = False
+    optional: bool = False
+    repeat: bool = False  # "*": zero or more (optional is then true too)
+
+    def accepts(self, c: str) -> bool:
+        return self.chars is None or ((c in self.chars) != self.negated)
+
+
+@dataclass(frozen=True)
+class PeftPattern:
+    """A compiled PEFT rank/alpha pattern key: a regex in a subset run without backtracking.
+
+    PEFT matches a key ``k`` against a module name ``n`` with
+    ``re.match(rf"(.*\\.)?({k})$", n)``: the pattern must match the whole name or
+    the part after one of its dots. The subset: literal characters, ``.``,
+    ``\\d``/``\\w``/escaped characters, ``[...]`` classes, the quantifiers ``*``,
+    ``+``, ``?``, and ``^``/``$`` at the ends. Groups, alternation and counted
+    repeats raise :class:`PatternError` (their keys are refused, never run).
+    Matching simulates the pattern's automaton over the name once: time is
+    len(name) x len(pattern), whatever the pattern.
+    """
+
+    text: str
+    atoms: tuple[_Atom, ...]
+    anchored: bool
+
+    def matches(self, name: str) -> bool:
+        n = len(self.atoms)
+        starts = {0} | {i + 1 for i, c in enumerate(name) if c == "."}
+        if self.anchored:
+            starts = {0}
+        states = self._closure({0}) if 0 in starts else set()
+        for pos, c in enumerate(name):
+            step: set[int] = set()
+            for i in states:
+                if i < n and self.atoms[i].accepts(c):
+                    step.add(i if self.atoms[i].repeat else i + 1)
+            if pos + 1 in starts:
+                step.add(0)
+            states = self._closure(step)
+        return n in states
+
+    def _closure(self, states: set[int]) -> set[int]:
+        out = set(states)
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < len(self.atoms) and self.atoms[i].optional and i + 1 not in out:
+                out.add(i + 1)
+                todo.append(i + 1)
+        return out
+
+
+def _class(text: str, i: int) -> tuple[_Atom, int]:
+    """The ``[...]`` class starting at ``text[i] == "["``, and the index after it."""
+    i += 1
+    negated = i < len(text) and text[i] == "^"
+    i += negated
+    chars: set[str] = set()
+    first = True
+    while i < len(text) and (text[i] != "]" or first):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            i += 1
+            c = text[i]
+            if c.isalnum():
+                raise PatternError("a class escape")
+        if i + 2 < len(text) and text[i + 1] == "-" and text[i + 2] != "]":
+            lo, hi = c, text[i + 2]
+            if ord(hi) - ord(lo) > 256 or hi < lo:
+                raise PatternError("a wide character range")
+            chars.update(chr(x) for x in range(ord(lo), ord(hi) + 1))
+            i += 3
+        else:
+            chars.add(c)
+            i += 1
+        first = False
+    if i >= len(text):
+        raise PatternError("an unclosed [")
+    return _Atom(frozenset(chars), negated), i + 1
+
+
+def compile_peft_pattern(text: str) -> PeftPattern:
+    """Compile a rank_pattern/alpha_pattern key, or raise :class:`PatternError`."""
+    if len(text) > PATTERN_MAX_CHARS:
+        raise PatternError(f"{len(text)} characters (at most {PATTERN_MAX_CHARS})")
+    anchored = text.startswith("^")
+    body = text[1:] if anchored else text
+    if body.endswith("$") and not body.endswith("\\$"):
+        body = body[:-1]
+    atoms: list[_Atom] = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c in "*+?":
+            if not atoms or atoms[-1].optional:
+                raise PatternError(f"a quantifier {c!r} without a plain character before it")
+            last = atoms[-1]
+            if c == "*":
+                atoms[-1] = _Atom(last.chars, last.negated, optional=True, repeat=True)
+            elif c == "+":
+                atoms.append(_Atom(last.chars, last.negated, optional=True, repeat=True))
+            else:
+                atoms[-1] = _Atom(last.chars, last.negated, optional=True)
+            i += 1
+        elif c == ".":
+            atoms.append(_Atom(None))
+            i += 1
+        elif c == "[":
+            atom, i = _class(body, i)
+            atoms.append(atom)
+        elif c == "\\":
+            if i + 1 >= len(body):
+                raise PatternError("a trailing backslash")
+            e = body[i + 1]
+            if e == "d":
+                atoms.append(_Atom(_DIGITS))
+            elif e == "w":
+                atoms.append(_Atom(_WORD))
+            elif e.isalnum():
+                raise PatternError(f"the escape \\{e}")
+            else:
+                atoms.append(_Atom(frozenset(e)))
+            i += 2
+        elif c in _META:
+            raise PatternError(f"{c!r} (groups, alternation, anchors or counted repeats)")
+        else:
+            atoms.append(_Atom(frozenset(c)))
+            i += 1
+    return PeftPattern(text, tuple(atoms), anchored)
+
+
+def peft_pattern(text: str, where: str | Path) -> PeftPattern:
+    """:func:`compile_peft_pattern`, with a refusal as the tool's own error."""
     try:
-        return re.search(rf"(^|\.){pattern}$", name) is not None
-    except re.error:
-        # A key that is no regex (a hand-edited or damaged config): match it literally.
-        return name == pattern or name.endswith("." + pattern)
+        return compile_peft_pattern(text)
+    except PatternError as exc:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise UnsupportedLoraError(
+            f"lora_adapter_metadata pattern {shown!r} uses {exc}, which lora-prune does not run",
+            where,
+            "write the pattern as a module name or a simple regex (., *, +, ?, [..]), "
+            "or remove it from the metadata",
+        ) from exc
 
 
-def _peft_alpha(config: dict[str, object], module: LoraModule) -> float | None:
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    x = float(value)
+    return x if math.isfinite(x) else None
+
+
+def _peft_alpha(config: dict[str, object], module: LoraModule, path: Path) -> float | None:
     """alpha for a PEFT module from diffusers' packed adapter config, or None.
 
     PEFT scales by lora_alpha / r where r is the configured (pattern-specific)
-    rank; we express that as an alpha over the module's actual rank.
+    rank; we express that as an alpha over the module's actual rank. Like PEFT's
+    ``get_pattern_key``, the first pattern key (in file order) that matches wins.
     """
     model = module.target.model if module.target else "transformer"
     prefix = {"transformer": "transformer.", "clip": "text_encoder.", "t5": "text_encoder_2."}[model]
@@ -186,23 +445,26 @@ def _peft_alpha(config: dict[str, object], module: LoraModule) -> float | None:
     def get(name: str) -> object:
         return config.get(prefix + name, config.get(name))
 
-    r, lora_alpha = get("r"), get("lora_alpha")
+    r, lora_alpha = _number(get("r")), _number(get("lora_alpha"))
     name = module.target.name if module.target else module.stem
-    for pattern_key, target in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
+    for pattern_key in ("rank_pattern", "alpha_pattern"):
         pattern = get(pattern_key)
-        if isinstance(pattern, dict):
-            for pat, value in pattern.items():
-                if isinstance(value, (int, float)) and _pattern_matches(pat, name):
-                    if target == "r":
-                        r = value
+        if not isinstance(pattern, dict):
+            continue
+        for pat, value in pattern.items():
+            if peft_pattern(pat, path).matches(name):
+                if _number(value) is not None:
+                    if pattern_key == "rank_pattern":
+                        r = _number(value)
                     else:
-                        lora_alpha = value
-    if not isinstance(r, (int, float)) or not isinstance(lora_alpha, (int, float)) or r <= 0:
+                        lora_alpha = _number(value)
+                break
+    if r is None or lora_alpha is None or r <= 0:
         return None
     rank = module.rank
     if not rank:
         return None
-    scale = float(lora_alpha) / (math.sqrt(float(r)) if get("use_rslora") is True else float(r))
+    scale = lora_alpha / (math.sqrt(r) if get("use_rslora") is True else r)
     return scale * rank
 
 
@@ -251,7 +513,9 @@ def _range_error(
         )
     limit = DOUBLE_BLOCKS if first.kind == "double" else SINGLE_BLOCKS
     raise BlockIndexError(
-        f"{first.kind} block index {first.index} is out of range 0..{limit - 1}",
+        f"{first.kind} block index "
+        f"{first.index if first.index < 10**INDEX_MAX_DIGITS else f'of over {INDEX_MAX_DIGITS} digits'}"
+        f" is out of range 0..{limit - 1}",
         path,
         "this is not a FLUX.1 LoRA, or its keys are damaged",
     )
@@ -342,5 +606,5 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
                     )
                 module.alpha = float(value.reshape(-1)[0])
             elif peft is not None:
-                module.alpha = _peft_alpha(peft, module)
+                module.alpha = _peft_alpha(peft, module, header.path)
     return LoraFile(header.path, header, modules, key_blocks, grammars, peft)

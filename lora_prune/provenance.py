@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .boundedjson import JsonLimitError, loads_bounded
+
 VERIFICATION_KEY = "lora_prune.verification"
 CRITERION = "kept_share"
 FORMULA = "kept = 1 - d(slim, full) / d(base, full), per image and distance"
@@ -65,12 +67,10 @@ class VerificationRecord:
     @classmethod
     def parse(cls, raw: str) -> VerificationRecord | str:
         """The record, or why it cannot be used (a short phrase)."""
-        if len(raw) > _MAX_RECORD_BYTES:
-            return "is too large to be a verification record"
         try:
-            doc = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError, ValueError):
-            return "is not valid JSON"
+            doc = loads_bounded(raw, max_bytes=_MAX_RECORD_BYTES)
+        except JsonLimitError as exc:
+            return exc.reason
         if not isinstance(doc, dict):
             return "is not a JSON object"
         passed = doc.get("passed")

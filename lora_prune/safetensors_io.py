@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from lora_prune.boundedjson import JsonLimitError, loads_bounded
 from lora_prune.errors import (
     CorruptFileError,
     IncompleteFileError,
@@ -235,7 +236,7 @@ def sniff_head(head: bytes, path: Path) -> None:
         )
 
 
-class _DuplicateKeyError(ValueError):
+class _DuplicateKeyError(Exception):  # not ValueError: loads_bounded wraps those
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
@@ -364,20 +365,13 @@ def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> Safetenso
             f"header is not valid UTF-8 (byte {8 + exc.start})", path, _CORRUPT_FIX
         ) from exc
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+        doc = loads_bounded(text, max_bytes=HEADER_SIZE_LIMIT, object_pairs_hook=_no_duplicates)
     except _DuplicateKeyError as exc:
         raise CorruptFileError(
             f"header has duplicate key {_short(exc.key)}", path, _CORRUPT_FIX
         ) from exc
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(
-            f"header is not valid JSON ({exc.msg} at header byte {exc.pos})", path, _CORRUPT_FIX
-        ) from exc
-    except (ValueError, RecursionError) as exc:
-        # Integers longer than Python's digit limit, or nesting deeper than the stack.
-        raise CorruptFileError(
-            f"header is not valid JSON ({exc.__class__.__name__})", path, _CORRUPT_FIX
-        ) from exc
+    except JsonLimitError as exc:
+        raise CorruptFileError(f"header {exc.reason}", path, _CORRUPT_FIX) from exc
     if not isinstance(doc, dict):
         raise CorruptFileError("header is not a JSON object", path, _CORRUPT_FIX)
 

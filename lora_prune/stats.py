@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .blocks import block_order
 from .errors import CorruptFileError
-from .lora import LoraFile, LoraModule
-from .safetensors_io import SafetensorsReader, TensorInfo
+from .lora import LoraFile, LoraModule, alpha_problem, factor_problem
+from .safetensors_io import SafetensorsReader
 
 #: Metadata keys shown in the inspect summary, in this order, when present.
 SUMMARY_METADATA_KEYS = (
@@ -37,16 +38,24 @@ SUMMARY_METADATA_KEYS = (
 
 
 def _gram_norm_sq(up: np.ndarray, down: np.ndarray) -> float:
-    """``||up @ down||_F^2`` from r x r Gram matrices.
+    """``||up @ down||_F^2`` through the smallest of its three dimensions.
 
-    The Grams are the whole cost of ``inspect`` (r x parameters multiply-adds), so
-    they are taken in the factors' own float32, where BLAS runs twice as fast and
-    no float64 copy of each factor is made; only the r x r results are widened.
-    The relative error stays below 1e-6, far below what a preview needs. Values
-    so large that float32 overflows are redone in float64.
+    For rank r below both sides this uses r x r Gram matrices:
+    ``sum((up^T up) * (down down^T))``. The Grams are the whole cost of ``inspect``
+    (r x parameters multiply-adds), so they are taken in the factors' own float32,
+    where BLAS runs twice as fast and no float64 copy of each factor is made; only
+    the r x r results are widened. The relative error stays below 1e-6, far below
+    what a preview needs. Values so large that float32 overflows are redone in
+    float64. A rank above a side (a hostile 61 KB file can declare rank 30,720)
+    would make the Grams far bigger than the factors: then the product itself is
+    formed, in row chunks, and no array is larger than the factors.
     """
     u = up.reshape(up.shape[0], -1)
     d = down.reshape(down.shape[0], -1)
+    rows, rank, cols = u.shape[0], u.shape[1], d.shape[1]
+    if rank > min(rows, cols):
+        return _product_norm_sq(lambda lo, hi: u[lo:hi].astype(np.float64) @ d.astype(np.float64),
+                                rows, cols)
     # NaN/Inf weights are check's to report; here they only make the norm NaN.
     with np.errstate(invalid="ignore", over="ignore"):
         gram_up = np.dot(u.T, u).astype(np.float64)
@@ -55,6 +64,23 @@ def _gram_norm_sq(up: np.ndarray, down: np.ndarray) -> float:
             u64, d64 = u.astype(np.float64), d.astype(np.float64)
             gram_up, gram_down = u64.T @ u64, d64 @ d64.T
         return float(np.sum(gram_up * gram_down))
+
+
+#: Elements of one row chunk of a product formed by _product_norm_sq (32 MiB of float64).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _product_norm_sq(
+    rows_of: Callable[[int, int], np.ndarray], rows: int, cols: int
+) -> float:
+    """Sum of squares of a rows x cols product given by ``rows_of(lo, hi)``, chunk by chunk."""
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    total = 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        for lo in range(0, rows, step):
+            block = rows_of(lo, min(rows, lo + step))
+            total += float(np.sum(block * block))
+    return total
 
 
 def _khatri_rao_rows(a: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -67,10 +93,18 @@ def _loha_norm_sq(w1a: np.ndarray, w1b: np.ndarray, w2a: np.ndarray, w2b: np.nda
     """``||(w1a w1b) * (w2a w2b)||_F^2`` for LoHa's Hadamard product.
 
     (w1a w1b) * (w2a w2b) = U V with U = rowwise-kron(w1a, w2a) and
-    V = columnwise-kron(w1b, w2b): a low-rank product of rank r1*r2.
+    V = columnwise-kron(w1b, w2b): a low-rank product of rank r1*r2. When r1*r2
+    exceeds a side, U and V would outgrow the factors (and the file) by far, so
+    the Hadamard product is formed in row chunks instead.
     """
-    u = _khatri_rao_rows(w1a.astype(np.float64), w2a.astype(np.float64))
-    v = _khatri_rao_rows(w1b.T.astype(np.float64), w2b.T.astype(np.float64)).T
+    b1 = w1b.reshape(w1b.shape[0], -1).astype(np.float64)
+    b2 = w2b.reshape(w2b.shape[0], -1).astype(np.float64)
+    a1, a2 = w1a.astype(np.float64), w2a.astype(np.float64)
+    rows, cols = a1.shape[0], b1.shape[1]
+    if a1.shape[1] * a2.shape[1] > min(rows, cols):
+        return _product_norm_sq(lambda lo, hi: (a1[lo:hi] @ b1) * (a2[lo:hi] @ b2), rows, cols)
+    u = _khatri_rao_rows(a1, a2)
+    v = _khatri_rao_rows(b1.T, b2.T).T
     return _gram_norm_sq(u, v)
 
 
@@ -84,50 +118,13 @@ def _factor_norm_sq(reader: SafetensorsReader, module: LoraModule, name: str) ->
     return _gram_norm_sq(a, b)
 
 
-def _multiplies(a: TensorInfo, b: TensorInfo) -> bool:
-    """Whether ``a @ b`` is defined for 2-D (or conv, flattened) factors of rank > 0."""
-    return len(a.shape) >= 2 and len(b.shape) >= 2 and a.shape[1] == b.shape[0] > 0
-
-
-def _factor_problem(module: LoraModule) -> str | None:
-    """Why the module's factors cannot be multiplied, or None when they can."""
-    t = module.tensors
-    adapter = module.adapter
-    if adapter == "lora" and "down" in t and "up" in t:
-        down = t["down"]
-        if "mid" in t:
-            if not _multiplies(t["mid"], down):
-                return f"mid {list(t['mid'].shape)} does not fit down {list(down.shape)}"
-            down = t["mid"]
-        if not _multiplies(t["up"], down):
-            return f"up {list(t['up'].shape)} and down {list(down.shape)} share no rank"
-    elif adapter == "loha":
-        factors = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        missing = [r for r in factors if r not in t]
-        if missing:
-            return f"LoHa factors {', '.join(missing)} are missing"
-        w1a, w1b, w2a, w2b = (t[r] for r in factors)
-        if not (_multiplies(w1a, w1b) and _multiplies(w2a, w2b)):
-            return "LoHa factors share no rank"
-    elif adapter == "lokr":
-        for side in ("lokr_w1", "lokr_w2"):
-            if side in t:
-                continue
-            a, b = t.get(f"{side}_a"), t.get(f"{side}_b")
-            if a is None or b is None:
-                return f"LoKr factor {side} is missing"
-            if not _multiplies(a, b):
-                return f"LoKr factors {side}_a and {side}_b share no rank"
-    return None
-
-
 def module_norm(reader: SafetensorsReader, module: LoraModule) -> float:
     """Frobenius norm of the module's scaled weight delta (and bias delta).
 
     Replacement tensors (``set_weight``) change weights to a value rather than by
     a delta; without the base model their change is unknown and counts as 0.
     """
-    problem = _factor_problem(module)
+    problem = factor_problem(module) or alpha_problem(module)
     if problem is not None:
         # `lora-prune check` reports the same modules as findings; here the math cannot go on.
         raise CorruptFileError(
@@ -141,9 +138,16 @@ def module_norm(reader: SafetensorsReader, module: LoraModule) -> float:
     if adapter == "lora" and "down" in t and "up" in t:
         up = reader.read_array(t["up"].name)
         down = reader.read_array(t["down"].name)
+        up = up.reshape(up.shape[0], -1)
+        down = down.reshape(down.shape[0], -1)
         if "mid" in t:
             mid = reader.read_array(t["mid"].name)
-            down = (mid.reshape(mid.shape[0], -1) @ down.reshape(down.shape[0], -1))
+            mid = mid.reshape(mid.shape[0], -1)
+            # Fold mid into the side whose product is smaller: never larger than the factors.
+            if up.shape[0] * mid.shape[1] <= mid.shape[0] * down.shape[1]:
+                up = up @ mid
+            else:
+                down = mid @ down
         total += _gram_norm_sq(up, down)
     elif adapter == "loha":
         total += _loha_norm_sq(
@@ -161,7 +165,7 @@ def module_norm(reader: SafetensorsReader, module: LoraModule) -> float:
         if role in t:
             w = reader.read_array(t[role].name).astype(np.float64)
             total += float(np.sum(w * w))
-    scale_sq = module.scale**2
+    scale_sq = module.scale * module.scale  # alpha_problem() keeps this finite
     total *= scale_sq
     # Bias deltas are added unscaled by ComfyUI (diff_b) and scaled by PEFT (lora_B.bias);
     # follow each.

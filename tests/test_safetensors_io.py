@@ -433,11 +433,18 @@ HEADER_CASES: list[tuple[str, bytes, str]] = [
     ),
     (
         "huge_shape",
-        pack({"w": {"dtype": "F32", "shape": [10**300] * 2000, "data_offsets": [0, 4]}}, bytes(4)),
+        pack({"w": {"dtype": "F32", "shape": [2**40] * 2000, "data_offsets": [0, 4]}}, bytes(4)),
         "needs more than 2**63",
     ),
+    (
+        "huge_dim",
+        pack({"w": {"dtype": "F32", "shape": [10**300] * 2000, "data_offsets": [0, 4]}}, bytes(4)),
+        "header has an integer of 301 digits",
+    ),
     ("deep_nesting", pack("{" + '"a":[' * 100_000), "header is not valid JSON"),
-    ("huge_int", pack('{"a":' + "9" * 5000 + "}"), "header is not valid JSON"),
+    ("deep_arrays", pack('{"a":' + "[" * 100_000 + "]" * 100_000 + "}"), "nests deeper than 64"),
+    ("shallow_but_over_limit", pack('{"a":' + "[" * 65 + "]" * 65 + "}"), "nests deeper than 64"),
+    ("huge_int", pack('{"a":' + "9" * 5000 + "}"), "header has an integer of 5000 digits"),
     (
         "wrong_case_dtype",
         pack({"w": {"dtype": "f32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),

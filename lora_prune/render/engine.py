@@ -35,7 +35,7 @@ from ..blocks import BLOCK_IDS, OTHER, TEXT_ENCODER_IDS, format_block_spec, sort
 from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterError, UsageError
 from ..geometry import FLUX1_DEV, TINY
 from ..keys import Target
-from ..lora import LoraFile, LoraModule
+from ..lora import LoraFile, LoraModule, alpha_problem, factor_problem
 from ..metrics import diff_map, mse, ssim
 from ..pictures import global_vmax, heatmap_overlay, label_tile, side_by_side
 from ..safetensors_io import SafetensorsReader
@@ -257,6 +257,9 @@ def _lora_io(module: LoraModule) -> tuple[int, int] | None:
     """(in, out) of a linear module's delta from the header shapes; None for bias-only modules."""
     t = module.tensors
     path = str(module.stem)
+    problem = factor_problem(module) or alpha_problem(module)
+    if problem is not None:
+        raise CorruptFileError(problem, path, "re-save or re-download the LoRA")
     if "down" in t or "up" in t:
         if "down" not in t or "up" not in t:
             missing = "up" if "down" in t else "down"
