@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .boundedjson import JsonLimitError, loads_bounded
 from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS, sort_blocks
+from .boundedjson import JsonLimitError, loads_bounded
 from .errors import (
     BlockIndexError,
     CorruptFileError,
@@ -24,8 +24,8 @@ from .errors import (
     WrongBaseModelError,
 )
 from .keys import (
-    INDEX_MAX_DIGITS,
     FULL_ROLES,
+    INDEX_MAX_DIGITS,
     LOHA_ROLES,
     LOKR_ROLES,
     UNSUPPORTED_ROLES,
