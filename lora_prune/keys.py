@@ -21,7 +21,9 @@ from typing import Literal
 from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS
 
 TargetModel = Literal["transformer", "clip", "t5"]
-ParamKind = Literal["linear", "norm"]
+#: ``other``: a text-encoder weight that is no Linear or FLUX norm (embeddings, CLIP/T5
+#: layer norms, CLIP's unused ``text_projection``): read, counted and slimmed, never rendered.
+ParamKind = Literal["linear", "norm", "other"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ _ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_mid.weight", "mid"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
+    # Old diffusers attention processors: "<module>_lora.up.weight" (no dot before _lora).
+    # XLabs' "processor.qkv_lora.up.weight" ends alike; parse_key tries both splits.
+    ("_lora.down.weight", "down"),
+    ("_lora.up.weight", "up"),
     (".down.weight", "down"),
     (".up.weight", "up"),
     (".alpha", "alpha"),
@@ -101,6 +107,9 @@ _ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".oft_blocks", "oft_blocks"),
     (".oft_diag", "oft_blocks"),
     (".rescale", "rescale"),
+    # Mochi-style bare PEFT names, which ComfyUI also reads.
+    (".lora_A", "down"),
+    (".lora_B", "up"),
     (".a1.weight", "glora_a1"),
     (".a2.weight", "glora_a2"),
     (".b1.weight", "glora_b1"),
@@ -120,12 +129,19 @@ UNSUPPORTED_ROLES = frozenset(
 )
 
 
+def _role_splits(key: str) -> list[tuple[str, str]]:
+    """Every ``(stem, role)`` reading of a key, the longest suffix first."""
+    return [
+        (key[: -len(suffix)], role)
+        for suffix, role in _ROLE_SUFFIXES
+        if key.endswith(suffix) and len(key) > len(suffix)
+    ]
+
+
 def split_role(key: str) -> tuple[str, str] | None:
     """``(stem, role)`` of a tensor key, or None when no known suffix ends it."""
-    for suffix, role in _ROLE_SUFFIXES:
-        if key.endswith(suffix) and len(key) > len(suffix):
-            return key[: -len(suffix)], role
-    return None
+    splits = _role_splits(key)
+    return splits[0] if splits else None
 
 
 # --- module tables ---------------------------------------------------------
@@ -385,6 +401,10 @@ def _resolve_xlabs(path: str) -> Target | None:
     m = re.fullmatch(r"double_blocks\.(\d+)\.processor\.(\w+)", path)
     if m and m.group(2) in _XLABS_DOUBLE:
         return _double(_index(m.group(1)), _XLABS_DOUBLE[m.group(2)])
+    m = re.fullmatch(r"single_blocks\.(\d+)\.linear1_qkv", path)
+    if m:
+        # ComfyUI's alias for the attention rows (the first 3 x hidden) of linear1.
+        return _single(_index(m.group(1)), "linear1.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"), "linear")
     m = re.fullmatch(r"single_blocks\.(\d+)\.processor\.(qkv_lora|proj_lora)", path)
     if m:
         index = _index(m.group(1))
@@ -419,6 +439,27 @@ _T5_FLAT_RE = re.compile(
 )
 
 
+# Text-encoder weights that are no Linear layer. ComfyUI accepts a LoRA key for every
+# weight of its text encoders under "text_encoders." and its LoRA extractor writes them
+# (.diff for 1-D ones, .diff_b for biases, lora_up/lora_down for 2-D embeddings).
+_CLIP_OTHER_RE = re.compile(
+    r"text_model\.(?:embeddings\.(?:token|position)_embedding|final_layer_norm"
+    r"|encoder\.layers\.\d{1,6}\.layer_norm[12])|text_projection"
+)
+_T5_OTHER_RE = re.compile(
+    r"shared|encoder\.final_layer_norm|encoder\.block\.\d{1,6}\.layer\.(?:0\.layer_norm"
+    r"|0\.SelfAttention\.relative_attention_bias|1\.layer_norm)"
+)
+
+
+def _resolve_text_other(path: str) -> Target | None:
+    if _CLIP_OTHER_RE.fullmatch(path):
+        return Target("clip", path, (path,), "other")
+    if _T5_OTHER_RE.fullmatch(path):
+        return Target("t5", path, (path,), "other")
+    return None
+
+
 def _resolve_text(path: str, sep: str) -> Target | None:
     if sep == ".":
         m = _CLIP_RE.fullmatch(path)
@@ -445,8 +486,10 @@ def _resolve_text(path: str, sep: str) -> Target | None:
 # (prefix, grammar name, resolvers tried in order). Longest prefixes first.
 _Resolver = tuple[str, str]  # (kind, sep)
 _PREFIXES: tuple[tuple[str, str, tuple[_Resolver, ...]], ...] = (
-    ("text_encoders.clip_l.transformer.", "comfyui", (("clip", "."),)),
-    ("text_encoders.t5xxl.transformer.", "comfyui", (("t5", "."),)),
+    ("text_encoders.clip_l.transformer.", "comfyui", (("clip", "."), ("text_other", "."))),
+    ("text_encoders.t5xxl.transformer.", "comfyui", (("t5", "."), ("text_other", "."))),
+    # A T5 loaded on its own has no "t5xxl." wrapper in ComfyUI's state dict.
+    ("text_encoders.transformer.", "comfyui", (("t5", "."), ("t5_other", "."))),
     ("base_model.model.", "peft-bfl", (("bfl", "."), ("diffusers", "."))),
     ("diffusion_model.", "comfyui", (("bfl", "."), ("xlabs", "."))),
     ("transformer.", "diffusers", (("diffusers", "."),)),
@@ -482,6 +525,11 @@ def _resolve(kind: str, path: str, sep: str) -> Target | None:
         return _resolve_xlabs(path)
     if kind == "diffsynth":
         return _resolve_diffsynth(path)
+    if kind in ("text_other", "t5_other"):
+        target = _resolve_text_other(path)
+        if target is None or (kind == "t5_other" and target.model != "t5"):
+            return None
+        return target
     target = _resolve_text(path, sep)
     return target if target is not None and target.model == kind else None
 
@@ -517,14 +565,17 @@ def parse_key(key: str) -> ParsedKey | None:
     Raises :class:`BlockRangeError` for a FLUX-shaped key whose block index is
     outside FLUX.1's 19 double / 38 single blocks.
     """
-    split = split_role(key)
-    if split is None:
+    resolved = next(
+        (
+            (stem, role, found)
+            for stem, role in _role_splits(key)
+            if (found := _resolve_stem(stem)) is not None
+        ),
+        None,
+    )
+    if resolved is None:
         return None
-    stem, role = split
-    found = _resolve_stem(stem)
-    if found is None:
-        return None
-    grammar, kind, target = found
+    stem, role, (grammar, kind, target) = resolved
     name = _GRAMMAR_BY_RESOLVER.get(kind, grammar)
     if grammar == "diffusers" and (".lora_down." in key or ".lora_up." in key):
         name = "diffusers-kohya-suffix"

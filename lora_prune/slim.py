@@ -18,8 +18,16 @@ from pathlib import Path
 
 from . import __version__
 from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
+from .boundedjson import JsonLimitError, loads_bounded
 from .errors import OutputError, OutputExistsError, SameFileError, UsageError
-from .lora import LoraFile, LoraModule, parse_lora_header, read_lora
+from .lora import (
+    LoraFile,
+    LoraModule,
+    PatternError,
+    compile_peft_pattern,
+    parse_lora_header,
+    read_lora,
+)
 from .safetensors_io import (
     SafetensorsReader,
     TensorEntry,
@@ -131,8 +139,8 @@ def check_output_path(source: Path, output: Path, *, force: bool) -> None:
 def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
     """diffusers' ``lora_adapter_metadata`` with target modules/patterns cut to what remains."""
     try:
-        config = json.loads(raw)
-    except json.JSONDecodeError:
+        config = loads_bounded(raw)
+    except JsonLimitError:
         return raw
     if not isinstance(config, dict):
         return raw
@@ -141,11 +149,19 @@ def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
     def remains(pattern: str) -> bool:
         return any(n == pattern or n.endswith("." + pattern) for n in names)
 
+    def pattern_remains(pattern: str) -> bool:
+        # read_lora already refused patterns outside the subset compile_peft_pattern runs.
+        try:
+            compiled = compile_peft_pattern(pattern)
+        except PatternError:
+            return True
+        return any(compiled.matches(n) for n in names)
+
     for key, value in list(config.items()):
         if key.endswith("target_modules") and isinstance(value, list):
             config[key] = [v for v in value if isinstance(v, str) and remains(v)]
         elif key.endswith(("rank_pattern", "alpha_pattern")) and isinstance(value, dict):
-            config[key] = {k: v for k, v in value.items() if remains(k)}
+            config[key] = {k: v for k, v in value.items() if pattern_remains(k)}
     return json.dumps(config, sort_keys=True)
 
 

@@ -497,6 +497,14 @@ class BlockEngine:
     def _plan_module(
         self, module: LoraModule, target: Target, problems: list[_Mismatch]
     ) -> _Plan | None:
+        if target.kind == "other":
+            raise UnsupportedAdapterError(
+                f"text-encoder weight {target.name} is no Linear layer (an embedding or "
+                "layer norm, as ComfyUI's LoRA extractor writes): the render engine does not "
+                "apply these",
+                module.stem,
+                f"slim the LoRA without block {module.block} (--drop {module.block}) to render the rest",
+            )
         if self._component(target.model) is None:
             problems.append(_Mismatch(module, f"the pipeline has no {_COMPONENTS[target.model]}"))
             return None
