@@ -34,7 +34,6 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from .blocks import OTHER, format_block_spec, parse_block_spec, sort_blocks
-from .boundedjson import JsonLimitError, loads_bounded
 from .errors import (
     EXIT_FAILED,
     EXIT_OK,
