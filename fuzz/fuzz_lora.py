@@ -30,7 +30,7 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostile import FUZZ_MEMORY_CAP, FUZZ_TIME_CAP, fuzz_seeds, mutate, run_target  # noqa: E402
+from hostile import FUZZ_MEMORY_CAP, FUZZ_TIME_CAP, fuzz_seeds, mutate, run_target
 
 
 class Hang(Exception):

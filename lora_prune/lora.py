@@ -127,7 +127,8 @@ def _matrix(info: TensorInfo, trailing: str = "none") -> str | None:
         return f"tensor {info.name!r} has shape {list(shape)}, a factor needs 2 dimensions"
     if 0 in shape:
         return f"tensor {info.name!r} has shape {list(shape)}, an empty factor"
-    if len(shape) > 2 and trailing == "none" or trailing == "ones" and any(d != 1 for d in shape[2:]):
+    kernel = any(d != 1 for d in shape[2:])
+    if (len(shape) > 2 and trailing == "none") or (trailing == "ones" and kernel):
         return (
             f"tensor {info.name!r} has shape {list(shape)}, a convolution kernel; "
             "FLUX.1 has only linear layers"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import SynthFile, TensorFile
 
+from lora_prune.check import run_check
 from lora_prune.errors import (
     BlockIndexError,
     UnknownKeysError,
@@ -22,7 +23,6 @@ from lora_prune.errors import (
 )
 from lora_prune.geometry import FLUX1_DEV, FLUX1_SCHNELL, TINY
 from lora_prune.keys import ParsedKey, parse_key, split_role
-from lora_prune.check import run_check
 from lora_prune.lora import read_lora
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
