@@ -115,19 +115,20 @@ class LoraModule:
 ALPHA_LIMIT = 1e6
 
 
-def _matrix(info: TensorInfo, *, conv_in: bool = False) -> str | None:
+def _matrix(info: TensorInfo, trailing: str = "none") -> str | None:
     """Why ``info`` is no usable factor matrix, or None.
 
-    A factor is 2-D; a conv-shaped one (kohya writes Linear LoRAs as [r, in, 1, 1])
-    may add trailing dimensions of 1. ``conv_in`` lets a down factor fold its
-    kernel into its columns; its width then decides whether it fits a layer.
+    A factor is 2-D. ``trailing="ones"`` also takes the conv-shaped [out, r, 1, 1]
+    kohya writes for Linear layers; ``"any"`` lets a down factor fold a kernel into
+    its columns (its width then decides whether it fits a layer).
     """
     shape = info.shape
     if len(shape) < 2:
         return f"tensor {info.name!r} has shape {list(shape)}, a factor needs 2 dimensions"
     if 0 in shape:
         return f"tensor {info.name!r} has shape {list(shape)}, an empty factor"
-    if not conv_in and any(d != 1 for d in shape[2:]):
+    kernel = any(d != 1 for d in shape[2:])
+    if (len(shape) > 2 and trailing == "none") or (trailing == "ones" and kernel):
         return (
             f"tensor {info.name!r} has shape {list(shape)}, a convolution kernel; "
             "FLUX.1 has only linear layers"
@@ -151,13 +152,13 @@ def factor_problem(module: LoraModule) -> str | None:
     adapter = module.adapter
     if adapter == "lora" and "down" in t and "up" in t:
         up, down = t["up"], t["down"]
-        problem = _matrix(up) or _matrix(down, conv_in=True)
+        problem = _matrix(up, "ones") or _matrix(down, "any")
         if problem:
             return problem
         inner = down
         if "mid" in t:
             mid = t["mid"]
-            problem = _matrix(mid)
+            problem = _matrix(mid, "ones")
             if problem:
                 return problem
             if mid.shape[1] != down.shape[0]:
@@ -171,10 +172,9 @@ def factor_problem(module: LoraModule) -> str | None:
         if missing:
             return f"LoHa factors {', '.join(missing)} are missing"
         w1a, w1b, w2a, w2b = (t[r] for r in roles)
-        for info in (w1a, w2a, w1b, w2b):
-            problem = _matrix(info, conv_in=info in (w1b, w2b))
-            if problem:
-                return problem
+        problem = _matrix(w1a) or _matrix(w2a) or _matrix(w1b, "any") or _matrix(w2b, "any")
+        if problem:
+            return problem
         if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
             return "LoHa factors share no rank"
         if w1a.shape[0] != w2a.shape[0] or _cols(w1b) != _cols(w2b):

@@ -124,6 +124,12 @@ def module_norm(reader: SafetensorsReader, module: LoraModule) -> float:
     Replacement tensors (``set_weight``) change weights to a value rather than by
     a delta; without the base model their change is unknown and counts as 0.
     """
+    # Huge or non-finite weights are check's to report; here they only make the norm inf/NaN.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _module_norm(reader, module)
+
+
+def _module_norm(reader: SafetensorsReader, module: LoraModule) -> float:
     problem = factor_problem(module) or alpha_problem(module)
     if problem is not None:
         # `lora-prune check` reports the same modules as findings; here the math cannot go on.

@@ -452,6 +452,23 @@ def test_dora_is_unsupported(loaded: LoadedModel, files: Path, suffix: str) -> N
     assert _hook_count(loaded.pipe) == 0
 
 
+def test_text_encoder_weights_that_are_no_linear_are_refused_by_name(
+    loaded: LoadedModel, files: Path
+) -> None:
+    path = write_synth_lora(
+        files / "te-other.safetensors", SynthSpec(grammar="comfyui", blocks=("double.1",))
+    )
+    tensors = load_file(str(path))
+    key = "text_encoders.clip_l.transformer.text_model.final_layer_norm.diff"
+    tensors[key] = np.ones(32, dtype=np.float32)
+    save_file(tensors, str(files / "te-other2.safetensors"))
+    lora = read_lora(files / "te-other2.safetensors")
+    assert lora.key_blocks[key] == "clip"
+    with pytest.raises(UnsupportedAdapterError, match="final_layer_norm is no Linear layer"):
+        BlockEngine(loaded, lora)
+    assert _hook_count(loaded.pipe) == 0
+
+
 # --- lifetime -------------------------------------------------------------------------
 def test_hooks_only_weights_untouched_and_close_detaches(
     loaded: LoadedModel, kohya_path: Path

@@ -8,11 +8,13 @@ written independently of the parser's, and from the numbers of the field guide
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import SynthFile, TensorFile
 
+from lora_prune.check import run_check
 from lora_prune.errors import (
     BlockIndexError,
     UnknownKeysError,
@@ -22,6 +24,8 @@ from lora_prune.errors import (
 from lora_prune.geometry import FLUX1_DEV, FLUX1_SCHNELL, TINY
 from lora_prune.keys import ParsedKey, parse_key, split_role
 from lora_prune.lora import read_lora
+from lora_prune.slim import slim_lora
+from lora_prune.stats import inspect_lora
 from lora_prune.synth import (
     GRAMMARS,
     SynthModule,
@@ -536,3 +540,126 @@ def test_sd3_in_diffusers_naming_is_named(tensor_file: TensorFile) -> None:
     with pytest.raises(WrongBaseModelError) as info:
         read_lora(tensor_file(tensors))
     assert info.value.base_model == "SD3"
+
+
+# --- key forms ComfyUI's FLUX.1 loader accepts (issue 10) ----------------------------------
+@pytest.mark.parametrize(
+    ("key", "stem", "role", "block", "modules", "kind"),
+    [
+        # ComfyUI's LoRA extractor: every text-encoder weight under text_encoders.*
+        ("text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.diff",
+         "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding", "diff",
+         "clip", ("text_model.embeddings.token_embedding",), "other"),
+        ("text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.lora_up.weight",
+         "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding", "up",
+         "clip", ("text_model.embeddings.position_embedding",), "other"),
+        ("text_encoders.clip_l.transformer.text_model.encoder.layers.11.layer_norm2.diff_b",
+         "text_encoders.clip_l.transformer.text_model.encoder.layers.11.layer_norm2", "diff_b",
+         "clip", ("text_model.encoder.layers.11.layer_norm2",), "other"),
+        ("text_encoders.clip_l.transformer.text_model.final_layer_norm.diff",
+         "text_encoders.clip_l.transformer.text_model.final_layer_norm", "diff",
+         "clip", ("text_model.final_layer_norm",), "other"),
+        ("text_encoders.clip_l.transformer.text_projection.diff",
+         "text_encoders.clip_l.transformer.text_projection", "diff",
+         "clip", ("text_projection",), "other"),
+        ("text_encoders.t5xxl.transformer.shared.diff", "text_encoders.t5xxl.transformer.shared",
+         "diff", "t5", ("shared",), "other"),
+        ("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention."
+         "relative_attention_bias.diff",
+         "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention."
+         "relative_attention_bias", "diff",
+         "t5", ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",), "other"),
+        ("text_encoders.t5xxl.transformer.encoder.block.7.layer.1.layer_norm.diff",
+         "text_encoders.t5xxl.transformer.encoder.block.7.layer.1.layer_norm", "diff",
+         "t5", ("encoder.block.7.layer.1.layer_norm",), "other"),
+        ("text_encoders.t5xxl.transformer.encoder.final_layer_norm.diff",
+         "text_encoders.t5xxl.transformer.encoder.final_layer_norm", "diff",
+         "t5", ("encoder.final_layer_norm",), "other"),
+        # T5 on its own: ComfyUI's state dict has no t5xxl. wrapper
+        ("text_encoders.transformer.encoder.block.3.layer.0.SelfAttention.k.lora_down.weight",
+         "text_encoders.transformer.encoder.block.3.layer.0.SelfAttention.k", "down",
+         "t5", ("encoder.block.3.layer.0.SelfAttention.k",), "linear"),
+        ("text_encoders.transformer.shared.diff", "text_encoders.transformer.shared", "diff",
+         "t5", ("shared",), "other"),
+        # ComfyUI's linear1_qkv alias: the attention rows of linear1
+        ("diffusion_model.single_blocks.5.linear1_qkv.lora_up.weight",
+         "diffusion_model.single_blocks.5.linear1_qkv", "up", "single.5",
+         ("single_transformer_blocks.5.attn.to_q", "single_transformer_blocks.5.attn.to_k",
+          "single_transformer_blocks.5.attn.to_v"), "linear"),
+        ("single_blocks.37.linear1_qkv.lora_A.weight", "single_blocks.37.linear1_qkv", "down",
+         "single.37",
+         ("single_transformer_blocks.37.attn.to_q", "single_transformer_blocks.37.attn.to_k",
+          "single_transformer_blocks.37.attn.to_v"), "linear"),
+        # older diffusers suffixes and bare lora_A/lora_B
+        ("transformer.transformer_blocks.3.attn.to_k_lora.up.weight",
+         "transformer.transformer_blocks.3.attn.to_k", "up", "double.3",
+         ("transformer_blocks.3.attn.to_k",), "linear"),
+        ("transformer.single_transformer_blocks.2.proj_out_lora.down.weight",
+         "transformer.single_transformer_blocks.2.proj_out", "down", "single.2",
+         ("single_transformer_blocks.2.proj_out",), "linear"),
+        ("transformer.transformer_blocks.0.ff.net.2.lora_A",
+         "transformer.transformer_blocks.0.ff.net.2", "down", "double.0",
+         ("transformer_blocks.0.ff.net.2",), "linear"),
+        ("double_blocks.4.img_attn.qkv.lora_B", "double_blocks.4.img_attn.qkv", "up", "double.4",
+         ("transformer_blocks.4.attn.to_q", "transformer_blocks.4.attn.to_k",
+          "transformer_blocks.4.attn.to_v"), "linear"),
+        # XLabs' own "qkv_lora.up.weight" still splits at ".up.weight"
+        ("single_blocks.1.processor.qkv_lora.up.weight", "single_blocks.1.processor.qkv_lora",
+         "up", "single.1",
+         ("single_transformer_blocks.1.attn.to_q", "single_transformer_blocks.1.attn.to_k",
+          "single_transformer_blocks.1.attn.to_v"), "linear"),
+    ],
+)
+def test_comfyui_key_forms(
+    key: str, stem: str, role: str, block: str, modules: tuple[str, ...], kind: str
+) -> None:
+    parsed = _parse(key)
+    assert (parsed.stem, parsed.role, parsed.block) == (stem, role, block)
+    assert parsed.target is not None
+    assert parsed.target.modules == modules
+    assert parsed.target.kind == kind
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        # a CLIP without its wrapper is no FLUX.1 T5 (and could be SD1.5's CLIP)
+        "text_encoders.transformer.text_model.embeddings.token_embedding.diff",
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.2.layer_norm.diff",
+        "text_encoders.clip_l.transformer.text_model.embeddings.patch_embedding.diff",
+        "double_blocks.0.linear1_qkv.lora_A.weight",
+    ],
+)
+def test_near_comfyui_forms_stay_unknown(key: str) -> None:
+    assert parse_key(key) is None
+
+
+def test_comfyui_extracted_text_encoder_weights_inspect_check_and_slim(
+    tensor_file: TensorFile, tmp_path: Path
+) -> None:
+    clip = "text_encoders.clip_l.transformer.text_model."
+    t5 = "text_encoders.t5xxl.transformer."
+    tensors: dict[str, np.ndarray] = {
+        **_kohya_triplet("diffusion_model.double_blocks.0.img_attn.proj"),
+        f"{clip}embeddings.token_embedding.lora_up.weight": np.full((10, 2), 0.5),
+        f"{clip}embeddings.token_embedding.lora_down.weight": np.full((2, 8), 0.5),
+        f"{clip}encoder.layers.0.layer_norm1.diff": np.full(8, 0.25),
+        f"{clip}encoder.layers.0.layer_norm1.diff_b": np.full(8, 0.25),
+        f"{t5}shared.diff": np.ones((10, 4)),
+        f"{t5}encoder.block.0.layer.0.SelfAttention.relative_attention_bias.diff": np.ones((32, 2)),
+    }
+    path = tensor_file(tensors)
+    lora = read_lora(path)
+    assert lora.key_blocks[f"{t5}shared.diff"] == "t5"
+    assert set(lora.blocks) == {"double.0", "clip", "t5"}
+    report = inspect_lora(lora)
+    norms = {b.block: b.norm for b in report.blocks}
+    # Block norms add module norms. The embedding's up @ down is 0.5 in each of 10 x 8
+    # entries; the layer norm's diff and diff_b are 8 entries of 0.25 each.
+    assert norms["clip"] == pytest.approx(float(np.sqrt(80 * 0.5**2)) + 1.0, rel=1e-6)
+    assert norms["t5"] == pytest.approx(float(np.sqrt(40.0)) + 8.0, rel=1e-6)
+    result = run_check([path])
+    assert result.exit_code == 0, [f.message for f in result.files[0].findings]
+    slim = slim_lora(lora, drop=["clip"], output=tmp_path / "slim.safetensors")
+    assert "clip" in slim.dropped_blocks
+    assert set(read_lora(slim.output).blocks) == {"double.0", "t5"}
