@@ -51,6 +51,7 @@ from .verdict import (
     CurvePoint,
     Distance,
     effect_is_measurable,
+    effect_of,
 )
 
 MODES = ("solo", "loo")
@@ -526,11 +527,10 @@ def compute_analysis(
     for kind, p_i, s_i in list(refs):
         if kind != "base":
             continue
-        base_img, full_img = image(refs[("base", p_i, s_i)]), image(refs[("full", p_i, s_i)])
-        effect = mse(base_img, full_img)
-        effects.append({"prompt": p_i, "seed": s_i, "mse": effect,
-                        "ssim_distance": 1.0 - ssim(base_img, full_img),
-                        "measurable": effect_is_measurable(effect)})
+        effect = effect_of(image(refs[("base", p_i, s_i)]), image(refs[("full", p_i, s_i)]))
+        effects.append({"prompt": p_i, "seed": s_i, "mse": effect["mse"],
+                        "ssim_distance": effect["ssim"],
+                        "measurable": effect_is_measurable(effect["mse"])})
     analysis = Analysis(
         settings={**manifest["settings"], "lora": manifest["lora"]["path"],
                   "lora_sha256": manifest["lora"]["sha256"], "model": manifest["model"],
@@ -543,9 +543,8 @@ def compute_analysis(
     _write_csv(out_dir / "ranking.csv", rows)
     stored = read_curve(out_dir, manifest)
     if stored is not None:
-        set_curve(analysis, *stored, lora=lora)
-    else:
-        write_results(analysis)
+        _attach_curve(analysis, *stored, lora=lora)
+    write_results(analysis)
     return analysis
 
 
@@ -579,6 +578,20 @@ def set_curve(
     The curve is stored beside the renders (``pruning_curve.json``) so that
     ``analyze --from`` keeps it.
     """
+    _attach_curve(analysis, curve, criterion, lora=lora)
+    doc = {"lora_sha256": analysis.settings["lora_sha256"],
+           "settings": {k: analysis.settings[k] for k in ("prompts", "seeds", "width", "height",
+                                                         "steps", "guidance", "strength")},
+           "min_kept": criterion.min_kept, "min_ssim": criterion.min_ssim,
+           "points": [asdict(p) for p in curve]}
+    write_json(analysis.out_dir / CURVE_FILE, doc)
+    write_results(analysis)
+
+
+def _attach_curve(
+    analysis: Analysis, curve: Sequence[CurvePoint], criterion: Criterion, *,
+    lora: LoraFile | None = None,
+) -> None:
     analysis.curve = list(curve)
     analysis.curve_criterion = criterion
     passing = [p for p in curve if p.passed and p.k > 0]
@@ -594,13 +607,6 @@ def set_curve(
             command=f"lora-prune slim {name} --keep {spec}", criterion=CRITERION,
             kept=dict(best.worst),
         )
-    doc = {"lora_sha256": analysis.settings["lora_sha256"],
-           "settings": {k: analysis.settings[k] for k in ("prompts", "seeds", "width", "height",
-                                                         "steps", "guidance", "strength")},
-           "min_kept": criterion.min_kept, "min_ssim": criterion.min_ssim,
-           "points": [asdict(p) for p in curve]}
-    write_json(analysis.out_dir / CURVE_FILE, doc)
-    write_results(analysis)
 
 
 def read_curve(

@@ -878,11 +878,6 @@ def _policy_findings(
     return out
 
 
-def _parse_verification(raw: str) -> VerificationRecord | str:
-    """The record, or why it cannot be used."""
-    return VerificationRecord.parse(raw)
-
-
 def _record_findings(record: VerificationRecord, policy: Policy | None) -> list[Finding]:
     """A recorded verification judged against the policy's thresholds."""
     out: list[Finding] = []
@@ -1038,7 +1033,7 @@ def _verify_slim(
             )
         )
     elif raw is not None:
-        parsed = _parse_verification(raw)
+        parsed = VerificationRecord.parse(raw)
         if isinstance(parsed, str):
             out.append(
                 Finding("error", "bad_verification",
@@ -1166,7 +1161,7 @@ def _recorded_verification_note(header: SafetensorsHeader) -> list[Finding]:
     raw = header.metadata.get(_VERIFICATION_KEY)
     if raw is None:
         return []
-    parsed = _parse_verification(raw)
+    parsed = VerificationRecord.parse(raw)
     if isinstance(parsed, str):
         return [Finding("warning", "bad_verification", f"{_VERIFICATION_KEY} {parsed}",
                         _VERIFICATION_KEY)]

@@ -35,7 +35,7 @@ from .pictures import save_png
 from .safetensors_io import file_sha256
 from .slim import slim_lora
 from .stats import SORT_KEYS, LoraReport, human_bytes, inspect_lora
-from .verdict import DEFAULT_MIN_KEPT, Criterion
+from .verdict import BASE_DISTANCES, DEFAULT_MIN_KEPT, Criterion
 from .verify import VerifyResult, check_subset, verify_slim
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -196,8 +196,6 @@ perceptual_opt = click.option(
 
 def _distances(perceptual: str | None, device: str | None) -> Any:
     """The verdict's distances: MSE and 1-SSIM, plus the perceptual one when asked for."""
-    from .verdict import BASE_DISTANCES
-
     if perceptual is None:
         return dict(BASE_DISTANCES)
     _render_api()

@@ -105,6 +105,13 @@ def effect_is_measurable(effect_mse: float) -> bool:
     return effect_mse > NOISE_MSE
 
 
+def effect_of(
+    base: np.ndarray, full: np.ndarray, distances: Mapping[str, Distance] = BASE_DISTANCES
+) -> dict[str, float]:
+    """E = d(base, full) per distance: what the LoRA does to one image."""
+    return {name: d(base, full) for name, d in distances.items()}
+
+
 def score_image(
     base: np.ndarray,
     full: np.ndarray,
@@ -113,9 +120,15 @@ def score_image(
     seed: int,
     criterion: Criterion,
     distances: Mapping[str, Distance] = BASE_DISTANCES,
+    *,
+    effect: Mapping[str, float] | None = None,
 ) -> ImageScore:
-    """Effect, residual, kept share and verdict of one slim render."""
-    effect = {name: d(base, full) for name, d in distances.items()}
+    """Effect, residual, kept share and verdict of one slim render.
+
+    ``effect`` is :func:`effect_of` ``(base, full)`` when the caller already has
+    it: a scan over many keep sets scores each against the same references.
+    """
+    effect = dict(effect) if effect is not None else effect_of(base, full, distances)
     residual = {name: d(slim, full) for name, d in distances.items()}
     measurable = effect_is_measurable(effect["mse"])
     score = ImageScore(prompt, seed, effect, residual, ssim=1.0 - residual["ssim"],

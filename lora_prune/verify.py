@@ -35,6 +35,7 @@ from .verdict import (
     Distance,
     ImageScore,
     curve_point,
+    effect_of,
     no_effect_error,
     score_image,
     unmeasurable,
@@ -248,11 +249,6 @@ class AutoResult:
     curve: list[CurvePoint]
     verification: VerifyResult
 
-    @property
-    def tried(self) -> list[tuple[int, float | None]]:
-        """(k, worst kept share over images and distances) for every k rendered."""
-        return [(p.k, min(p.worst.values()) if p.worst else None) for p in self.curve if p.rendered]
-
 
 def auto_keep(
     full: LoraFile,
@@ -281,13 +277,15 @@ def auto_keep(
         raise UsageError("the ranking names none of the LoRA's blocks", full.path,
                          "run analyze on this LoRA first")
     all_blocks = frozenset(full.blocks)
-    refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]] = {}
     ref_scores: list[ImageScore] = []
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
             base, full_img = renderer([frozenset(), all_blocks], prompt, seed, settings)
-            refs[(p, seed)] = (base, full_img)
-            ref_scores.append(score_image(base, full_img, base, p, seed, criterion, distances))
+            effect = effect_of(base, full_img, distances)
+            refs[(p, seed)] = (base, full_img, effect)
+            ref_scores.append(score_image(base, full_img, base, p, seed, criterion, distances,
+                                          effect=effect))
     if unmeasurable(ref_scores):
         raise no_effect_error(ref_scores, settings.prompts, str(full.path))
     size = size_of or (lambda blocks: 0)
@@ -301,10 +299,11 @@ def auto_keep(
             scores[k] = []
         for p, prompt in enumerate(settings.prompts):
             for seed in settings.seeds:
-                base, full_img = refs[(p, seed)]
+                base, full_img, effect = refs[(p, seed)]
                 imgs = renderer([frozenset(order[:k]) for k in ks], prompt, seed, settings)
                 for k, img in zip(ks, imgs, strict=True):
-                    scores[k].append(score_image(base, full_img, img, p, seed, criterion, distances))
+                    scores[k].append(score_image(base, full_img, img, p, seed, criterion,
+                                                 distances, effect=effect))
         if progress:
             progress(ks[-1], n)
         passing = [k for k in ks if verdict_passes(scores[k])]
