@@ -94,8 +94,10 @@ def plain(runs: int, seed: int) -> int:
             slowest = max(slowest, elapsed)
             peak_max = max(peak_max, peak)
     total = time.perf_counter() - started
-    print(f"cases {runs}, seed {seed}, {total:.1f} s, slowest {slowest:.3f} s, "
-          f"largest peak {peak_max / 2**20:.1f} MiB")
+    print(
+        f"cases {runs}, seed {seed}, {total:.1f} s, slowest {slowest:.3f} s, "
+        f"largest peak {peak_max / 2**20:.1f} MiB"
+    )
     print("outcomes:", dict(tally.most_common()))
     print("escapes/hangs/over-cap:", dict(problems) or "none")
     return 1 if problems else 0

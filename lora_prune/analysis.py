@@ -128,9 +128,14 @@ def settings_to_json(settings: AnalyzeSettings) -> dict[str, Any]:
 def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
     """Settings as stored in a manifest (lists for tuples)."""
     return AnalyzeSettings(
-        prompts=tuple(doc["prompts"]), seeds=tuple(int(s) for s in doc["seeds"]),
-        width=int(doc["width"]), height=int(doc["height"]), steps=int(doc["steps"]),
-        guidance=float(doc["guidance"]), strength=float(doc["strength"]), modes=tuple(doc["modes"]),
+        prompts=tuple(doc["prompts"]),
+        seeds=tuple(int(s) for s in doc["seeds"]),
+        width=int(doc["width"]),
+        height=int(doc["height"]),
+        steps=int(doc["steps"]),
+        guidance=float(doc["guidance"]),
+        strength=float(doc["strength"]),
+        modes=tuple(doc["modes"]),
     )
 
 
@@ -190,8 +195,13 @@ def plan_jobs(
                     variants.append((mode, block, active))
             for kind, block_id, active in variants:
                 key = cache_key(
-                    model_id=model_id, lora_sha256=lora_sha256, blocks=active, prompt=prompt,
-                    seed=seed, settings=settings, versions=versions,
+                    model_id=model_id,
+                    lora_sha256=lora_sha256,
+                    blocks=active,
+                    prompt=prompt,
+                    seed=seed,
+                    settings=settings,
+                    versions=versions,
                 )
                 jobs.append(Job(key, kind, block_id, active, p, seed))
     return jobs
@@ -225,7 +235,9 @@ def load_image(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError) as exc:
-        raise UnreadableFileError("cannot read render", path, "delete it and run analyze again") from exc
+        raise UnreadableFileError(
+            "cannot read render", path, "delete it and run analyze again"
+        ) from exc
 
 
 @dataclass
@@ -260,7 +272,9 @@ def render_missing(
                 progress(done, total)
             continue
         job0 = batch[0]
-        images = renderer([j.blocks for j in batch], settings.prompts[job0.prompt], job0.seed, settings)
+        images = renderer(
+            [j.blocks for j in batch], settings.prompts[job0.prompt], job0.seed, settings
+        )
         stats.rendered += len(batch)
         for job, image in zip(batch, images, strict=True):
             if job in missing:
@@ -329,7 +343,8 @@ class Analysis:
             f"the LoRA has no measurable effect on prompt {e['prompt']} ({prompts[e['prompt']]!r}) "
             f"seed {e['seed']}: MSE(base, full) {e['mse']:.3g} <= noise floor {NOISE_MSE:g}; use "
             "prompts where the LoRA shows, such as its trigger words"
-            for e in self.effects if not e["measurable"]
+            for e in self.effects
+            if not e["measurable"]
         ]
 
     def rows_for(self, mode: str) -> list[BlockRow]:
@@ -349,7 +364,9 @@ class Analysis:
             "effects": self.effects,
             "noise_floor_mse": NOISE_MSE,
             "warnings": self.warnings,
-            "pruning_curve": None if self.curve is None else {
+            "pruning_curve": None
+            if self.curve is None
+            else {
                 "image": "pruning_curve.png",
                 "order": self.curve[-1].blocks if self.curve else [],
                 "criterion": CRITERION,
@@ -384,7 +401,10 @@ def keep_size(lora: LoraFile, blocks: Sequence[str]) -> int:
 
 
 def suggest_keep(
-    rows: Sequence[BlockRow], coverage_target: float, lora: LoraFile | None, bytes_by_block: Mapping[str, int],
+    rows: Sequence[BlockRow],
+    coverage_target: float,
+    lora: LoraFile | None,
+    bytes_by_block: Mapping[str, int],
     lora_name: str,
 ) -> Suggestion:
     """The fewest top-ranked blocks whose MSE covers ``coverage_target`` of the total."""
@@ -445,8 +465,10 @@ def compute_analysis(
 ) -> Analysis:
     """Metrics, ranking, pictures and report from the renders listed in a manifest."""
     settings = settings_from_json(manifest["settings"])
-    jobs = [Job(j["key"], j["kind"], j["block"], frozenset(j["blocks"]), j["prompt"], j["seed"])
-            for j in manifest["jobs"]]
+    jobs = [
+        Job(j["key"], j["kind"], j["block"], frozenset(j["blocks"]), j["prompt"], j["seed"])
+        for j in manifest["jobs"]
+    ]
     missing = [j for j in jobs if not (out_dir / j.path).exists()]
     if missing:
         raise UsageError(
@@ -478,7 +500,9 @@ def compute_analysis(
         ref_kind = "base" if mode == "solo" else "full"
         mode_jobs = [j for j in jobs if j.kind == mode]
 
-        def diffs(mode_jobs: list[Job] = mode_jobs, ref_kind: str = ref_kind) -> Iterator[np.ndarray]:
+        def diffs(
+            mode_jobs: list[Job] = mode_jobs, ref_kind: str = ref_kind
+        ) -> Iterator[np.ndarray]:
             for j in mode_jobs:
                 yield diff_map(image(j), image(refs[(ref_kind, j.prompt, j.seed)]))
 
@@ -494,10 +518,18 @@ def compute_analysis(
             vmax = vmax_by_mode[mode] if options.heatmap_scale == "global" else float(d.max())
             heat_path = f"heatmaps/{mode}_{j.block}_p{j.prompt}_s{j.seed}.png"
             save_png(colorize(d, vmax, options.cmap), out_dir / heat_path)
-            image_rows.append({
-                "block": j.block, "mode": mode, "prompt": j.prompt, "seed": j.seed,
-                "image": j.path, "heatmap": heat_path, "mse": m, "ssim": s,
-            })
+            image_rows.append(
+                {
+                    "block": j.block,
+                    "mode": mode,
+                    "prompt": j.prompt,
+                    "seed": j.seed,
+                    "image": j.path,
+                    "heatmap": heat_path,
+                    "mse": m,
+                    "ssim": s,
+                }
+            )
 
     rows: list[BlockRow] = []
     spear: dict[str, float | None] = {}
@@ -508,36 +540,76 @@ def compute_analysis(
         norms = [float(block_info[b]["norm"]) for b in mode_blocks]
         ranks = _ranks([m.mean for m in mses])
         norm_ranks = _ranks(norms)
-        for b, m, s, r, nr, n in zip(mode_blocks, mses, ssims, ranks, norm_ranks, norms, strict=True):
-            rows.append(BlockRow(b, mode, m.mean, m.std, s.mean, s.std, r,
-                                 int(block_info[b]["params"]), int(block_info[b]["bytes"]), n, nr))
+        for b, m, s, r, nr, n in zip(
+            mode_blocks, mses, ssims, ranks, norm_ranks, norms, strict=True
+        ):
+            rows.append(
+                BlockRow(
+                    b,
+                    mode,
+                    m.mean,
+                    m.std,
+                    s.mean,
+                    s.std,
+                    r,
+                    int(block_info[b]["params"]),
+                    int(block_info[b]["bytes"]),
+                    n,
+                    nr,
+                )
+            )
         spear[mode] = spearman([m.mean for m in mses], norms)
 
     primary = "loo" if "loo" in settings.modes else "solo"
     bytes_by_block = {b: int(block_info[b]["bytes"]) for b in blocks}
     suggestion = suggest_keep(
-        [r for r in rows if r.mode == primary], coverage, lora, bytes_by_block,
+        [r for r in rows if r.mode == primary],
+        coverage,
+        lora,
+        bytes_by_block,
         Path(manifest["lora"]["path"]).name,
     )
     references = [
-        {"prompt": p, "seed": s, "base": refs[("base", p, s)].path, "full": refs[("full", p, s)].path}
-        for (kind, p, s) in refs if kind == "base"
+        {
+            "prompt": p,
+            "seed": s,
+            "base": refs[("base", p, s)].path,
+            "full": refs[("full", p, s)].path,
+        }
+        for (kind, p, s) in refs
+        if kind == "base"
     ]
     effects = []
     for kind, p_i, s_i in list(refs):
         if kind != "base":
             continue
         effect = effect_of(image(refs[("base", p_i, s_i)]), image(refs[("full", p_i, s_i)]))
-        effects.append({"prompt": p_i, "seed": s_i, "mse": effect["mse"],
-                        "ssim_distance": effect["ssim"],
-                        "measurable": effect_is_measurable(effect["mse"])})
+        effects.append(
+            {
+                "prompt": p_i,
+                "seed": s_i,
+                "mse": effect["mse"],
+                "ssim_distance": effect["ssim"],
+                "measurable": effect_is_measurable(effect["mse"]),
+            }
+        )
     analysis = Analysis(
-        settings={**manifest["settings"], "lora": manifest["lora"]["path"],
-                  "lora_sha256": manifest["lora"]["sha256"], "model": manifest["model"],
-                  "heatmap_scale": options.heatmap_scale, "cmap": options.cmap,
-                  "heatmap_vmax": vmax_by_mode},
-        rows=rows, spearman=spear, suggestion=suggestion, references=references, images=image_rows,
-        out_dir=out_dir, effects=effects,
+        settings={
+            **manifest["settings"],
+            "lora": manifest["lora"]["path"],
+            "lora_sha256": manifest["lora"]["sha256"],
+            "model": manifest["model"],
+            "heatmap_scale": options.heatmap_scale,
+            "cmap": options.cmap,
+            "heatmap_vmax": vmax_by_mode,
+        },
+        rows=rows,
+        spearman=spear,
+        suggestion=suggestion,
+        references=references,
+        images=image_rows,
+        out_dir=out_dir,
+        effects=effects,
     )
     _write_pictures(analysis, out_dir, options, image, refs, jobs)
     _write_csv(out_dir / "ranking.csv", rows)
@@ -559,7 +631,8 @@ def write_results(analysis: Analysis) -> None:
         chosen = analysis.suggestion.blocks and analysis.suggestion.criterion == CRITERION
         names = sorted({n for p in curve for n in p.kept})
         chart = pruning_curve_chart(
-            [p.k for p in curve], {n: [p.kept.get(n, 0.0) for p in curve] for n in names},
+            [p.k for p in curve],
+            {n: [p.kept.get(n, 0.0) for p in curve] for n in names},
             [p.bytes for p in curve],
             min_kept=analysis.curve_criterion.min_kept if analysis.curve_criterion else None,
             chosen=len(analysis.suggestion.blocks) if chosen else None,
@@ -570,7 +643,10 @@ def write_results(analysis: Analysis) -> None:
 
 
 def set_curve(
-    analysis: Analysis, curve: Sequence[CurvePoint], criterion: Criterion, *,
+    analysis: Analysis,
+    curve: Sequence[CurvePoint],
+    criterion: Criterion,
+    *,
     lora: LoraFile | None = None,
 ) -> None:
     """Attach a pruning curve; the suggestion becomes the fewest blocks passing the verdict.
@@ -579,17 +655,25 @@ def set_curve(
     ``analyze --from`` keeps it.
     """
     _attach_curve(analysis, curve, criterion, lora=lora)
-    doc = {"lora_sha256": analysis.settings["lora_sha256"],
-           "settings": {k: analysis.settings[k] for k in ("prompts", "seeds", "width", "height",
-                                                         "steps", "guidance", "strength")},
-           "min_kept": criterion.min_kept, "min_ssim": criterion.min_ssim,
-           "points": [asdict(p) for p in curve]}
+    doc = {
+        "lora_sha256": analysis.settings["lora_sha256"],
+        "settings": {
+            k: analysis.settings[k]
+            for k in ("prompts", "seeds", "width", "height", "steps", "guidance", "strength")
+        },
+        "min_kept": criterion.min_kept,
+        "min_ssim": criterion.min_ssim,
+        "points": [asdict(p) for p in curve],
+    }
     write_json(analysis.out_dir / CURVE_FILE, doc)
     write_results(analysis)
 
 
 def _attach_curve(
-    analysis: Analysis, curve: Sequence[CurvePoint], criterion: Criterion, *,
+    analysis: Analysis,
+    curve: Sequence[CurvePoint],
+    criterion: Criterion,
+    *,
     lora: LoraFile | None = None,
 ) -> None:
     analysis.curve = list(curve)
@@ -601,10 +685,15 @@ def _attach_curve(
         spec = format_block_spec(best.blocks)
         name = Path(analysis.settings["lora"]).name
         analysis.suggestion = Suggestion(
-            mode=s.mode, coverage_target=s.coverage_target, coverage=s.coverage,
-            blocks=list(best.blocks), spec=spec, bytes=best.bytes,
+            mode=s.mode,
+            coverage_target=s.coverage_target,
+            coverage=s.coverage,
+            blocks=list(best.blocks),
+            spec=spec,
+            bytes=best.bytes,
             bytes_before=lora.header.file_size if lora is not None else s.bytes_before,
-            command=f"lora-prune slim {name} --keep {spec}", criterion=CRITERION,
+            command=f"lora-prune slim {name} --keep {spec}",
+            criterion=CRITERION,
             kept=dict(best.worst),
         )
 
@@ -624,8 +713,10 @@ def read_curve(
         ):
             return None
         points = [CurvePoint(**p) for p in doc["points"]]
-        criterion = Criterion(min_kept=float(doc["min_kept"]),
-                              min_ssim=None if doc["min_ssim"] is None else float(doc["min_ssim"]))
+        criterion = Criterion(
+            min_kept=float(doc["min_kept"]),
+            min_ssim=None if doc["min_ssim"] is None else float(doc["min_ssim"]),
+        )
     except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError):
         return None
     return points, criterion
@@ -637,7 +728,9 @@ def _write_csv(path: Path, rows: Sequence[BlockRow]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in sorted(rows, key=lambda r: (MODES.index(r.mode), r.rank, block_order(r.block))):
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
+        writer.writerow(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(row).items()}
+        )
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
@@ -670,18 +763,27 @@ def _write_pictures(
             d = diff_map(img, ref)
             vmax = vmax_global if options.heatmap_scale == "global" else float(d.max())
             shown = heatmap_overlay(img, d, vmax, options.opacity, options.cmap)
-            tiles.append(label_tile(
-                shown, f"{row.block} #{row.rank}", top_right=f"MSE {row.mse:.1f}",
-                bottom=f"SSIM {row.ssim:.3f}", scale=scale,
-            ))
-        header = (f"{Path(settings['lora']).name} - {mode} (vs {'no LoRA' if mode == 'solo' else 'full LoRA'}) - "
-                  f"prompt 0, seed {s0}; heatmaps on a {options.heatmap_scale} scale")
+            tiles.append(
+                label_tile(
+                    shown,
+                    f"{row.block} #{row.rank}",
+                    top_right=f"MSE {row.mse:.1f}",
+                    bottom=f"SSIM {row.ssim:.3f}",
+                    scale=scale,
+                )
+            )
+        header = (
+            f"{Path(settings['lora']).name} - {mode} (vs {'no LoRA' if mode == 'solo' else 'full LoRA'}) - "
+            f"prompt 0, seed {s0}; heatmaps on a {options.heatmap_scale} scale"
+        )
         sheet = contact_sheet(tiles, max_pixels=options.sheet_max_pixels, header=header)
         name = "contact_sheet.png" if mode == primary else f"contact_sheet_{mode}.png"
         save_png(sheet, out_dir / name)
     chart_mode = primary
     rows = sorted(analysis.rows_for(chart_mode), key=lambda r: block_order(r.block))
-    chart = influence_chart([r.block for r in rows], [r.mse for r in rows], [1.0 - r.ssim for r in rows])
+    chart = influence_chart(
+        [r.block for r in rows], [r.mse for r in rows], [1.0 - r.ssim for r in rows]
+    )
     save_png(chart, out_dir / "influence.png")
 
 
@@ -694,21 +796,33 @@ def build_manifest(
     model_id: str,
     versions: Mapping[str, str],
 ) -> dict[str, Any]:
-    stats = {b.block: {"params": b.params, "bytes": b.bytes, "norm": b.norm, "modules": b.modules}
-             for b in block_stats(lora)}
+    stats = {
+        b.block: {"params": b.params, "bytes": b.bytes, "norm": b.norm, "modules": b.modules}
+        for b in block_stats(lora)
+    }
     return {
         "schema": SCHEMA_VERSION,
         "tool": {"name": "lora-prune", "version": __version__},
         "versions": dict(versions),
         "model": model_id,
-        "lora": {"path": str(lora.path), "sha256": lora_sha256, "format": lora.format,
-                 "bytes": lora.header.file_size},
+        "lora": {
+            "path": str(lora.path),
+            "sha256": lora_sha256,
+            "format": lora.format,
+            "bytes": lora.header.file_size,
+        },
         "settings": settings_to_json(settings),
         "blocks": stats,
         "jobs": [
-            {"key": j.key, "kind": j.kind, "block": j.block,
-             "blocks": sorted(j.blocks, key=block_order), "prompt": j.prompt, "seed": j.seed,
-             "path": j.path}
+            {
+                "key": j.key,
+                "kind": j.kind,
+                "block": j.block,
+                "blocks": sorted(j.blocks, key=block_order),
+                "prompt": j.prompt,
+                "seed": j.seed,
+                "path": j.path,
+            }
             for j in jobs
         ],
     }
@@ -719,7 +833,9 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise UsageError("no manifest.json in the folder", out_dir, "give the --out folder of an earlier analyze") from exc
+        raise UsageError(
+            "no manifest.json in the folder", out_dir, "give the --out folder of an earlier analyze"
+        ) from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise UnreadableFileError("cannot read manifest.json", path, "run analyze again") from exc
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION:
@@ -753,12 +869,20 @@ def analyze(
         raise UsageError("batch size must be at least 1", "--batch-size", "use e.g. 8")
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = [b for b in lora.blocks if b != "other"]
-    jobs = plan_jobs(blocks, settings, model_id=renderer.model_id, lora_sha256=lora_sha256,
-                     versions=renderer.versions)
-    manifest = build_manifest(lora, lora_sha256, settings, jobs, model_id=renderer.model_id,
-                              versions=renderer.versions)
+    jobs = plan_jobs(
+        blocks,
+        settings,
+        model_id=renderer.model_id,
+        lora_sha256=lora_sha256,
+        versions=renderer.versions,
+    )
+    manifest = build_manifest(
+        lora, lora_sha256, settings, jobs, model_id=renderer.model_id, versions=renderer.versions
+    )
     write_json(out_dir / MANIFEST, manifest)
-    stats = render_missing(jobs, out_dir, renderer, settings, batch_size=batch_size, progress=progress)
+    stats = render_missing(
+        jobs, out_dir, renderer, settings, batch_size=batch_size, progress=progress
+    )
     result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
     result.renders = stats
     if curve is not None and not result.warnings:
@@ -767,9 +891,17 @@ def analyze(
 
         primary = "loo" if "loo" in settings.modes else "solo"
         order = [r.block for r in result.rows_for(primary)]
-        auto = auto_keep(lora, lora_sha256, order, settings, renderer, criterion=curve,
-                         distances=distances or BASE_DISTANCES,
-                         batch_size=batch_size, stop_at_pass=False,
-                         size_of=lambda blocks: keep_size(lora, blocks))
+        auto = auto_keep(
+            lora,
+            lora_sha256,
+            order,
+            settings,
+            renderer,
+            criterion=curve,
+            distances=distances or BASE_DISTANCES,
+            batch_size=batch_size,
+            stop_at_pass=False,
+            size_of=lambda blocks: keep_size(lora, blocks),
+        )
         set_curve(result, auto.curve, curve, lora=lora)
     return result

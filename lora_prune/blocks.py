@@ -125,7 +125,8 @@ def _parse_kohya(spec: str) -> frozenset[str]:
     # split() with one group gives [prefix, name, value, name, value, ...]
     if parts[0].strip(" ,;"):
         raise BlockSpecError(
-            f"unexpected text {parts[0].strip()!r}", f"block spec {spec!r}",
+            f"unexpected text {parts[0].strip()!r}",
+            f"block spec {spec!r}",
             "write train_double_block_indices=... and/or train_single_block_indices=...",
         )
     given: dict[str, list[int]] = {}

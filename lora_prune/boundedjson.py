@@ -46,7 +46,9 @@ class JsonLimitError(ValueError):
 
 def _parse_int(text: str) -> int:
     if len(text) > JSON_MAX_INT_DIGITS:
-        raise JsonLimitError(f"has an integer of {len(text)} digits (at most {JSON_MAX_INT_DIGITS})")
+        raise JsonLimitError(
+            f"has an integer of {len(text)} digits (at most {JSON_MAX_INT_DIGITS})"
+        )
     return int(text)
 
 
@@ -94,7 +96,10 @@ def loads_bounded(
             raise JsonLimitError(f"is not valid UTF-8 (byte {exc.start})") from exc
     try:
         doc = json.loads(
-            text, parse_int=_parse_int, parse_float=_parse_float, object_pairs_hook=object_pairs_hook
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            object_pairs_hook=object_pairs_hook,
         )
     except JsonLimitError:
         raise

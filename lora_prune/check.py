@@ -304,7 +304,7 @@ def parse_size(text: str, where: str = "max_size") -> int:
             f"cannot read size {text!r}",
             where,
             "write a number with an optional unit: B, KB, MB, GB, TB (powers of 1000) "
-            "or KiB, MiB, GiB, TiB (powers of 1024), e.g. \"50MB\"",
+            'or KiB, MiB, GiB, TiB (powers of 1024), e.g. "50MB"',
         )
     return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
@@ -348,7 +348,9 @@ def _block_set(value: object, key: str, source: Path | None) -> frozenset[str]:
     specs = [value] if isinstance(value, str) else value
     if not isinstance(specs, list) or not specs or not all(isinstance(s, str) for s in specs):
         raise _bad(
-            key, source, f"policy key {key!r} must be a block spec or a list of them",
+            key,
+            source,
+            f"policy key {key!r} must be a block spec or a list of them",
             'write e.g. "double.0-18,single" or ["double.7", "single.10-20"]',
         )
     out: set[str] = set()
@@ -367,7 +369,9 @@ def parse_policy(
     for key in data:
         if key not in POLICY_KEYS:
             raise _bad(
-                key, source, f"unknown policy key {key!r}",
+                key,
+                source,
+                f"unknown policy key {key!r}",
                 f"use only {', '.join(POLICY_KEYS)} (see docs/ci.md)",
             )
     max_bytes: int | None = None
@@ -376,8 +380,12 @@ def parse_policy(
     if "max_bytes" in data:
         value = data["max_bytes"]
         if type(value) is not int or value < 0:
-            raise _bad("max_bytes", source, "max_bytes must be a non-negative integer",
-                       'write e.g. max_bytes = 50000000 or max_size = "50MB"')
+            raise _bad(
+                "max_bytes",
+                source,
+                "max_bytes must be a non-negative integer",
+                'write e.g. max_bytes = 50000000 or max_size = "50MB"',
+            )
         max_bytes = value
     if "max_size" in data:
         value = data["max_size"]
@@ -386,8 +394,12 @@ def parse_policy(
         elif isinstance(value, str):
             max_bytes = parse_size(value, f"{source}: max_size" if source else "max_size")
         else:
-            raise _bad("max_size", source, "max_size must be a size like \"50MB\"",
-                       'write e.g. max_size = "50MB"')
+            raise _bad(
+                "max_size",
+                source,
+                'max_size must be a size like "50MB"',
+                'write e.g. max_size = "50MB"',
+            )
 
     allowed = (
         _block_set(data["allowed_blocks"], "allowed_blocks", source)
@@ -403,13 +415,21 @@ def parse_policy(
     meta_value = data.get("required_metadata", [])
     meta_keys = [meta_value] if isinstance(meta_value, str) else meta_value
     if not isinstance(meta_keys, list) or not all(isinstance(k, str) and k for k in meta_keys):
-        raise _bad("required_metadata", source, "required_metadata must be a list of key names",
-                   'write e.g. required_metadata = ["modelspec.trigger_phrase"]')
+        raise _bad(
+            "required_metadata",
+            source,
+            "required_metadata must be a list of key names",
+            'write e.g. required_metadata = ["modelspec.trigger_phrase"]',
+        )
 
     require_verified = data.get("require_verified", False)
     if not isinstance(require_verified, bool):
-        raise _bad("require_verified", source, "require_verified must be true or false",
-                   "write require_verified = true")
+        raise _bad(
+            "require_verified",
+            source,
+            "require_verified must be true or false",
+            "write require_verified = true",
+        )
 
     min_ssim = data.get("min_ssim")
     if min_ssim is not None and (
@@ -417,8 +437,12 @@ def parse_policy(
         or not isinstance(min_ssim, (int, float))
         or not 0.0 <= float(min_ssim) <= 1.0
     ):
-        raise _bad("min_ssim", source, "min_ssim must be a number from 0 to 1",
-                   "write e.g. min_ssim = 0.95")
+        raise _bad(
+            "min_ssim",
+            source,
+            "min_ssim must be a number from 0 to 1",
+            "write e.g. min_ssim = 0.95",
+        )
 
     min_kept = data.get("min_kept")
     if min_kept is not None and (
@@ -426,23 +450,39 @@ def parse_policy(
         or not isinstance(min_kept, (int, float))
         or not 0.0 < float(min_kept) <= 1.0
     ):
-        raise _bad("min_kept", source, "min_kept must be a number above 0 and at most 1",
-                   "write e.g. min_kept = 0.9")
+        raise _bad(
+            "min_kept",
+            source,
+            "min_kept must be a number above 0 and at most 1",
+            "write e.g. min_kept = 0.9",
+        )
 
     slim_value = data.get("slim", [])
     if not isinstance(slim_value, list) or not all(isinstance(t, dict) for t in slim_value):
-        raise _bad("slim", source, "slim must be a list of tables",
-                   'write [[slim]] tables with file = "..." and full = "..."')
+        raise _bad(
+            "slim",
+            source,
+            "slim must be a list of tables",
+            'write [[slim]] tables with file = "..." and full = "..."',
+        )
     pairs: list[SlimPair] = []
     for i, table in enumerate(slim_value):
         for key in table:
             if key not in _SLIM_KEYS:
-                raise _bad(f"slim[{i}].{key}", source, f"unknown policy key {key!r} in [[slim]]",
-                           "a [[slim]] table holds only file and full")
+                raise _bad(
+                    f"slim[{i}].{key}",
+                    source,
+                    f"unknown policy key {key!r} in [[slim]]",
+                    "a [[slim]] table holds only file and full",
+                )
         for key in _SLIM_KEYS:
             if not isinstance(table.get(key), str) or not table[key]:
-                raise _bad(f"slim[{i}].{key}", source, f"[[slim]] needs {key} = \"<path>\"",
-                           "name the slim file and the full file it was cut from")
+                raise _bad(
+                    f"slim[{i}].{key}",
+                    source,
+                    f'[[slim]] needs {key} = "<path>"',
+                    "name the slim file and the full file it was cut from",
+                )
         pairs.append(SlimPair(base / table["file"], base / table["full"]))
 
     return Policy(
@@ -668,8 +708,14 @@ def _module_findings(module: LoraModule) -> list[Finding]:
     if not any(f.code in ("bad_shape", "rank_mismatch") for f in out):
         problem = factor_problem(module)
         if problem is not None:
-            out.append(Finding("error", "bad_shape", f"module {module.stem!r}: {problem}: "
-                               "re-export the LoRA", module.keys[0] if module.keys else None))
+            out.append(
+                Finding(
+                    "error",
+                    "bad_shape",
+                    f"module {module.stem!r}: {problem}: re-export the LoRA",
+                    module.keys[0] if module.keys else None,
+                )
+            )
     alpha = module.alpha
     if alpha is not None and not (math.isfinite(alpha) and 0 < alpha <= ALPHA_LIMIT):
         info = t.get("alpha")
@@ -883,41 +929,63 @@ def _record_findings(record: VerificationRecord, policy: Policy | None) -> list[
     out: list[Finding] = []
     if not record.passed:
         kept = record.kept_share
-        worst = f" (worst share of the effect kept {100 * kept:.1f}%)" if kept is not None else (
-            f" (worst SSIM {record.worst_ssim:.4f})" if record.worst_ssim is not None else "")
-        out.append(
-            Finding("error", "verification_failed",
-                    f"the recorded verification failed{worst}: keep more blocks and "
-                    "verify again", _VERIFICATION_KEY)
+        worst = (
+            f" (worst share of the effect kept {100 * kept:.1f}%)"
+            if kept is not None
+            else (f" (worst SSIM {record.worst_ssim:.4f})" if record.worst_ssim is not None else "")
         )
-    if policy is not None and policy.min_ssim is not None and (
-        record.min_ssim is None or record.min_ssim < policy.min_ssim
+        out.append(
+            Finding(
+                "error",
+                "verification_failed",
+                f"the recorded verification failed{worst}: keep more blocks and verify again",
+                _VERIFICATION_KEY,
+            )
+        )
+    if (
+        policy is not None
+        and policy.min_ssim is not None
+        and (record.min_ssim is None or record.min_ssim < policy.min_ssim)
     ):
         used = "no SSIM floor" if record.min_ssim is None else f"min_ssim {record.min_ssim}"
         out.append(
-            Finding("error", "verification_too_weak",
-                    f"the verification used {used}, the policy needs at least "
-                    f"{policy.min_ssim}: verify again with --min-ssim {policy.min_ssim}",
-                    _VERIFICATION_KEY)
+            Finding(
+                "error",
+                "verification_too_weak",
+                f"the verification used {used}, the policy needs at least "
+                f"{policy.min_ssim}: verify again with --min-ssim {policy.min_ssim}",
+                _VERIFICATION_KEY,
+            )
         )
     if policy is not None and policy.min_kept is not None:
         if record.criterion != CRITERION or record.min_kept is None:
             out.append(
-                Finding("error", "verification_too_weak",
-                        "the verification did not judge the share of the LoRA's effect kept, "
-                        f"the policy needs min_kept {policy.min_kept}: verify again with "
-                        f"lora-prune verify --min-kept {policy.min_kept}", _VERIFICATION_KEY)
+                Finding(
+                    "error",
+                    "verification_too_weak",
+                    "the verification did not judge the share of the LoRA's effect kept, "
+                    f"the policy needs min_kept {policy.min_kept}: verify again with "
+                    f"lora-prune verify --min-kept {policy.min_kept}",
+                    _VERIFICATION_KEY,
+                )
             )
         elif record.min_kept < policy.min_kept or (
             record.kept_share is not None and record.kept_share < policy.min_kept
         ):
-            found = "" if record.kept_share is None else (
-                f", worst share kept {100 * record.kept_share:.1f}%")
+            found = (
+                ""
+                if record.kept_share is None
+                else (f", worst share kept {100 * record.kept_share:.1f}%")
+            )
             out.append(
-                Finding("error", "verification_too_weak",
-                        f"the verification used min_kept {record.min_kept}{found}, the policy "
-                        f"needs at least {policy.min_kept}: keep more blocks and verify again "
-                        f"with --min-kept {policy.min_kept}", _VERIFICATION_KEY)
+                Finding(
+                    "error",
+                    "verification_too_weak",
+                    f"the verification used min_kept {record.min_kept}{found}, the policy "
+                    f"needs at least {policy.min_kept}: keep more blocks and verify again "
+                    f"with --min-kept {policy.min_kept}",
+                    _VERIFICATION_KEY,
+                )
             )
     return out
 
@@ -975,8 +1043,11 @@ def _subset_findings(slim: Path, slim_header: SafetensorsHeader, full: Path) -> 
         full_header = read_header(full)
     except UnreadableFileError as exc:
         return [
-            Finding("error", "full_unreadable",
-                    f"the full file {str(full)!r} cannot be read: {exc.what}")
+            Finding(
+                "error",
+                "full_unreadable",
+                f"the full file {str(full)!r} cannot be read: {exc.what}",
+            )
         ]
     out: list[Finding] = []
     with SafetensorsReader(slim, slim_header) as a, SafetensorsReader(full, full_header) as b:
@@ -984,9 +1055,10 @@ def _subset_findings(slim: Path, slim_header: SafetensorsHeader, full: Path) -> 
             other = full_header.tensors.get(name)
             if other is None or (other.dtype, other.shape) != (info.dtype, info.shape):
                 why = "is not in" if other is None else "has another dtype or shape than in"
-            elif hashlib.sha256(a.read_bytes(name)).digest() != hashlib.sha256(
-                b.read_bytes(name)
-            ).digest():
+            elif (
+                hashlib.sha256(a.read_bytes(name)).digest()
+                != hashlib.sha256(b.read_bytes(name)).digest()
+            ):
                 why = "has other values than in"
             else:
                 continue
@@ -1036,9 +1108,12 @@ def _verify_slim(
         parsed = VerificationRecord.parse(raw)
         if isinstance(parsed, str):
             out.append(
-                Finding("error", "bad_verification",
-                        f"{_VERIFICATION_KEY} {parsed}: run lora-prune verify again",
-                        _VERIFICATION_KEY)
+                Finding(
+                    "error",
+                    "bad_verification",
+                    f"{_VERIFICATION_KEY} {parsed}: run lora-prune verify again",
+                    _VERIFICATION_KEY,
+                )
             )
         else:
             record = parsed
@@ -1046,10 +1121,13 @@ def _verify_slim(
         out.extend(_record_findings(record, policy))
     if record is not None and source_sha is not None and source_sha != record.full_sha256:
         out.append(
-            Finding("error", "source_mismatch",
-                    f"the verification was made against {record.full_sha256[:12]}..., "
-                    f"but the file was cut from {source_sha[:12]}...: verify it again",
-                    _SOURCE_SHA_KEY)
+            Finding(
+                "error",
+                "source_mismatch",
+                f"the verification was made against {record.full_sha256[:12]}..., "
+                f"but the file was cut from {source_sha[:12]}...: verify it again",
+                _SOURCE_SHA_KEY,
+            )
         )
 
     expected = record.full_sha256 if record is not None else source_sha
@@ -1058,48 +1136,70 @@ def _verify_slim(
         full = _find_full(path, expected, meta.get(_SOURCE_NAME_KEY), checked, hashes)
     if full is None:
         out.append(
-            Finding("warning", "full_not_found",
-                    "the full file it was cut from is not among the checked files: only the "
-                    "recorded verification was checked (check the full file too, or name it "
-                    "in a [[slim]] table)")
+            Finding(
+                "warning",
+                "full_not_found",
+                "the full file it was cut from is not among the checked files: only the "
+                "recorded verification was checked (check the full file too, or name it "
+                "in a [[slim]] table)",
+            )
         )
         if reverify is not None:
             out.append(
-                Finding("error", "reverify_impossible",
-                        "cannot re-render without the full file: add it to the checked "
-                        "paths or name it in a [[slim]] table")
+                Finding(
+                    "error",
+                    "reverify_impossible",
+                    "cannot re-render without the full file: add it to the checked "
+                    "paths or name it in a [[slim]] table",
+                )
             )
         return out
     if not _is_regular(full):
         out.append(
-            Finding("error", "full_missing",
-                    f"the full file {str(full)!r} named by the policy does not exist: "
-                    "fix the [[slim]] table")
+            Finding(
+                "error",
+                "full_missing",
+                f"the full file {str(full)!r} named by the policy does not exist: "
+                "fix the [[slim]] table",
+            )
         )
         return out
     result.full_file = full
     try:
         full_sha = hashes(full)
     except UnreadableFileError as exc:
-        out.append(Finding("error", "full_unreadable",
-                           f"the full file {str(full)!r} cannot be read: {exc.what}"))
+        out.append(
+            Finding(
+                "error",
+                "full_unreadable",
+                f"the full file {str(full)!r} cannot be read: {exc.what}",
+            )
+        )
         return out
     if record is not None and record.full_sha256 != full_sha:
         out.append(
-            Finding("error", "verification_mismatch",
-                    f"the verification was made against a file with SHA-256 "
-                    f"{record.full_sha256[:12]}..., not {str(full)!r} ({full_sha[:12]}...): "
-                    "the full file changed or is another one; slim and verify again",
-                    _VERIFICATION_KEY)
+            Finding(
+                "error",
+                "verification_mismatch",
+                f"the verification was made against a file with SHA-256 "
+                f"{record.full_sha256[:12]}..., not {str(full)!r} ({full_sha[:12]}...): "
+                "the full file changed or is another one; slim and verify again",
+                _VERIFICATION_KEY,
+            )
         )
-    if source_sha is not None and source_sha != full_sha and (
-        record is None or record.full_sha256 == full_sha
+    if (
+        source_sha is not None
+        and source_sha != full_sha
+        and (record is None or record.full_sha256 == full_sha)
     ):
         out.append(
-            Finding("error", "source_mismatch",
-                    f"the file was cut from a file with SHA-256 {source_sha[:12]}..., not "
-                    f"{str(full)!r} ({full_sha[:12]}...): slim the full file again",
-                    _SOURCE_SHA_KEY)
+            Finding(
+                "error",
+                "source_mismatch",
+                f"the file was cut from a file with SHA-256 {source_sha[:12]}..., not "
+                f"{str(full)!r} ({full_sha[:12]}...): slim the full file again",
+                _SOURCE_SHA_KEY,
+            )
         )
     if not any(f.code in ("verification_mismatch", "source_mismatch") for f in out):
         # Against another file than the recorded one, a tensor diff only repeats that.
@@ -1110,35 +1210,51 @@ def _verify_slim(
         except (UnreadableFileError, UnsupportedLoraError) as exc:
             out.append(_finding_from(exc, path))
         else:
-            if policy is not None and policy.min_ssim is not None and (
-                outcome.min_ssim is None or outcome.min_ssim < policy.min_ssim
+            if (
+                policy is not None
+                and policy.min_ssim is not None
+                and (outcome.min_ssim is None or outcome.min_ssim < policy.min_ssim)
             ):
                 out.append(
-                    Finding("error", "verification_too_weak",
-                            f"re-rendering used min_ssim {outcome.min_ssim}, the policy needs "
-                            f"at least {policy.min_ssim}: pass --min-ssim {policy.min_ssim}")
+                    Finding(
+                        "error",
+                        "verification_too_weak",
+                        f"re-rendering used min_ssim {outcome.min_ssim}, the policy needs "
+                        f"at least {policy.min_ssim}: pass --min-ssim {policy.min_ssim}",
+                    )
                 )
-            if policy is not None and policy.min_kept is not None and (
-                outcome.min_kept < policy.min_kept
+            if (
+                policy is not None
+                and policy.min_kept is not None
+                and (outcome.min_kept < policy.min_kept)
             ):
                 out.append(
-                    Finding("error", "verification_too_weak",
-                            f"re-rendering used min_kept {outcome.min_kept}, the policy needs "
-                            f"at least {policy.min_kept}: pass --min-kept {policy.min_kept}")
+                    Finding(
+                        "error",
+                        "verification_too_weak",
+                        f"re-rendering used min_kept {outcome.min_kept}, the policy needs "
+                        f"at least {policy.min_kept}: pass --min-kept {policy.min_kept}",
+                    )
                 )
             share = "n/a" if outcome.kept_share is None else f"{100 * outcome.kept_share:.1f}%"
             if outcome.passed:
                 out.append(
-                    Finding("info", "reverified",
-                            f"re-rendered: worst share of the effect kept {share} >= "
-                            f"{100 * outcome.min_kept:g}%, worst SSIM {outcome.worst_ssim:.4f}")
+                    Finding(
+                        "info",
+                        "reverified",
+                        f"re-rendered: worst share of the effect kept {share} >= "
+                        f"{100 * outcome.min_kept:g}%, worst SSIM {outcome.worst_ssim:.4f}",
+                    )
                 )
             else:
                 out.append(
-                    Finding("error", "reverify_failed",
-                            f"re-rendering keeps at worst {share} of the LoRA's effect "
-                            f"(needs {100 * outcome.min_kept:g}% on every image), worst SSIM "
-                            f"{outcome.worst_ssim:.4f}: keep more blocks and verify again")
+                    Finding(
+                        "error",
+                        "reverify_failed",
+                        f"re-rendering keeps at worst {share} of the LoRA's effect "
+                        f"(needs {100 * outcome.min_kept:g}% on every image), worst SSIM "
+                        f"{outcome.worst_ssim:.4f}: keep more blocks and verify again",
+                    )
                 )
     if (
         judge_record
@@ -1163,11 +1279,20 @@ def _recorded_verification_note(header: SafetensorsHeader) -> list[Finding]:
         return []
     parsed = VerificationRecord.parse(raw)
     if isinstance(parsed, str):
-        return [Finding("warning", "bad_verification", f"{_VERIFICATION_KEY} {parsed}",
-                        _VERIFICATION_KEY)]
+        return [
+            Finding(
+                "warning", "bad_verification", f"{_VERIFICATION_KEY} {parsed}", _VERIFICATION_KEY
+            )
+        ]
     if not parsed.passed:
-        return [Finding("warning", "verification_failed",
-                        "the recorded verification of this slim file failed", _VERIFICATION_KEY)]
+        return [
+            Finding(
+                "warning",
+                "verification_failed",
+                "the recorded verification of this slim file failed",
+                _VERIFICATION_KEY,
+            )
+        ]
     return []
 
 
@@ -1205,8 +1330,9 @@ def run_check(
     for path, explicit, error in _candidates(paths):
         if error is not None:
             reason = error.strerror or error.__class__.__name__
-            finding = Finding("error", "unreadable",
-                              f"cannot list folder ({reason}), check its permissions")
+            finding = Finding(
+                "error", "unreadable", f"cannot list folder ({reason}), check its permissions"
+            )
             results.append(FileResult(path, "unreadable", [finding]))
             continue
         suffix = path.suffix.lower()
@@ -1232,14 +1358,23 @@ def run_check(
         is_slim = pair is not None or any(
             k in header.metadata for k in (_SOURCE_SHA_KEY, _VERIFICATION_KEY)
         )
-        wanted = pair is not None or reverify is not None or (
-            policy is not None and policy.require_verified
+        wanted = (
+            pair is not None
+            or reverify is not None
+            or (policy is not None and policy.require_verified)
         )
         if is_slim and wanted:
             try:
                 result.findings.extend(
-                    _verify_slim(result, header, pair.full if pair else None, policy, checked,
-                                 hashes, reverify)
+                    _verify_slim(
+                        result,
+                        header,
+                        pair.full if pair else None,
+                        policy,
+                        checked,
+                        hashes,
+                        reverify,
+                    )
                 )
             except UnreadableFileError as exc:
                 result.findings.append(_finding_from(exc, result.path))
@@ -1285,7 +1420,10 @@ _STATUS_LABEL: dict[str, str] = {
 
 def _summary(result: CheckResult) -> str:
     labels: dict[Status, str] = {
-        "pass": "passed", "fail": "failed", "unreadable": "unreadable", "unsafe": "unsafe",
+        "pass": "passed",
+        "fail": "failed",
+        "unreadable": "unreadable",
+        "unsafe": "unsafe",
     }
     parts = [f"{result.count(s)} {label}" for s, label in labels.items()]
     n = len(result.files)
@@ -1432,5 +1570,7 @@ def render(result: CheckResult, fmt: str) -> str:
     try:
         renderer = _RENDERERS[fmt]
     except KeyError:
-        raise UsageError(f"unknown format {fmt!r}", "--format", f"use {', '.join(FORMATS)}") from None
+        raise UsageError(
+            f"unknown format {fmt!r}", "--format", f"use {', '.join(FORMATS)}"
+        ) from None
     return renderer(result)

@@ -67,11 +67,15 @@ def print_report(report: LoraReport) -> None:
     echo(f"file          {report.path} ({human_bytes(report.file_bytes)})")
     grammars = ", ".join(f"{g} ({n} keys)" for g, n in report.grammars.items())
     echo(f"format        {report.format}" + (f"  [{grammars}]" if len(report.grammars) > 1 else ""))
-    echo(f"tensors       {sum(b.tensors for b in report.blocks)}, {report.total_params:,} parameters")
+    echo(
+        f"tensors       {sum(b.tensors for b in report.blocks)}, {report.total_params:,} parameters"
+    )
     echo(f"dtypes        {_counter_text(report.dtypes)}")
     echo(f"adapters      {_counter_text(report.adapters)}")
     echo(f"ranks         {_counter_text(report.ranks)}")
-    echo(f"alphas        {_counter_text(report.alphas, _alpha_text) if report.alphas else 'none (scale 1)'}")
+    echo(
+        f"alphas        {_counter_text(report.alphas, _alpha_text) if report.alphas else 'none (scale 1)'}"
+    )
     echo(f"text encoders {', '.join(report.text_encoders) or 'none'}")
     echo(f"metadata      {report.metadata_keys} keys")
     for key, value in report.metadata.items():
@@ -118,7 +122,9 @@ def cli() -> None:
 # (exit 2) before the library's one-line "is a folder, not a file" (exit 3).
 lora_arg = click.argument("lora", type=click.Path(path_type=Path))
 allow_unknown_opt = click.option(
-    "--allow-unknown", is_flag=True, help="Report keys that match no FLUX.1 format as block 'other'."
+    "--allow-unknown",
+    is_flag=True,
+    help="Report keys that match no FLUX.1 format as block 'other'.",
 )
 
 
@@ -136,19 +142,34 @@ def model_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
     """--model, --transformer, --device, --dtype, --offload (``when``: e.g. "With --auto: ")."""
 
     def decorate(f: F) -> F:
-        for option in reversed([
-            click.option("--model", "model", required=required, metavar="M",
-                         help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
-                              "folder, or a hub id."),
-            click.option("--transformer", "transformer_file", type=click.Path(path_type=Path),
-                         help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
-                              "to use with the rest of --model."),
-            click.option("--device", help="cuda, mps or cpu [default: best available]."),
-            click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
-                         help="[default: bf16 on GPUs, fp32 on cpu]."),
-            click.option("--offload", is_flag=True,
-                         help="Offload model parts to the CPU between uses."),
-        ]):
+        for option in reversed(
+            [
+                click.option(
+                    "--model",
+                    "model",
+                    required=required,
+                    metavar="M",
+                    help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
+                    "folder, or a hub id.",
+                ),
+                click.option(
+                    "--transformer",
+                    "transformer_file",
+                    type=click.Path(path_type=Path),
+                    help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
+                    "to use with the rest of --model.",
+                ),
+                click.option("--device", help="cuda, mps or cpu [default: best available]."),
+                click.option(
+                    "--dtype",
+                    type=click.Choice(["fp32", "bf16", "fp16"]),
+                    help="[default: bf16 on GPUs, fp32 on cpu].",
+                ),
+                click.option(
+                    "--offload", is_flag=True, help="Offload model parts to the CPU between uses."
+                ),
+            ]
+        ):
             f = option(f)
         return f
 
@@ -159,19 +180,39 @@ def settings_options(*, required: bool = True, when: str = "") -> Callable[[F], 
     """--prompt, --seeds, --size/--width/--height, --steps, --guidance, --strength."""
 
     def decorate(f: F) -> F:
-        for option in reversed([
-            click.option("--prompt", "prompts", multiple=True, required=required,
-                         help=f"{when}Prompt (repeatable)."),
-            click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
-                         help="Comma-separated seeds (--seed S for one)."),
-            click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
-            click.option("--width", type=int, help="Width (overrides --size)."),
-            click.option("--height", type=int, help="Height (overrides --size)."),
-            click.option("--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."),
-            click.option("--guidance", type=float, default=3.5, show_default=True),
-            click.option("--strength", type=float, default=1.0, show_default=True,
-                         help="LoRA strength; multiplies the weight delta once."),
-        ]):
+        for option in reversed(
+            [
+                click.option(
+                    "--prompt",
+                    "prompts",
+                    multiple=True,
+                    required=required,
+                    help=f"{when}Prompt (repeatable).",
+                ),
+                click.option(
+                    "--seeds",
+                    "--seed",
+                    "seeds",
+                    default="0",
+                    show_default=True,
+                    help="Comma-separated seeds (--seed S for one).",
+                ),
+                click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
+                click.option("--width", type=int, help="Width (overrides --size)."),
+                click.option("--height", type=int, help="Height (overrides --size)."),
+                click.option(
+                    "--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."
+                ),
+                click.option("--guidance", type=float, default=3.5, show_default=True),
+                click.option(
+                    "--strength",
+                    type=float,
+                    default=1.0,
+                    show_default=True,
+                    help="LoRA strength; multiplies the weight delta once.",
+                ),
+            ]
+        ):
             f = option(f)
         return f
 
@@ -189,9 +230,11 @@ the LoRA shows, such as its trigger words."""
 
 
 perceptual_opt = click.option(
-    "--perceptual", metavar="MODEL",
+    "--perceptual",
+    metavar="MODEL",
     help="Add a perceptual distance to the verdict: 1 - cosine of the pooled embeddings of a "
-         "transformers image encoder (DINOv2 or CLIP vision; local folder or hub id).")
+    "transformers image encoder (DINOv2 or CLIP vision; local folder or hub id).",
+)
 
 
 def _distances(perceptual: str | None, device: str | None) -> Any:
@@ -208,12 +251,20 @@ def verdict_options(when: str = "") -> Callable[[F], F]:
     """--min-kept and --min-ssim: the thresholds of :mod:`lora_prune.verdict`."""
 
     def decorate(f: F) -> F:
-        f = click.option("--min-ssim", type=float, default=None,
-                         help=f"{when}Also require SSIM(slim, full) >= this on every image "
-                              "[default: off].")(f)
-        return click.option("--min-kept", type=float, default=DEFAULT_MIN_KEPT, show_default=True,
-                            help=f"{when}Share of the LoRA's effect (1 - d(slim, full) / "
-                                 "d(base, full)) every image must keep, for MSE and 1-SSIM.")(f)
+        f = click.option(
+            "--min-ssim",
+            type=float,
+            default=None,
+            help=f"{when}Also require SSIM(slim, full) >= this on every image [default: off].",
+        )(f)
+        return click.option(
+            "--min-kept",
+            type=float,
+            default=DEFAULT_MIN_KEPT,
+            show_default=True,
+            help=f"{when}Share of the LoRA's effect (1 - d(slim, full) / "
+            "d(base, full)) every image must keep, for MSE and 1-SSIM.",
+        )(f)
 
     return decorate
 
@@ -221,8 +272,13 @@ def verdict_options(when: str = "") -> Callable[[F], F]:
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--sort", type=click.Choice(SORT_KEYS), default="block", show_default=True,
-              help="Order of the block rows.")
+@click.option(
+    "--sort",
+    type=click.Choice(SORT_KEYS),
+    default="block",
+    show_default=True,
+    help="Order of the block rows.",
+)
 @allow_unknown_opt
 def inspect(lora: Path, as_json: bool, sort: str, allow_unknown: bool) -> None:
     """Show a LoRA's format, dtypes, ranks, alphas and per-block size and weight norm.
@@ -249,10 +305,17 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 @lora_arg
 @click.option("--keep", metavar="SPEC", help="Blocks to keep, e.g. double.0-5,single.10-20,input.")
 @click.option("--drop", metavar="SPEC", help="Blocks to drop (all others are kept).")
-@click.option("--auto", is_flag=True,
-              help="Find the smallest keep set that renders like the full LoRA (needs --model, --prompt).")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output file [default: <stem>.slim.safetensors beside the input].")
+@click.option(
+    "--auto",
+    is_flag=True,
+    help="Find the smallest keep set that renders like the full LoRA (needs --model, --prompt).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file [default: <stem>.slim.safetensors beside the input].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @allow_unknown_opt
 @model_options(required=False, when="With --auto: ")
@@ -260,14 +323,36 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 @verdict_options("With --auto: ")
 @perceptual_opt
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="With --auto: analysis folder (renders are reused) [default: <stem>.analysis].")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="With --auto: analysis folder (renders are reused) [default: <stem>.analysis].",
+)
 def slim(
-    lora: Path, keep: str | None, drop: str | None, auto: bool, output: Path | None, force: bool,
-    allow_unknown: bool, model: str | None, transformer_file: Path | None, device: str | None,
-    dtype: str | None, offload: bool, prompts: tuple[str, ...], seeds: str, size: int | None,
-    width: int | None, height: int | None, steps: int | None, guidance: float, strength: float,
-    min_kept: float, min_ssim: float | None, perceptual: str | None, batch_size: int,
+    lora: Path,
+    keep: str | None,
+    drop: str | None,
+    auto: bool,
+    output: Path | None,
+    force: bool,
+    allow_unknown: bool,
+    model: str | None,
+    transformer_file: Path | None,
+    device: str | None,
+    dtype: str | None,
+    offload: bool,
+    prompts: tuple[str, ...],
+    seeds: str,
+    size: int | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance: float,
+    strength: float,
+    min_kept: float,
+    min_ssim: float | None,
+    perceptual: str | None,
+    batch_size: int,
     work_dir: Path | None,
 ) -> None:
     """Write a LoRA that keeps only the chosen blocks, byte-identical for what it keeps.
@@ -288,22 +373,30 @@ def slim(
     """
     if auto:
         if keep or drop:
-            raise UsageError("--auto chooses the blocks itself", "--keep/--drop", "drop them or --auto")
+            raise UsageError(
+                "--auto chooses the blocks itself", "--keep/--drop", "drop them or --auto"
+            )
         if model is None or not prompts:
             raise UsageError("--auto needs --model and --prompt", "command line", "add them")
         lora_file = read_lora(lora, allow_unknown=allow_unknown)
-        settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength,
-                             ("loo",))
+        settings = _settings(
+            model, prompts, seeds, size, width, height, steps, guidance, strength, ("loo",)
+        )
         from .render.workflows import auto_slim
 
         bar = _Bar("ranking blocks")
         try:
             auto_result = auto_slim(
-                lora_file, _model_spec(model, transformer_file, device, dtype, offload), settings,
+                lora_file,
+                _model_spec(model, transformer_file, device, dtype, offload),
+                settings,
                 work_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis"),
                 criterion=Criterion(min_kept=min_kept, min_ssim=min_ssim),
-                distances=_distances(perceptual, device), output=output,
-                force=force, batch_size=batch_size, progress=bar,
+                distances=_distances(perceptual, device),
+                output=output,
+                force=force,
+                batch_size=batch_size,
+                progress=bar,
             )
         finally:
             bar.close()
@@ -320,8 +413,10 @@ def slim(
             allow_unknown=allow_unknown,
         )
     if result.absent:
-        click.echo(f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
-                   err=True)
+        click.echo(
+            f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
+            err=True,
+        )
     click.echo(f"kept     {format_block_spec(result.kept_blocks)}")
     click.echo(f"dropped  {format_block_spec(result.dropped_blocks) or 'nothing'}")
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
@@ -342,23 +437,40 @@ def _render_api() -> Any:
     return loading, session
 
 
-def _settings(model: str, prompts: tuple[str, ...], seeds: str, size: int | None, width: int | None,
-              height: int | None, steps: int | None, guidance: float, strength: float,
-              modes: tuple[str, ...] = ("solo",)) -> AnalyzeSettings:
+def _settings(
+    model: str,
+    prompts: tuple[str, ...],
+    seeds: str,
+    size: int | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance: float,
+    strength: float,
+    modes: tuple[str, ...] = ("solo",),
+) -> AnalyzeSettings:
     _, session = _render_api()
     defaults = session.render_defaults(model)
     side = size or defaults.size
     return AnalyzeSettings(
-        prompts=tuple(prompts), seeds=_seeds(seeds), width=width or side, height=height or side,
-        steps=steps or defaults.steps, guidance=guidance, strength=strength, modes=modes,
+        prompts=tuple(prompts),
+        seeds=_seeds(seeds),
+        width=width or side,
+        height=height or side,
+        steps=steps or defaults.steps,
+        guidance=guidance,
+        strength=strength,
+        modes=modes,
     )
 
 
-def _model_spec(model: str, transformer_file: Path | None, device: str | None, dtype: str | None,
-                offload: bool) -> Any:
+def _model_spec(
+    model: str, transformer_file: Path | None, device: str | None, dtype: str | None, offload: bool
+) -> Any:
     loading, _ = _render_api()
-    return loading.ModelSpec(model=model, transformer_file=transformer_file, device=device,
-                             dtype=dtype, offload=offload)
+    return loading.ModelSpec(
+        model=model, transformer_file=transformer_file, device=device, dtype=dtype, offload=offload
+    )
 
 
 class _Bar:
@@ -375,8 +487,9 @@ class _Bar:
             self.close()
             self.bar, self.done = None, 0
         if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, show_eta=True,
-                                         show_pos=True, file=sys.stderr)
+            self.bar = click.progressbar(
+                length=total, label=self.label, show_eta=True, show_pos=True, file=sys.stderr
+            )
             self.bar.__enter__()
         self.bar.update(done - self.done)
         self.done = done
@@ -390,13 +503,19 @@ def _print_ranking(analysis: Analysis, limit: int = 15, planted: Sequence[str] =
     for mode in analysis.settings["modes"]:
         rows = analysis.rows_for(mode)
         ref = "no LoRA" if mode == "solo" else "full LoRA"
-        click.echo(f"\n{mode}: one {'block on' if mode == 'solo' else 'block off'}, compared to {ref}")
+        click.echo(
+            f"\n{mode}: one {'block on' if mode == 'solo' else 'block off'}, compared to {ref}"
+        )
         mark = "  planted" if planted else ""
-        click.echo(f"{'rank':>4}  {'block':<10} {'MSE':>10} {'+-':>8} {'SSIM':>7} {'norm':>9}{mark}")
+        click.echo(
+            f"{'rank':>4}  {'block':<10} {'MSE':>10} {'+-':>8} {'SSIM':>7} {'norm':>9}{mark}"
+        )
         for row in rows[:limit]:
             flag = ("  *" if row.block in planted else "") if planted else ""
-            click.echo(f"{row.rank:>4}  {row.block:<10} {row.mse:>10.2f} {row.mse_std:>8.2f} "
-                       f"{row.ssim:>7.4f} {row.norm:>9.3g}{flag}")
+            click.echo(
+                f"{row.rank:>4}  {row.block:<10} {row.mse:>10.2f} {row.mse_std:>8.2f} "
+                f"{row.ssim:>7.4f} {row.norm:>9.3g}{flag}"
+            )
         if len(rows) > limit:
             click.echo(f"  ... {len(rows) - limit} more blocks in ranking.csv")
         rho = analysis.spearman.get(mode)
@@ -410,11 +529,15 @@ def _print_suggestion(analysis: Analysis) -> None:
         click.echo("\nno block changes the image: nothing to keep")
         return
     if s.criterion == "kept_share" and s.kept:
-        click.echo(f"\nsuggested keep (pruning curve: keeps at worst {_share(min(s.kept.values()))} "
-                   f"of the LoRA's effect): {s.spec}")
+        click.echo(
+            f"\nsuggested keep (pruning curve: keeps at worst {_share(min(s.kept.values()))} "
+            f"of the LoRA's effect): {s.spec}"
+        )
     else:
-        click.echo(f"\nsuggested keep ({s.mode}, {100 * s.coverage:.0f}% of the influence, target "
-                   f"{100 * s.coverage_target:.0f}%, an estimate: --curve verifies it): {s.spec}")
+        click.echo(
+            f"\nsuggested keep ({s.mode}, {100 * s.coverage:.0f}% of the influence, target "
+            f"{100 * s.coverage_target:.0f}%, an estimate: --curve verifies it): {s.spec}"
+        )
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
 
@@ -424,13 +547,33 @@ def _print_suggestion(analysis: Analysis) -> None:
 @model_options()
 @settings_options()
 @click.option("--blocks", "blocks_spec", required=True, metavar="SPEC", help="Blocks to switch on.")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Side-by-side PNG to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Side-by-side PNG to write.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def render(lora: Path, model: str, transformer_file: Path | None, device: str | None,
-           dtype: str | None, offload: bool, prompts: tuple[str, ...], seeds: str, size: int | None,
-           width: int | None, height: int | None, steps: int | None, guidance: float,
-           strength: float, blocks_spec: str, output: Path, force: bool) -> None:
+def render(
+    lora: Path,
+    model: str,
+    transformer_file: Path | None,
+    device: str | None,
+    dtype: str | None,
+    offload: bool,
+    prompts: tuple[str, ...],
+    seeds: str,
+    size: int | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance: float,
+    strength: float,
+    blocks_spec: str,
+    output: Path,
+    force: bool,
+) -> None:
     """Render one block combination beside both references, with MSE and SSIM to each.
 
     The manual testing mode of the original workflow: no LoRA | full LoRA | chosen
@@ -447,10 +590,12 @@ def render(lora: Path, model: str, transformer_file: Path | None, device: str | 
     _, session = _render_api()
     from .render.engine import render_combination
 
-    with session.open_session(_model_spec(model, transformer_file, device, dtype, offload),
-                              lora_file) as sess:
+    with session.open_session(
+        _model_spec(model, transformer_file, device, dtype, offload), lora_file
+    ) as sess:
         result = render_combination(
-            sess.engine, frozenset(blocks) & set(lora_file.blocks),
+            sess.engine,
+            frozenset(blocks) & set(lora_file.blocks),
             sess.renderer.settings_for(settings.prompts[0], settings.seeds[0], settings),
         )
     save_png(result.picture, output)
@@ -460,33 +605,78 @@ def render(lora: Path, model: str, transformer_file: Path | None, device: str | 
     click.echo(f"wrote    {output}")
 
 
-def _run_analyze(lora_file: Any, lora_sha: str, settings: AnalyzeSettings, spec: Any, out: Path,
-                 batch_size: int, coverage: float, options: PictureOptions,
-                 curve: Criterion | None = None, distances: Any = None) -> Analysis:
+def _run_analyze(
+    lora_file: Any,
+    lora_sha: str,
+    settings: AnalyzeSettings,
+    spec: Any,
+    out: Path,
+    batch_size: int,
+    coverage: float,
+    options: PictureOptions,
+    curve: Criterion | None = None,
+    distances: Any = None,
+) -> Analysis:
     _, session = _render_api()
     bar = _Bar("rendering")
     try:
         with session.open_session(spec, lora_file) as sess:
-            return analyze(lora_file, lora_sha, settings, out, sess.renderer, batch_size=batch_size,
-                           coverage=coverage, options=options, progress=bar, curve=curve,
-                           distances=distances)
+            return analyze(
+                lora_file,
+                lora_sha,
+                settings,
+                out,
+                sess.renderer,
+                batch_size=batch_size,
+                coverage=coverage,
+                options=options,
+                progress=bar,
+                curve=curve,
+                distances=distances,
+            )
     finally:
         bar.close()
 
 
 def picture_options(f: F) -> F:
-    for option in reversed([
-        click.option("--heatmap-scale", type=click.Choice(["global", "per-image"]), default="global",
-                     show_default=True, help="One scale for all heatmaps (comparable), or each its own."),
-        click.option("--cmap", type=click.Choice(["jet", "turbo", "inferno", "gray"]), default="jet",
-                     show_default=True, help="Heatmap colour map (blue = no change, red = most)."),
-        click.option("--opacity", type=click.FloatRange(0, 1), default=0.6, show_default=True,
-                     help="Heatmap opacity in the contact sheet."),
-        click.option("--sheet-order", type=click.Choice(["block", "rank"]), default="block",
-                     show_default=True),
-        click.option("--sheet-max-pixels", type=int, default=40_000_000, show_default=True,
-                     help="Shrink the contact sheet to at most this many pixels."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--heatmap-scale",
+                type=click.Choice(["global", "per-image"]),
+                default="global",
+                show_default=True,
+                help="One scale for all heatmaps (comparable), or each its own.",
+            ),
+            click.option(
+                "--cmap",
+                type=click.Choice(["jet", "turbo", "inferno", "gray"]),
+                default="jet",
+                show_default=True,
+                help="Heatmap colour map (blue = no change, red = most).",
+            ),
+            click.option(
+                "--opacity",
+                type=click.FloatRange(0, 1),
+                default=0.6,
+                show_default=True,
+                help="Heatmap opacity in the contact sheet.",
+            ),
+            click.option(
+                "--sheet-order",
+                type=click.Choice(["block", "rank"]),
+                default="block",
+                show_default=True,
+            ),
+            click.option(
+                "--sheet-max-pixels",
+                type=int,
+                default=40_000_000,
+                show_default=True,
+                help="Shrink the contact sheet to at most this many pixels.",
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -495,29 +685,74 @@ def picture_options(f: F) -> F:
 @click.argument("lora", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @model_options(required=False)
 @settings_options(required=False)
-@click.option("--mode", type=click.Choice(["solo", "loo", "both"]), default="solo", show_default=True,
-              help="solo: only that block on (vs no LoRA); loo: all but that block (vs full LoRA).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per pipeline call.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Output folder [default: <lora stem>.analysis beside the LoRA].")
-@click.option("--from", "from_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Recompute the analysis from an earlier run's renders; no model needed.")
-@click.option("--coverage", type=float, default=0.9, show_default=True,
-              help="Share of the total influence the suggested keep set must cover (without --curve).")
-@click.option("--curve", is_flag=True,
-              help="Also render the pruning curve (top-k blocks for every k) and suggest the "
-                   "fewest blocks that keep --min-kept of the effect on every image.")
+@click.option(
+    "--mode",
+    type=click.Choice(["solo", "loo", "both"]),
+    default="solo",
+    show_default=True,
+    help="solo: only that block on (vs no LoRA); loo: all but that block (vs full LoRA).",
+)
+@click.option(
+    "--batch-size", type=int, default=8, show_default=True, help="Images per pipeline call."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Output folder [default: <lora stem>.analysis beside the LoRA].",
+)
+@click.option(
+    "--from",
+    "from_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Recompute the analysis from an earlier run's renders; no model needed.",
+)
+@click.option(
+    "--coverage",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Share of the total influence the suggested keep set must cover (without --curve).",
+)
+@click.option(
+    "--curve",
+    is_flag=True,
+    help="Also render the pruning curve (top-k blocks for every k) and suggest the "
+    "fewest blocks that keep --min-kept of the effect on every image.",
+)
 @verdict_options("With --curve: ")
 @perceptual_opt
 @picture_options
-def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | None,
-                device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
-                seeds: str, size: int | None, width: int | None, height: int | None,
-                steps: int | None, guidance: float, strength: float, mode: str, batch_size: int,
-                out_dir: Path | None, from_dir: Path | None, coverage: float, curve: bool,
-                min_kept: float, min_ssim: float | None, perceptual: str | None,
-                heatmap_scale: str,
-                cmap: str, opacity: float, sheet_order: str, sheet_max_pixels: int) -> None:
+def analyze_cmd(
+    lora: Path | None,
+    model: str | None,
+    transformer_file: Path | None,
+    device: str | None,
+    dtype: str | None,
+    offload: bool,
+    prompts: tuple[str, ...],
+    seeds: str,
+    size: int | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance: float,
+    strength: float,
+    mode: str,
+    batch_size: int,
+    out_dir: Path | None,
+    from_dir: Path | None,
+    coverage: float,
+    curve: bool,
+    min_kept: float,
+    min_ssim: float | None,
+    perceptual: str | None,
+    heatmap_scale: str,
+    cmap: str,
+    opacity: float,
+    sheet_order: str,
+    sheet_max_pixels: int,
+) -> None:
     """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
 
     Writes DIR/ranking.csv, ranking.json, contact_sheet.png, influence.png,
@@ -529,35 +764,55 @@ def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | N
              --prompt "portrait of sks woman" --seeds 0,1 --mode both --out my_lora.analysis
     Example: lora-prune analyze --from my_lora.analysis --heatmap-scale per-image
     """
-    options = PictureOptions(heatmap_scale=heatmap_scale, cmap=cmap, opacity=opacity,
-                             sheet_order=sheet_order, sheet_max_pixels=sheet_max_pixels)
+    options = PictureOptions(
+        heatmap_scale=heatmap_scale,
+        cmap=cmap,
+        opacity=opacity,
+        sheet_order=sheet_order,
+        sheet_max_pixels=sheet_max_pixels,
+    )
     if from_dir is not None:
         manifest = read_manifest(from_dir)
         lora_file = None
         lora_path = Path(manifest["lora"]["path"])
         if lora_path.exists():
             lora_file = read_lora(lora_path)
-        result = compute_analysis(manifest, from_dir, coverage=coverage, options=options,
-                                  lora=lora_file)
+        result = compute_analysis(
+            manifest, from_dir, coverage=coverage, options=options, lora=lora_file
+        )
         out = from_dir
     else:
         if lora is None or model is None or not prompts:
-            raise UsageError("analyze needs LORA, --model and --prompt", "command line",
-                             "or use --from DIR to recompute an earlier run")
+            raise UsageError(
+                "analyze needs LORA, --model and --prompt",
+                "command line",
+                "or use --from DIR to recompute an earlier run",
+            )
         modes = ("solo", "loo") if mode == "both" else (mode,)
-        settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength,
-                             modes)
+        settings = _settings(
+            model, prompts, seeds, size, width, height, steps, guidance, strength, modes
+        )
         lora_file = read_lora(lora)
         out = out_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis")
         spec = _model_spec(model, transformer_file, device, dtype, offload)
         t0 = time.perf_counter()
-        result = _run_analyze(lora_file, file_sha256(lora), settings, spec, out, batch_size,
-                              coverage, options,
-                              Criterion(min_kept=min_kept, min_ssim=min_ssim) if curve else None,
-                              _distances(perceptual, device) if curve else None)
+        result = _run_analyze(
+            lora_file,
+            file_sha256(lora),
+            settings,
+            spec,
+            out,
+            batch_size,
+            coverage,
+            options,
+            Criterion(min_kept=min_kept, min_ssim=min_ssim) if curve else None,
+            _distances(perceptual, device) if curve else None,
+        )
         r = result.renders
-        click.echo(f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
-                   f"{time.perf_counter() - t0:.1f} s")
+        click.echo(
+            f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     _print_ranking(result)
     _print_effects(result)
     _print_curve(result)
@@ -572,13 +827,33 @@ def analyze_cmd(lora: Path | None, model: str | None, transformer_file: Path | N
 @settings_options()
 @verdict_options()
 @perceptual_opt
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for verify.png and verify.json [default: <slim stem>.verify].")
-def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | None,
-           device: str | None, dtype: str | None, offload: bool, prompts: tuple[str, ...],
-           seeds: str, size: int | None, width: int | None, height: int | None, steps: int | None,
-           guidance: float, strength: float, min_kept: float, min_ssim: float | None,
-           perceptual: str | None, out_dir: Path | None) -> None:
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for verify.png and verify.json [default: <slim stem>.verify].",
+)
+def verify(
+    full: Path,
+    slim_file: Path,
+    model: str,
+    transformer_file: Path | None,
+    device: str | None,
+    dtype: str | None,
+    offload: bool,
+    prompts: tuple[str, ...],
+    seeds: str,
+    size: int | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance: float,
+    strength: float,
+    min_kept: float,
+    min_ssim: float | None,
+    perceptual: str | None,
+    out_dir: Path | None,
+) -> None:
     """Prove a slim LoRA renders like its full LoRA; exit 1 when an image keeps too little.
 
     Each image must keep --min-kept of the LoRA's effect (see Verdict below).
@@ -592,12 +867,21 @@ def verify(full: Path, slim_file: Path, model: str, transformer_file: Path | Non
     settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
     out = out_dir or slim_file.with_name(slim_file.name.removesuffix(".safetensors") + ".verify")
     _, session = _render_api()
-    with session.open_session(_model_spec(model, transformer_file, device, dtype, offload),
-                              full_file) as sess:
-        result = verify_slim(full_file, file_sha256(full), kept, settings, sess.renderer,
-                             criterion=criterion, distances=_distances(perceptual, device),
-                             slim_path=slim_file, out_dir=out,
-                             scale=max(1, 256 // settings.width))
+    with session.open_session(
+        _model_spec(model, transformer_file, device, dtype, offload), full_file
+    ) as sess:
+        result = verify_slim(
+            full_file,
+            file_sha256(full),
+            kept,
+            settings,
+            sess.renderer,
+            criterion=criterion,
+            distances=_distances(perceptual, device),
+            slim_path=slim_file,
+            out_dir=out,
+            scale=max(1, 256 // settings.width),
+        )
     _print_verification(result)
     click.echo(f"wrote    {out / 'verify.png'}, {out / 'verify.json'}")
     if not result.measurable:
@@ -613,27 +897,35 @@ def _share(value: float | None) -> str:
 def _print_verification(result: VerifyResult) -> None:
     click.echo(f"kept blocks  {format_block_spec(result.kept_blocks) or 'none'}")
     click.echo("kept share = 1 - d(slim, full) / d(base, full); " + result.criterion.describe())
-    click.echo(f"{'prompt':>6} {'seed':>6} {'effect MSE':>10} {'kept MSE':>9} {'kept SSIM':>9} "
-               f"{'SSIM':>8}  verdict")
+    click.echo(
+        f"{'prompt':>6} {'seed':>6} {'effect MSE':>10} {'kept MSE':>9} {'kept SSIM':>9} "
+        f"{'SSIM':>8}  verdict"
+    )
     for i in result.images:
         verdict = ("pass" if i.passed else "FAIL") if i.measurable else "no effect"
-        click.echo(f"{i.prompt:>6} {i.seed:>6} {i.effect['mse']:>10.2f} "
-                   f"{_share(i.kept.get('mse')):>9} {_share(i.kept.get('ssim')):>9} "
-                   f"{i.ssim:>8.4f}  {verdict}")
+        click.echo(
+            f"{i.prompt:>6} {i.seed:>6} {i.effect['mse']:>10.2f} "
+            f"{_share(i.kept.get('mse')):>9} {_share(i.kept.get('ssim')):>9} "
+            f"{i.ssim:>8.4f}  {verdict}"
+        )
     if not result.measurable:
         click.echo("overall: the LoRA shows no measurable effect on some image: NOT VERIFIED")
         return
-    click.echo(f"overall: worst share of the effect kept {_share(result.kept_share)} "
-               f"(min {100 * result.min_kept:g}%), worst SSIM {result.worst_ssim:.4f}: "
-               f"{'PASS' if result.passed else 'FAIL'}")
+    click.echo(
+        f"overall: worst share of the effect kept {_share(result.kept_share)} "
+        f"(min {100 * result.min_kept:g}%), worst SSIM {result.worst_ssim:.4f}: "
+        f"{'PASS' if result.passed else 'FAIL'}"
+    )
 
 
 def _print_effects(analysis: Analysis) -> None:
     click.echo("\nthe LoRA's effect per image (base vs full):")
     prompts = analysis.settings["prompts"]
     for e in analysis.effects:
-        click.echo(f"  prompt {e['prompt']} seed {e['seed']}: MSE {e['mse']:.2f}, "
-                   f"1-SSIM {e['ssim_distance']:.4f}  ({prompts[e['prompt']][:40]!r})")
+        click.echo(
+            f"  prompt {e['prompt']} seed {e['seed']}: MSE {e['mse']:.2f}, "
+            f"1-SSIM {e['ssim_distance']:.4f}  ({prompts[e['prompt']][:40]!r})"
+        )
     for warning in analysis.warnings:
         click.echo(f"warning: {warning}", err=True)
 
@@ -641,17 +933,27 @@ def _print_effects(analysis: Analysis) -> None:
 def _print_curve(analysis: Analysis) -> None:
     if not analysis.curve:
         return
-    click.echo("\npruning curve (top-k blocks: worst share of the effect kept, MSE / 1-SSIM, size):")
+    click.echo(
+        "\npruning curve (top-k blocks: worst share of the effect kept, MSE / 1-SSIM, size):"
+    )
     for p in analysis.curve:
         mark = "" if p.rendered else "  (by definition)"
-        click.echo(f"  k={p.k:>3}  {_share(p.worst.get('mse')):>7} / {_share(p.worst.get('ssim')):>7}"
-                   f"  {human_bytes(p.bytes):>10}  {'pass' if p.passed else '-'}{mark}")
+        click.echo(
+            f"  k={p.k:>3}  {_share(p.worst.get('mse')):>7} / {_share(p.worst.get('ssim')):>7}"
+            f"  {human_bytes(p.bytes):>10}  {'pass' if p.passed else '-'}{mark}"
+        )
     click.echo(f"curve    {analysis.out_dir / 'pruning_curve.png'}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-              default=Path("lora-prune-demo"), show_default=True, help="Output folder.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("lora-prune-demo"),
+    show_default=True,
+    help="Output folder.",
+)
 def demo(out_dir: Path) -> None:
     """Run the whole loop on the built-in tiny model: no downloads, about a minute on a CPU.
 
@@ -666,16 +968,23 @@ def demo(out_dir: Path) -> None:
         result = run_demo(out_dir, progress=bar)
     finally:
         bar.close()
-    click.echo(f"demo LoRA  {result.lora_path} (planted: "
-               + ", ".join(f"{b} x{s:g}" for b, s in result.planted.items()) + ")")
+    click.echo(
+        f"demo LoRA  {result.lora_path} (planted: "
+        + ", ".join(f"{b} x{s:g}" for b, s in result.planted.items())
+        + ")"
+    )
     _print_ranking(result.analysis, limit=8, planted=list(result.planted))
     _print_suggestion(result.analysis)
     found = set(result.analysis.suggestion.blocks)
     planted = set(result.planted)
-    click.echo(f"\nplanted blocks found: {len(found & planted)} of {len(planted)}"
-               + (f"; extra: {format_block_spec(found - planted)}" if found - planted else ""))
-    click.echo(f"slim       {result.slim.output}: {human_bytes(result.slim.bytes_before)} -> "
-               f"{human_bytes(result.slim.bytes_after)}")
+    click.echo(
+        f"\nplanted blocks found: {len(found & planted)} of {len(planted)}"
+        + (f"; extra: {format_block_spec(found - planted)}" if found - planted else "")
+    )
+    click.echo(
+        f"slim       {result.slim.output}: {human_bytes(result.slim.bytes_before)} -> "
+        f"{human_bytes(result.slim.bytes_after)}"
+    )
     _print_verification(result.verification)
     click.echo(f"report     {result.analysis.out_dir / 'report.html'}")
     click.echo(f"done in {result.seconds:.1f} s")
@@ -683,18 +992,40 @@ def demo(out_dir: Path) -> None:
 
 @cli.command(epilog=CHECK_EXIT_HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--policy", type=click.Path(path_type=Path, dir_okay=False),
-              help="TOML policy: max size, allowed/required blocks, metadata, verified slims.")
-@click.option("--format", "fmt", type=click.Choice(CHECK_FORMATS), default="text", show_default=True)
-@click.option("--model", metavar="M",
-              help="Re-render slim files against their full files instead of trusting the "
-                   "recorded verification (needs --prompt).")
+@click.option(
+    "--policy",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML policy: max size, allowed/required blocks, metadata, verified slims.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(CHECK_FORMATS), default="text", show_default=True
+)
+@click.option(
+    "--model",
+    metavar="M",
+    help="Re-render slim files against their full files instead of trusting the "
+    "recorded verification (needs --prompt).",
+)
 @click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
-@click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
-              help="With --model: comma-separated seeds.")
+@click.option(
+    "--seeds",
+    "--seed",
+    "seeds",
+    default="0",
+    show_default=True,
+    help="With --model: comma-separated seeds.",
+)
 @verdict_options("With --model: ")
-def check(paths: tuple[Path, ...], policy: Path | None, fmt: str, model: str | None,
-          prompts: tuple[str, ...], seeds: str, min_kept: float, min_ssim: float | None) -> None:
+def check(
+    paths: tuple[Path, ...],
+    policy: Path | None,
+    fmt: str,
+    model: str | None,
+    prompts: tuple[str, ...],
+    seeds: str,
+    min_kept: float,
+    min_ssim: float | None,
+) -> None:
     """Check LoRA files for CI: integrity, FLUX format, finite values, ranks/alphas, policy.
 
     Every .safetensors under PATHS is read (never unpickled); pickle files are
@@ -709,8 +1040,11 @@ def check(paths: tuple[Path, ...], policy: Path | None, fmt: str, model: str | N
         settings = _settings(model, prompts, seeds, None, None, None, None, 3.5, 1.0)
         from .render.workflows import make_reverify
 
-        reverify = make_reverify(_model_spec(model, None, None, None, False), settings,
-                                 Criterion(min_kept=min_kept, min_ssim=min_ssim))
+        reverify = make_reverify(
+            _model_spec(model, None, None, None, False),
+            settings,
+            Criterion(min_kept=min_kept, min_ssim=min_ssim),
+        )
     result = run_check(list(paths), load_policy(policy) if policy else None, reverify=reverify)
     click.echo(render_check(result, fmt), nl=False)
     sys.exit(result.exit_code)

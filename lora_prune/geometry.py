@@ -47,15 +47,38 @@ class FluxGeometry:
 
 
 FLUX1_DEV = FluxGeometry(
-    name="flux1-dev", hidden=3072, heads=24, mlp_ratio=4, in_channels=64, context_dim=4096,
+    name="flux1-dev",
+    hidden=3072,
+    heads=24,
+    mlp_ratio=4,
+    in_channels=64,
+    context_dim=4096,
     pooled_dim=768,
 )
 FLUX1_SCHNELL = FluxGeometry(
-    name="flux1-schnell", hidden=3072, heads=24, mlp_ratio=4, in_channels=64, context_dim=4096,
-    pooled_dim=768, guidance=False,
+    name="flux1-schnell",
+    hidden=3072,
+    heads=24,
+    mlp_ratio=4,
+    in_channels=64,
+    context_dim=4096,
+    pooled_dim=768,
+    guidance=False,
 )
 #: The tiny FLUX.1-architecture test model (``--model tiny``): 2 heads x 16.
 TINY = FluxGeometry(
-    name="tiny", hidden=32, heads=2, mlp_ratio=4, in_channels=64, context_dim=32, pooled_dim=32,
-    clip_hidden=32, clip_ffn=64, clip_layers=2, t5_d_model=32, t5_inner=32, t5_ff=64, t5_layers=2,
+    name="tiny",
+    hidden=32,
+    heads=2,
+    mlp_ratio=4,
+    in_channels=64,
+    context_dim=32,
+    pooled_dim=32,
+    clip_hidden=32,
+    clip_ffn=64,
+    clip_layers=2,
+    t5_d_model=32,
+    t5_inner=32,
+    t5_ff=64,
+    t5_layers=2,
 )

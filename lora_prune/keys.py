@@ -316,7 +316,9 @@ def _single(index: int, name: str, modules: tuple[str, ...], kind: ParamKind) ->
 
 def _bfl_global(name: str) -> Target:
     _block, module = _BFL_GLOBAL[name]
-    return Target("transformer", name, (module,), "linear", swap_halves=name.endswith("adaLN_modulation.1"))
+    return Target(
+        "transformer", name, (module,), "linear", swap_halves=name.endswith("adaLN_modulation.1")
+    )
 
 
 def _diff_double(index: int, component: str) -> Target:
@@ -404,7 +406,9 @@ def _resolve_xlabs(path: str) -> Target | None:
     m = re.fullmatch(r"single_blocks\.(\d+)\.linear1_qkv", path)
     if m:
         # ComfyUI's alias for the attention rows (the first 3 x hidden) of linear1.
-        return _single(_index(m.group(1)), "linear1.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"), "linear")
+        return _single(
+            _index(m.group(1)), "linear1.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"), "linear"
+        )
     m = re.fullmatch(r"single_blocks\.(\d+)\.processor\.(qkv_lora|proj_lora)", path)
     if m:
         index = _index(m.group(1))
@@ -427,7 +431,9 @@ def _resolve_diffsynth(path: str) -> Target | None:
     return None
 
 
-_CLIP_RE = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
+_CLIP_RE = re.compile(
+    r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
+)
 _CLIP_FLAT_RE = re.compile(
     r"text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])"
 )
@@ -471,7 +477,9 @@ def _resolve_text(path: str, sep: str) -> Target | None:
         return None
     m = _CLIP_FLAT_RE.fullmatch(path)
     if m:
-        name = f"text_model.encoder.layers.{m.group(1)}." + m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+        name = f"text_model.encoder.layers.{m.group(1)}." + m.group(2).replace(
+            "self_attn_", "self_attn."
+        ).replace("mlp_", "mlp.")
         return Target("clip", name, (name,))
     m = _T5_FLAT_RE.fullmatch(path)
     if m:
@@ -539,7 +547,7 @@ def _resolve_stem(stem: str) -> tuple[str, str, Target] | None:
     for prefix, grammar, resolvers in _PREFIXES:
         if not stem.startswith(prefix):
             continue
-        path = stem[len(prefix):]
+        path = stem[len(prefix) :]
         for kind, sep in resolvers:
             target = _resolve(kind, path, sep)
             if target is not None:
@@ -597,10 +605,21 @@ def other_key(key: str) -> ParsedKey:
 _BASE_MODEL_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"double_stream_modulation|single_stream_modulation|to_qkv_mlp_proj"), "FLUX.2"),
     (re.compile(r"joint_blocks|context_block\.|x_block\."), "SD3"),
-    (re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks)[._]\d+[._].*transformer_blocks[._][1-9]"), "SDXL"),
+    (
+        re.compile(
+            r"(down_blocks|up_blocks|input_blocks|output_blocks)[._]\d+[._].*transformer_blocks[._][1-9]"
+        ),
+        "SDXL",
+    ),
     (re.compile(r"lora_te2_text_model|text_encoder_2\.text_model|label_emb|add_embedding"), "SDXL"),
-    (re.compile(r"down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block"), "SD1.5"),
-    (re.compile(r"^(diffusion_model\.|lora_unet_)?blocks[._]\d+[._](self_attn|cross_attn|ffn)"), "Wan"),
+    (
+        re.compile(r"down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block"),
+        "SD1.5",
+    ),
+    (
+        re.compile(r"^(diffusion_model\.|lora_unet_)?blocks[._]\d+[._](self_attn|cross_attn|ffn)"),
+        "Wan",
+    ),
 )
 
 

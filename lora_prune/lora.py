@@ -440,7 +440,9 @@ def _peft_alpha(config: dict[str, object], module: LoraModule, path: Path) -> fl
     ``get_pattern_key``, the first pattern key (in file order) that matches wins.
     """
     model = module.target.model if module.target else "transformer"
-    prefix = {"transformer": "transformer.", "clip": "text_encoder.", "t5": "text_encoder_2."}[model]
+    prefix = {"transformer": "transformer.", "clip": "text_encoder.", "t5": "text_encoder_2."}[
+        model
+    ]
 
     def get(name: str) -> object:
         return config.get(prefix + name, config.get(name))
@@ -560,9 +562,7 @@ def parse_lora_header(
             )
         parsed.extend(other_key(k) for k in unknown)
     if not parsed:
-        raise UnknownKeysError(
-            "the file holds no tensors", path, "this is not a LoRA", []
-        )
+        raise UnknownKeysError("the file holds no tensors", path, "this is not a LoRA", [])
 
     modules: dict[str, LoraModule] = {}
     key_blocks: dict[str, str] = {}
@@ -602,7 +602,9 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
                 value = reader.read_array(info.name)
                 if value.size != 1:
                     raise CorruptFileError(
-                        f"alpha has {value.size} values, expected one", info.name, "re-save the LoRA"
+                        f"alpha has {value.size} values, expected one",
+                        info.name,
+                        "re-save the LoRA",
                     )
                 module.alpha = float(value.reshape(-1)[0])
             elif peft is not None:

@@ -624,8 +624,12 @@ def pruning_curve_chart(
     title_font = _font(17)
     line_h = _line_height(font)
     left, right, top, bottom = 70, width - 80, 20 + 2 * line_h + 16, height - 2 * line_h - 24
-    draw.text((left, 12), "Pruning curve: share of the LoRA's effect kept by the top-k blocks",
-              font=title_font, fill=_TEXT)
+    draw.text(
+        (left, 12),
+        "Pruning curve: share of the LoRA's effect kept by the top-k blocks",
+        font=title_font,
+        fill=_TEXT,
+    )
     k_max = max(max(ks), 1)
     size_max = max(max(sizes), 1)
 
@@ -638,8 +642,9 @@ def pruning_curve_chart(
     bar_w = max(1.0, (right - left) / (k_max + 1) * 0.6)
     for k, size in zip(ks, sizes, strict=True):
         h = (bottom - top) * size / size_max
-        draw.rectangle((x_of(k) - bar_w / 2, bottom - h, x_of(k) + bar_w / 2, bottom),
-                       fill=(215, 215, 215))
+        draw.rectangle(
+            (x_of(k) - bar_w / 2, bottom - h, x_of(k) + bar_w / 2, bottom), fill=(215, 215, 215)
+        )
     draw.line([(left, top), (left, bottom), (right, bottom), (right, top)], fill=_AXIS)
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = y_of(tick)
@@ -661,7 +666,9 @@ def pruning_curve_chart(
         for x, y in points:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
         label = f"{name} kept (mean over images)"
-        draw.rectangle((legend_x, 14 + line_h + 6, legend_x + line_h, 14 + 2 * line_h + 6), fill=colour)
+        draw.rectangle(
+            (legend_x, 14 + line_h + 6, legend_x + line_h, 14 + 2 * line_h + 6), fill=colour
+        )
         draw.text((legend_x + line_h + 6, 14 + line_h + 6), label, font=font, fill=_TEXT)
         legend_x += line_h + 24 + math.ceil(_text_width(font, label))
     draw.text((legend_x, 14 + line_h + 6), "grey bars: file size", font=font, fill=(120, 120, 120))
@@ -674,8 +681,12 @@ def pruning_curve_chart(
         text = str(k)
         draw.text((x_of(k) - _text_width(font, text) / 2, bottom + 4), text, font=font, fill=_TEXT)
     x_title = "k = number of top-ranked blocks kept"
-    draw.text(((left + right - _text_width(font, x_title)) / 2, height - line_h - 8), x_title,
-              font=font, fill=_TEXT)
+    draw.text(
+        ((left + right - _text_width(font, x_title)) / 2, height - line_h - 8),
+        x_title,
+        font=font,
+        fill=_TEXT,
+    )
     return chart
 
 

@@ -331,16 +331,19 @@ def _effects_section(analysis: Mapping[str, Any], prompts: Sequence[Any]) -> str
             f"<td>{_fmt_mse(e.get('mse'))}</td><td>{_fmt_ssim(e.get('ssim_distance'))}</td>"
             f"<td>{verdict}</td></tr>"
         )
-    warnings = "".join(f"<p class='warning'>warning: {_e(w)}</p>"
-                       for w in analysis.get("warnings") or [])
+    warnings = "".join(
+        f"<p class='warning'>warning: {_e(w)}</p>" for w in analysis.get("warnings") or []
+    )
     return (
         "<section id='effects'><h2>The LoRA's effect per image</h2>"
         "<p class='muted'>MSE and 1 - SSIM of the full LoRA's render against the render without "
         f"it. An effect at or below MSE {_e(analysis.get('noise_floor_mse', 1.0))} (one 8-bit level) "
-        "is render noise.</p>" + warnings +
-        "<table id='effects-table'><thead><tr><th>prompt</th><th>seed</th><th>MSE</th>"
+        "is render noise.</p>"
+        + warnings
+        + "<table id='effects-table'><thead><tr><th>prompt</th><th>seed</th><th>MSE</th>"
         "<th>1 - SSIM</th><th>measurable</th></tr></thead><tbody>"
-        + "".join(rows) + "</tbody></table></section>"
+        + "".join(rows)
+        + "</tbody></table></section>"
     )
 
 
@@ -362,8 +365,14 @@ def _curve_section(analysis: Mapping[str, Any]) -> str:
             f"<td>{_fmt_bytes(p.get('bytes'))}</td><td>{'pass' if p.get('passed') else ''}</td></tr>"
         )
     image = curve.get("image")
-    img = (f"<img id='pruning-curve' src='{_url(image)}' alt='pruning curve: share of the "
-           "effect kept by the top-k blocks'>") if image else ""
+    img = (
+        (
+            f"<img id='pruning-curve' src='{_url(image)}' alt='pruning curve: share of the "
+            "effect kept by the top-k blocks'>"
+        )
+        if image
+        else ""
+    )
     return (
         "<section id='curve'><h2>Pruning curve</h2>"
         f"<p class='muted'>{_e(curve.get('formula', ''))}; a keep set passes when every image keeps "

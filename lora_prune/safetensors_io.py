@@ -728,4 +728,3 @@ def write_safetensors(
                 )
             f.write(data)
     return dest_path
-

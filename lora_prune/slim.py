@@ -99,7 +99,9 @@ def resolve_keep(
 ) -> set[str]:
     """The keep set from ``--keep`` or ``--drop`` (exactly one of them)."""
     if (keep is None) == (drop is None):
-        raise UsageError("give exactly one of --keep and --drop", None, "see lora-prune slim --help")
+        raise UsageError(
+            "give exactly one of --keep and --drop", None, "see lora-prune slim --help"
+        )
     if keep is not None:
         keep_set = set(keep)
         # "all" means every tensor: with --allow-unknown, also those of block 'other'.
@@ -231,7 +233,10 @@ def build_metadata(
 
 
 def _checker(
-    plan: SlimPlan, entries: list[TensorEntry], digests: _Digests, metadata: dict[str, str],
+    plan: SlimPlan,
+    entries: list[TensorEntry],
+    digests: _Digests,
+    metadata: dict[str, str],
     dest: Path,
 ) -> Callable[[Path], None]:
     """Re-read the written temp file and compare it with the plan before it replaces ``dest``.
@@ -253,9 +258,13 @@ def _checker(
             for n, t in header.tensors.items()
         }
         if got != expected:
-            raise OutputError("the written file lists other tensors than planned", dest, "report this bug")
+            raise OutputError(
+                "the written file lists other tensors than planned", dest, "report this bug"
+            )
         if header.metadata != metadata:
-            raise OutputError("the written metadata differs from what was planned", dest, "report this bug")
+            raise OutputError(
+                "the written metadata differs from what was planned", dest, "report this bug"
+            )
         digest = hashlib.sha256()
         with open(tmp, "rb") as f:
             f.seek(header.data_offset)
@@ -268,7 +277,9 @@ def _checker(
         modules, _, _ = parse_lora_header(header, allow_unknown=OTHER in plan.kept_blocks)
         blocks = sort_blocks(m.block for m in modules.values())
         if blocks != plan.kept_blocks:
-            raise OutputError("the written file holds other blocks than planned", dest, "report this bug")
+            raise OutputError(
+                "the written file holds other blocks than planned", dest, "report this bug"
+            )
 
     return check
 
@@ -289,11 +300,15 @@ def slim_lora(
     temp file, re-read and checked, then renamed into place. Keys of block
     ``other`` (with ``allow_unknown``) are kept only when ``other`` is kept.
     """
-    lora = source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
+    lora = (
+        source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
+    )
     keep_set = resolve_keep(lora, keep, drop)
     unknown_ids = keep_set - set(BLOCK_IDS) - {OTHER}
     if unknown_ids:
-        raise UsageError(f"unknown block ids {sorted(unknown_ids)}", "--keep", "use ids like double.7")
+        raise UsageError(
+            f"unknown block ids {sorted(unknown_ids)}", "--keep", "use ids like double.7"
+        )
     plan = plan_slim(lora, keep_set)
     if not plan.kept:
         raise UsageError(

@@ -54,8 +54,9 @@ def _gram_norm_sq(up: np.ndarray, down: np.ndarray) -> float:
     d = down.reshape(down.shape[0], -1)
     rows, rank, cols = u.shape[0], u.shape[1], d.shape[1]
     if rank > min(rows, cols):
-        return _product_norm_sq(lambda lo, hi: u[lo:hi].astype(np.float64) @ d.astype(np.float64),
-                                rows, cols)
+        return _product_norm_sq(
+            lambda lo, hi: u[lo:hi].astype(np.float64) @ d.astype(np.float64), rows, cols
+        )
     # NaN/Inf weights are check's to report; here they only make the norm NaN.
     with np.errstate(invalid="ignore", over="ignore"):
         gram_up = np.dot(u.T, u).astype(np.float64)
@@ -70,9 +71,7 @@ def _gram_norm_sq(up: np.ndarray, down: np.ndarray) -> float:
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _product_norm_sq(
-    rows_of: Callable[[int, int], np.ndarray], rows: int, cols: int
-) -> float:
+def _product_norm_sq(rows_of: Callable[[int, int], np.ndarray], rows: int, cols: int) -> float:
     """Sum of squares of a rows x cols product given by ``rows_of(lo, hi)``, chunk by chunk."""
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     total = 0.0

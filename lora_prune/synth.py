@@ -152,55 +152,131 @@ _ALL_KINDS = ("input", "double", "single", "final")
 
 _GRAMMAR_TABLE: dict[str, _Grammar] = {
     "kohya": _Grammar(
-        "bfl", "lora_unet_", True, *_KOHYA_SUFFIXES, clip_prefix="lora_te1_",
-        t5_prefix="lora_te3_", alpha_keys=True, lycoris=True, kohya_metadata=True,
+        "bfl",
+        "lora_unet_",
+        True,
+        *_KOHYA_SUFFIXES,
+        clip_prefix="lora_te1_",
+        t5_prefix="lora_te3_",
+        alpha_keys=True,
+        lycoris=True,
+        kohya_metadata=True,
     ),
     "lycoris-kohya-loha": _Grammar(
-        "bfl", "lora_unet_", True, *_KOHYA_SUFFIXES, clip_prefix="lora_te1_",
-        t5_prefix="lora_te2_", alpha_keys=True, lycoris=True, adapter="loha", kohya_metadata=True,
+        "bfl",
+        "lora_unet_",
+        True,
+        *_KOHYA_SUFFIXES,
+        clip_prefix="lora_te1_",
+        t5_prefix="lora_te2_",
+        alpha_keys=True,
+        lycoris=True,
+        adapter="loha",
+        kohya_metadata=True,
     ),
     "lycoris-kohya-lokr": _Grammar(
-        "bfl", "lora_unet_", True, *_KOHYA_SUFFIXES, clip_prefix="lora_te1_",
-        t5_prefix="lora_te2_", alpha_keys=True, lycoris=True, adapter="lokr", kohya_metadata=True,
+        "bfl",
+        "lora_unet_",
+        True,
+        *_KOHYA_SUFFIXES,
+        clip_prefix="lora_te1_",
+        t5_prefix="lora_te2_",
+        alpha_keys=True,
+        lycoris=True,
+        adapter="lokr",
+        kohya_metadata=True,
     ),
     "kohya-diff": _Grammar(
-        "bfl", "lora_unet_", True, *_KOHYA_SUFFIXES, clip_prefix="lora_te1_",
-        t5_prefix="lora_te2_", alpha_keys=True, lycoris=True, adapter="diff", kohya_metadata=True,
+        "bfl",
+        "lora_unet_",
+        True,
+        *_KOHYA_SUFFIXES,
+        clip_prefix="lora_te1_",
+        t5_prefix="lora_te2_",
+        alpha_keys=True,
+        lycoris=True,
+        adapter="diff",
+        kohya_metadata=True,
     ),
     "comfyui": _Grammar(
-        "bfl", "diffusion_model.", False, *_KOHYA_SUFFIXES,
+        "bfl",
+        "diffusion_model.",
+        False,
+        *_KOHYA_SUFFIXES,
         clip_prefix="text_encoders.clip_l.transformer.",
-        t5_prefix="text_encoders.t5xxl.transformer.", alpha_keys=True, lycoris=True,
+        t5_prefix="text_encoders.t5xxl.transformer.",
+        alpha_keys=True,
+        lycoris=True,
     ),
     "bfl-control": _Grammar(
-        "bfl", "", False, *_PEFT_SUFFIXES, bias=True, default_kinds=_ALL_KINDS,
+        "bfl",
+        "",
+        False,
+        *_PEFT_SUFFIXES,
+        bias=True,
+        default_kinds=_ALL_KINDS,
     ),
     "diffusers": _Grammar(
-        "diffusers", "transformer.", False, *_PEFT_SUFFIXES, clip_prefix="text_encoder.",
-        alpha_keys=True, peft_metadata=True,
+        "diffusers",
+        "transformer.",
+        False,
+        *_PEFT_SUFFIXES,
+        clip_prefix="text_encoder.",
+        alpha_keys=True,
+        peft_metadata=True,
     ),
     "diffusers-default": _Grammar(
-        "diffusers", "transformer.", False, ".lora_A.default.weight", ".lora_B.default.weight",
-        clip_prefix="text_encoder.", peft_metadata=True,
+        "diffusers",
+        "transformer.",
+        False,
+        ".lora_A.default.weight",
+        ".lora_B.default.weight",
+        clip_prefix="text_encoder.",
+        peft_metadata=True,
     ),
     "peft-bfl": _Grammar(
-        "bfl", "base_model.model.", False, *_PEFT_SUFFIXES, default_kinds=_ALL_KINDS,
+        "bfl",
+        "base_model.model.",
+        False,
+        *_PEFT_SUFFIXES,
+        default_kinds=_ALL_KINDS,
     ),
     "onetrainer": _Grammar(
-        "diffusers", "lora_transformer_", True, *_KOHYA_SUFFIXES, clip_prefix="lora_te1_",
-        t5_prefix="lora_te2_", alpha_keys=True, lycoris=True, default_kinds=_ALL_KINDS,
+        "diffusers",
+        "lora_transformer_",
+        True,
+        *_KOHYA_SUFFIXES,
+        clip_prefix="lora_te1_",
+        t5_prefix="lora_te2_",
+        alpha_keys=True,
+        lycoris=True,
+        default_kinds=_ALL_KINDS,
     ),
     "lycoris": _Grammar(
-        "diffusers", "lycoris_", True, *_KOHYA_SUFFIXES, alpha_keys=True, lycoris=True,
+        "diffusers",
+        "lycoris_",
+        True,
+        *_KOHYA_SUFFIXES,
+        alpha_keys=True,
+        lycoris=True,
         adapter="lokr",
     ),
     "xlabs": _Grammar("xlabs", "", False, ".down.weight", ".up.weight"),
     "diffsynth": _Grammar("diffsynth", "", False, *_PEFT_SUFFIXES),
     "kohya-malformed": _Grammar(
-        "diffusers", "lora_unet_", True, *_KOHYA_SUFFIXES, trailing="_", alpha_keys=True,
+        "diffusers",
+        "lora_unet_",
+        True,
+        *_KOHYA_SUFFIXES,
+        trailing="_",
+        alpha_keys=True,
     ),
     "diffusers-kohya-suffix": _Grammar(
-        "diffusers", "transformer.", False, *_KOHYA_SUFFIXES, clip_prefix="text_encoder.",
+        "diffusers",
+        "transformer.",
+        False,
+        *_KOHYA_SUFFIXES,
+        clip_prefix="text_encoder.",
         alpha_keys=True,
     ),
 }
@@ -325,7 +401,9 @@ def _global_linears(g: FluxGeometry, family: Family, block: str) -> list[tuple[s
             out += [(f"{name}_in.in_layer", width, h), (f"{name}_in.out_layer", h, h)]
         return out
     diff_name = {
-        "time": "timestep_embedder", "vector": "text_embedder", "guidance": "guidance_embedder"
+        "time": "timestep_embedder",
+        "vector": "text_embedder",
+        "guidance": "guidance_embedder",
     }
     out = [("x_embedder", g.in_channels, h), ("context_embedder", g.context_dim, h)]
     for name, width in embedders:
@@ -560,7 +638,11 @@ Maker = Callable[[], npt.NDArray[np.float32]]
 
 
 def _normal(
-    seed: int, key: str, shape: tuple[int, ...], std: float, factor: float = 1.0,
+    seed: int,
+    key: str,
+    shape: tuple[int, ...],
+    std: float,
+    factor: float = 1.0,
     offset: float = 0.0,
 ) -> Maker:
     def make() -> npt.NDArray[np.float32]:
@@ -733,9 +815,7 @@ def synth_metadata(spec: SynthSpec) -> dict[str, str]:
     if gr.family == "diffusers" and gr.prefix == "transformer.":
         meta["format"] = "pt"
     if spec.alpha_in == "metadata" and spec.alpha is not None:
-        meta["lora_adapter_metadata"] = json.dumps(
-            _peft_config(spec), indent=2, sort_keys=True
-        )
+        meta["lora_adapter_metadata"] = json.dumps(_peft_config(spec), indent=2, sort_keys=True)
     if spec.metadata:
         meta.update(spec.metadata)
     return meta
@@ -818,7 +898,12 @@ def planted_lora(
     """
     blocks = _union(default_blocks(grammar, geometry), planted)
     spec = SynthSpec(
-        grammar=grammar, geometry=geometry, blocks=blocks, rank=rank, seed=seed, dtype=dtype,
+        grammar=grammar,
+        geometry=geometry,
+        blocks=blocks,
+        rank=rank,
+        seed=seed,
+        dtype=dtype,
         strength=dict(planted),
     )
     return write_synth_lora(path, spec)

@@ -62,16 +62,24 @@ class Criterion:
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.min_kept) and 0.0 < self.min_kept <= 1.0):
-            raise UsageError(f"--min-kept {self.min_kept} is not in (0, 1]", "--min-kept",
-                             "use e.g. 0.9 (keep 90% of the LoRA's effect)")
+            raise UsageError(
+                f"--min-kept {self.min_kept} is not in (0, 1]",
+                "--min-kept",
+                "use e.g. 0.9 (keep 90% of the LoRA's effect)",
+            )
         if self.min_ssim is not None and not (
             np.isfinite(self.min_ssim) and 0.0 <= self.min_ssim <= 1.0
         ):
-            raise UsageError(f"--min-ssim {self.min_ssim} is not in 0..1", "--min-ssim",
-                             "use e.g. 0.95, or leave it out")
+            raise UsageError(
+                f"--min-ssim {self.min_ssim} is not in 0..1",
+                "--min-ssim",
+                "use e.g. 0.95, or leave it out",
+            )
 
     def describe(self) -> str:
-        text = f"share of the LoRA's effect kept >= {self.min_kept:g} on every image (MSE and 1-SSIM)"
+        text = (
+            f"share of the LoRA's effect kept >= {self.min_kept:g} on every image (MSE and 1-SSIM)"
+        )
         if self.min_ssim is not None:
             text += f", SSIM(slim, full) >= {self.min_ssim:g}"
         return text
@@ -131,8 +139,15 @@ def score_image(
     effect = dict(effect) if effect is not None else effect_of(base, full, distances)
     residual = {name: d(slim, full) for name, d in distances.items()}
     measurable = effect_is_measurable(effect["mse"])
-    score = ImageScore(prompt, seed, effect, residual, ssim=1.0 - residual["ssim"],
-                       mse=residual["mse"], measurable=measurable)
+    score = ImageScore(
+        prompt,
+        seed,
+        effect,
+        residual,
+        ssim=1.0 - residual["ssim"],
+        mse=residual["mse"],
+        measurable=measurable,
+    )
     if measurable:
         score.kept = {
             name: (1.0 - residual[name] / effect[name]) if effect[name] > 0 else 1.0
@@ -201,10 +216,18 @@ class CurvePoint:
     rendered: bool = True
 
 
-def curve_point(k: int, blocks: Sequence[str], size: int, scores: Sequence[ImageScore],
-                rendered: bool = True) -> CurvePoint:
-    return CurvePoint(k, list(blocks), size, mean_kept(scores), worst_kept(scores),
-                      verdict_passes(scores), rendered)
+def curve_point(
+    k: int, blocks: Sequence[str], size: int, scores: Sequence[ImageScore], rendered: bool = True
+) -> CurvePoint:
+    return CurvePoint(
+        k,
+        list(blocks),
+        size,
+        mean_kept(scores),
+        worst_kept(scores),
+        verdict_passes(scores),
+        rendered,
+    )
 
 
 #: The default verdict: 90% of the effect kept, no absolute SSIM floor.

@@ -43,8 +43,15 @@ from .verdict import (
     worst_kept,
 )
 
-__all__ = ["VERIFICATION_KEY", "AutoResult", "NotASubsetError", "VerifyResult", "auto_keep",
-           "check_subset", "verify_slim"]
+__all__ = [
+    "VERIFICATION_KEY",
+    "AutoResult",
+    "NotASubsetError",
+    "VerifyResult",
+    "auto_keep",
+    "check_subset",
+    "verify_slim",
+]
 
 
 class NotASubsetError(UnsupportedLoraError):
@@ -67,27 +74,34 @@ def check_subset(full: LoraFile, slim: LoraFile) -> list[str]:
         other = full_tensors.get(name)
         if other is None:
             raise NotASubsetError(
-                "the slim file has a key the full file lacks", f"{slim.path}: {name}",
+                "the slim file has a key the full file lacks",
+                f"{slim.path}: {name}",
                 "give the full LoRA this file was slimmed from",
             )
         if (other.dtype, other.shape) != (info.dtype, info.shape):
             raise NotASubsetError(
                 f"key differs in dtype/shape ({info.dtype}{list(info.shape)} vs "
-                f"{other.dtype}{list(other.shape)})", f"{slim.path}: {name}",
+                f"{other.dtype}{list(other.shape)})",
+                f"{slim.path}: {name}",
                 "give the full LoRA this file was slimmed from",
             )
     blocks = slim.blocks
-    with SafetensorsReader(full.path, full.header) as fr, SafetensorsReader(slim.path, slim.header) as sr:
+    with (
+        SafetensorsReader(full.path, full.header) as fr,
+        SafetensorsReader(slim.path, slim.header) as sr,
+    ):
         for name in sorted(slim_tensors, key=lambda n: slim_tensors[n].begin):
             if _digest(fr, name) != _digest(sr, name):
                 raise NotASubsetError(
-                    "tensor values differ from the full file", f"{slim.path}: {name}",
+                    "tensor values differ from the full file",
+                    f"{slim.path}: {name}",
                     "the slim file was not cut from this full file",
                 )
     for key, block in full.key_blocks.items():
         if block in blocks and key not in slim_tensors:
             raise NotASubsetError(
-                f"the slim file keeps block {block} but lacks its key", f"{slim.path}: {key}",
+                f"the slim file keeps block {block} but lacks its key",
+                f"{slim.path}: {key}",
                 "verify supports slims of whole blocks (as lora-prune slim writes)",
             )
     return blocks
@@ -169,17 +183,29 @@ class VerifyResult:
 
     def record(self) -> VerificationRecord:
         return VerificationRecord(
-            passed=self.passed, full_sha256=self.full_sha256, min_kept=self.min_kept,
-            min_ssim=self.min_ssim, worst_ssim=self.worst_ssim, worst_kept=self.worst_kept,
+            passed=self.passed,
+            full_sha256=self.full_sha256,
+            min_kept=self.min_kept,
+            min_ssim=self.min_ssim,
+            worst_ssim=self.worst_ssim,
+            worst_kept=self.worst_kept,
             distances=sorted(self.images[0].effect) if self.images else [],
-            images=[{"prompt": i.prompt, "seed": i.seed,
-                     "kept": {k: round(v, 6) for k, v in i.kept.items()},
-                     "effect_mse": round(i.effect["mse"], 6)} for i in self.images],
+            images=[
+                {
+                    "prompt": i.prompt,
+                    "seed": i.seed,
+                    "kept": {k: round(v, 6) for k, v in i.kept.items()},
+                    "effect_mse": round(i.effect["mse"], 6),
+                }
+                for i in self.images
+            ],
             model=self.model,
-            settings={"prompts": list(self.settings["prompts"]),
-                      "seeds": list(self.settings["seeds"]),
-                      "size": [self.settings["width"], self.settings["height"]],
-                      "steps": self.settings["steps"]},
+            settings={
+                "prompts": list(self.settings["prompts"]),
+                "seeds": list(self.settings["seeds"]),
+                "size": [self.settings["width"], self.settings["height"]],
+                "steps": self.settings["steps"],
+            },
         )
 
     def metadata_value(self) -> str:
@@ -209,31 +235,54 @@ def verify_slim(
     kept = frozenset(keep)
     all_blocks = frozenset(full.blocks)
     result = VerifyResult(
-        full=str(full.path), slim=str(slim_path) if slim_path else None, full_sha256=full_sha256,
-        kept_blocks=sort_blocks(kept), criterion=criterion,
+        full=str(full.path),
+        slim=str(slim_path) if slim_path else None,
+        full_sha256=full_sha256,
+        kept_blocks=sort_blocks(kept),
+        criterion=criterion,
         settings=settings_to_json(settings),
         model=renderer.model_id,
     )
     rows = []
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
-            base, full_img, slim_img = renderer([frozenset(), all_blocks, kept], prompt, seed, settings)
+            base, full_img, slim_img = renderer(
+                [frozenset(), all_blocks, kept], prompt, seed, settings
+            )
             score = score_image(base, full_img, slim_img, p, seed, criterion, distances)
             result.images.append(score)
             if out_dir is not None:
                 d = diff_map(slim_img, full_img)
                 verdict = ("pass" if score.passed else "FAIL") if score.measurable else "no effect"
                 share = "n/a" if score.kept_share is None else f"{100 * score.kept_share:.1f}%"
-                rows.append(side_by_side([
-                    label_tile(base, "no LoRA", bottom=f"prompt {p}, seed {seed}", scale=scale),
-                    label_tile(full_img, "full", bottom=f"effect MSE {score.effect['mse']:.1f}",
-                               scale=scale),
-                    label_tile(slim_img, "slim", top_right=f"kept {share}",
-                               bottom=f"SSIM {score.ssim:.4f}", scale=scale),
-                    label_tile(heatmap_overlay(slim_img, d, max(float(d.max()), 1.0), 0.75),
-                               f"slim vs full: {verdict}", bottom=f"max diff {float(d.max()):.1f}",
-                               scale=scale),
-                ]))
+                rows.append(
+                    side_by_side(
+                        [
+                            label_tile(
+                                base, "no LoRA", bottom=f"prompt {p}, seed {seed}", scale=scale
+                            ),
+                            label_tile(
+                                full_img,
+                                "full",
+                                bottom=f"effect MSE {score.effect['mse']:.1f}",
+                                scale=scale,
+                            ),
+                            label_tile(
+                                slim_img,
+                                "slim",
+                                top_right=f"kept {share}",
+                                bottom=f"SSIM {score.ssim:.4f}",
+                                scale=scale,
+                            ),
+                            label_tile(
+                                heatmap_overlay(slim_img, d, max(float(d.max()), 1.0), 0.75),
+                                f"slim vs full: {verdict}",
+                                bottom=f"max diff {float(d.max()):.1f}",
+                                scale=scale,
+                            ),
+                        ]
+                    )
+                )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_png(contact_sheet(rows, columns=1), out_dir / "verify.png")
@@ -274,8 +323,11 @@ def auto_keep(
     """
     order = [b for b in order if b in full.blocks]
     if not order:
-        raise UsageError("the ranking names none of the LoRA's blocks", full.path,
-                         "run analyze on this LoRA first")
+        raise UsageError(
+            "the ranking names none of the LoRA's blocks",
+            full.path,
+            "run analyze on this LoRA first",
+        )
     all_blocks = frozenset(full.blocks)
     refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]] = {}
     ref_scores: list[ImageScore] = []
@@ -284,8 +336,9 @@ def auto_keep(
             base, full_img = renderer([frozenset(), all_blocks], prompt, seed, settings)
             effect = effect_of(base, full_img, distances)
             refs[(p, seed)] = (base, full_img, effect)
-            ref_scores.append(score_image(base, full_img, base, p, seed, criterion, distances,
-                                          effect=effect))
+            ref_scores.append(
+                score_image(base, full_img, base, p, seed, criterion, distances, effect=effect)
+            )
     if unmeasurable(ref_scores):
         raise no_effect_error(ref_scores, settings.prompts, str(full.path))
     size = size_of or (lambda blocks: 0)
@@ -302,8 +355,11 @@ def auto_keep(
                 base, full_img, effect = refs[(p, seed)]
                 imgs = renderer([frozenset(order[:k]) for k in ks], prompt, seed, settings)
                 for k, img in zip(ks, imgs, strict=True):
-                    scores[k].append(score_image(base, full_img, img, p, seed, criterion,
-                                                 distances, effect=effect))
+                    scores[k].append(
+                        score_image(
+                            base, full_img, img, p, seed, criterion, distances, effect=effect
+                        )
+                    )
         if progress:
             progress(ks[-1], n)
         passing = [k for k in ks if verdict_passes(scores[k])]
@@ -311,18 +367,31 @@ def auto_keep(
             chosen = passing[0]
             if stop_at_pass:
                 break
-    curve = [curve_point(k, sorted(order[:k], key=block_order), size(order[:k]), s,
-                         rendered=k != 0) for k, s in sorted(scores.items())]
+    curve = [
+        curve_point(k, sorted(order[:k], key=block_order), size(order[:k]), s, rendered=k != 0)
+        for k, s in sorted(scores.items())
+    ]
     if n not in scores:
         # The full keep set renders as the full LoRA: all of the effect, by definition.
-        curve.append(CurvePoint(n, sorted(order, key=block_order), size(order),
-                                dict.fromkeys(distances, 1.0), dict.fromkeys(distances, 1.0),
-                                True, rendered=False))
+        curve.append(
+            CurvePoint(
+                n,
+                sorted(order, key=block_order),
+                size(order),
+                dict.fromkeys(distances, 1.0),
+                dict.fromkeys(distances, 1.0),
+                True,
+                rendered=False,
+            )
+        )
     if chosen is None:
         chosen = n
     blocks = sorted(order[:chosen], key=block_order)
     result = VerifyResult(
-        full=str(full.path), slim=None, full_sha256=full_sha256, kept_blocks=blocks,
+        full=str(full.path),
+        slim=None,
+        full_sha256=full_sha256,
+        kept_blocks=blocks,
         criterion=criterion,
         settings=settings_to_json(settings),
         model=renderer.model_id,

@@ -279,24 +279,55 @@ def pack_tensors(metadata: dict[str, str] | None, tensors: Tensors) -> bytes:
         header["__metadata__"] = metadata
     data = bytearray()
     for key, dtype, shape, raw in tensors:
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        header[key] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     return pack(header, bytes(data))
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U8": 1}
-_REGEX_ALPHABET = list("abto_qkv.0123456789") + list(".*+?()[]{}|^$\\-,") + ["(a+)+", "(.*)*", "{999999999999}"]
+_REGEX_ALPHABET = (
+    list("abto_qkv.0123456789") + list(".*+?()[]{}|^$\\-,") + ["(a+)+", "(.*)*", "{999999999999}"]
+)
 _SUFFIXES = [
-    ".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha",
-    ".lora_mid.weight", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".lokr_w1",
-    ".lokr_w2", ".lokr_w1_a", ".lokr_w2_b", ".diff", ".diff_b", ".dora_scale", ".oft_blocks",
-    "_lora.up.weight", "_lora.down.weight", ".lora_A", ".lora_B", ".set_weight",
+    ".lora_down.weight",
+    ".lora_up.weight",
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".alpha",
+    ".lora_mid.weight",
+    ".hada_w1_a",
+    ".hada_w1_b",
+    ".hada_w2_a",
+    ".hada_w2_b",
+    ".lokr_w1",
+    ".lokr_w2",
+    ".lokr_w1_a",
+    ".lokr_w2_b",
+    ".diff",
+    ".diff_b",
+    ".dora_scale",
+    ".oft_blocks",
+    "_lora.up.weight",
+    "_lora.down.weight",
+    ".lora_A",
+    ".lora_B",
+    ".set_weight",
 ]
 
 
 #: Patterns that make a backtracking engine take exponential time on a module name.
-_CATASTROPHIC = ["(.*.*)*z", "(\\w+\\w+)+!", "([a-z_.0-9]+)*!", "(a|aa)+$", "(" * 3000 + ")" * 3000,
-                 "a{99999999999999}"]
+_CATASTROPHIC = [
+    "(.*.*)*z",
+    "(\\w+\\w+)+!",
+    "([a-z_.0-9]+)*!",
+    "(a|aa)+$",
+    "(" * 3000 + ")" * 3000,
+    "a{99999999999999}",
+]
 
 
 def _regex(rng: random.Random) -> str:
@@ -317,13 +348,21 @@ def _hostile_json(rng: random.Random) -> str:
     if kind == 3:
         return "{" * rng.randint(1, 50)
     if kind == 4:
-        return json.dumps({"passed": rng.choice([True, False, 1, None]), "full_sha256": "0" * 64,
-                           "min_ssim": rng.choice([0.5, float("inf"), 10**30, "x"])})
+        return json.dumps(
+            {
+                "passed": rng.choice([True, False, 1, None]),
+                "full_sha256": "0" * 64,
+                "min_ssim": rng.choice([0.5, float("inf"), 10**30, "x"]),
+            }
+        )
     return json.dumps(rng.choice([[], 1, "s", None]))
 
 
 def _peft_config(rng: random.Random) -> str:
-    patterns = {_regex(rng): rng.choice([1, 2, 0, -1, 10**30, 1e308, True, "x"]) for _ in range(rng.randint(1, 4))}
+    patterns = {
+        _regex(rng): rng.choice([1, 2, 0, -1, 10**30, 1e308, True, "x"])
+        for _ in range(rng.randint(1, 4))
+    }
     config: dict[str, object] = {
         rng.choice(["r", "transformer.r"]): rng.choice([2, 0, -3, 1e-300, 10**19, None]),
         rng.choice(["lora_alpha", "transformer.lora_alpha"]): rng.choice([2, 1e300, -1, "a"]),

@@ -73,8 +73,14 @@ def lora(tmp_path: Path):
 
 
 def settings(modes: tuple[str, ...] = ("solo", "loo")) -> AnalyzeSettings:
-    return AnalyzeSettings(prompts=("a fox", "a <b>lighthouse</b>"), seeds=(0, 1), width=32,
-                           height=32, steps=2, modes=modes)
+    return AnalyzeSettings(
+        prompts=("a fox", "a <b>lighthouse</b>"),
+        seeds=(0, 1),
+        width=32,
+        height=32,
+        steps=2,
+        modes=modes,
+    )
 
 
 def test_plan_covers_every_block_prompt_seed_and_mode(lora) -> None:
@@ -95,12 +101,25 @@ def test_cache_key_depends_on_everything_that_determines_the_image(lora) -> None
     for changed in (
         plan_jobs(lora.blocks, settings(), model_id="m2", lora_sha256="x", versions={"t": "1"}),
         plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={"t": "2"}),
-        plan_jobs(lora.blocks, AnalyzeSettings(prompts=("a fox", "a <b>lighthouse</b>"), seeds=(0, 1),
-                                               width=32, height=32, steps=3, modes=("solo", "loo")),
-                  model_id="m", lora_sha256="x", versions={"t": "1"}),
+        plan_jobs(
+            lora.blocks,
+            AnalyzeSettings(
+                prompts=("a fox", "a <b>lighthouse</b>"),
+                seeds=(0, 1),
+                width=32,
+                height=32,
+                steps=3,
+                modes=("solo", "loo"),
+            ),
+            model_id="m",
+            lora_sha256="x",
+            versions={"t": "1"},
+        ),
     ):
         assert keys.isdisjoint(j.key for j in changed)
-    other_lora = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="y", versions={"t": "1"})
+    other_lora = plan_jobs(
+        lora.blocks, settings(), model_id="m", lora_sha256="y", versions={"t": "1"}
+    )
     # Only the no-LoRA references are shared between LoRAs.
     shared = keys & {j.key for j in other_lora}
     assert shared == {j.key for j in base if j.kind == "base"}
@@ -136,8 +155,18 @@ def test_outputs_are_written_and_read_back(lora, tmp_path: Path) -> None:
     with (out / "ranking.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * len(lora.blocks)
-    for column in ("block", "mode", "mse", "mse_std", "ssim", "ssim_std", "rank", "params",
-                   "bytes", "norm"):
+    for column in (
+        "block",
+        "mode",
+        "mse",
+        "mse_std",
+        "ssim",
+        "ssim_std",
+        "rank",
+        "params",
+        "bytes",
+        "norm",
+    ):
         assert column in rows[0]
     assert rows[0]["block"] == "double.3" and rows[0]["rank"] == "1"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -152,7 +181,9 @@ def test_outputs_are_written_and_read_back(lora, tmp_path: Path) -> None:
     assert (out / "report.html").exists()
 
 
-def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(lora, tmp_path: Path) -> None:
+def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(
+    lora, tmp_path: Path
+) -> None:
     sha = file_sha256(lora.path)
     full_out = tmp_path / "uninterrupted"
     analyze(lora, sha, settings(), full_out, FakeRenderer(PLANTED), batch_size=10)
@@ -178,7 +209,9 @@ def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(lora, tmp
 
 def test_from_dir_recomputes_without_a_renderer(lora, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = analyze(lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED), batch_size=16)
+    first = analyze(
+        lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED), batch_size=16
+    )
     again = compute_analysis(read_manifest(out), out)
     assert [(r.block, r.mode, r.rank, r.mse) for r in again.rows] == [
         (r.block, r.mode, r.rank, r.mse) for r in first.rows
@@ -197,8 +230,12 @@ def test_batches_stay_within_one_prompt_and_seed(lora) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
-    [({"prompts": ()}, "no prompt"), ({"width": 30}, "multiple of 16"),
-     ({"modes": ("sideways",)}, "unknown mode"), ({"steps": 0}, "steps")],
+    [
+        ({"prompts": ()}, "no prompt"),
+        ({"width": 30}, "multiple of 16"),
+        ({"modes": ("sideways",)}, "unknown mode"),
+        ({"steps": 0}, "steps"),
+    ],
 )
 def test_bad_settings_are_usage_errors(kwargs: dict[str, object], fragment: str) -> None:
     base: dict[str, object] = {"prompts": ("a",), "width": 32, "height": 32}
@@ -213,11 +250,13 @@ def test_contact_sheet_has_one_labelled_tile_per_block(lora, tmp_path: Path) -> 
     from lora_prune.pictures import label_tile
 
     out = tmp_path / "out"
-    analyze(lora, file_sha256(lora.path), settings(("solo",)), out, FakeRenderer(PLANTED),
-            batch_size=16)
+    analyze(
+        lora, file_sha256(lora.path), settings(("solo",)), out, FakeRenderer(PLANTED), batch_size=16
+    )
     # Same tile size as analyze makes: 32 px renders upscaled x8 with a caption strip.
-    tile = label_tile(np.zeros((32, 32, 3), np.uint8), "x", top_right="MSE 0", bottom="SSIM 1",
-                      scale=8)
+    tile = label_tile(
+        np.zeros((32, 32, 3), np.uint8), "x", top_right="MSE 0", bottom="SSIM 1", scale=8
+    )
     tw, th = tile.size
     n = 2 + len(lora.blocks)
     cols = math.ceil(math.sqrt(n))

@@ -232,9 +232,7 @@ def test_text_format(repo: Repo, repo_result: CheckResult) -> None:
         found = {ln.split()[1].rstrip(":") for ln in lines[1:] if ln.startswith("error")}
         assert found == codes, path
     assert NAN_KEY in "\n".join(blocks[rel(repo, repo.nan)])
-    assert text.splitlines()[-1] == (
-        "7 files: 1 passed, 2 failed, 1 unreadable, 3 unsafe; exit 3"
-    )
+    assert text.splitlines()[-1] == ("7 files: 1 passed, 2 failed, 1 unreadable, 3 unsafe; exit 3")
 
 
 def test_json_format(repo: Repo, repo_result: CheckResult) -> None:
@@ -274,7 +272,9 @@ def test_junit_format(repo: Repo, repo_result: CheckResult) -> None:
 
 def test_github_format(repo: Repo, repo_result: CheckResult) -> None:
     lines = render_github(repo_result).splitlines()
-    assert lines[-1] == "lora-prune check: 7 files: 1 passed, 2 failed, 1 unreadable, 3 unsafe; exit 3"
+    assert (
+        lines[-1] == "lora-prune check: 7 files: 1 passed, 2 failed, 1 unreadable, 3 unsafe; exit 3"
+    )
     annotations: dict[str, set[str]] = {}
     for line in lines[:-1]:
         command, _, message = line[2:].partition("::")
@@ -282,7 +282,9 @@ def test_github_format(repo: Repo, repo_result: CheckResult) -> None:
         fields = dict(p.split("=", 1) for p in props.split(","))
         assert level == "error"
         assert message
-        annotations.setdefault(fields["file"], set()).add(fields["title"].removeprefix("lora-prune "))
+        annotations.setdefault(fields["file"], set()).add(
+            fields["title"].removeprefix("lora-prune ")
+        )
     expected = {p: codes for p, (_, codes) in expected_by_path(repo).items() if codes}
     assert annotations == expected
     nan_line = next(ln for ln in lines if "nan.safetensors" in ln)
@@ -405,9 +407,7 @@ def test_base_model_variants(tmp_path: Path) -> None:
     schnell_geometry = type(TINY)(**{**TINY.__dict__, "guidance": False})
     synth(tmp_path / "s.safetensors", geometry=schnell_geometry)
     synth(tmp_path / "d.safetensors", grammar="diffusers")
-    synth(
-        tmp_path / "g.safetensors", grammar="diffusers", blocks=("input", "double.0")
-    )
+    synth(tmp_path / "g.safetensors", grammar="diffusers", blocks=("input", "double.0"))
     synth(
         tmp_path / "l.safetensors",
         blocks=("input", "double.0"),
@@ -470,8 +470,10 @@ def test_github_escaping() -> None:
             FileResult(
                 Path("dir/a,b:c%.safetensors"),
                 "fail",
-                [Finding("error", "nonfinite", "line one\nline two: 100%"),
-                 Finding("warning", "mixed_ranks", "ranks differ")],
+                [
+                    Finding("error", "nonfinite", "line one\nline two: 100%"),
+                    Finding("warning", "mixed_ranks", "ranks differ"),
+                ],
             )
         ]
     )
@@ -480,7 +482,9 @@ def test_github_escaping() -> None:
         "::error file=dir/a%2Cb%3Ac%25.safetensors,title=lora-prune nonfinite::"
         "FAIL dir/a,b:c%25.safetensors: line one\\x0aline two: 100%25"
     )
-    assert lines[1].startswith("::warning file=dir/a%2Cb%3Ac%25.safetensors,title=lora-prune mixed_ranks::")
+    assert lines[1].startswith(
+        "::warning file=dir/a%2Cb%3Ac%25.safetensors,title=lora-prune mixed_ranks::"
+    )
 
 
 def test_outputs_survive_hostile_names_and_keys(tmp_path: Path) -> None:
@@ -605,7 +609,11 @@ def test_missing_policy_file(tmp_path: Path) -> None:
 
 
 def make_slim(
-    folder: Path, full: Path, *, passed: bool = True, against: Path | None = None,
+    folder: Path,
+    full: Path,
+    *,
+    passed: bool = True,
+    against: Path | None = None,
     min_ssim: float = 0.95,
 ) -> Path:
     record = {
@@ -629,7 +637,9 @@ def make_slim(
 
 @pytest.fixture
 def slim_repo(tmp_path: Path) -> tuple[Path, Path, Path]:
-    full = synth(tmp_path / "loras" / "style.safetensors", blocks=("double.0", "double.1", "single.0"))
+    full = synth(
+        tmp_path / "loras" / "style.safetensors", blocks=("double.0", "double.1", "single.0")
+    )
     slim = make_slim(tmp_path / "loras", full)
     return tmp_path, full, slim
 
@@ -660,8 +670,11 @@ def test_verified_slim_passes(slim_repo: tuple[Path, Path, Path]) -> None:
 
 def test_slim_whose_source_does_not_match_fails(slim_repo: tuple[Path, Path, Path]) -> None:
     root, full, slim = slim_repo
-    other = synth(root / "other" / "retrained.safetensors", seed=7,
-                  blocks=("double.0", "double.1", "single.0"))
+    other = synth(
+        root / "other" / "retrained.safetensors",
+        seed=7,
+        blocks=("double.0", "double.1", "single.0"),
+    )
     policy = write_policy(
         root / "lora-policy.toml",
         '[[slim]]\nfile = "loras/style.slim.safetensors"\nfull = "other/retrained.safetensors"\n',
@@ -688,7 +701,9 @@ def test_slim_verification_problems(tmp_path: Path) -> None:
     weak = make_slim(weak_dir, weak_full, min_ssim=0.5)
     unverified_dir = tmp_path / "c"
     u_full = synth(unverified_dir / "u.safetensors", blocks=blocks, seed=4)
-    unverified = slim_lora(u_full, {"double.0"}, output=unverified_dir / "u.slim.safetensors").output
+    unverified = slim_lora(
+        u_full, {"double.0"}, output=unverified_dir / "u.slim.safetensors"
+    ).output
     lost_dir = tmp_path / "d"
     lost_full = synth(lost_dir / "l.safetensors", blocks=blocks, seed=5)
     lost = make_slim(lost_dir, lost_full)
@@ -751,7 +766,10 @@ def test_reverify_is_called_with_slim_and_full(slim_repo: tuple[Path, Path, Path
     result = run_check([root], None, reverify=bad)
     s = next(f for f in result.files if f.path == slim)
     assert [x.code for x in s.errors] == ["reverify_failed"]
-    assert "keeps at worst 25.0% of the LoRA's effect (needs 90% on every image), worst SSIM 0.8000" in s.errors[0].message
+    assert (
+        "keeps at worst 25.0% of the LoRA's effect (needs 90% on every image), worst SSIM 0.8000"
+        in s.errors[0].message
+    )
 
     # Re-rendering is the proof: a slim file without a record passes when it renders alike.
     bare = slim_lora(full, {"double.0"}, output=root / "loras" / "bare.slim.safetensors").output
@@ -767,8 +785,9 @@ def test_reverify_is_called_with_slim_and_full(slim_repo: tuple[Path, Path, Path
 
 
 def test_policy_names_missing_slim(tmp_path: Path) -> None:
-    policy = parse_policy({"slim": [{"file": "gone.safetensors", "full": "x.safetensors"}]},
-                          base=tmp_path)
+    policy = parse_policy(
+        {"slim": [{"file": "gone.safetensors", "full": "x.safetensors"}]}, base=tmp_path
+    )
     with pytest.raises(UsageError, match="names a slim file that does not exist"):
         run_check([tmp_path], policy)
 
@@ -791,7 +810,11 @@ def test_check_runs_without_torch(tmp_path: Path) -> None:
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr

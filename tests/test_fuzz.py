@@ -54,7 +54,11 @@ def _file(
         for d in shape:
             n *= d
         raw = struct.pack(f"<{n}f", *([0.5] * n))
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     for key, value in (f64 or {}).items():
         raw = struct.pack("<d", value)
@@ -66,7 +70,11 @@ def _file(
 
 
 def _refused(
-    path: Path, cls: type[LoraPruneError], fragment: str, exit_code: int, check_exit: int | None = None
+    path: Path,
+    cls: type[LoraPruneError],
+    fragment: str,
+    exit_code: int,
+    check_exit: int | None = None,
 ) -> None:
     """read+inspect raise ``cls`` naming ``fragment`` (the CLI exits ``exit_code``, 3 or 4).
 
@@ -86,7 +94,8 @@ def _refused(
 def _peft_file(tmp_path: Path, config: dict[str, object] | str) -> Path:
     raw = config if isinstance(config, str) else json.dumps(config)
     return _file(
-        tmp_path, {f"{_PEFT}.lora_A.weight": (2, 8), f"{_PEFT}.lora_B.weight": (8, 2)},
+        tmp_path,
+        {f"{_PEFT}.lora_A.weight": (2, 8), f"{_PEFT}.lora_B.weight": (8, 2)},
         {"lora_adapter_metadata": raw},
     )
 
@@ -105,13 +114,17 @@ def test_deep_group_pattern_is_refused(tmp_path: Path) -> None:
 
 
 def test_huge_repeat_pattern_is_refused(tmp_path: Path) -> None:
-    path = _peft_file(tmp_path, {"r": 2, "lora_alpha": 2, "rank_pattern": {"a{99999999999999999999}": 4}})
+    path = _peft_file(
+        tmp_path, {"r": 2, "lora_alpha": 2, "rank_pattern": {"a{99999999999999999999}": 4}}
+    )
     _refused(path, UnsupportedLoraError, "uses '{'", EXIT_UNSUPPORTED)
 
 
 def test_deep_json_in_adapter_metadata(tmp_path: Path) -> None:
     path = _peft_file(tmp_path, "[" * 100_000 + "]" * 100_000)
-    _refused(path, CorruptFileError, "'lora_adapter_metadata' nests deeper than 64", EXIT_UNREADABLE)
+    _refused(
+        path, CorruptFileError, "'lora_adapter_metadata' nests deeper than 64", EXIT_UNREADABLE
+    )
 
 
 def test_5000_digit_int_in_adapter_metadata(tmp_path: Path) -> None:
@@ -139,8 +152,15 @@ def test_hostile_verification_record_is_a_finding(tmp_path: Path, record: str, r
 
 
 def test_4301_digit_block_index(tmp_path: Path) -> None:
-    path = _file(tmp_path, {f"lora_unet_double_blocks_{'1' * 4301}_img_attn_proj.lora_down.weight": (2, 8)})
-    _refused(path, BlockIndexError, "block index of over 6 digits is out of range 0..18", EXIT_UNSUPPORTED)
+    path = _file(
+        tmp_path, {f"lora_unet_double_blocks_{'1' * 4301}_img_attn_proj.lora_down.weight": (2, 8)}
+    )
+    _refused(
+        path,
+        BlockIndexError,
+        "block index of over 6 digits is out of range 0..18",
+        EXIT_UNSUPPORTED,
+    )
 
 
 @pytest.mark.parametrize(
@@ -149,19 +169,35 @@ def test_4301_digit_block_index(tmp_path: Path) -> None:
         ({"lora_down.weight": (0, 8), "lora_up.weight": (8, 0)}, "an empty factor"),
         ({"lora_down.weight": (2, 8), "lora_up.weight": (0, 2)}, "an empty factor"),
         ({"lora_down.weight": (2, 8), "lora_up.weight": (8, 2, 3, 3)}, "a convolution kernel"),
-        ({"lora_down.weight": (2, 8), "lora_mid.weight": (2, 2, 3, 3), "lora_up.weight": (8, 2)},
-         "a convolution kernel"),
-        ({"hada_w1_a": (3, 2), "hada_w1_b": (2, 8), "hada_w2_a": (5, 2), "hada_w2_b": (2, 8)},
-         "LoHa products 3x[8] and 5x[8] differ in shape"),
-        ({"hada_w1_a": (3, 2), "hada_w1_b": (), "hada_w2_a": (3, 2), "hada_w2_b": (2, 8)},
-         "a factor needs 2 dimensions"),
+        (
+            {"lora_down.weight": (2, 8), "lora_mid.weight": (2, 2, 3, 3), "lora_up.weight": (8, 2)},
+            "a convolution kernel",
+        ),
+        (
+            {"hada_w1_a": (3, 2), "hada_w1_b": (2, 8), "hada_w2_a": (5, 2), "hada_w2_b": (2, 8)},
+            "LoHa products 3x[8] and 5x[8] differ in shape",
+        ),
+        (
+            {"hada_w1_a": (3, 2), "hada_w1_b": (), "hada_w2_a": (3, 2), "hada_w2_b": (2, 8)},
+            "a factor needs 2 dimensions",
+        ),
         ({"lokr_w1": (), "lokr_w2": (4, 8)}, "a factor needs 2 dimensions"),
         ({"lokr_w1": (2, 2), "lokr_w2_a": (), "lokr_w2_b": (2, 4)}, "a factor needs 2 dimensions"),
     ],
-    ids=["zero_rows", "zero_rows_up", "conv_up", "conv_mid", "loha_rows_differ",
-         "scalar_loha", "scalar_lokr", "scalar_lokr_factor"],
+    ids=[
+        "zero_rows",
+        "zero_rows_up",
+        "conv_up",
+        "conv_mid",
+        "loha_rows_differ",
+        "scalar_loha",
+        "scalar_lokr",
+        "scalar_lokr_factor",
+    ],
 )
-def test_bad_factor_shapes(tmp_path: Path, tensors: dict[str, tuple[int, ...]], fragment: str) -> None:
+def test_bad_factor_shapes(
+    tmp_path: Path, tensors: dict[str, tuple[int, ...]], fragment: str
+) -> None:
     path = _file(tmp_path, {f"{_STEM}.{role}": shape for role, shape in tensors.items()})
     # check lists the module as a finding and goes on: a failed file, not an unreadable one
     _refused(path, CorruptFileError, fragment, EXIT_UNREADABLE, check_exit=1)
@@ -171,7 +207,8 @@ def test_bad_factor_shapes(tmp_path: Path, tensors: dict[str, tuple[int, ...]], 
 
 def test_alpha_1e300(tmp_path: Path) -> None:
     path = _file(
-        tmp_path, {f"{_STEM}.lora_down.weight": (2, 8), f"{_STEM}.lora_up.weight": (8, 2)},
+        tmp_path,
+        {f"{_STEM}.lora_down.weight": (2, 8), f"{_STEM}.lora_up.weight": (8, 2)},
         f64={f"{_STEM}.alpha": 1e300},
     )
     _refused(path, CorruptFileError, "alpha 1e+300 is beyond 1e+06", EXIT_UNREADABLE, check_exit=1)
@@ -183,8 +220,16 @@ def test_rank_30720_in_a_small_file_stays_small(tmp_path: Path) -> None:
     # 61 KB of F8 data declaring rank 30720: r x r Grams would need ~7.5 GiB each.
     rank = 30720
     header = {
-        f"{_STEM}.lora_down.weight": {"dtype": "F8_E4M3", "shape": [rank, 1], "data_offsets": [0, rank]},
-        f"{_STEM}.lora_up.weight": {"dtype": "F8_E4M3", "shape": [1, rank], "data_offsets": [rank, 2 * rank]},
+        f"{_STEM}.lora_down.weight": {
+            "dtype": "F8_E4M3",
+            "shape": [rank, 1],
+            "data_offsets": [0, rank],
+        },
+        f"{_STEM}.lora_up.weight": {
+            "dtype": "F8_E4M3",
+            "shape": [1, rank],
+            "data_offsets": [rank, 2 * rank],
+        },
     }
     path = tmp_path / "rank.safetensors"
     path.write_bytes(pack(header, b"\x38" * (2 * rank)))  # 0x38 is 1.0 in e4m3fn
@@ -211,8 +256,14 @@ def test_first_matching_pattern_wins_as_in_peft(tmp_path: Path) -> None:
 
 
 # --- the PEFT pattern matcher against re, on patterns of its subset ------------------------
-_NAMES = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.12.proj_out",
-          "attn.to_k", "norm1.linear", "x.", "a"]
+_NAMES = [
+    "transformer_blocks.0.attn.to_q",
+    "single_transformer_blocks.12.proj_out",
+    "attn.to_k",
+    "norm1.linear",
+    "x.",
+    "a",
+]
 
 
 @settings(derandomize=True, max_examples=400, deadline=None)
@@ -246,7 +297,10 @@ def test_seeds_read_cleanly(tmp_path: Path) -> None:
 
 
 @settings(
-    derandomize=True, max_examples=2500, deadline=None, database=None,
+    derandomize=True,
+    max_examples=2500,
+    deadline=None,
+    database=None,
     suppress_health_check=list(HealthCheck),
 )
 @given(st.randoms(use_true_random=False))

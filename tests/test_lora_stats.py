@@ -95,7 +95,11 @@ def test_no_alpha_means_scale_one(synth_file: SynthFile) -> None:
 @pytest.mark.parametrize("grammar", ["diffusers", "diffusers-default"])
 def test_alpha_is_read_from_peft_metadata(grammar: str, synth_file: SynthFile) -> None:
     spec = SynthSpec(
-        grammar=grammar, rank=4, alpha=16.0, alpha_in="metadata", blocks=("double.0", "final"),
+        grammar=grammar,
+        rank=4,
+        alpha=16.0,
+        alpha_in="metadata",
+        blocks=("double.0", "final"),
         text_encoders=True,
     )
     lora = read_lora(synth_file(spec))
@@ -154,8 +158,13 @@ def test_module_norm_equals_the_explicit_delta(
 ) -> None:
     alpha_in: Literal["keys", "metadata"] = "metadata" if grammar == "diffusers" else "keys"
     spec = SynthSpec(
-        grammar=grammar, dtype=dtype, rank=3, alpha=6.0, blocks=_few_blocks(grammar),
-        alpha_in=alpha_in, seed=7,
+        grammar=grammar,
+        dtype=dtype,
+        rank=3,
+        alpha=6.0,
+        blocks=_few_blocks(grammar),
+        alpha_in=alpha_in,
+        seed=7,
     )
     lora = read_lora(synth_file(spec))
     planned = {m.stem: m for m in synth_modules(spec)}

@@ -103,8 +103,9 @@ def test_absolute_ssim_floor_is_optional_and_extra() -> None:
 # --- the tiny model: known, unequal shares ------------------------------------
 def test_verify_fails_a_slim_without_the_strongest_block(planted: Path, tmp_path: Path) -> None:
     slim = slim_lora(planted, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
-    code, out, _ = run_cli("verify", str(planted), str(slim.output), *RENDER,
-                           "--out", str(tmp_path / "v"))
+    code, out, _ = run_cli(
+        "verify", str(planted), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
+    )
     assert code == 1, out
     report = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert report["criterion"] == "kept_share" and report["min_kept"] == 0.9
@@ -114,8 +115,9 @@ def test_verify_fails_a_slim_without_the_strongest_block(planted: Path, tmp_path
 
 def test_verify_passes_the_full_keep_set(planted: Path, tmp_path: Path) -> None:
     slim = slim_lora(planted, list(PLANTED), output=tmp_path / "all.safetensors")
-    code, out, _ = run_cli("verify", str(planted), str(slim.output), *RENDER,
-                           "--out", str(tmp_path / "v"))
+    code, out, _ = run_cli(
+        "verify", str(planted), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
+    )
     assert code == 0, out
     assert json.loads((tmp_path / "v" / "verify.json").read_text())["kept_share"] == 1.0
 
@@ -132,8 +134,18 @@ def test_slim_auto_keeps_only_blocks_that_carry_effect_and_passes(
 ) -> None:
     out = tmp_path / "auto.safetensors"
     work = tmp_path / "work"
-    code, stdout, _ = run_cli("slim", str(planted), "--auto", *RENDER, "-o", str(out),
-                              "--work-dir", str(work), "--batch-size", "16")
+    code, stdout, _ = run_cli(
+        "slim",
+        str(planted),
+        "--auto",
+        *RENDER,
+        "-o",
+        str(out),
+        "--work-dir",
+        str(work),
+        "--batch-size",
+        "16",
+    )
     assert code == 0, stdout
     kept = set(read_lora(out).blocks)
     assert kept and kept <= set(PLANTED)
@@ -166,8 +178,18 @@ def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
     planted: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "a"
-    code, stdout, _ = run_cli("analyze", str(planted), *RENDER, "--mode", "loo", "--curve",
-                              "--out", str(out), "--batch-size", "32")
+    code, stdout, _ = run_cli(
+        "analyze",
+        str(planted),
+        *RENDER,
+        "--mode",
+        "loo",
+        "--curve",
+        "--out",
+        str(out),
+        "--batch-size",
+        "32",
+    )
     assert code == 0, stdout
     ranking = json.loads((out / "ranking.json").read_text())
     points = ranking["pruning_curve"]["points"]
@@ -199,14 +221,25 @@ def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
 # --- a LoRA that changes nothing ----------------------------------------------
 def test_no_effect_is_a_named_error_never_a_pass(inert: Path, tmp_path: Path) -> None:
     slim = slim_lora(inert, ["double.3"], output=tmp_path / "s.safetensors")
-    code, _, err = run_cli("verify", str(inert), str(slim.output), *RENDER,
-                           "--out", str(tmp_path / "v"))
+    code, _, err = run_cli(
+        "verify", str(inert), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
+    )
     assert code == EXIT_NO_EFFECT == 7
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: the LoRA has no measurable effect on prompt 0 ('a red fox') seed 0")
+    assert line.startswith(
+        "error: the LoRA has no measurable effect on prompt 0 ('a red fox') seed 0"
+    )
     assert "trigger words" in line
-    code, _, err = run_cli("slim", str(inert), "--auto", *RENDER, "-o", str(tmp_path / "a.st"),
-                           "--work-dir", str(tmp_path / "w"))
+    code, _, err = run_cli(
+        "slim",
+        str(inert),
+        "--auto",
+        *RENDER,
+        "-o",
+        str(tmp_path / "a.st"),
+        "--work-dir",
+        str(tmp_path / "w"),
+    )
     assert code == 7 and "no measurable effect" in err
     assert not (tmp_path / "a.st").exists()
     code, _, err = run_cli("analyze", str(inert), *RENDER, "--out", str(tmp_path / "an"))
@@ -235,14 +268,22 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=64, image_size=32, patch_size=8)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
     folder = tmp_path_factory.mktemp("dino") / "tiny-dinov2"
     Dinov2Model(config).save_pretrained(folder)
     return folder
 
 
-def test_perceptual_distance_joins_the_verdict(planted: Path, encoder: Path, tmp_path: Path) -> None:
+def test_perceptual_distance_joins_the_verdict(
+    planted: Path, encoder: Path, tmp_path: Path
+) -> None:
     from lora_prune.render.perceptual import PerceptualDistance
 
     d = PerceptualDistance(str(encoder))
@@ -251,12 +292,21 @@ def test_perceptual_distance_joins_the_verdict(planted: Path, encoder: Path, tmp
     b = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     assert d(a, a) == 0.0 and 0.0 < d(a, b) <= 2.0
     slim = slim_lora(planted, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
-    code, out, _ = run_cli("verify", str(planted), str(slim.output), *RENDER, "--perceptual",
-                           str(encoder), "--out", str(tmp_path / "v"))
+    code, out, _ = run_cli(
+        "verify",
+        str(planted),
+        str(slim.output),
+        *RENDER,
+        "--perceptual",
+        str(encoder),
+        "--out",
+        str(tmp_path / "v"),
+    )
     assert code == 1, out
     image = json.loads((tmp_path / "v" / "verify.json").read_text())["images"][0]
     assert set(image["kept"]) == {"mse", "ssim", "perceptual"}
     assert image["effect"]["perceptual"] > 0
-    code, _, err = run_cli("verify", str(planted), str(slim.output), *RENDER, "--perceptual",
-                           str(tmp_path / "missing"))
+    code, _, err = run_cli(
+        "verify", str(planted), str(slim.output), *RENDER, "--perceptual", str(tmp_path / "missing")
+    )
     assert code == 2 and err.startswith("error: cannot load image encoder")

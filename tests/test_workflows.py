@@ -53,18 +53,20 @@ def run_cli(*args: str) -> tuple[int, str]:
 
 def test_analyze_ranks_exactly_the_planted_blocks_first(planted: Path, tmp_path: Path) -> None:
     lora = read_lora(planted)
-    settings = AnalyzeSettings(prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2,
-                               modes=("solo", "loo"))
+    settings = AnalyzeSettings(
+        prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2, modes=("solo", "loo")
+    )
     with open_session(ModelSpec(model="tiny"), lora) as session:
-        result = analyze(lora, file_sha256(planted), settings, tmp_path / "out", session.renderer,
-                         batch_size=16)
+        result = analyze(
+            lora, file_sha256(planted), settings, tmp_path / "out", session.renderer, batch_size=16
+        )
     assert len(lora.blocks) == 57 + 1  # kohya's double+single defaults plus the planted final
     for mode in ("solo", "loo"):
         rows = result.rows_for(mode)
         top = {r.block for r in rows[: len(PLANTED)]}
         assert top == set(PLANTED), mode
         assert all(r.mse > 1.0 for r in rows[: len(PLANTED)])
-        assert all(r.mse == 0.0 and r.ssim == 1.0 for r in rows[len(PLANTED):]), mode
+        assert all(r.mse == 0.0 and r.ssim == 1.0 for r in rows[len(PLANTED) :]), mode
     assert set(result.suggestion.blocks) <= set(PLANTED)
 
 
@@ -75,22 +77,43 @@ def _rendered(output: str) -> tuple[int, int, int]:
 
 
 def _analyze_cmd(lora: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "lora_prune.cli", "analyze", str(lora), "--model", "tiny",
-            "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0,1", *SMALL,
-            "--mode", "both", "--batch-size", "4", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "lora_prune.cli",
+        "analyze",
+        str(lora),
+        "--model",
+        "tiny",
+        "--prompt",
+        "a red fox",
+        "--prompt",
+        "a lighthouse",
+        "--seeds",
+        "0,1",
+        *SMALL,
+        "--mode",
+        "both",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
 
 
 def test_killed_analyze_resumes_with_identical_results(planted: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
-    done = subprocess.run(_analyze_cmd(planted, reference), env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        _analyze_cmd(planted, reference), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     rendered, cached, planned = _rendered(done.stdout)
     assert (rendered, cached) == (planned, 0)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_analyze_cmd(planted, out), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _analyze_cmd(planted, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if len(list((out / "images").glob("*.png"))) >= 40:
@@ -104,16 +127,27 @@ def test_killed_analyze_resumes_with_identical_results(planted: Path, tmp_path: 
     # Resume works per batch (a batch's images depend, by a level at most, on its
     # companions): exactly the batches with a missing image are rendered again.
     manifest = read_manifest(out)
-    jobs = plan_jobs(list(manifest["blocks"]), AnalyzeSettings(
-        prompts=("a red fox", "a lighthouse"), seeds=(0, 1), width=32, height=32, steps=2,
-        modes=("solo", "loo")), model_id=manifest["model"], lora_sha256=manifest["lora"]["sha256"],
-        versions=manifest["versions"])
+    jobs = plan_jobs(
+        list(manifest["blocks"]),
+        AnalyzeSettings(
+            prompts=("a red fox", "a lighthouse"),
+            seeds=(0, 1),
+            width=32,
+            height=32,
+            steps=2,
+            modes=("solo", "loo"),
+        ),
+        model_id=manifest["model"],
+        lora_sha256=manifest["lora"]["sha256"],
+        versions=manifest["versions"],
+    )
     expected = sum(len(b) for b in batches(jobs, 4) if any(j.key not in on_disk for j in b))
     missing = planned - len(on_disk)
     assert missing <= expected < missing + 4
 
-    again = subprocess.run(_analyze_cmd(planted, out), env=ENV, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(
+        _analyze_cmd(planted, out), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr
     rendered, cached, _ = _rendered(again.stdout)
     assert rendered == expected and cached == planned - expected
@@ -121,15 +155,17 @@ def test_killed_analyze_resumes_with_identical_results(planted: Path, tmp_path: 
         assert (out / name).read_text() == (reference / name).read_text(), name
 
     # Rerunning a finished analysis renders nothing.
-    third = subprocess.run(_analyze_cmd(planted, out), env=ENV, capture_output=True, text=True,
-                           timeout=600)
+    third = subprocess.run(
+        _analyze_cmd(planted, out), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert _rendered(third.stdout)[:2] == (0, planned)
 
 
 def test_analyze_from_dir_needs_no_model(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = run_cli("analyze", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL,
-                           "--out", str(out))
+    code, output = run_cli(
+        "analyze", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL, "--out", str(out)
+    )
     assert code == 0, output
     before = json.loads((out / "ranking.json").read_text())
     code, output = run_cli("analyze", "--from", str(out), "--heatmap-scale", "per-image")
@@ -142,25 +178,59 @@ def test_analyze_from_dir_needs_no_model(planted: Path, tmp_path: Path) -> None:
 
 def test_render_writes_side_by_side_with_scores(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "combo.png"
-    code, output = run_cli("render", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL,
-                           "--blocks", "double.3", "-o", str(out))
+    code, output = run_cli(
+        "render",
+        str(planted),
+        "--model",
+        "tiny",
+        "--prompt",
+        "a fox",
+        *SMALL,
+        "--blocks",
+        "double.3",
+        "-o",
+        str(out),
+    )
     assert code == 0, output
     image = Image.open(out)
     assert image.width >= 4 * 32  # base | full | chosen | heatmap
     mse_base = float(re.search(r"vs no LoRA\s+MSE\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     mse_full = float(re.search(r"vs full LoRA MSE\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     assert mse_base > 0 and mse_full > 0
-    code, output = run_cli("render", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL,
-                           "--blocks", "double.0", "-o", str(out), "--force")
+    code, output = run_cli(
+        "render",
+        str(planted),
+        "--model",
+        "tiny",
+        "--prompt",
+        "a fox",
+        *SMALL,
+        "--blocks",
+        "double.0",
+        "-o",
+        str(out),
+        "--force",
+    )
     assert code == 0
     assert re.search(r"vs no LoRA\s+MSE\s+0\.00\s+SSIM 1\.0000", output), output
 
 
-def test_verify_passes_true_blocks_and_fails_a_dropped_planted_block(planted: Path, tmp_path: Path) -> None:
+def test_verify_passes_true_blocks_and_fails_a_dropped_planted_block(
+    planted: Path, tmp_path: Path
+) -> None:
     good = slim_lora(planted, set(PLANTED), output=tmp_path / "good.safetensors").output
     bad = slim_lora(planted, {"double.3", "final"}, output=tmp_path / "bad.safetensors").output
-    args = ["--model", "tiny", "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0,1",
-            *SMALL]
+    args = [
+        "--model",
+        "tiny",
+        "--prompt",
+        "a red fox",
+        "--prompt",
+        "a lighthouse",
+        "--seeds",
+        "0,1",
+        *SMALL,
+    ]
     code, output = run_cli("verify", str(planted), str(good), *args, "--out", str(tmp_path / "v1"))
     assert code == 0, output
     report = json.loads((tmp_path / "v1" / "verify.json").read_text())
@@ -179,8 +249,9 @@ def test_verify_passes_true_blocks_and_fails_a_dropped_planted_block(planted: Pa
 def test_verify_refuses_a_file_that_is_not_a_block_subset(planted: Path, tmp_path: Path) -> None:
     other = planted_lora(tmp_path / "other.safetensors", {"double.3": 1.0}, seed=5)
     slim = slim_lora(other, {"double.3"}, output=tmp_path / "other.slim.safetensors").output
-    code, output = run_cli("verify", str(planted), str(slim), "--model", "tiny", "--prompt", "a",
-                           *SMALL)
+    code, output = run_cli(
+        "verify", str(planted), str(slim), "--model", "tiny", "--prompt", "a", *SMALL
+    )
     assert code == 4
     assert output.startswith("error: tensor values differ from the full file")
     assert "double_blocks_3" in output
@@ -189,9 +260,26 @@ def test_verify_refuses_a_file_that_is_not_a_block_subset(planted: Path, tmp_pat
 def test_slim_auto_keeps_exactly_the_planted_blocks(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "auto.safetensors"
     # A strict threshold: dropping any planted block must fail it, keeping them all gives 1.0.
-    code, output = run_cli("slim", str(planted), "--auto", "--model", "tiny", "--prompt", "a red fox",
-                           "--prompt", "a lighthouse", "--seeds", "0,1", *SMALL, "--min-ssim",
-                           "0.999", "-o", str(out), "--work-dir", str(tmp_path / "work"))
+    code, output = run_cli(
+        "slim",
+        str(planted),
+        "--auto",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a red fox",
+        "--prompt",
+        "a lighthouse",
+        "--seeds",
+        "0,1",
+        *SMALL,
+        "--min-ssim",
+        "0.999",
+        "-o",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
+    )
     assert code == 0, output
     slim = read_lora(out)
     assert set(slim.blocks) == set(PLANTED)
@@ -234,14 +322,26 @@ def test_rendering_without_the_render_extra_is_one_error_line(planted: Path) -> 
     assert "pip install 'lora-prune[render]'" in lines[0]
 
 
-def test_slim_auto_in_an_analyze_folder_keeps_its_solo_ranking(planted: Path, tmp_path: Path) -> None:
+def test_slim_auto_in_an_analyze_folder_keeps_its_solo_ranking(
+    planted: Path, tmp_path: Path
+) -> None:
     work = tmp_path / "work"
     common = ["--model", "tiny", "--prompt", "a red fox", *SMALL]
     code, output = run_cli("analyze", str(planted), *common, "--mode", "solo", "--out", str(work))
     assert code == 0, output
     solo_images = {p.name for p in (work / "images").glob("*.png")}
-    code, output = run_cli("slim", str(planted), "--auto", *common, "--min-ssim", "0.999",
-                           "-o", str(tmp_path / "auto.safetensors"), "--work-dir", str(work))
+    code, output = run_cli(
+        "slim",
+        str(planted),
+        "--auto",
+        *common,
+        "--min-ssim",
+        "0.999",
+        "-o",
+        str(tmp_path / "auto.safetensors"),
+        "--work-dir",
+        str(work),
+    )
     assert code == 0, output
     ranking = json.loads((work / "ranking.json").read_text())
     assert {r["mode"] for r in ranking["rows"]} == {"solo", "loo"}

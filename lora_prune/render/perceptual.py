@@ -39,9 +39,11 @@ class PerceptualDistance:
             config = AutoConfig.from_pretrained(model)
             self.model: Any = AutoModel.from_pretrained(model).to(device).eval()
         except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot load image encoder {model!r} ({exc.__class__.__name__})",
-                             "--perceptual",
-                             "give a local folder or hub id of a DINOv2 or CLIP vision model") from exc
+            raise UsageError(
+                f"cannot load image encoder {model!r} ({exc.__class__.__name__})",
+                "--perceptual",
+                "give a local folder or hub id of a DINOv2 or CLIP vision model",
+            ) from exc
         self.device = device
         vision = getattr(config, "vision_config", config)
         self.size = int(getattr(vision, "image_size", 224))

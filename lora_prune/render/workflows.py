@@ -73,16 +73,37 @@ def auto_slim(
     sha = file_sha256(lora.path)
     settings = _keep_earlier_modes(settings, work_dir)
     with open_session(spec, lora) as session:
-        analysis = analyze(lora, sha, settings, work_dir, session.renderer, batch_size=batch_size,
-                           progress=progress)
+        analysis = analyze(
+            lora,
+            sha,
+            settings,
+            work_dir,
+            session.renderer,
+            batch_size=batch_size,
+            progress=progress,
+        )
         mode = "loo" if "loo" in settings.modes else "solo"
         order = [r.block for r in analysis.rows_for(mode)]
-        auto = auto_keep(lora, sha, order, settings, session.renderer, criterion=criterion,
-                         distances=distances, batch_size=batch_size, size_of=lambda blocks: keep_size(lora, blocks),
-                         progress=progress)
+        auto = auto_keep(
+            lora,
+            sha,
+            order,
+            settings,
+            session.renderer,
+            criterion=criterion,
+            distances=distances,
+            batch_size=batch_size,
+            size_of=lambda blocks: keep_size(lora, blocks),
+            progress=progress,
+        )
     set_curve(analysis, auto.curve, criterion, lora=lora)
-    slim = slim_lora(lora, auto.blocks, output=output, force=force,
-                     extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()})
+    slim = slim_lora(
+        lora,
+        auto.blocks,
+        output=output,
+        force=force,
+        extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()},
+    )
     return AutoSlimResult(analysis, auto, slim)
 
 
@@ -127,7 +148,9 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(out_dir: Path, *, progress: Progress | None = None, batch_size: int = 32) -> DemoResult:
+def run_demo(
+    out_dir: Path, *, progress: Progress | None = None, batch_size: int = 32
+) -> DemoResult:
     """Plant a few strong blocks in a LoRA for the tiny model, find them, slim and verify."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,23 +158,40 @@ def run_demo(out_dir: Path, *, progress: Progress | None = None, batch_size: int
     if not lora_path.exists():
         planted_lora(lora_path, DEMO_PLANTED, grammar="kohya", rank=4, seed=0)
     lora = read_lora(lora_path)
-    settings = AnalyzeSettings(prompts=DEMO_PROMPTS, seeds=DEMO_SEEDS, width=64, height=64, steps=4,
-                               modes=("solo", "loo"))
+    settings = AnalyzeSettings(
+        prompts=DEMO_PROMPTS, seeds=DEMO_SEEDS, width=64, height=64, steps=4, modes=("solo", "loo")
+    )
     spec = ModelSpec(model="tiny")
     sha = file_sha256(lora_path)
     with open_session(spec, lora) as session:
         # The weaker planted blocks carry only a few percent of the influence: cover
         # (nearly) all of it so that the demo keeps every block that does something.
-        analysis = analyze(lora, sha, settings, out_dir / "analysis", session.renderer,
-                           batch_size=batch_size, coverage=0.99, options=PictureOptions(),
-                           progress=progress)
+        analysis = analyze(
+            lora,
+            sha,
+            settings,
+            out_dir / "analysis",
+            session.renderer,
+            batch_size=batch_size,
+            coverage=0.99,
+            options=PictureOptions(),
+            progress=progress,
+        )
         keep = analysis.suggestion.blocks
         slim = slim_lora(lora, keep, output=out_dir / "demo_lora.slim.safetensors", force=True)
-        verification = verify_slim(lora, sha, read_lora(slim.output).blocks, settings,
-                                   session.renderer, slim_path=slim.output,
-                                   out_dir=out_dir / "verify", scale=4)
-    return DemoResult(lora_path, dict(DEMO_PLANTED), analysis, slim, verification,
-                      time.perf_counter() - t0)
+        verification = verify_slim(
+            lora,
+            sha,
+            read_lora(slim.output).blocks,
+            settings,
+            session.renderer,
+            slim_path=slim.output,
+            out_dir=out_dir / "verify",
+            scale=4,
+        )
+    return DemoResult(
+        lora_path, dict(DEMO_PLANTED), analysis, slim, verification, time.perf_counter() - t0
+    )
 
 
 def make_reverify(
@@ -163,7 +203,14 @@ def make_reverify(
         full = read_lora(full_path)
         kept = check_subset(full, read_lora(slim_path))
         with open_session(spec, full) as session:
-            return verify_slim(full, file_sha256(full_path), kept, settings, session.renderer,
-                               criterion=criterion, slim_path=slim_path)
+            return verify_slim(
+                full,
+                file_sha256(full_path),
+                kept,
+                settings,
+                session.renderer,
+                criterion=criterion,
+                slim_path=slim_path,
+            )
 
     return reverify
