@@ -42,6 +42,11 @@ from .pictures import (
 from .provenance import CRITERION, FORMULA
 from .report import write_report
 from .safetensors_io import TensorEntry, build_header
+from .settings import MODES, check_batch_size, check_coverage
+
+# Re-exported: the analysis' settings have always been importable from here.
+from .settings import AnalyzeSettings as AnalyzeSettings
+from .settings import PictureOptions as PictureOptions
 from .slim import plan_slim
 from .stats import block_stats
 from .verdict import (
@@ -54,40 +59,8 @@ from .verdict import (
     effect_of,
 )
 
-MODES = ("solo", "loo")
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class AnalyzeSettings:
-    """Everything that determines the renders (and so the cache keys)."""
-
-    prompts: tuple[str, ...]
-    seeds: tuple[int, ...] = (0,)
-    width: int = 768
-    height: int = 768
-    steps: int = 20
-    guidance: float = 3.5
-    strength: float = 1.0
-    modes: tuple[str, ...] = ("solo",)
-
-    def __post_init__(self) -> None:
-        if not self.prompts:
-            raise UsageError("no prompt given", "--prompt", "give at least one --prompt")
-        if not self.seeds:
-            raise UsageError("no seed given", "--seeds", "give e.g. --seeds 0,1,2")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise UsageError(f"unknown mode {bad}", "--mode", "use solo, loo or both")
-        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
-            raise UsageError(
-                f"size {self.width}x{self.height} is not a positive multiple of 16",
-                "--size/--width/--height",
-                "FLUX needs multiples of 16, e.g. 768",
-            )
-        if self.steps < 1:
-            raise UsageError("steps must be at least 1", "--steps", "use e.g. 20")
 
 
 @dataclass(frozen=True)
@@ -439,16 +412,6 @@ def suggest_keep(
     )
 
 
-@dataclass(frozen=True)
-class PictureOptions:
-    heatmap_scale: str = "global"  # or "per-image"
-    cmap: str = "jet"
-    opacity: float = 0.6
-    sheet_order: str = "block"  # or "rank"
-    sheet_max_pixels: int | None = 40_000_000
-    tile_scale: int = 0  # 0 = automatic: small renders are upscaled so labels stay legible
-
-
 def _tile_scale(options: PictureOptions, width: int) -> int:
     if options.tile_scale > 0:
         return options.tile_scale
@@ -464,6 +427,7 @@ def compute_analysis(
     lora: LoraFile | None = None,
 ) -> Analysis:
     """Metrics, ranking, pictures and report from the renders listed in a manifest."""
+    check_coverage(coverage)
     settings = settings_from_json(manifest["settings"])
     jobs = [
         Job(j["key"], j["kind"], j["block"], frozenset(j["blocks"]), j["prompt"], j["seed"])
@@ -863,10 +827,8 @@ def analyze(
     top-k blocks of the ranking for every k, scored by the share of the LoRA's
     effect they keep; the suggestion is then the fewest blocks that pass.
     """
-    if not 0 < coverage <= 1:
-        raise UsageError(f"coverage {coverage} is not in (0, 1]", "--coverage", "use e.g. 0.9")
-    if batch_size < 1:
-        raise UsageError("batch size must be at least 1", "--batch-size", "use e.g. 8")
+    check_coverage(coverage)
+    check_batch_size(batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = [b for b in lora.blocks if b != "other"]
     jobs = plan_jobs(

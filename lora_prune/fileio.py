@@ -12,11 +12,11 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputError
+from .errors import OutputError, SameFileError
 
 
 def create_temp(dest: Path) -> tuple[Path, int]:
@@ -96,3 +96,45 @@ def atomic_output(
 def atomic_write_bytes(dest: str | Path, data: bytes, *, what: str = "output") -> None:
     with atomic_output(dest, what=what) as f:
         f.write(data)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):  # hard links and symlinks
+            return True
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def refuse_overwrite(
+    inputs: Iterable[Path | None],
+    outputs: Iterable[Path | None] = (),
+    folders: Iterable[Path | None] = (),
+) -> None:
+    """Raise :class:`SameFileError` when writing ``outputs`` or into ``folders`` could hit an input.
+
+    The one rule of every writing command, ``--force`` or not: no output file is
+    an input (also through a symlink, a hard link or ``..``), and no output
+    folder is an input or holds one (at any depth). Call it with everything the
+    command reads and writes before anything is written.
+    """
+    files = [p for p in inputs if p is not None and p.is_file()]
+    for out in outputs:
+        if out is None:
+            continue
+        for src in files:
+            if _same_file(src, out):
+                raise SameFileError(
+                    "the output would replace the input", out, "choose another output with -o"
+                )
+    for folder in folders:
+        if folder is None:
+            continue
+        root = folder.resolve()
+        for src in files:
+            real = src.resolve()
+            if real == root or real.is_relative_to(root):
+                raise SameFileError(
+                    "the output folder holds an input", folder, "choose another --out folder"
+                )

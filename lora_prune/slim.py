@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 from . import __version__
 from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
 from .boundedjson import JsonLimitError, loads_bounded
-from .errors import OutputError, OutputExistsError, SameFileError, UsageError
+from .errors import OutputError, OutputExistsError, UsageError
+from .fileio import refuse_overwrite
 from .lora import (
     LoraFile,
     LoraModule,
@@ -123,17 +123,9 @@ def check_output_path(source: Path, output: Path, *, force: bool) -> None:
     """Refuse to replace the input (also through links) or an existing file without force."""
     if output.is_dir():
         raise UsageError("the output is a folder", output, "give a file name with -o")
-    if output.exists() or output.is_symlink():
-        try:
-            same = output.exists() and os.path.samefile(source, output)
-        except OSError:
-            same = False
-        if same or output.resolve() == source.resolve():
-            raise SameFileError(
-                "the output would replace the input", output, "choose another output with -o"
-            )
-        if not force:
-            raise OutputExistsError("the output exists", output, "pass --force to replace it")
+    refuse_overwrite([source], [output])
+    if (output.exists() or output.is_symlink()) and not force:
+        raise OutputExistsError("the output exists", output, "pass --force to replace it")
     if not output.parent.exists():
         raise UsageError("the output folder does not exist", output.parent, "create it first")
 

@@ -39,12 +39,12 @@ from ..lora import LoraFile, LoraModule, alpha_problem, factor_problem
 from ..metrics import diff_map, mse, ssim
 from ..pictures import global_vmax, heatmap_overlay, label_tile, side_by_side
 from ..safetensors_io import SafetensorsReader
+from ..settings import ImageSettings, check_batch_size
 from .loading import LoadedModel
 
 __all__ = [
     "BlockEngine",
     "CombinationResult",
-    "RenderSettings",
     "render_combination",
 ]
 
@@ -111,25 +111,6 @@ _COMPONENTS: dict[str, str] = {
 
 # Transformers with an open engine: a second engine would stack its hooks on the first.
 _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-
-
-@dataclass(frozen=True)
-class RenderSettings:
-    """What to render: prompt, seed, size, sampler steps, guidance, LoRA strength.
-
-    ``strength`` multiplies every delta of the LoRA once (the "block weight" of
-    the original workflow), not alpha, up and down each. The tiny model wants
-    ``max_sequence_length=TINY_MAX_SEQUENCE_LENGTH`` (32).
-    """
-
-    prompt: str
-    seed: int = 0
-    width: int = 768
-    height: int = 768
-    steps: int = 20
-    guidance: float = 3.5
-    strength: float = 1.0
-    max_sequence_length: int = 512
 
 
 @dataclass
@@ -761,31 +742,17 @@ class BlockEngine:
             self._strength = 1.0
 
     # --- rendering -----------------------------------------------------------
-    def _check_settings(self, settings: RenderSettings, batch_size: int) -> None:
+    def _check_settings(self, settings: ImageSettings, batch_size: int) -> None:
+        # ImageSettings checked the values; this is the loaded model's own patch size.
         multiple = int(getattr(self.pipe, "vae_scale_factor", 8)) * 2
         for name, value in (("width", settings.width), ("height", settings.height)):
-            if value <= 0 or value % multiple:
+            if value % multiple:
                 raise UsageError(
                     f"{name} {value} is not a positive multiple of {multiple}",
                     f"--{name}",
                     f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
                 )
-        if settings.steps < 1:
-            raise UsageError(f"steps {settings.steps} is below 1", "--steps", "use at least 1 step")
-        if not 1 <= settings.max_sequence_length <= 512:
-            raise UsageError(
-                f"max_sequence_length {settings.max_sequence_length} is outside 1..512",
-                "max_sequence_length",
-                "use 512 for FLUX.1 (32 for the tiny model)",
-            )
-        if batch_size < 1:
-            raise UsageError(
-                f"batch size {batch_size} is below 1", "--batch-size", "use at least 1"
-            )
-        if not math.isfinite(settings.strength):
-            raise UsageError(
-                f"strength {settings.strength} is not a number", "--strength", "use e.g. 1.0"
-            )
+        check_batch_size(batch_size)
 
     def _text_state(self, variant: frozenset[str]) -> tuple[bool, bool]:
         return (
@@ -794,7 +761,7 @@ class BlockEngine:
         )
 
     def _encode(
-        self, settings: RenderSettings, state: tuple[bool, bool]
+        self, settings: ImageSettings, state: tuple[bool, bool]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._selection = {b: None for b, on in zip(TEXT_ENCODER_IDS, state, strict=True) if on}
         self._batch = 1
@@ -811,7 +778,7 @@ class BlockEngine:
             self._selection = {}
         return embeds, pooled
 
-    def _latent(self, settings: RenderSettings, dtype: torch.dtype) -> torch.Tensor:
+    def _latent(self, settings: ImageSettings, dtype: torch.dtype) -> torch.Tensor:
         # A CPU generator draws the same noise on every device; packed once, repeated per image.
         generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         channels = self.pipe.transformer.config.in_channels // 4
@@ -829,7 +796,7 @@ class BlockEngine:
     def render(
         self,
         variants: Sequence[frozenset[str]],
-        settings: RenderSettings,
+        settings: ImageSettings,
         *,
         batch_size: int = 8,
         progress: Callable[[int], None] | None = None,
@@ -877,7 +844,7 @@ class BlockEngine:
     def _render_batch(
         self,
         batch: list[frozenset[str]],
-        settings: RenderSettings,
+        settings: ImageSettings,
         embeddings: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]],
         latent: torch.Tensor,
         output: OutputKind,
@@ -950,7 +917,7 @@ class CombinationResult:
     """The manual mode's renders and numbers (MSE in 8-bit units, 0..65025)."""
 
     blocks: frozenset[str]
-    settings: RenderSettings
+    settings: ImageSettings
     base: np.ndarray
     full: np.ndarray
     chosen: np.ndarray
@@ -965,7 +932,7 @@ class CombinationResult:
 def render_combination(
     engine: BlockEngine,
     blocks: frozenset[str],
-    settings: RenderSettings,
+    settings: ImageSettings,
     *,
     scale: int | None = None,
 ) -> CombinationResult:

@@ -38,6 +38,7 @@ import torch
 from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
 from ..keys import BlockRangeError, resolve_module_path
 from ..safetensors_io import file_sha256, read_header
+from ..settings import ModelSpec
 from .tiny import TINY_MODEL_ID, build_tiny_pipeline
 
 # Partly typed library (untyped constructors and classmethods): used as Any.
@@ -73,25 +74,6 @@ _FOLDER_FIX = (
     "give a FLUX.1 diffusers folder (model_index.json, transformer/, vae/, text_encoder/, "
     "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), a Hugging Face model id, or 'tiny'"
 )
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the user asked for.
-
-    ``model``: ``"tiny"``, a local diffusers folder, or a hub id.
-    ``transformer_file``: a single-file FLUX.1 transformer (BFL/ComfyUI or
-    diffusers naming, ``.safetensors``) that replaces ``model``'s transformer.
-    ``device``: None picks cuda > mps > cpu. ``dtype``: ``fp32``/``bf16``/``fp16``
-    or None for the device's best (bf16 on cuda/mps where supported, else fp16;
-    fp32 on cpu). ``offload``: diffusers' model CPU offload (needs a GPU).
-    """
-
-    model: str
-    transformer_file: Path | None = None
-    device: str | None = None
-    dtype: str | None = None
-    offload: bool = False
 
 
 @dataclass

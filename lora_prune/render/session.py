@@ -1,8 +1,8 @@
 """One rendering session: a loaded pipeline with the block engine on a LoRA.
 
 The commands that render (``render``, ``analyze``, ``verify``, ``slim --auto``,
-``demo``) all open a session the same way; this is that one way, with the
-per-model defaults (the tiny model renders at 64 px in 4 steps).
+``demo``) all open a session the same way; this is that one way, with the model's
+prompt length from :func:`lora_prune.settings.model_defaults`.
 """
 
 from __future__ import annotations
@@ -12,25 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..lora import LoraFile
+from ..settings import model_defaults
 from .engine import BlockEngine
 from .loading import LoadedModel, ModelSpec, load_pipeline
 from .sweep import EngineRenderer
-from .tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_MODEL_ID, TINY_RESOLUTION, TINY_STEPS
-
-
-@dataclass(frozen=True)
-class RenderDefaults:
-    size: int
-    steps: int
-    guidance: float
-    max_sequence_length: int
-
-
-def render_defaults(model: str) -> RenderDefaults:
-    """Sensible defaults per model: FLUX.1-dev's for real ones, tiny's for tests and demos."""
-    if model == TINY_MODEL_ID:
-        return RenderDefaults(TINY_RESOLUTION, TINY_STEPS, 3.5, TINY_MAX_SEQUENCE_LENGTH)
-    return RenderDefaults(768, 20, 3.5, 512)
 
 
 @dataclass
@@ -48,7 +33,7 @@ def open_session(
     loaded = load_pipeline(spec, show_progress=show_progress)
     engine = BlockEngine(loaded, lora)
     try:
-        renderer = EngineRenderer(engine, loaded, render_defaults(spec.model).max_sequence_length)
+        renderer = EngineRenderer(engine, loaded, model_defaults(spec.model).max_sequence_length)
         yield Session(loaded, engine, renderer)
     finally:
         engine.close()

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..analysis import AnalyzeSettings
-from .engine import BlockEngine, RenderSettings
+from ..settings import RenderSettings
+from .engine import BlockEngine
 from .loading import LoadedModel
 
 
@@ -33,27 +33,13 @@ class EngineRenderer:
             "device": loaded.device.type,
             "dtype": str(loaded.dtype).removeprefix("torch."),
         }
-        self.renders = 0
-
-    def settings_for(self, prompt: str, seed: int, settings: AnalyzeSettings) -> RenderSettings:
-        return RenderSettings(
-            prompt=prompt,
-            seed=seed,
-            width=settings.width,
-            height=settings.height,
-            steps=settings.steps,
-            guidance=settings.guidance,
-            strength=settings.strength,
-            max_sequence_length=self.max_sequence_length,
-        )
 
     def __call__(
-        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
+        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: RenderSettings
     ) -> list[np.ndarray]:
         images = self.engine.render(
             list(variants),
-            self.settings_for(prompt, seed, settings),
+            settings.image(prompt, seed, self.max_sequence_length),
             batch_size=max(1, len(variants)),
         )
-        self.renders += len(variants)
         return images

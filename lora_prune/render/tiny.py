@@ -25,18 +25,17 @@ import transformers as _transformers
 
 from ..blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS
 
+# The model id, its T5 tokens per prompt (FLUX's default 512 is slow here) and the
+# size and steps it is made for live with the other per-model defaults.
+from ..settings import TINY_MAX_SEQUENCE_LENGTH as TINY_MAX_SEQUENCE_LENGTH
+from ..settings import TINY_MODEL_ID as TINY_MODEL_ID
+from ..settings import TINY_RESOLUTION as TINY_RESOLUTION
+from ..settings import TINY_STEPS as TINY_STEPS
+
 # Both libraries are only partly typed (untyped constructors, lazily exported
 # names), so they are used as Any here instead of scattering type: ignores.
 diffusers: Any = _diffusers
 transformers: Any = _transformers
-
-#: The model id users pass to select this pipeline.
-TINY_MODEL_ID = "tiny"
-#: T5 tokens per prompt; pass as ``max_sequence_length`` (FLUX's default 512 is slow here).
-TINY_MAX_SEQUENCE_LENGTH = 32
-#: Render settings the tiny pipeline is sized for (height = width, multiple of 16).
-TINY_RESOLUTION = 64
-TINY_STEPS = 4
 
 _WIDTH = 32  # transformer inner dim = text widths: FLUX ties joint/pooled dims to them
 _CLIP_MAX_LENGTH = 77  # as FLUX.1's CLIP-L, so prompt truncation happens at the same place

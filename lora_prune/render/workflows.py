@@ -14,10 +14,7 @@ from pathlib import Path
 
 from ..analysis import (
     MANIFEST,
-    MODES,
     Analysis,
-    AnalyzeSettings,
-    PictureOptions,
     analyze,
     keep_size,
     read_manifest,
@@ -27,6 +24,14 @@ from ..analysis import (
 from ..errors import LoraPruneError
 from ..lora import LoraFile, read_lora
 from ..safetensors_io import file_sha256
+from ..settings import (
+    MODES,
+    TINY_MODEL_ID,
+    AnalyzeSettings,
+    ModelSpec,
+    PictureOptions,
+    RenderRequest,
+)
 from ..slim import SlimResult, slim_lora
 from ..synth import planted_lora
 from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
@@ -38,7 +43,6 @@ from ..verify import (
     check_subset,
     verify_slim,
 )
-from .loading import ModelSpec
 from .session import open_session
 
 Progress = Callable[[int, int], None]
@@ -158,10 +162,8 @@ def run_demo(
     if not lora_path.exists():
         planted_lora(lora_path, DEMO_PLANTED, grammar="kohya", rank=4, seed=0)
     lora = read_lora(lora_path)
-    settings = AnalyzeSettings(
-        prompts=DEMO_PROMPTS, seeds=DEMO_SEEDS, width=64, height=64, steps=4, modes=("solo", "loo")
-    )
-    spec = ModelSpec(model="tiny")
+    spec = ModelSpec(model=TINY_MODEL_ID)
+    settings = RenderRequest(prompts=DEMO_PROMPTS, seeds=DEMO_SEEDS).settings(spec.model, MODES)
     sha = file_sha256(lora_path)
     with open_session(spec, lora) as session:
         # The weaker planted blocks carry only a few percent of the influence: cover
