@@ -7,36 +7,58 @@ and the exit code documented there.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
 from . import __version__
-from .analysis import (
-    Analysis,
-    AnalyzeSettings,
-    PictureOptions,
-    analyze,
-    compute_analysis,
-    read_manifest,
-)
+from .analysis import Analysis, analyze, compute_analysis, read_manifest
 from .blocks import format_block_spec, parse_block_spec
 from .check import FORMATS as CHECK_FORMATS
 from .check import load_policy, run_check
 from .check import render as render_check
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, LoraPruneError, UsageError
-from .lora import read_lora
+from .errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    LoraPruneError,
+    OutputExistsError,
+    UsageError,
+)
+from .fileio import not_a_folder, refuse_overwrite
+from .lora import LoraFile, read_lora
 from .pictures import save_png
 from .safetensors_io import file_sha256
-from .slim import slim_lora
+from .settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_COVERAGE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STRENGTH,
+    HEATMAP_SCALES,
+    MIN_SHEET_PIXELS,
+    SHEET_ORDERS,
+    TINY_MODEL_ID,
+    ModelSpec,
+    PictureOptions,
+    RenderRequest,
+    RenderSettings,
+    check_batch_size,
+    check_coverage,
+    parse_seeds,
+)
+from .slim import SlimResult, slim_lora
 from .stats import SORT_KEYS, LoraReport, human_bytes, inspect_lora
-from .verdict import BASE_DISTANCES, DEFAULT_MIN_KEPT, Criterion
+from .verdict import BASE_DISTANCES, DEFAULT_MIN_KEPT, Criterion, Distance
 from .verify import VerifyResult, check_subset, verify_slim
+
+if TYPE_CHECKING:
+    from .render.session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,7 +121,7 @@ def print_report(report: LoraReport) -> None:
 
 
 class LoraPruneGroup(click.Group):
-    """A group whose commands report :class:`LoraPruneError` as one line."""
+    """A group whose commands report every error, click's own included, as one line."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -111,6 +133,39 @@ class LoraPruneGroup(click.Group):
             click.echo("error: interrupted, run the command again to continue", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's main, but its usage errors (unknown option, missing or bad value) are one line.
+
+        click would print the usage and an ``Error:`` line; here they end as
+        ``error: <what>, see 'lora-prune <command> --help'`` with exit 2, as
+        every other usage error does.
+        """
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # a bare `lora-prune`: the help, as click shows it
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {_click_error_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted, run the command again to continue", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _click_error_line(exc: click.ClickException) -> str:
+    names: list[str] = []
+    ctx: click.Context | None = getattr(exc, "ctx", None)
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    what = " ".join(exc.format_message().split()).rstrip(".")
+    return str(UsageError(what, None, f"see '{' '.join(['lora-prune', *names])} --help'"))
+
 
 @click.group(cls=LoraPruneGroup, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="lora-prune")
@@ -118,105 +173,143 @@ def cli() -> None:
     """Find which blocks of a FLUX.1 LoRA matter and ship smaller LoRAs."""
 
 
-# No dir_okay=False: click would answer a folder with its own three-line usage error
-# (exit 2) before the library's one-line "is a folder, not a file" (exit 3).
-lora_arg = click.argument("lora", type=click.Path(path_type=Path))
+# --- options -> settings ----------------------------------------------------------
+Callback = Callable[[click.Context, click.Parameter, Any], Any]
+
+
+def _checked(check: Callable[[Any], Any]) -> Callback:
+    """A click callback that runs a check of :mod:`lora_prune.settings` on a given value."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return callback
+
+
+def _file_argument(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    # A folder where a file is needed is the same exit-3 error for every command
+    # (what read_lora says), checked before any other work.
+    if value is not None:
+        not_a_folder(value)
+    return value
+
+
+def _gather(
+    options: Sequence[Callable[[Any], Any]], build: Callable[[dict[str, Any]], None]
+) -> Callable[[F], F]:
+    """Add ``options``; ``build`` replaces their raw values with the typed object the command gets.
+
+    The object is built, and so checked, when the command starts: before it reads
+    a file or loads a model.
+    """
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(**kw: Any) -> Any:
+            build(kw)
+            return f(**kw)
+
+        for option in reversed(options):
+            command = option(command)
+        return cast(F, command)
+
+    return decorate
+
+
+lora_arg = click.argument("lora", type=click.Path(path_type=Path), callback=_file_argument)
 allow_unknown_opt = click.option(
     "--allow-unknown",
     is_flag=True,
     help="Report keys that match no FLUX.1 format as block 'other'.",
 )
+seeds_opt = click.option(
+    "--seeds",
+    "--seed",
+    "seeds",
+    default="0",
+    show_default=True,
+    callback=_checked(parse_seeds),
+    help="Comma-separated seeds (--seed S for one).",
+)
+batch_size_opt = click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    callback=_checked(check_batch_size),
+    help="Images per pipeline call.",
+)
 
 
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError as exc:
-        raise UsageError(f"cannot read seeds {value!r}", "--seeds", "use e.g. 0,1,2") from exc
-    if not seeds:
-        raise UsageError("no seed given", "--seeds", "use e.g. 0,1,2")
-    return seeds
+def _build_render(kw: dict[str, Any]) -> None:
+    model = kw.pop("model")
+    where = (kw.pop("transformer_file"), kw.pop("device"), kw.pop("dtype"), kw.pop("offload"))
+    kw["spec"] = None if model is None else ModelSpec(model, *where)
+    kw["request"] = RenderRequest(
+        prompts=tuple(kw.pop("prompts")),
+        seeds=kw.pop("seeds"),
+        **{k: kw.pop(k) for k in ("size", "width", "height", "steps", "guidance", "strength")},
+    )
 
 
-def model_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
-    """--model, --transformer, --device, --dtype, --offload (``when``: e.g. "With --auto: ")."""
+def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
+    """Model and render options, passed as ``spec`` (None without --model) and ``request``."""
+    return _gather(
+        [
+            click.option(
+                "--model",
+                "model",
+                required=required,
+                metavar="M",
+                help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
+                "folder, or a hub id.",
+            ),
+            click.option(
+                "--transformer",
+                "transformer_file",
+                type=click.Path(path_type=Path),
+                callback=_file_argument,
+                help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
+                "to use with the rest of --model.",
+            ),
+            click.option("--device", help="cuda, mps or cpu [default: best available]."),
+            click.option(
+                "--dtype",
+                type=click.Choice(["fp32", "bf16", "fp16"]),
+                help="[default: bf16 on GPUs, fp32 on cpu].",
+            ),
+            click.option(
+                "--offload", is_flag=True, help="Offload model parts to the CPU between uses."
+            ),
+            click.option(
+                "--prompt",
+                "prompts",
+                multiple=True,
+                required=required,
+                help=f"{when}Prompt (repeatable).",
+            ),
+            seeds_opt,
+            click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
+            click.option("--width", type=int, help="Width (overrides --size)."),
+            click.option("--height", type=int, help="Height (overrides --size)."),
+            click.option("--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."),
+            click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True),
+            click.option(
+                "--strength",
+                type=float,
+                default=DEFAULT_STRENGTH,
+                show_default=True,
+                help="LoRA strength; multiplies the weight delta once.",
+            ),
+        ],
+        _build_render,
+    )
 
-    def decorate(f: F) -> F:
-        for option in reversed(
-            [
-                click.option(
-                    "--model",
-                    "model",
-                    required=required,
-                    metavar="M",
-                    help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
-                    "folder, or a hub id.",
-                ),
-                click.option(
-                    "--transformer",
-                    "transformer_file",
-                    type=click.Path(path_type=Path),
-                    help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
-                    "to use with the rest of --model.",
-                ),
-                click.option("--device", help="cuda, mps or cpu [default: best available]."),
-                click.option(
-                    "--dtype",
-                    type=click.Choice(["fp32", "bf16", "fp16"]),
-                    help="[default: bf16 on GPUs, fp32 on cpu].",
-                ),
-                click.option(
-                    "--offload", is_flag=True, help="Offload model parts to the CPU between uses."
-                ),
-            ]
-        ):
-            f = option(f)
-        return f
 
-    return decorate
-
-
-def settings_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
-    """--prompt, --seeds, --size/--width/--height, --steps, --guidance, --strength."""
-
-    def decorate(f: F) -> F:
-        for option in reversed(
-            [
-                click.option(
-                    "--prompt",
-                    "prompts",
-                    multiple=True,
-                    required=required,
-                    help=f"{when}Prompt (repeatable).",
-                ),
-                click.option(
-                    "--seeds",
-                    "--seed",
-                    "seeds",
-                    default="0",
-                    show_default=True,
-                    help="Comma-separated seeds (--seed S for one).",
-                ),
-                click.option("--size", type=int, help="Square size [default: 768; 64 for tiny]."),
-                click.option("--width", type=int, help="Width (overrides --size)."),
-                click.option("--height", type=int, help="Height (overrides --size)."),
-                click.option(
-                    "--steps", type=int, help="Denoising steps [default: 20; 4 for tiny]."
-                ),
-                click.option("--guidance", type=float, default=3.5, show_default=True),
-                click.option(
-                    "--strength",
-                    type=float,
-                    default=1.0,
-                    show_default=True,
-                    help="LoRA strength; multiplies the weight delta once.",
-                ),
-            ]
-        ):
-            f = option(f)
-        return f
-
-    return decorate
+def _need_spec(spec: ModelSpec | None) -> ModelSpec:
+    if spec is None:  # click enforces --model where it is required
+        raise UsageError("no model given", "--model", "add --model")
+    return spec
 
 
 VERDICT_HELP = """\b
@@ -237,38 +330,109 @@ perceptual_opt = click.option(
 )
 
 
-def _distances(perceptual: str | None, device: str | None) -> Any:
+def _build_criterion(kw: dict[str, Any]) -> None:
+    kw["criterion"] = Criterion(min_kept=kw.pop("min_kept"), min_ssim=kw.pop("min_ssim"))
+
+
+def verdict_options(when: str = "") -> Callable[[F], F]:
+    """--min-kept and --min-ssim, passed as ``criterion`` (:mod:`lora_prune.verdict`)."""
+    return _gather(
+        [
+            click.option(
+                "--min-kept",
+                type=float,
+                default=DEFAULT_MIN_KEPT,
+                show_default=True,
+                help=f"{when}Share of the LoRA's effect (1 - d(slim, full) / "
+                "d(base, full)) every image must keep, for MSE and 1-SSIM.",
+            ),
+            click.option(
+                "--min-ssim",
+                type=float,
+                default=None,
+                help=f"{when}Also require SSIM(slim, full) >= this on every image [default: off].",
+            ),
+        ],
+        _build_criterion,
+    )
+
+
+def _build_pictures(kw: dict[str, Any]) -> None:
+    names = ("heatmap_scale", "cmap", "opacity", "sheet_order", "sheet_max_pixels")
+    kw["options"] = PictureOptions(**{k: kw.pop(k) for k in names})
+
+
+picture_options = _gather(
+    [
+        click.option(
+            "--heatmap-scale",
+            type=click.Choice(HEATMAP_SCALES),
+            default="global",
+            show_default=True,
+            help="One scale for all heatmaps (comparable), or each its own.",
+        ),
+        click.option(
+            "--cmap",
+            type=click.Choice(["jet", "turbo", "inferno", "gray"]),
+            default="jet",
+            show_default=True,
+            help="Heatmap colour map (blue = no change, red = most).",
+        ),
+        click.option(
+            "--opacity",
+            type=click.FloatRange(0, 1),
+            default=0.6,
+            show_default=True,
+            help="Heatmap opacity in the contact sheet.",
+        ),
+        click.option(
+            "--sheet-order", type=click.Choice(SHEET_ORDERS), default="block", show_default=True
+        ),
+        click.option(
+            "--sheet-max-pixels",
+            type=int,
+            default=40_000_000,
+            show_default=True,
+            help=f"Shrink the contact sheet to at most this many pixels "
+            f"(at least {MIN_SHEET_PIXELS:,}).",
+        ),
+    ],
+    _build_pictures,
+)
+
+
+# --- the render seam: lazily imported (torch), typed for mypy ---------------------
+def _require_render() -> None:
+    from .render import require_render
+
+    require_render()
+
+
+@contextlib.contextmanager
+def _session(spec: ModelSpec, lora: LoraFile) -> Iterator[Session]:
+    _require_render()
+    from .render.session import open_session
+
+    with open_session(spec, lora) as session:
+        yield session
+
+
+def _distances(perceptual: str | None, device: str | None) -> dict[str, Distance]:
     """The verdict's distances: MSE and 1-SSIM, plus the perceptual one when asked for."""
     if perceptual is None:
         return dict(BASE_DISTANCES)
-    _render_api()
+    _require_render()
     from .render.perceptual import PerceptualDistance
 
     return {**BASE_DISTANCES, "perceptual": PerceptualDistance(perceptual, device or "cpu")}
 
 
-def verdict_options(when: str = "") -> Callable[[F], F]:
-    """--min-kept and --min-ssim: the thresholds of :mod:`lora_prune.verdict`."""
-
-    def decorate(f: F) -> F:
-        f = click.option(
-            "--min-ssim",
-            type=float,
-            default=None,
-            help=f"{when}Also require SSIM(slim, full) >= this on every image [default: off].",
-        )(f)
-        return click.option(
-            "--min-kept",
-            type=float,
-            default=DEFAULT_MIN_KEPT,
-            show_default=True,
-            help=f"{when}Share of the LoRA's effect (1 - d(slim, full) / "
-            "d(base, full)) every image must keep, for MSE and 1-SSIM.",
-        )(f)
-
-    return decorate
+def _beside(path: Path, suffix: str) -> Path:
+    """``<stem><suffix>`` beside ``path`` (the default output folders)."""
+    return path.with_name(path.name.removesuffix(".safetensors") + suffix)
 
 
+# --- commands ----------------------------------------------------------------------
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -318,11 +482,10 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @allow_unknown_opt
-@model_options(required=False, when="With --auto: ")
-@settings_options(required=False, when="With --auto: ")
+@render_options(required=False, when="With --auto: ")
 @verdict_options("With --auto: ")
 @perceptual_opt
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@batch_size_opt
 @click.option(
     "--work-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -336,21 +499,9 @@ def slim(
     output: Path | None,
     force: bool,
     allow_unknown: bool,
-    model: str | None,
-    transformer_file: Path | None,
-    device: str | None,
-    dtype: str | None,
-    offload: bool,
-    prompts: tuple[str, ...],
-    seeds: str,
-    size: int | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    guidance: float,
-    strength: float,
-    min_kept: float,
-    min_ssim: float | None,
+    spec: ModelSpec | None,
+    request: RenderRequest,
+    criterion: Criterion,
     perceptual: str | None,
     batch_size: int,
     work_dir: Path | None,
@@ -376,33 +527,20 @@ def slim(
             raise UsageError(
                 "--auto chooses the blocks itself", "--keep/--drop", "drop them or --auto"
             )
-        if model is None or not prompts:
+        if spec is None or not request.prompts:
             raise UsageError("--auto needs --model and --prompt", "command line", "add them")
-        lora_file = read_lora(lora, allow_unknown=allow_unknown)
-        settings = _settings(
-            model, prompts, seeds, size, width, height, steps, guidance, strength, ("loo",)
+        result = _auto_slim(
+            lora,
+            spec,
+            request.settings(spec.model, ("loo",)),
+            work_dir or _beside(lora, ".analysis"),
+            criterion=criterion,
+            distances=_distances(perceptual, spec.device),
+            output=output,
+            force=force,
+            allow_unknown=allow_unknown,
+            batch_size=batch_size,
         )
-        from .render.workflows import auto_slim
-
-        bar = _Bar("ranking blocks")
-        try:
-            auto_result = auto_slim(
-                lora_file,
-                _model_spec(model, transformer_file, device, dtype, offload),
-                settings,
-                work_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis"),
-                criterion=Criterion(min_kept=min_kept, min_ssim=min_ssim),
-                distances=_distances(perceptual, device),
-                output=output,
-                force=force,
-                batch_size=batch_size,
-                progress=bar,
-            )
-        finally:
-            bar.close()
-        _print_curve(auto_result.analysis)
-        _print_verification(auto_result.auto.verification)
-        result = auto_result.slim
     else:
         result = slim_lora(
             lora,
@@ -412,6 +550,49 @@ def slim(
             force=force,
             allow_unknown=allow_unknown,
         )
+    _print_slim(result)
+
+
+def _auto_slim(
+    lora: Path,
+    spec: ModelSpec,
+    settings: RenderSettings,
+    work_dir: Path,
+    *,
+    criterion: Criterion,
+    distances: dict[str, Distance],
+    output: Path | None,
+    force: bool,
+    allow_unknown: bool,
+    batch_size: int,
+) -> SlimResult:
+    refuse_overwrite([lora, spec.transformer_file], [output], [work_dir])
+    lora_file = read_lora(lora, allow_unknown=allow_unknown)
+    _require_render()
+    from .render.workflows import auto_slim
+
+    bar = _Bar("ranking blocks")
+    try:
+        auto_result = auto_slim(
+            lora_file,
+            spec,
+            settings,
+            work_dir,
+            criterion=criterion,
+            distances=distances,
+            output=output,
+            force=force,
+            batch_size=batch_size,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    _print_curve(auto_result.analysis)
+    _print_verification(auto_result.auto.verification)
+    return auto_result.slim
+
+
+def _print_slim(result: SlimResult) -> None:
     if result.absent:
         click.echo(
             f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
@@ -425,52 +606,6 @@ def slim(
         f"({100 * ratio:.1f}%), {result.tensors_before} -> {result.tensors_after} tensors"
     )
     click.echo(f"wrote    {result.output}")
-
-
-# --- rendering commands -------------------------------------------------------
-def _render_api() -> Any:
-    from .render import require_render
-
-    require_render()
-    from .render import loading, session
-
-    return loading, session
-
-
-def _settings(
-    model: str,
-    prompts: tuple[str, ...],
-    seeds: str,
-    size: int | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    guidance: float,
-    strength: float,
-    modes: tuple[str, ...] = ("solo",),
-) -> AnalyzeSettings:
-    _, session = _render_api()
-    defaults = session.render_defaults(model)
-    side = size or defaults.size
-    return AnalyzeSettings(
-        prompts=tuple(prompts),
-        seeds=_seeds(seeds),
-        width=width or side,
-        height=height or side,
-        steps=steps or defaults.steps,
-        guidance=guidance,
-        strength=strength,
-        modes=modes,
-    )
-
-
-def _model_spec(
-    model: str, transformer_file: Path | None, device: str | None, dtype: str | None, offload: bool
-) -> Any:
-    loading, _ = _render_api()
-    return loading.ModelSpec(
-        model=model, transformer_file=transformer_file, device=device, dtype=dtype, offload=offload
-    )
 
 
 class _Bar:
@@ -544,8 +679,7 @@ def _print_suggestion(analysis: Analysis) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
-@model_options()
-@settings_options()
+@render_options()
 @click.option("--blocks", "blocks_spec", required=True, metavar="SPEC", help="Blocks to switch on.")
 @click.option(
     "-o",
@@ -554,22 +688,11 @@ def _print_suggestion(analysis: Analysis) -> None:
     required=True,
     help="Side-by-side PNG to write.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
 def render(
     lora: Path,
-    model: str,
-    transformer_file: Path | None,
-    device: str | None,
-    dtype: str | None,
-    offload: bool,
-    prompts: tuple[str, ...],
-    seeds: str,
-    size: int | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    guidance: float,
-    strength: float,
+    spec: ModelSpec | None,
+    request: RenderRequest,
     blocks_spec: str,
     output: Path,
     force: bool,
@@ -582,109 +705,33 @@ def render(
     Example: lora-prune render my_lora.safetensors --model tiny --prompt "a cat"
     --blocks double.7,single.20 -o combo.png
     """
+    spec = _need_spec(spec)
     blocks = _spec(blocks_spec, "--blocks") or frozenset()
+    model_file = None if spec.model == TINY_MODEL_ID else Path(spec.model)
+    refuse_overwrite([lora, spec.transformer_file, model_file], [output])
     if output.exists() and not force:
-        raise UsageError("the output exists", output, "pass --force to replace it")
+        raise OutputExistsError("the output exists", output, "pass --force to replace it")
     lora_file = read_lora(lora)
-    settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
-    _, session = _render_api()
+    settings = request.settings(spec.model)
+    chosen = frozenset(blocks) & set(lora_file.blocks)
+    _require_render()
     from .render.engine import render_combination
 
-    with session.open_session(
-        _model_spec(model, transformer_file, device, dtype, offload), lora_file
-    ) as sess:
-        result = render_combination(
-            sess.engine,
-            frozenset(blocks) & set(lora_file.blocks),
-            sess.renderer.settings_for(settings.prompts[0], settings.seeds[0], settings),
+    with _session(spec, lora_file) as sess:
+        image = settings.image(
+            settings.prompts[0], settings.seeds[0], sess.renderer.max_sequence_length
         )
+        result = render_combination(sess.engine, chosen, image)
     save_png(result.picture, output)
-    click.echo(f"blocks   {format_block_spec(frozenset(blocks) & set(lora_file.blocks)) or 'none'}")
+    click.echo(f"blocks   {format_block_spec(chosen) or 'none'}")
     click.echo(f"vs no LoRA   MSE {result.mse_vs_base:10.2f}  SSIM {result.ssim_vs_base:.4f}")
     click.echo(f"vs full LoRA MSE {result.mse_vs_full:10.2f}  SSIM {result.ssim_vs_full:.4f}")
     click.echo(f"wrote    {output}")
 
 
-def _run_analyze(
-    lora_file: Any,
-    lora_sha: str,
-    settings: AnalyzeSettings,
-    spec: Any,
-    out: Path,
-    batch_size: int,
-    coverage: float,
-    options: PictureOptions,
-    curve: Criterion | None = None,
-    distances: Any = None,
-) -> Analysis:
-    _, session = _render_api()
-    bar = _Bar("rendering")
-    try:
-        with session.open_session(spec, lora_file) as sess:
-            return analyze(
-                lora_file,
-                lora_sha,
-                settings,
-                out,
-                sess.renderer,
-                batch_size=batch_size,
-                coverage=coverage,
-                options=options,
-                progress=bar,
-                curve=curve,
-                distances=distances,
-            )
-    finally:
-        bar.close()
-
-
-def picture_options(f: F) -> F:
-    for option in reversed(
-        [
-            click.option(
-                "--heatmap-scale",
-                type=click.Choice(["global", "per-image"]),
-                default="global",
-                show_default=True,
-                help="One scale for all heatmaps (comparable), or each its own.",
-            ),
-            click.option(
-                "--cmap",
-                type=click.Choice(["jet", "turbo", "inferno", "gray"]),
-                default="jet",
-                show_default=True,
-                help="Heatmap colour map (blue = no change, red = most).",
-            ),
-            click.option(
-                "--opacity",
-                type=click.FloatRange(0, 1),
-                default=0.6,
-                show_default=True,
-                help="Heatmap opacity in the contact sheet.",
-            ),
-            click.option(
-                "--sheet-order",
-                type=click.Choice(["block", "rank"]),
-                default="block",
-                show_default=True,
-            ),
-            click.option(
-                "--sheet-max-pixels",
-                type=int,
-                default=40_000_000,
-                show_default=True,
-                help="Shrink the contact sheet to at most this many pixels.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
-
-
 @cli.command("analyze", epilog=EXIT_CODES_HELP)
-@click.argument("lora", type=click.Path(path_type=Path, dir_okay=False), required=False)
-@model_options(required=False)
-@settings_options(required=False)
+@click.argument("lora", type=click.Path(path_type=Path), required=False, callback=_file_argument)
+@render_options(required=False)
 @click.option(
     "--mode",
     type=click.Choice(["solo", "loo", "both"]),
@@ -692,9 +739,7 @@ def picture_options(f: F) -> F:
     show_default=True,
     help="solo: only that block on (vs no LoRA); loo: all but that block (vs full LoRA).",
 )
-@click.option(
-    "--batch-size", type=int, default=8, show_default=True, help="Images per pipeline call."
-)
+@batch_size_opt
 @click.option(
     "--out",
     "out_dir",
@@ -710,8 +755,9 @@ def picture_options(f: F) -> F:
 @click.option(
     "--coverage",
     type=float,
-    default=0.9,
+    default=DEFAULT_COVERAGE,
     show_default=True,
+    callback=_checked(check_coverage),
     help="Share of the total influence the suggested keep set must cover (without --curve).",
 )
 @click.option(
@@ -725,33 +771,17 @@ def picture_options(f: F) -> F:
 @picture_options
 def analyze_cmd(
     lora: Path | None,
-    model: str | None,
-    transformer_file: Path | None,
-    device: str | None,
-    dtype: str | None,
-    offload: bool,
-    prompts: tuple[str, ...],
-    seeds: str,
-    size: int | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    guidance: float,
-    strength: float,
+    spec: ModelSpec | None,
+    request: RenderRequest,
     mode: str,
     batch_size: int,
     out_dir: Path | None,
     from_dir: Path | None,
     coverage: float,
     curve: bool,
-    min_kept: float,
-    min_ssim: float | None,
+    criterion: Criterion,
     perceptual: str | None,
-    heatmap_scale: str,
-    cmap: str,
-    opacity: float,
-    sheet_order: str,
-    sheet_max_pixels: int,
+    options: PictureOptions,
 ) -> None:
     """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
 
@@ -764,67 +794,87 @@ def analyze_cmd(
              --prompt "portrait of sks woman" --seeds 0,1 --mode both --out my_lora.analysis
     Example: lora-prune analyze --from my_lora.analysis --heatmap-scale per-image
     """
-    options = PictureOptions(
-        heatmap_scale=heatmap_scale,
-        cmap=cmap,
-        opacity=opacity,
-        sheet_order=sheet_order,
-        sheet_max_pixels=sheet_max_pixels,
-    )
     if from_dir is not None:
-        manifest = read_manifest(from_dir)
-        lora_file = None
-        lora_path = Path(manifest["lora"]["path"])
-        if lora_path.exists():
-            lora_file = read_lora(lora_path)
-        result = compute_analysis(
-            manifest, from_dir, coverage=coverage, options=options, lora=lora_file
-        )
-        out = from_dir
+        result = _analyze_from(from_dir, coverage, options)
     else:
-        if lora is None or model is None or not prompts:
+        if lora is None or spec is None or not request.prompts:
             raise UsageError(
                 "analyze needs LORA, --model and --prompt",
                 "command line",
                 "or use --from DIR to recompute an earlier run",
             )
-        modes = ("solo", "loo") if mode == "both" else (mode,)
-        settings = _settings(
-            model, prompts, seeds, size, width, height, steps, guidance, strength, modes
-        )
-        lora_file = read_lora(lora)
-        out = out_dir or lora.with_name(lora.name.removesuffix(".safetensors") + ".analysis")
-        spec = _model_spec(model, transformer_file, device, dtype, offload)
-        t0 = time.perf_counter()
-        result = _run_analyze(
-            lora_file,
-            file_sha256(lora),
-            settings,
+        result = _analyze_render(
+            lora,
             spec,
-            out,
-            batch_size,
-            coverage,
-            options,
-            Criterion(min_kept=min_kept, min_ssim=min_ssim) if curve else None,
-            _distances(perceptual, device) if curve else None,
-        )
-        r = result.renders
-        click.echo(
-            f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
-            f"{time.perf_counter() - t0:.1f} s"
+            request.settings(spec.model, ("solo", "loo") if mode == "both" else (mode,)),
+            out_dir or _beside(lora, ".analysis"),
+            batch_size=batch_size,
+            coverage=coverage,
+            options=options,
+            curve=criterion if curve else None,
+            distances=_distances(perceptual, spec.device) if curve else None,
         )
     _print_ranking(result)
     _print_effects(result)
     _print_curve(result)
     _print_suggestion(result)
-    click.echo(f"\nreport   {out / 'report.html'}")
+    click.echo(f"\nreport   {result.out_dir / 'report.html'}")
+
+
+def _analyze_from(from_dir: Path, coverage: float, options: PictureOptions) -> Analysis:
+    manifest = read_manifest(from_dir)
+    lora_path = Path(manifest["lora"]["path"])
+    lora_file = read_lora(lora_path) if lora_path.exists() else None
+    return compute_analysis(manifest, from_dir, coverage=coverage, options=options, lora=lora_file)
+
+
+def _analyze_render(
+    lora: Path,
+    spec: ModelSpec,
+    settings: RenderSettings,
+    out: Path,
+    *,
+    batch_size: int,
+    coverage: float,
+    options: PictureOptions,
+    curve: Criterion | None,
+    distances: dict[str, Distance] | None,
+) -> Analysis:
+    refuse_overwrite([lora, spec.transformer_file], folders=[out])
+    lora_file = read_lora(lora)
+    t0 = time.perf_counter()
+    bar = _Bar("rendering")
+    try:
+        with _session(spec, lora_file) as sess:
+            result = analyze(
+                lora_file,
+                file_sha256(lora),
+                settings,
+                out,
+                sess.renderer,
+                batch_size=batch_size,
+                coverage=coverage,
+                options=options,
+                progress=bar,
+                curve=curve,
+                distances=distances,
+            )
+    finally:
+        bar.close()
+    r = result.renders
+    click.echo(
+        f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    return result
 
 
 @cli.command(epilog=VERDICT_HELP + "\n\n" + EXIT_CODES_HELP)
-@click.argument("full", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("slim_file", metavar="SLIM", type=click.Path(path_type=Path, dir_okay=False))
-@model_options()
-@settings_options()
+@click.argument("full", type=click.Path(path_type=Path), callback=_file_argument)
+@click.argument(
+    "slim_file", metavar="SLIM", type=click.Path(path_type=Path), callback=_file_argument
+)
+@render_options()
 @verdict_options()
 @perceptual_opt
 @click.option(
@@ -836,21 +886,9 @@ def analyze_cmd(
 def verify(
     full: Path,
     slim_file: Path,
-    model: str,
-    transformer_file: Path | None,
-    device: str | None,
-    dtype: str | None,
-    offload: bool,
-    prompts: tuple[str, ...],
-    seeds: str,
-    size: int | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    guidance: float,
-    strength: float,
-    min_kept: float,
-    min_ssim: float | None,
+    spec: ModelSpec | None,
+    request: RenderRequest,
+    criterion: Criterion,
     perceptual: str | None,
     out_dir: Path | None,
 ) -> None:
@@ -861,15 +899,13 @@ def verify(
     Example: lora-prune verify my_lora.safetensors my_lora.slim.safetensors --model tiny
     --prompt "a cat" --seeds 0,1
     """
-    criterion = Criterion(min_kept=min_kept, min_ssim=min_ssim)
+    spec = _need_spec(spec)
+    out = out_dir or _beside(slim_file, ".verify")
+    refuse_overwrite([full, slim_file, spec.transformer_file], folders=[out])
     full_file, slim_lora_file = read_lora(full), read_lora(slim_file)
     kept = check_subset(full_file, slim_lora_file)
-    settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
-    out = out_dir or slim_file.with_name(slim_file.name.removesuffix(".safetensors") + ".verify")
-    _, session = _render_api()
-    with session.open_session(
-        _model_spec(model, transformer_file, device, dtype, offload), full_file
-    ) as sess:
+    settings = request.settings(spec.model)
+    with _session(spec, full_file) as sess:
         result = verify_slim(
             full_file,
             file_sha256(full),
@@ -877,7 +913,7 @@ def verify(
             settings,
             sess.renderer,
             criterion=criterion,
-            distances=_distances(perceptual, device),
+            distances=_distances(perceptual, spec.device),
             slim_path=slim_file,
             out_dir=out,
             scale=max(1, 256 // settings.width),
@@ -960,7 +996,7 @@ def demo(out_dir: Path) -> None:
     Makes a LoRA with a few planted strong blocks, analyzes it (solo and
     leave-one-out), slims it to the suggested keep set and verifies the result.
     """
-    _render_api()
+    _require_render()
     from .render.workflows import run_demo
 
     bar = _Bar("rendering")
@@ -994,7 +1030,8 @@ def demo(out_dir: Path) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--policy",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path),
+    callback=_file_argument,
     help="TOML policy: max size, allowed/required blocks, metadata, verified slims.",
 )
 @click.option(
@@ -1007,14 +1044,7 @@ def demo(out_dir: Path) -> None:
     "recorded verification (needs --prompt).",
 )
 @click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
-@click.option(
-    "--seeds",
-    "--seed",
-    "seeds",
-    default="0",
-    show_default=True,
-    help="With --model: comma-separated seeds.",
-)
+@seeds_opt
 @verdict_options("With --model: ")
 def check(
     paths: tuple[Path, ...],
@@ -1022,9 +1052,8 @@ def check(
     fmt: str,
     model: str | None,
     prompts: tuple[str, ...],
-    seeds: str,
-    min_kept: float,
-    min_ssim: float | None,
+    seeds: tuple[int, ...],
+    criterion: Criterion,
 ) -> None:
     """Check LoRA files for CI: integrity, FLUX format, finite values, ranks/alphas, policy.
 
@@ -1037,14 +1066,11 @@ def check(
     if model is not None:
         if not prompts:
             raise UsageError("--model needs --prompt", "check", "add --prompt")
-        settings = _settings(model, prompts, seeds, None, None, None, None, 3.5, 1.0)
+        settings = RenderRequest(prompts=prompts, seeds=seeds).settings(model)
+        _require_render()
         from .render.workflows import make_reverify
 
-        reverify = make_reverify(
-            _model_spec(model, None, None, None, False),
-            settings,
-            Criterion(min_kept=min_kept, min_ssim=min_ssim),
-        )
+        reverify = make_reverify(ModelSpec(model), settings, criterion)
     result = run_check(list(paths), load_policy(policy) if policy else None, reverify=reverify)
     click.echo(render_check(result, fmt), nl=False)
     sys.exit(result.exit_code)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputError, SameFileError
+from .errors import OutputError, SameFileError, UnreadableFileError
 
 
 def create_temp(dest: Path) -> tuple[Path, int]:
@@ -96,6 +96,12 @@ def atomic_output(
 def atomic_write_bytes(dest: str | Path, data: bytes, *, what: str = "output") -> None:
     with atomic_output(dest, what=what) as f:
         f.write(data)
+
+
+def not_a_folder(path: Path) -> None:
+    """Refuse a folder given where a file is needed: the same error (exit 3) for every command."""
+    if path.is_dir():
+        raise UnreadableFileError("is a folder, not a file", path, "give the file itself")
 
 
 def _same_file(a: Path, b: Path) -> bool:
