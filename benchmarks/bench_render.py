@@ -40,9 +40,10 @@ from safetensors.torch import load_file
 
 from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
 from lora_prune.lora import read_lora
-from lora_prune.render.engine import BlockEngine, RenderSettings
+from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import ModelSpec, load_pipeline
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
+from lora_prune.settings import ImageSettings
 from lora_prune.synth import SynthSpec, write_synth_lora
 
 TRANSFORMER_BLOCKS = ("input", *DOUBLE_IDS, *SINGLE_IDS, "final")
@@ -55,7 +56,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return value, time.perf_counter() - start
 
 
-def naive_render(pipe: Any, settings: RenderSettings) -> np.ndarray:
+def naive_render(pipe: Any, settings: ImageSettings) -> np.ndarray:
     out = pipe(
         prompt=settings.prompt,
         height=settings.height,
@@ -74,7 +75,7 @@ def naive_sweep(
     state: dict[str, torch.Tensor],
     key_blocks: dict[str, str],
     variants: list[frozenset[str]],
-    settings: RenderSettings,
+    settings: ImageSettings,
 ) -> list[np.ndarray]:
     images = []
     for variant in variants:
@@ -121,7 +122,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    settings = RenderSettings(
+    settings = ImageSettings(
         "a red fox in the snow",
         seed=0,
         width=args.size,

@@ -28,9 +28,10 @@ from lora_prune.errors import (
 )
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
-from lora_prune.render.engine import BlockEngine, RenderSettings, render_combination
+from lora_prune.render.engine import BlockEngine, render_combination
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
+from lora_prune.settings import ImageSettings
 from lora_prune.synth import SynthSpec, supported_blocks, write_synth_lora
 
 torch.set_num_threads(1)
@@ -38,7 +39,7 @@ torch.set_num_threads(1)
 SIZE = 32
 STEPS = 2
 PROMPT = "a red fox in the snow"
-SETTINGS = RenderSettings(
+SETTINGS = ImageSettings(
     PROMPT,
     seed=7,
     width=SIZE,
@@ -60,7 +61,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("loras")
 
 
-def _pipe_render(pipe: Any, settings: RenderSettings = SETTINGS) -> np.ndarray:
+def _pipe_render(pipe: Any, settings: ImageSettings = SETTINGS) -> np.ndarray:
     """diffusers' own render from a seeded CPU generator, float output."""
     out = pipe(
         prompt=settings.prompt,
@@ -257,7 +258,7 @@ def test_batches_split_and_report_progress(kohya_engine: BlockEngine) -> None:
 
 # --- strength ---------------------------------------------------------------------
 def test_strength_zero_is_no_lora(kohya_engine: BlockEngine) -> None:
-    zero = RenderSettings(**{**SETTINGS.__dict__, "strength": 0.0})
+    zero = ImageSettings(**{**SETTINGS.__dict__, "strength": 0.0})
     off, full = kohya_engine.render(
         [frozenset(), frozenset(kohya_engine.blocks)], zero, batch_size=1, output="float"
     )
@@ -495,7 +496,7 @@ def test_hooks_only_weights_untouched_and_close_detaches(
 
 def test_bad_settings_and_block_ids_are_usage_errors(kohya_engine: BlockEngine) -> None:
     with pytest.raises(UsageError, match="multiple of 16"):
-        kohya_engine.render([frozenset()], RenderSettings(PROMPT, width=40, height=32, steps=1))
+        kohya_engine.render([frozenset()], ImageSettings(PROMPT, width=40, height=32, steps=1))
     with pytest.raises(UsageError, match=r"unknown block id 'double\.99'"):
         kohya_engine.render([frozenset({"double.99"})], SETTINGS)
     with pytest.raises(UsageError, match="batch size"):
