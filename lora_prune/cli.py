@@ -1,8 +1,11 @@
 """The ``lora-prune`` command line: parses arguments, calls the library, prints.
 
-Nothing here computes: every command is a thin shell over a library verb.
-Errors from :mod:`lora_prune.errors` become one ``error: ...`` line on stderr
-and the exit code documented there.
+Nothing here computes: every command is options -> settings
+(:mod:`lora_prune.settings`, built and checked before anything is read) ->
+library call -> printer. Errors from :mod:`lora_prune.errors`, and click's own
+usage errors, become one ``error: ...`` line on stderr and the exit code
+documented there. Its length is the options, help texts and printers of seven
+commands; no function here is long.
 """
 
 from __future__ import annotations

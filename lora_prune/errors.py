@@ -9,10 +9,12 @@ code meaning
 ==== =====================================================================
 0    success
 1    a verification or policy check ran and failed (``verify``, ``check``)
-2    usage: a bad option or block spec, an output that exists, writing over
-     an input (:class:`UsageError`)
+2    usage: a bad option or block spec (click's own usage errors too), an
+     output that exists, writing over an input or into a folder that holds
+     one (:class:`UsageError`)
 3    unreadable or unsafe file: pickle, LFS pointer, HTML page, truncated or
-     corrupt safetensors (:class:`UnreadableFileError`)
+     corrupt safetensors, a folder where a file is needed
+     (:class:`UnreadableFileError`)
 4    readable but unsupported: not a FLUX.1 LoRA, unknown keys, block index
      out of range, LoRA does not fit the model, unsupported adapter type
      (:class:`UnsupportedLoraError`)
