@@ -14,8 +14,9 @@ code meaning
 3    unreadable or unsafe file: pickle, LFS pointer, HTML page, truncated or
      corrupt safetensors (:class:`UnreadableFileError`)
 4    readable but unsupported: not a FLUX.1 LoRA, unknown keys, block index
-     out of range, LoRA does not fit the model, unsupported adapter type
-     (:class:`UnsupportedLoraError`)
+     out of range, LoRA does not fit the model, unsupported adapter type,
+     a "slim" file that is not whole blocks of the full file
+     (:class:`UnsupportedLoraError`, :class:`NotASubsetError`)
 5    an optional dependency is missing (:class:`MissingDependencyError`)
 6    an output could not be written (:class:`OutputError`)
 7    the LoRA has no measurable effect on a verification image, so nothing
@@ -151,6 +152,10 @@ class ModelMismatchError(UnsupportedLoraError):
 
 class UnsupportedAdapterError(UnsupportedLoraError):
     """An adapter type (OFT, GLoRA, ...) the engine cannot apply yet."""
+
+
+class NotASubsetError(UnsupportedLoraError):
+    """A slim file that is not made of whole, byte-identical blocks of the full file (exit 4)."""
 
 
 class MissingDependencyError(LoraPruneError):

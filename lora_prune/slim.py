@@ -28,6 +28,16 @@ from .lora import (
     parse_lora_header,
     read_lora,
 )
+from .provenance import (
+    DROPPED_BLOCKS_KEY,
+    KEPT_BLOCKS_KEY,
+    LEGACY_HASH_KEY,
+    MODEL_HASH_KEY,
+    MODELSPEC_HASH_KEY,
+    SOURCE_NAME_KEY,
+    SOURCE_SHA_KEY,
+    VERSION_KEY,
+)
 from .safetensors_io import (
     SafetensorsReader,
     TensorEntry,
@@ -41,8 +51,6 @@ from .safetensors_io import (
 # kohya's legacy hash: SHA-256 of 64 KiB at offset 1 MiB of the file, first 8 hex digits.
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
-_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-PROVENANCE_PREFIX = "lora_prune."
 
 
 @dataclass
@@ -212,21 +220,21 @@ def build_metadata(
 ) -> dict[str, str]:
     """The output's metadata: the input's, refreshed, plus provenance."""
     meta = dict(lora.metadata)
-    if "sshs_model_hash" in meta:
-        meta["sshs_model_hash"] = digests.data_sha256
-    if "sshs_legacy_hash" in meta:
-        meta["sshs_legacy_hash"] = digests.legacy
-    if "modelspec.hash_sha256" in meta:
-        meta["modelspec.hash_sha256"] = "0x" + digests.data_sha256
+    if MODEL_HASH_KEY in meta:
+        meta[MODEL_HASH_KEY] = digests.data_sha256
+    if LEGACY_HASH_KEY in meta:
+        meta[LEGACY_HASH_KEY] = digests.legacy
+    if MODELSPEC_HASH_KEY in meta:
+        meta[MODELSPEC_HASH_KEY] = "0x" + digests.data_sha256
     if "lora_adapter_metadata" in meta:
         meta["lora_adapter_metadata"] = _narrow_adapter_metadata(
             meta["lora_adapter_metadata"], plan.kept
         )
-    meta[PROVENANCE_PREFIX + "source_sha256"] = source_sha256
-    meta[PROVENANCE_PREFIX + "source_name"] = lora.path.name
-    meta[PROVENANCE_PREFIX + "kept_blocks"] = format_block_spec(plan.kept_blocks)
-    meta[PROVENANCE_PREFIX + "dropped_blocks"] = format_block_spec(plan.dropped_blocks)
-    meta[PROVENANCE_PREFIX + "version"] = __version__
+    meta[SOURCE_SHA_KEY] = source_sha256
+    meta[SOURCE_NAME_KEY] = lora.path.name
+    meta[KEPT_BLOCKS_KEY] = format_block_spec(plan.kept_blocks)
+    meta[DROPPED_BLOCKS_KEY] = format_block_spec(plan.dropped_blocks)
+    meta[VERSION_KEY] = __version__
     if extra:
         meta.update(extra)
     return meta

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .adapters import LOW_RANK_ADAPTERS, alpha_problem, factor_problem
 from .blocks import block_order
 from .errors import CorruptFileError
-from .lora import LoraFile, LoraModule, alpha_problem, factor_problem
+from .lora import LoraFile, LoraModule
+from .provenance import KEPT_BLOCKS_KEY, SOURCE_SHA_KEY, VERIFICATION_KEY
 from .safetensors_io import SafetensorsReader
 
 #: Metadata keys shown in the inspect summary, in this order, when present.
@@ -31,9 +33,9 @@ SUMMARY_METADATA_KEYS = (
     "modelspec.architecture",
     "modelspec.title",
     "modelspec.trigger_phrase",
-    "lora_prune.kept_blocks",
-    "lora_prune.source_sha256",
-    "lora_prune.verification",
+    KEPT_BLOCKS_KEY,
+    SOURCE_SHA_KEY,
+    VERIFICATION_KEY,
 )
 
 
@@ -301,7 +303,7 @@ def inspect_lora(lora: LoraFile, *, sort: str = "block") -> LoraReport:
     adapters: Counter[str] = Counter()
     for module in lora.modules.values():
         adapters[module.adapter] += 1
-        if module.rank is not None and module.adapter in ("lora", "loha", "lokr"):
+        if module.rank is not None and module.adapter in LOW_RANK_ADAPTERS:
             ranks[module.rank] += 1
         if module.alpha is not None:
             alphas[module.alpha] += 1

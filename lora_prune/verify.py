@@ -1,6 +1,6 @@
 """Proving a slim LoRA: it must render like the full one.
 
-:func:`check_subset` proves at the byte level that a slim file holds whole
+:func:`check_subset` (from :mod:`lora_prune.provenance`, re-exported here) proves at the byte level that a slim file holds whole
 blocks of the full file and nothing else. Because of that, rendering the full
 LoRA with only the slim file's blocks switched on *is* rendering the slim file,
 so :func:`verify_slim` and :func:`auto_keep` render per-image block masks on one
@@ -9,7 +9,6 @@ engine attached to the full LoRA (torch-free here: the renderer is passed in).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +19,17 @@ import numpy as np
 from . import __version__
 from .analysis import AnalyzeSettings, Renderer, settings_to_json, write_json
 from .blocks import block_order, format_block_spec, sort_blocks
-from .errors import NoEffectError, UnsupportedLoraError, UsageError
+from .errors import NoEffectError, NotASubsetError, UsageError
 from .lora import LoraFile
 from .metrics import diff_map
 from .pictures import contact_sheet, heatmap_overlay, label_tile, save_png, side_by_side
-from .provenance import CRITERION, FORMULA, VERIFICATION_KEY, VerificationRecord
-from .safetensors_io import SafetensorsReader
+from .provenance import (
+    CRITERION,
+    FORMULA,
+    VERIFICATION_KEY,
+    VerificationRecord,
+    check_subset,
+)
 from .verdict import (
     BASE_DISTANCES,
     DEFAULT_CRITERION,
@@ -52,59 +56,6 @@ __all__ = [
     "check_subset",
     "verify_slim",
 ]
-
-
-class NotASubsetError(UnsupportedLoraError):
-    """The slim file is not made of whole blocks of the full file."""
-
-
-def _digest(reader: SafetensorsReader, name: str) -> str:
-    return hashlib.sha256(reader.read_bytes(name)).hexdigest()
-
-
-def check_subset(full: LoraFile, slim: LoraFile) -> list[str]:
-    """The slim file's blocks, after proving they are whole, identical blocks of ``full``.
-
-    Raises :class:`NotASubsetError` naming the first key that differs, is
-    missing from ``full``, or is missing from a block the slim file keeps.
-    """
-    full_tensors = full.header.tensors
-    slim_tensors = slim.header.tensors
-    for name, info in slim_tensors.items():
-        other = full_tensors.get(name)
-        if other is None:
-            raise NotASubsetError(
-                "the slim file has a key the full file lacks",
-                f"{slim.path}: {name}",
-                "give the full LoRA this file was slimmed from",
-            )
-        if (other.dtype, other.shape) != (info.dtype, info.shape):
-            raise NotASubsetError(
-                f"key differs in dtype/shape ({info.dtype}{list(info.shape)} vs "
-                f"{other.dtype}{list(other.shape)})",
-                f"{slim.path}: {name}",
-                "give the full LoRA this file was slimmed from",
-            )
-    blocks = slim.blocks
-    with (
-        SafetensorsReader(full.path, full.header) as fr,
-        SafetensorsReader(slim.path, slim.header) as sr,
-    ):
-        for name in sorted(slim_tensors, key=lambda n: slim_tensors[n].begin):
-            if _digest(fr, name) != _digest(sr, name):
-                raise NotASubsetError(
-                    "tensor values differ from the full file",
-                    f"{slim.path}: {name}",
-                    "the slim file was not cut from this full file",
-                )
-    for key, block in full.key_blocks.items():
-        if block in blocks and key not in slim_tensors:
-            raise NotASubsetError(
-                f"the slim file keeps block {block} but lacks its key",
-                f"{slim.path}: {key}",
-                "verify supports slims of whole blocks (as lora-prune slim writes)",
-            )
-    return blocks
 
 
 @dataclass

@@ -857,7 +857,7 @@ def test_no_zip_false_positive(tmp_path: Path) -> None:
 
 
 def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_prune.check as check
+    import lora_prune.check.scan as check
 
     synth(tmp_path / "a" / "good.safetensors", blocks=("double.0",))
     real_walk = os.walk
