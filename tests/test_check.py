@@ -879,3 +879,33 @@ def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.Monkey
         "cannot list folder (Permission denied), check its permissions"
     )
     assert result.exit_code == EXIT_UNREADABLE
+
+
+def test_tucker_mid_of_another_rank_chains_through_mid(tmp_path: Path) -> None:
+    # up [32, 2] @ mid [2, 4] @ down [4, 32] multiplies: up and down need not share a rank.
+    path = write_tensors(
+        tmp_path / "mid.safetensors",
+        {
+            f"{PROJ}.lora_down.weight": np.ones((4, 32)),
+            f"{PROJ}.lora_mid.weight": np.ones((2, 4)),
+            f"{PROJ}.lora_up.weight": np.ones((32, 2)),
+        },
+    )
+    (f,) = run_check([path]).files
+    assert [x.code for x in f.errors] == []
+    assert f.status == "pass"
+
+
+def test_tucker_mid_that_does_not_fit_down_is_a_rank_mismatch(tmp_path: Path) -> None:
+    path = write_tensors(
+        tmp_path / "mid.safetensors",
+        {
+            f"{PROJ}.lora_down.weight": np.ones((4, 32)),
+            f"{PROJ}.lora_mid.weight": np.ones((2, 3)),
+            f"{PROJ}.lora_up.weight": np.ones((32, 2)),
+        },
+    )
+    (f,) = run_check([path]).files
+    (finding,) = f.errors
+    assert (finding.code, finding.key) == ("rank_mismatch", f"{PROJ}.lora_down.weight")
+    assert "4 rows ([4, 32])" in finding.message and "3 columns ([2, 3])" in finding.message

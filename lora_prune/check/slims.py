@@ -156,18 +156,18 @@ def _find_full(
     return None
 
 
+def _full_unreadable(full: Path, exc: UnreadableFileError) -> Finding:
+    return Finding(
+        "error", "full_unreadable", f"the full file {str(full)!r} cannot be read: {exc.what}"
+    )
+
+
 def _subset_findings(slim: Path, slim_header: SafetensorsHeader, full: Path) -> list[Finding]:
     """Every tensor of the slim file must be in the full file, byte for byte."""
     try:
         full_header = read_header(full)
     except UnreadableFileError as exc:
-        return [
-            Finding(
-                "error",
-                "full_unreadable",
-                f"the full file {str(full)!r} cannot be read: {exc.what}",
-            )
-        ]
+        return [_full_unreadable(full, exc)]
     return [
         Finding(
             "error",
@@ -350,13 +350,7 @@ def _against_full(
     try:
         full_sha = hashes(full)
     except UnreadableFileError as exc:
-        return [
-            Finding(
-                "error",
-                "full_unreadable",
-                f"the full file {str(full)!r} cannot be read: {exc.what}",
-            )
-        ], False
+        return [_full_unreadable(full, exc)], False
     out = _identity_findings(record, header.metadata.get(SOURCE_SHA_KEY), full, full_sha)
     if not out and not mismatched:
         # Against another file than the recorded one, a tensor diff only repeats that.
