@@ -816,6 +816,12 @@ def analyze_cmd(
             f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
             f"{time.perf_counter() - t0:.1f} s"
         )
+        if r.damaged:
+            click.echo(
+                f"note: {r.damaged} cached image{'s were' if r.damaged != 1 else ' was'} "
+                "damaged or had no record and rendered again",
+                err=True,
+            )
     _print_ranking(result)
     _print_effects(result)
     _print_curve(result)
