@@ -760,7 +760,7 @@ def analyze_cmd(
 
     Writes DIR/ranking.csv, ranking.json, contact_sheet.png, influence.png,
     report.html, manifest.json, images/ and heatmaps/. Rerunning renders only
-    what is missing.
+    what is missing or damaged (each cached image is checked against its record).
 
     \b
     Example: lora-prune analyze my_lora.safetensors --model black-forest-labs/FLUX.1-dev

@@ -117,18 +117,9 @@ def big_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def slim_cmd(lora: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lora_prune.cli",
-        "slim",
-        str(lora),
-        "--drop",
-        "double.0",
-        "-o",
-        str(out),
-        "--force",
-    ]
+    # The module's own entry point: main() installs the SIGTERM handler.
+    python_cli = [sys.executable, "-m", "lora_prune.cli"]
+    return [*python_cli, "slim", str(lora), "--drop", "double.0", "-o", str(out), "--force"]
 
 
 def kill_slim(
