@@ -12,6 +12,7 @@ Images are numpy ``uint8`` arrays ``H x W x 3`` (RGB) or ``PIL.Image.Image``.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .blocks import block_kind, short_label
 from .errors import UsageError
-from .fileio import atomic_output
+from .fileio import atomic_write_bytes
 from .stats import human_bytes
 
 RGB: TypeAlias = tuple[int, int, int]
@@ -694,12 +695,18 @@ def pruning_curve_chart(
 # Output
 
 
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """``image`` as the bytes of a PNG file."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(_as_array(image), "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png(image: Image.Image | np.ndarray, path: Path) -> None:
     """Write ``image`` as PNG to ``path`` atomically.
 
     A temporary file in the same folder is written, fsynced and renamed over
     ``path``, so an interrupted run never leaves a half-written picture.
     """
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(_as_array(image), "RGB")
-    with atomic_output(path, what="picture") as fh:
-        pil.save(fh, format="PNG")
+    atomic_write_bytes(path, encode_png(image), what="picture")
