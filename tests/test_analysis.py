@@ -28,7 +28,7 @@ from lora_prune.blocks import block_order
 from lora_prune.errors import UsageError
 from lora_prune.lora import read_lora
 from lora_prune.safetensors_io import file_sha256
-from lora_prune.synth import planted_lora
+from lora_prune.testing import planted_lora
 
 PLANTED = {"double.3": 1.0, "single.7": 0.5, "single.20": 0.25}
 
