@@ -241,7 +241,7 @@ def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Tiles and sheets
 
-CAPTION_BG: RGB = (40, 40, 40)
+_CAPTION_BG: RGB = (40, 40, 40)
 _TITLE_FG: RGB = (255, 255, 255)
 _BOTTOM_FG: RGB = (200, 200, 200)
 _BOX_ALPHA = 200
@@ -280,7 +280,7 @@ def label_tile(
     pad = max(2, line_h // 4)
     caption_h = 2 * line_h + 3 * pad
 
-    tile = Image.new("RGB", (width, height + caption_h), CAPTION_BG)
+    tile = Image.new("RGB", (width, height + caption_h), _CAPTION_BG)
     tile.paste(img, (0, 0))
 
     if top_right:
