@@ -10,6 +10,10 @@ alone, so statistics never need torch; :func:`encode_array` writes them back.
 Writing goes to a temp file in the destination folder, is checked by the caller,
 and only then renamed over the destination, so a crash or a failed check never
 leaves a half-written LoRA where the user expects a good one.
+
+One module of about 800 lines, on purpose: the reader, the dtype codecs and the
+writer share the header rules and dtype tables, and the format is small enough
+that one file holds all of it.
 """
 
 from __future__ import annotations
