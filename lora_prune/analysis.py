@@ -873,6 +873,29 @@ def analyze(
     With ``curve`` (a verdict's thresholds), also renders the pruning curve: the
     top-k blocks of the ranking for every k, scored by the share of the LoRA's
     effect they keep; the suggestion is then the fewest blocks that pass.
+
+    Args:
+        lora: the LoRA to rank (:func:`~lora_prune.lora.read_lora`).
+        lora_sha256: its file hash, part of every cache key.
+        settings: prompts, seeds, size, steps, guidance, strength and modes
+            (``solo``: one block on; ``loo``: one block off).
+        out_dir: where the renders, ``manifest.json``, ``ranking.json``/``.csv``,
+            heatmaps and ``report.html`` go; earlier renders there are reused.
+        renderer: renders a batch of block variants (the render extra's
+            session renderer, or any :class:`Renderer`).
+        batch_size: variants per renderer call.
+        coverage: share of the total influence the suggested keep set covers.
+        options: heatmap and contact-sheet options.
+        progress: called with ``(done, total)`` renders.
+        curve: with a criterion, also render and score the pruning curve.
+        distances: the image distances of the curve's verdict.
+
+    Example::
+
+        with open_session(ModelSpec(model="tiny"), lora) as session:
+            result = analyze(lora, file_sha256(lora.path), AnalyzeSettings(prompts=("a cat",)),
+                             Path("out"), session.renderer)
+        print([(r.block, r.mse) for r in result.rows_for("solo")[:5]])
     """
     if not 0 < coverage <= 1:
         raise UsageError(f"coverage {coverage} is not in (0, 1]", "--coverage", "use e.g. 0.9")

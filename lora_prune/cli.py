@@ -591,7 +591,7 @@ def render(
     lora_file = read_lora(lora)
     settings = _settings(model, prompts, seeds, size, width, height, steps, guidance, strength)
     _, session = _render_api()
-    from .render.engine import render_combination
+    from .render.combination import render_combination
 
     with session.open_session(
         _model_spec(model, transformer_file, device, dtype, offload), lora_file

@@ -36,6 +36,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_MISSING_DEPENDENCY",
+    "EXIT_NO_EFFECT",
+    "EXIT_OK",
+    "EXIT_OUTPUT",
+    "EXIT_UNREADABLE",
+    "EXIT_UNSUPPORTED",
+    "EXIT_USAGE",
+    "BlockIndexError",
+    "BlockSpecError",
+    "CorruptFileError",
+    "IncompleteFileError",
+    "LoraPruneError",
+    "MissingDependencyError",
+    "ModelMismatchError",
+    "NoEffectError",
+    "NotASubsetError",
+    "NotSafetensorsError",
+    "OutputError",
+    "OutputExistsError",
+    "SameFileError",
+    "UnknownKeysError",
+    "UnreadableFileError",
+    "UnsafeFileError",
+    "UnsupportedAdapterError",
+    "UnsupportedLoraError",
+    "UsageError",
+    "WrongBaseModelError",
+]
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -336,7 +336,7 @@ def _diff_global(name: str) -> Target:
     return Target("transformer", name, (name,), "linear")
 
 
-def block_of_target(target: Target) -> str:
+def _block_of_target(target: Target) -> str:
     """The block id a target belongs to."""
     if target.model != "transformer":
         return target.model
@@ -590,7 +590,7 @@ def parse_key(key: str) -> ParsedKey | None:
         name = "lycoris-kohya"
     if grammar == "peft-bfl" and kind == "diffusers":
         name = "peft-diffusers"
-    return ParsedKey(key, stem, role, name, block_of_target(target), target)
+    return ParsedKey(key, stem, role, name, _block_of_target(target), target)
 
 
 def other_key(key: str) -> ParsedKey:

@@ -284,7 +284,7 @@ def compile_peft_pattern(text: str) -> PeftPattern:
     return PeftPattern(text, tuple(atoms), anchored)
 
 
-def peft_pattern(text: str, where: str | Path) -> PeftPattern:
+def _peft_pattern(text: str, where: str | Path) -> PeftPattern:
     """:func:`compile_peft_pattern`, with a refusal as the tool's own error."""
     try:
         return compile_peft_pattern(text)
@@ -327,7 +327,7 @@ def _peft_alpha(config: dict[str, object], module: LoraModule, path: Path) -> fl
         if not isinstance(pattern, dict):
             continue
         for pat, value in pattern.items():
-            if peft_pattern(pat, path).matches(name):
+            if _peft_pattern(pat, path).matches(name):
                 if _number(value) is not None:
                     if pattern_key == "rank_pattern":
                         r = _number(value)
@@ -464,6 +464,17 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
 
     Reads the header and the alpha scalars only; tensor data is read on demand
     by the statistics and the writers. Raises errors of :mod:`lora_prune.errors`.
+
+    Args:
+        path: a ``.safetensors`` LoRA in any key grammar of the field guide
+            (kohya, diffusers/PEFT, ComfyUI, XLabs, LyCORIS, ...).
+        allow_unknown: attribute keys no grammar names to block ``other``
+            instead of raising :class:`~lora_prune.errors.UnknownKeysError`.
+
+    Example::
+
+        lora = read_lora("my_lora.safetensors")
+        print(lora.format, lora.blocks[:3], lora.total_bytes)
     """
     header = read_header(path)
     modules, key_blocks, grammars = parse_lora_header(header, allow_unknown=allow_unknown)

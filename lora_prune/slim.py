@@ -48,6 +48,13 @@ from .safetensors_io import (
     write_safetensors,
 )
 
+__all__ = [
+    "SlimPlan",
+    "SlimResult",
+    "plan_slim",
+    "slim_lora",
+]
+
 # kohya's legacy hash: SHA-256 of 64 KiB at offset 1 MiB of the file, first 8 hex digits.
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
@@ -75,6 +82,8 @@ class SlimPlan:
 
 @dataclass
 class SlimResult:
+    """What :func:`slim_lora` wrote: the output, the blocks kept and dropped, and its size."""
+
     source: Path
     output: Path
     kept_blocks: list[str]
@@ -88,7 +97,17 @@ class SlimResult:
 
 
 def plan_slim(lora: LoraFile, keep: Iterable[str]) -> SlimPlan:
-    """Split the LoRA's modules into kept and dropped for a set of block ids."""
+    """Split the LoRA's modules into kept and dropped for a set of block ids.
+
+    Args:
+        lora: a file from :func:`~lora_prune.lora.read_lora`.
+        keep: block ids to keep (e.g. from :func:`~lora_prune.blocks.parse_block_spec`).
+
+    Example::
+
+        plan = plan_slim(read_lora("my_lora.safetensors"), {"double.7", "single.20"})
+        print(plan.kept_blocks, plan.kept_bytes)
+    """
     keep_set = set(keep)
     kept = [m for m in lora.modules.values() if m.block in keep_set]
     dropped = [m for m in lora.modules.values() if m.block not in keep_set]
@@ -102,7 +121,7 @@ def plan_slim(lora: LoraFile, keep: Iterable[str]) -> SlimPlan:
     )
 
 
-def resolve_keep(
+def _resolve_keep(
     lora: LoraFile, keep: Iterable[str] | None, drop: Iterable[str] | None
 ) -> set[str]:
     """The keep set from ``--keep`` or ``--drop`` (exactly one of them)."""
@@ -120,14 +139,14 @@ def resolve_keep(
     return set(lora.blocks) - set(drop)
 
 
-def default_output(source: Path) -> Path:
+def _default_output(source: Path) -> Path:
     """``<stem>.slim.safetensors`` beside the input."""
     name = source.name
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else source.stem
     return source.with_name(f"{stem}.slim.safetensors")
 
 
-def check_output_path(source: Path, output: Path, *, force: bool) -> None:
+def _check_output_path(source: Path, output: Path, *, force: bool) -> None:
     """Refuse to replace the input (also through links) or an existing file without force."""
     if output.is_dir():
         raise UsageError("the output is a folder", output, "give a file name with -o")
@@ -307,11 +326,26 @@ def slim_lora(
     Every kept tensor is byte-identical to the input; the output is written to a
     temp file, re-read and checked, then renamed into place. Keys of block
     ``other`` (with ``allow_unknown``) are kept only when ``other`` is kept.
+
+    Args:
+        source: the full LoRA, as a path or a :class:`~lora_prune.lora.LoraFile`.
+        keep: block ids to keep; or None with ``drop``.
+        drop: block ids to drop (everything else is kept).
+        output: where to write; None is ``<stem>.slim.safetensors`` beside the source.
+        force: replace an existing output (never the source itself).
+        extra_metadata: more ``__metadata__`` entries (e.g. a verification record).
+        allow_unknown: as for :func:`~lora_prune.lora.read_lora`.
+
+    Example::
+
+        result = slim_lora("my_lora.safetensors", parse_block_spec("double.7,single.20"),
+                           output="small.safetensors")
+        print(result.kept_blocks, result.output)
     """
     lora = (
         source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
     )
-    keep_set = resolve_keep(lora, keep, drop)
+    keep_set = _resolve_keep(lora, keep, drop)
     unknown_ids = keep_set - set(BLOCK_IDS) - {OTHER}
     if unknown_ids:
         raise UsageError(
@@ -324,8 +358,8 @@ def slim_lora(
             lora.path,
             f"the LoRA has blocks {format_block_spec(lora.blocks)}; keep at least one",
         )
-    out_path = Path(output) if output is not None else default_output(lora.path)
-    check_output_path(lora.path, out_path, force=force)
+    out_path = Path(output) if output is not None else _default_output(lora.path)
+    _check_output_path(lora.path, out_path, force=force)
 
     source_sha = file_sha256(lora.path)
     with SafetensorsReader(lora.path, lora.header) as reader:

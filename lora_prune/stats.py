@@ -190,6 +190,8 @@ def _finite(x: float) -> float | None:
 
 @dataclass
 class BlockStats:
+    """One block's share of a LoRA: modules, tensors, parameters, bytes and weight-delta norm."""
+
     block: str
     modules: int
     tensors: int
@@ -293,7 +295,19 @@ def block_stats(lora: LoraFile, *, with_norms: bool = True) -> list[BlockStats]:
 
 
 def inspect_lora(lora: LoraFile, *, sort: str = "block") -> LoraReport:
-    """Summarise a LoRA: format, dtypes, ranks, alphas, metadata and per-block stats."""
+    """Summarise a LoRA: format, dtypes, ranks, alphas, metadata and per-block stats.
+
+    Args:
+        lora: a file from :func:`~lora_prune.lora.read_lora`; its tensors are
+            read one at a time for the per-block norms.
+        sort: order of ``blocks``: ``"block"`` (model order), ``"size"`` or
+            ``"norm"`` (largest first).
+
+    Example::
+
+        report = inspect_lora(read_lora("my_lora.safetensors"), sort="norm")
+        print([(b.block, b.norm) for b in report.blocks[:5]])
+    """
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {SORT_KEYS}")
     tensors = lora.header.tensors.values()

@@ -60,6 +60,8 @@ __all__ = [
 
 @dataclass
 class VerifyResult:
+    """A slim LoRA's verification: per-image scores against its full LoRA, and the verdict."""
+
     full: str
     slim: str | None
     full_sha256: str
@@ -182,6 +184,24 @@ def verify_slim(
     The verdict is :mod:`lora_prune.verdict`'s: the share of the LoRA's effect
     kept, on every image and distance. With ``out_dir``, writes ``verify.png``
     (rows of base | full | slim | heatmap of slim vs full) and ``verify.json``.
+
+    Args:
+        full: the full LoRA; ``full_sha256`` its file hash (recorded in the result).
+        keep: the blocks the slim file keeps (see :func:`check_subset`).
+        settings: prompts, seeds, size, steps, guidance and strength of the renders.
+        renderer: renders a batch of block variants of ``full``.
+        criterion: the verdict's thresholds (share of the effect kept, SSIM).
+        distances: the image distances the verdict uses.
+        slim_path: the slim file, recorded in the result.
+        out_dir: where to write ``verify.png`` and ``verify.json``; None writes nothing.
+        scale: upscale factor of the picture's tiles.
+
+    Example::
+
+        kept = check_subset(full, read_lora("small.safetensors"))
+        with open_session(ModelSpec(model="tiny"), full) as session:
+            result = verify_slim(full, file_sha256(full.path), kept, settings, session.renderer)
+        print(result.passed, result.worst_kept)
     """
     kept = frozenset(keep)
     all_blocks = frozenset(full.blocks)
@@ -243,6 +263,8 @@ def verify_slim(
 
 @dataclass
 class AutoResult:
+    """What :func:`auto_keep` chose: the blocks, the ranking, the pruning curve and the proof."""
+
     blocks: list[str]
     order: list[str]
     #: the pruning curve: top-k of ``order`` for k = 0, every k rendered, and n
@@ -271,6 +293,23 @@ def auto_keep(
     the batch holding the first passing k, otherwise every k is rendered (the
     full pruning curve). Raises :class:`NoEffectError` when the LoRA shows no
     measurable effect on some image: no keep set can be proved there.
+
+    Args:
+        full: the full LoRA; ``full_sha256`` its file hash.
+        order: block ids, most important first (an :func:`~lora_prune.analysis.analyze` ranking).
+        settings: prompts, seeds and render settings, as for :func:`verify_slim`.
+        renderer: renders a batch of block variants of ``full``.
+        criterion: the verdict's thresholds; ``distances`` its image distances.
+        batch_size: candidate sets per renderer call.
+        stop_at_pass: stop at the first batch with a passing k.
+        size_of: bytes of a keep set, for the curve (None: 0).
+        progress: called with ``(k done, n)`` after each batch.
+
+    Example::
+
+        order = [r.block for r in analysis.rows_for("loo")]
+        auto = auto_keep(full, sha, order, settings, session.renderer)
+        slim_lora(full, auto.blocks, output="small.safetensors")
     """
     order = [b for b in order if b in full.blocks]
     if not order:

@@ -36,7 +36,7 @@ from lora_prune.errors import UsageError
 from lora_prune.lora import LoraFile, read_lora
 from lora_prune.rendercache import DamagedRenderError
 from lora_prune.safetensors_io import file_sha256
-from lora_prune.synth import planted_lora
+from lora_prune.testing import planted_lora
 
 PLANTED = {"double.3": 1.0, "single.7": 0.5, "single.20": 0.25}
 

@@ -46,7 +46,7 @@ from lora_prune.check import (
 from lora_prune.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREADABLE, UnsafeFileError, UsageError
 from lora_prune.safetensors_io import TensorEntry, file_sha256, read_header, write_safetensors
 from lora_prune.slim import slim_lora
-from lora_prune.synth import GRAMMARS, SynthSpec, write_synth_lora
+from lora_prune.testing import GRAMMARS, SynthSpec, write_synth_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -113,7 +113,16 @@ def _toml_loads(text: str, path: Path) -> dict[str, Any]:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read a TOML policy file; any mistake in it is a :class:`UsageError`."""
+    """Read a TOML policy file; any mistake in it is a :class:`UsageError`.
+
+    Args:
+        path: the policy file (format in docs/ci.md).
+
+    Example::
+
+        policy = load_policy("lora-policy.toml")
+        result = run_check([Path("loras")], policy)
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -78,6 +78,19 @@ def run_check(
     its name. ``reverify(slim, full)`` re-renders a slim file against its full
     file (``check --model``). A missing path or a policy that names a missing
     slim file raises :class:`UsageError`.
+
+    Args:
+        paths: files and folders to check.
+        policy: the repository's rules (:func:`load_policy`); None checks
+            integrity and content only.
+        reverify: re-renders a slim file against its full file; None trusts
+            the verification record in the slim file's metadata.
+
+    Example::
+
+        result = run_check([Path("loras")], load_policy("lora-policy.toml"))
+        print(render_text(result))
+        raise SystemExit(result.exit_code)
     """
     slim_pairs = _policy_slims(policy)
     results, parsed = _check_files(paths)

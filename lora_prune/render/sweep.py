@@ -33,7 +33,6 @@ class EngineRenderer:
             "device": loaded.device.type,
             "dtype": str(loaded.dtype).removeprefix("torch."),
         }
-        self.renders = 0
 
     def settings_for(self, prompt: str, seed: int, settings: AnalyzeSettings) -> RenderSettings:
         return RenderSettings(
@@ -50,10 +49,8 @@ class EngineRenderer:
     def __call__(
         self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
     ) -> list[np.ndarray]:
-        images = self.engine.render(
+        return self.engine.render(
             list(variants),
             self.settings_for(prompt, seed, settings),
             batch_size=max(1, len(variants)),
         )
-        self.renders += len(variants)
-        return images

@@ -28,7 +28,7 @@ from ..errors import LoraPruneError
 from ..lora import LoraFile, read_lora
 from ..safetensors_io import file_sha256
 from ..slim import SlimResult, slim_lora
-from ..synth import planted_lora
+from ..testing import planted_lora
 from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
 from ..verify import (
     VERIFICATION_KEY,
