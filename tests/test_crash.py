@@ -21,7 +21,7 @@ import pytest
 from lora_prune import fileio
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
-from lora_prune.synth import SynthSpec, write_synth_lora
+from lora_prune.testing import SynthSpec, write_synth_lora
 
 TOKEN = "0123456789ab"
 
