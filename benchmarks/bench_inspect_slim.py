@@ -1,7 +1,7 @@
 """Benchmark: inspect and slim of a real-size FLUX.1 LoRA against plain file I/O.
 
 Generates a rank-16 kohya LoRA with FLUX.1-dev's real module shapes (304
-modules, BF16, about 150 MB) with :mod:`lora_prune.synth`, then measures in one
+modules, BF16, about 150 MB) with :mod:`lora_prune.testing`, then measures in one
 process, with the file in the page cache:
 
 * reading the file once (sequential ``readinto`` of every byte), the floor
@@ -46,7 +46,7 @@ from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
-from lora_prune.synth import SynthSpec, synth_modules, write_synth_lora
+from lora_prune.testing import SynthSpec, synth_modules, write_synth_lora
 
 #: About half of the file: doubles are 2.7x the bytes of singles in this geometry.
 DEFAULT_KEEP = "double.0-8,single.0-18"

@@ -44,7 +44,7 @@ from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import ModelSpec, load_pipeline
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
 from lora_prune.settings import ImageSettings
-from lora_prune.synth import SynthSpec, write_synth_lora
+from lora_prune.testing import SynthSpec, write_synth_lora
 
 TRANSFORMER_BLOCKS = ("input", *DOUBLE_IDS, *SINGLE_IDS, "final")
 T = TypeVar("T")

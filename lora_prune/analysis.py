@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 
 from . import __version__
 from .blocks import block_order, format_block_spec
@@ -40,6 +39,7 @@ from .pictures import (
     save_png,
 )
 from .provenance import CRITERION, FORMULA
+from .rendercache import check_render, damaged, load_render, save_render
 from .report import write_report
 from .safetensors_io import TensorEntry, build_header
 from .settings import MODES, check_batch_size, check_coverage
@@ -203,21 +203,13 @@ def write_json(path: Path, doc: object) -> None:
     atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
 
 
-def load_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise UnreadableFileError(
-            "cannot read render", path, "delete it and run analyze again"
-        ) from exc
-
-
 @dataclass
 class RenderStats:
     planned: int = 0
     cached: int = 0
     rendered: int = 0
+    #: cached images that had no record or did not match it, and were rendered again
+    damaged: int = 0
 
 
 def render_missing(
@@ -229,7 +221,11 @@ def render_missing(
     batch_size: int,
     progress: Progress | None = None,
 ) -> RenderStats:
-    """Render the batches that have an image missing on disk; save each as PNG."""
+    """Render the batches with an image that is missing or damaged; save each with its record.
+
+    A cached image is used only when it matches its record (see
+    :mod:`lora_prune.rendercache`); a damaged one is rendered again and counted.
+    """
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     all_batches = list(batches(jobs, batch_size))
@@ -237,7 +233,14 @@ def render_missing(
     stats = RenderStats(planned=total)
     done = 0
     for batch in all_batches:
-        missing = [j for j in batch if not (out_dir / j.path).exists()]
+        missing: set[str] = set()
+        for j in batch:
+            path = out_dir / j.path
+            if not path.exists():
+                missing.add(j.key)
+            elif check_render(path, j.key, settings.width, settings.height) is not None:
+                missing.add(j.key)
+                stats.damaged += 1
         if not missing:
             stats.cached += len(batch)
             done += len(batch)
@@ -250,8 +253,8 @@ def render_missing(
         )
         stats.rendered += len(batch)
         for job, image in zip(batch, images, strict=True):
-            if job in missing:
-                save_png(image, out_dir / job.path)
+            if job.key in missing:
+                save_render(image, out_dir / job.path, job.key)
         done += len(batch)
         if progress:
             progress(done, total)
@@ -440,6 +443,11 @@ def compute_analysis(
             out_dir,
             "run analyze again without --from to render them",
         )
+    # Before anything is written: a damaged render is refused by name, up front.
+    for j in jobs:
+        reason = check_render(out_dir / j.path, j.key, settings.width, settings.height)
+        if reason is not None:
+            raise damaged(out_dir / j.path, reason)
     block_info: dict[str, dict[str, Any]] = manifest["blocks"]
     blocks = sorted(block_info, key=block_order)
     refs: dict[tuple[str, int, int], Job] = {}
@@ -449,13 +457,16 @@ def compute_analysis(
 
     cache: dict[str, np.ndarray] = {}
 
+    def load(job: Job) -> np.ndarray:
+        return load_render(out_dir / job.path, job.key, settings.width, settings.height)
+
     def image(job: Job) -> np.ndarray:
         # Keep only references in memory: sweeps of hundreds of images stay on disk.
         if job.kind in ("base", "full"):
             if job.key not in cache:
-                cache[job.key] = load_image(out_dir / job.path)
+                cache[job.key] = load(job)
             return cache[job.key]
-        return load_image(out_dir / job.path)
+        return load(job)
 
     per: dict[tuple[str, str], list[tuple[float, float]]] = {}
     image_rows: list[dict[str, Any]] = []
@@ -826,6 +837,29 @@ def analyze(
     With ``curve`` (a verdict's thresholds), also renders the pruning curve: the
     top-k blocks of the ranking for every k, scored by the share of the LoRA's
     effect they keep; the suggestion is then the fewest blocks that pass.
+
+    Args:
+        lora: the LoRA to rank (:func:`~lora_prune.lora.read_lora`).
+        lora_sha256: its file hash, part of every cache key.
+        settings: prompts, seeds, size, steps, guidance, strength and modes
+            (``solo``: one block on; ``loo``: one block off).
+        out_dir: where the renders, ``manifest.json``, ``ranking.json``/``.csv``,
+            heatmaps and ``report.html`` go; earlier renders there are reused.
+        renderer: renders a batch of block variants (the render extra's
+            session renderer, or any :class:`Renderer`).
+        batch_size: variants per renderer call.
+        coverage: share of the total influence the suggested keep set covers.
+        options: heatmap and contact-sheet options.
+        progress: called with ``(done, total)`` renders.
+        curve: with a criterion, also render and score the pruning curve.
+        distances: the image distances of the curve's verdict.
+
+    Example::
+
+        with open_session(ModelSpec(model="tiny"), lora) as session:
+            result = analyze(lora, file_sha256(lora.path), AnalyzeSettings(prompts=("a cat",)),
+                             Path("out"), session.renderer)
+        print([(r.block, r.mse) for r in result.rows_for("solo")[:5]])
     """
     check_coverage(coverage)
     check_batch_size(batch_size)

@@ -15,6 +15,24 @@ from collections.abc import Iterable
 
 from .errors import BlockSpecError
 
+__all__ = [
+    "BLOCK_IDS",
+    "DOUBLE_BLOCKS",
+    "DOUBLE_IDS",
+    "GROUPS",
+    "OTHER",
+    "SINGLE_BLOCKS",
+    "SINGLE_IDS",
+    "TEXT_ENCODER_IDS",
+    "block_kind",
+    "block_order",
+    "block_vector",
+    "format_block_spec",
+    "parse_block_spec",
+    "short_label",
+    "sort_blocks",
+]
+
 DOUBLE_BLOCKS = 19
 SINGLE_BLOCKS = 38
 OTHER = "other"
@@ -174,6 +192,16 @@ def parse_block_spec(spec: str) -> frozenset[str]:
     57, 58, 61 or 19 comma-separated numbers (non-zero = keep, blocks the layout
     does not name are kept); kohya's ``train_double_block_indices=0,1,8-12``
     (optionally with ``train_single_block_indices=...``).
+
+    Args:
+        spec: the spec text, as given to ``--keep``/``--drop``/``--blocks``.
+
+    Raises :class:`~lora_prune.errors.BlockSpecError` on a spec it cannot read.
+
+    Example::
+
+        parse_block_spec("double.0-2,final")
+        # frozenset({'double.0', 'double.1', 'double.2', 'final'})
     """
     text = spec.strip()
     if not text:
@@ -207,7 +235,15 @@ def parse_block_spec(spec: str) -> frozenset[str]:
 
 
 def format_block_spec(blocks: Iterable[str]) -> str:
-    """The shortest spec for a set of blocks, with ranges: ``input,double.0-5,single.7``."""
+    """The shortest spec for a set of blocks, with ranges: ``input,double.0-5,single.7``.
+
+    Args:
+        blocks: block ids, in any order; :func:`parse_block_spec` reads the result back.
+
+    Example::
+
+        format_block_spec({"double.2", "double.0", "double.1", "final"})  # 'double.0-2,final'
+    """
     ordered = sort_blocks(blocks)
     parts: list[str] = []
     run: list[int] = []

@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
@@ -718,7 +721,7 @@ def render(
     settings = request.settings(spec.model)
     chosen = frozenset(blocks) & set(lora_file.blocks)
     _require_render()
-    from .render.engine import render_combination
+    from .render.combination import render_combination
 
     with _session(spec, lora_file) as sess:
         image = settings.image(
@@ -790,7 +793,7 @@ def analyze_cmd(
 
     Writes DIR/ranking.csv, ranking.json, contact_sheet.png, influence.png,
     report.html, manifest.json, images/ and heatmaps/. Rerunning renders only
-    what is missing.
+    what is missing or damaged (each cached image is checked against its record).
 
     \b
     Example: lora-prune analyze my_lora.safetensors --model black-forest-labs/FLUX.1-dev
@@ -869,6 +872,12 @@ def _analyze_render(
         f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
         f"{time.perf_counter() - t0:.1f} s"
     )
+    if r.damaged:
+        click.echo(
+            f"note: {r.damaged} cached image{'s were' if r.damaged != 1 else ' was'} "
+            "damaged or had no record and rendered again",
+            err=True,
+        )
     return result
 
 
@@ -1079,8 +1088,28 @@ def check(
     sys.exit(result.exit_code)
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    # Further TERMs must not cut the cleanup short; SIGKILL still ends the process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.main(args=list(argv) if argv is not None else None, prog_name="lora-prune")
+    """The console entry point: SIGTERM ends a command like Ctrl-C does.
+
+    Both raise KeyboardInterrupt, so that ``atomic_output`` removes its temp file
+    on the way out and the command exits with EXIT_INTERRUPTED (130).
+    """
+    args = list(argv) if argv is not None else None
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread may install signal handlers.
+        cli.main(args=args, prog_name="lora-prune")
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        cli.main(args=args, prog_name="lora-prune")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

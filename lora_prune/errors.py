@@ -16,8 +16,9 @@ code meaning
      corrupt safetensors, a folder where a file is needed
      (:class:`UnreadableFileError`)
 4    readable but unsupported: not a FLUX.1 LoRA, unknown keys, block index
-     out of range, LoRA does not fit the model, unsupported adapter type
-     (:class:`UnsupportedLoraError`)
+     out of range, LoRA does not fit the model, unsupported adapter type,
+     a "slim" file that is not whole blocks of the full file
+     (:class:`UnsupportedLoraError`, :class:`NotASubsetError`)
 5    an optional dependency is missing (:class:`MissingDependencyError`)
 6    an output could not be written (:class:`OutputError`)
 7    the LoRA has no measurable effect on a verification image, so nothing
@@ -36,6 +37,38 @@ this tree happens at the boundary where they occur.
 from __future__ import annotations
 
 from pathlib import Path
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_MISSING_DEPENDENCY",
+    "EXIT_NO_EFFECT",
+    "EXIT_OK",
+    "EXIT_OUTPUT",
+    "EXIT_UNREADABLE",
+    "EXIT_UNSUPPORTED",
+    "EXIT_USAGE",
+    "BlockIndexError",
+    "BlockSpecError",
+    "CorruptFileError",
+    "IncompleteFileError",
+    "LoraPruneError",
+    "MissingDependencyError",
+    "ModelMismatchError",
+    "NoEffectError",
+    "NotASubsetError",
+    "NotSafetensorsError",
+    "OutputError",
+    "OutputExistsError",
+    "SameFileError",
+    "UnknownKeysError",
+    "UnreadableFileError",
+    "UnsafeFileError",
+    "UnsupportedAdapterError",
+    "UnsupportedLoraError",
+    "UsageError",
+    "WrongBaseModelError",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -153,6 +186,10 @@ class ModelMismatchError(UnsupportedLoraError):
 
 class UnsupportedAdapterError(UnsupportedLoraError):
     """An adapter type (OFT, GLoRA, ...) the engine cannot apply yet."""
+
+
+class NotASubsetError(UnsupportedLoraError):
+    """A slim file that is not made of whole, byte-identical blocks of the full file (exit 4)."""
 
 
 class MissingDependencyError(LoraPruneError):

@@ -4,32 +4,147 @@ A temp file beside the destination is written, flushed and fsynced, optionally
 checked, then renamed over the destination, and the folder is fsynced: an
 interrupted or failed write never leaves a half-written output or replaces a
 good one.
+
+Temp files are named by :func:`temp_name` (the owner's host and pid inside),
+and the first temp created in a folder by a process sweeps that folder of the
+temps of dead processes (:func:`sweep_stale_temps`): a SIGKILL leaves a temp
+behind, and the next writing command in the same folder removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import OutputError, SameFileError, UnreadableFileError
 
+#: The tag every temp file name carries after the destination's name.
+TEMP_TAG = "lora-prune"
+_TOKEN_CHARS = 12
+# A destination name longer than this (in bytes) is shortened in its temp's
+# name: the temp must fit the 255-byte name limit of common filesystems.
+_NAME_BYTES = 160
+
+
+def _host_tag() -> str:
+    # A pid means nothing on another machine (a shared network folder) or in a
+    # container with another hostname: temps are swept only by their own host.
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+HOST_TAG = _host_tag()
+
+
+def temp_name(dest_name: str, pid: int, token: str, host: str = HOST_TAG) -> str:
+    """The name of a temp file for ``dest_name``: ``.NAME.lora-prune-HOST-PID-TOKEN.tmp``."""
+    if len(os.fsencode(dest_name)) > _NAME_BYTES:
+        dest_name = dest_name[: _NAME_BYTES // 4]
+    return f".{dest_name}.{TEMP_TAG}-{host}-{pid}-{token}.tmp"
+
+
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """The (host tag, pid) of a name :func:`temp_name` made, else None.
+
+    Plain string operations on a fixed layout (no regex, linear in the name):
+    anything that is not exactly our pattern is not ours and is never touched.
+    """
+    marker = f".{TEMP_TAG}-"
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    head, sep, tail = name[1:-4].rpartition(marker)
+    if not sep or not head:
+        return None
+    parts = tail.split("-")
+    if len(parts) != 3:
+        return None
+    host, pid_text, token = parts
+    if not (_is_hex(host, len(HOST_TAG)) and _is_hex(token, _TOKEN_CHARS)):
+        return None
+    # isdecimal alone accepts other scripts' digits; a pid is at most 10 ASCII digits.
+    if not (0 < len(pid_text) <= 10 and pid_text.isascii() and pid_text.isdecimal()):
+        return None
+    pid = int(pid_text)
+    return (host, pid) if pid > 0 else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may be alive on this host (when unsure: yes)."""
+    if os.name != "posix":
+        # Windows' os.kill terminates the process: never probe there.
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, OSError):
+        # PermissionError (an OSError): another user's live process. Anything else: unsure, keep.
+        return True
+    return True
+
+
+_swept: set[str] = set()
+
+
+def sweep_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files in ``folder`` left by dead processes of this host.
+
+    Only names of our pattern (:func:`temp_owner`) that are regular files are
+    candidates; a temp of a live process, of another host or of unknown owner is
+    left alone. Failures to list or remove are ignored: the sweep is a courtesy
+    and must never fail the write that triggers it. Returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = temp_owner(entry.name)
+        if owner is None or owner[0] != HOST_TAG or pid_alive(owner[1]):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    if key not in _swept:
+        _swept.add(key)
+        sweep_stale_temps(folder)
+
 
 def create_temp(dest: Path) -> tuple[Path, int]:
     """Create a new, empty temp file beside ``dest``; returns its path and a write fd.
 
-    The name starts with a dot and ends in ``.tmp`` so that a leftover is
-    recognisable. Shared by every atomic writer of the package (outputs must be
+    The name (:func:`temp_name`) starts with a dot, carries this host's tag and
+    this process's pid and ends in ``.tmp``, so that a leftover is recognisable
+    and removable once its owner is dead; the first call per folder sweeps such
+    leftovers. Shared by every atomic writer of the package (outputs must be
     renamed within one folder to be atomic).
     """
+    _sweep_once(dest.parent)
     # os.open with 0o666 lets the umask decide the final permissions, as for any
     # new file; mkstemp would leave the output readable by its owner only.
     for _ in range(100):
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+        tmp = dest.with_name(
+            temp_name(dest.name, os.getpid(), secrets.token_hex(_TOKEN_CHARS // 2))
+        )
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
             fd = os.open(tmp, flags, 0o666)

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from .adapters import LOHA_ROLES, LOKR_ROLES
 from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS
 
 TargetModel = Literal["transformer", "clip", "t5"]
@@ -117,16 +118,14 @@ _ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".scale", "set_weight"),
 )
 
-#: Roles of the low-rank families; used to classify a module's adapter type.
-LORA_ROLES = frozenset({"down", "up", "mid", "up_bias"})
-LOHA_ROLES = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
-LOKR_ROLES = frozenset(
-    {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-)
-FULL_ROLES = frozenset({"diff", "diff_b", "w_norm", "b_norm", "set_weight"})
-UNSUPPORTED_ROLES = frozenset(
-    {"oft_blocks", "rescale", "glora_a1", "glora_a2", "glora_b1", "glora_b2"}
-)
+#: Module paths of FLUX.1-dev's guidance embedder (BFL and diffusers naming);
+#: schnell has none, so a LoRA or checkpoint with them is for dev.
+GUIDANCE_PREFIXES: tuple[str, ...] = ("guidance_in.", "time_text_embed.guidance_embedder.")
+
+
+def is_guidance_path(path: str) -> bool:
+    """True for a module or parameter path of the guidance embedder, in either naming."""
+    return path.startswith(GUIDANCE_PREFIXES)
 
 
 def _role_splits(key: str) -> list[tuple[str, str]]:
@@ -337,7 +336,7 @@ def _diff_global(name: str) -> Target:
     return Target("transformer", name, (name,), "linear")
 
 
-def block_of_target(target: Target) -> str:
+def _block_of_target(target: Target) -> str:
     """The block id a target belongs to."""
     if target.model != "transformer":
         return target.model
@@ -591,7 +590,7 @@ def parse_key(key: str) -> ParsedKey | None:
         name = "lycoris-kohya"
     if grammar == "peft-bfl" and kind == "diffusers":
         name = "peft-diffusers"
-    return ParsedKey(key, stem, role, name, block_of_target(target), target)
+    return ParsedKey(key, stem, role, name, _block_of_target(target), target)
 
 
 def other_key(key: str) -> ParsedKey:

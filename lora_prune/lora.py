@@ -14,6 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The shape and alpha rules live in .adapters; re-exported for callers that import them here.
+from .adapters import ALPHA_LIMIT as ALPHA_LIMIT
+from .adapters import adapter_of, rank_of, scale_of
+from .adapters import alpha_problem as alpha_problem
+from .adapters import factor_problem as factor_problem
 from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS, sort_blocks
 from .boundedjson import JsonLimitError, loads_bounded
 from .errors import (
@@ -24,11 +29,7 @@ from .errors import (
     WrongBaseModelError,
 )
 from .keys import (
-    FULL_ROLES,
     INDEX_MAX_DIGITS,
-    LOHA_ROLES,
-    LOKR_ROLES,
-    UNSUPPORTED_ROLES,
     BlockRangeError,
     ParsedKey,
     Target,
@@ -59,43 +60,17 @@ class LoraModule:
     @property
     def adapter(self) -> str:
         """``lora``, ``loha``, ``lokr``, ``full`` (diff/norm deltas), ``unsupported`` or ``empty``."""
-        roles = set(self.tensors)
-        if roles & UNSUPPORTED_ROLES:
-            return "unsupported"
-        if roles & LOHA_ROLES:
-            return "loha"
-        if roles & LOKR_ROLES:
-            return "lokr"
-        if roles & {"down", "up"}:
-            return "lora"
-        if roles & FULL_ROLES:
-            return "full"
-        if "up_bias" in roles:
-            return "lora"
-        return "empty"
+        return adapter_of(self.tensors)
 
     @property
     def rank(self) -> int | None:
         """The rank that alpha divides: lora down rows, LoHa w1b rows, LoKr factor rank."""
-        t = self.tensors
-        # A scalar factor has no rank; factor_problem() reports it.
-        for role in ("down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
-            if role in t:
-                return t[role].shape[0] if t[role].shape else None
-        return None
+        return rank_of(self.tensors)
 
     @property
     def scale(self) -> float:
-        """alpha / rank, or 1 where there is no alpha (ComfyUI's and kohya's rule).
-
-        LoKr scales by alpha/rank only when one of its factors is low rank.
-        """
-        rank = self.rank
-        if self.alpha is None or not rank:
-            return 1.0
-        if self.adapter == "lokr" and not ({"lokr_w1_b", "lokr_w2_b"} & set(self.tensors)):
-            return 1.0
-        return self.alpha / rank
+        """alpha / rank, or 1 where there is no alpha (see :func:`lora_prune.adapters.scale_of`)."""
+        return scale_of(self)
 
     @property
     def keys(self) -> list[str]:
@@ -108,108 +83,6 @@ class LoraModule:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-
-#: Largest |alpha| accepted. Real alphas are at most a few thousand; beyond this,
-#: alpha / rank squared overflows float64 in the norms (1e300 did).
-ALPHA_LIMIT = 1e6
-
-
-def _matrix(info: TensorInfo, trailing: str = "none") -> str | None:
-    """Why ``info`` is no usable factor matrix, or None.
-
-    A factor is 2-D. ``trailing="ones"`` also takes the conv-shaped [out, r, 1, 1]
-    kohya writes for Linear layers; ``"any"`` lets a down factor fold a kernel into
-    its columns (its width then decides whether it fits a layer).
-    """
-    shape = info.shape
-    if len(shape) < 2:
-        return f"tensor {info.name!r} has shape {list(shape)}, a factor needs 2 dimensions"
-    if 0 in shape:
-        return f"tensor {info.name!r} has shape {list(shape)}, an empty factor"
-    kernel = any(d != 1 for d in shape[2:])
-    if (len(shape) > 2 and trailing == "none") or (trailing == "ones" and kernel):
-        return (
-            f"tensor {info.name!r} has shape {list(shape)}, a convolution kernel; "
-            "FLUX.1 has only linear layers"
-        )
-    return None
-
-
-def _cols(info: TensorInfo) -> tuple[int, ...]:
-    return info.shape[1:]
-
-
-def factor_problem(module: LoraModule) -> str | None:
-    """Why the module's factors cannot be multiplied, or None when they can.
-
-    The one shape rule for low-rank factors: statistics, ``check`` and the render
-    engine all ask it before they read a tensor, so a hostile shape (empty, scalar,
-    4-D, mismatched) is refused the same way everywhere and no product is formed
-    whose size the file does not bound.
-    """
-    t = module.tensors
-    adapter = module.adapter
-    if adapter == "lora" and "down" in t and "up" in t:
-        up, down = t["up"], t["down"]
-        problem = _matrix(up, "ones") or _matrix(down, "any")
-        if problem:
-            return problem
-        inner = down
-        if "mid" in t:
-            mid = t["mid"]
-            problem = _matrix(mid, "ones")
-            if problem:
-                return problem
-            if mid.shape[1] != down.shape[0]:
-                return f"mid {list(mid.shape)} does not fit down {list(down.shape)}"
-            inner = mid
-        if up.shape[1] != inner.shape[0]:
-            return f"up {list(up.shape)} and down {list(inner.shape)} share no rank"
-    elif adapter == "loha":
-        roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        missing = [r for r in roles if r not in t]
-        if missing:
-            return f"LoHa factors {', '.join(missing)} are missing"
-        w1a, w1b, w2a, w2b = (t[r] for r in roles)
-        problem = _matrix(w1a) or _matrix(w2a) or _matrix(w1b, "any") or _matrix(w2b, "any")
-        if problem:
-            return problem
-        if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
-            return "LoHa factors share no rank"
-        if w1a.shape[0] != w2a.shape[0] or _cols(w1b) != _cols(w2b):
-            return (
-                f"LoHa products {w1a.shape[0]}x{list(_cols(w1b))} and "
-                f"{w2a.shape[0]}x{list(_cols(w2b))} differ in shape"
-            )
-    elif adapter == "lokr":
-        for side in ("lokr_w1", "lokr_w2"):
-            if side in t:
-                problem = _matrix(t[side])
-                if problem:
-                    return problem
-                continue
-            a, b = t.get(f"{side}_a"), t.get(f"{side}_b")
-            if a is None or b is None:
-                return f"LoKr factor {side} is missing"
-            problem = _matrix(a) or _matrix(b)
-            if problem:
-                return problem
-            if a.shape[1] != b.shape[0]:
-                return f"LoKr factors {side}_a and {side}_b share no rank"
-    return None
-
-
-def alpha_problem(module: LoraModule) -> str | None:
-    """Why the module's alpha is out of the range lora-prune computes with, or None.
-
-    NaN and negative alphas are ``check``'s ``bad_alpha`` findings and give NaN
-    norms elsewhere, as before; only magnitudes past :data:`ALPHA_LIMIT` are refused.
-    """
-    alpha = module.alpha
-    if alpha is not None and not math.isnan(alpha) and abs(alpha) > ALPHA_LIMIT:
-        return f"alpha {alpha!r} is beyond {ALPHA_LIMIT:g}"
-    return None
 
 
 @dataclass
@@ -411,7 +284,7 @@ def compile_peft_pattern(text: str) -> PeftPattern:
     return PeftPattern(text, tuple(atoms), anchored)
 
 
-def peft_pattern(text: str, where: str | Path) -> PeftPattern:
+def _peft_pattern(text: str, where: str | Path) -> PeftPattern:
     """:func:`compile_peft_pattern`, with a refusal as the tool's own error."""
     try:
         return compile_peft_pattern(text)
@@ -454,7 +327,7 @@ def _peft_alpha(config: dict[str, object], module: LoraModule, path: Path) -> fl
         if not isinstance(pattern, dict):
             continue
         for pat, value in pattern.items():
-            if peft_pattern(pat, path).matches(name):
+            if _peft_pattern(pat, path).matches(name):
                 if _number(value) is not None:
                     if pattern_key == "rank_pattern":
                         r = _number(value)
@@ -591,6 +464,17 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
 
     Reads the header and the alpha scalars only; tensor data is read on demand
     by the statistics and the writers. Raises errors of :mod:`lora_prune.errors`.
+
+    Args:
+        path: a ``.safetensors`` LoRA in any key grammar of the field guide
+            (kohya, diffusers/PEFT, ComfyUI, XLabs, LyCORIS, ...).
+        allow_unknown: attribute keys no grammar names to block ``other``
+            instead of raising :class:`~lora_prune.errors.UnknownKeysError`.
+
+    Example::
+
+        lora = read_lora("my_lora.safetensors")
+        print(lora.format, lora.blocks[:3], lora.total_bytes)
     """
     header = read_header(path)
     modules, key_blocks, grammars = parse_lora_header(header, allow_unknown=allow_unknown)

@@ -12,6 +12,7 @@ Images are numpy ``uint8`` arrays ``H x W x 3`` (RGB) or ``PIL.Image.Image``.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -23,7 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .blocks import block_kind, short_label
 from .errors import UsageError
-from .fileio import atomic_output
+from .fileio import atomic_write_bytes
+from .metrics import diff_map
 from .stats import human_bytes
 
 RGB: TypeAlias = tuple[int, int, int]
@@ -240,7 +242,7 @@ def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Tiles and sheets
 
-CAPTION_BG: RGB = (40, 40, 40)
+_CAPTION_BG: RGB = (40, 40, 40)
 _TITLE_FG: RGB = (255, 255, 255)
 _BOTTOM_FG: RGB = (200, 200, 200)
 _BOX_ALPHA = 200
@@ -279,7 +281,7 @@ def label_tile(
     pad = max(2, line_h // 4)
     caption_h = 2 * line_h + 3 * pad
 
-    tile = Image.new("RGB", (width, height + caption_h), CAPTION_BG)
+    tile = Image.new("RGB", (width, height + caption_h), _CAPTION_BG)
     tile.paste(img, (0, 0))
 
     if top_right:
@@ -389,6 +391,55 @@ def contact_sheet(
 def side_by_side(tiles: Sequence[Image.Image]) -> Image.Image:
     """Tiles in one row (``render``/``verify``: base | full | slim | heatmap)."""
     return contact_sheet(tiles, columns=max(1, len(tiles)))
+
+
+#: ``render``'s tiles are upscaled to about this width, so captions stay legible.
+_LEGIBLE_WIDTH = 256
+
+
+def combination_picture(
+    base: np.ndarray,
+    full: np.ndarray,
+    chosen: np.ndarray,
+    label: str,
+    *,
+    full_mse: float,
+    chosen_mse: float,
+    chosen_ssim: float,
+    scale: int | None = None,
+) -> Image.Image:
+    """``render``'s picture: base | full | chosen | heatmap of chosen vs full, labelled.
+
+    Args:
+        base, full, chosen: the renders without LoRA, with the whole LoRA and with
+            the chosen blocks (``H x W x 3`` uint8).
+        label: the chosen blocks, as the caption of their tile.
+        full_mse: MSE of the full LoRA vs base; ``chosen_mse`` and
+            ``chosen_ssim``: of the chosen blocks vs the full LoRA.
+        scale: upscale factor of the tiles; None upscales small renders to
+            about 256 px wide.
+
+    Example::
+
+        picture = combination_picture(base, full, chosen, "double.7",
+                                      full_mse=812.0, chosen_mse=20.5, chosen_ssim=0.97)
+        save_png(picture, Path("combo.png"))
+    """
+    if scale is None:
+        scale = max(1, round(_LEGIBLE_WIDTH / max(base.shape[1], 1)))
+    diff = diff_map(chosen, full)
+    vmax = global_vmax([diff])
+    tiles = [
+        label_tile(base, "base (no LoRA)", scale=scale),
+        label_tile(full, "full LoRA", f"MSE {full_mse:.1f}", "vs base", scale=scale),
+        label_tile(
+            chosen, label, f"MSE {chosen_mse:.1f}", f"SSIM {chosen_ssim:.3f} vs full", scale=scale
+        ),
+        label_tile(
+            heatmap_overlay(chosen, diff, vmax), "chosen vs full", f"max {vmax:.0f}", scale=scale
+        ),
+    ]
+    return side_by_side(tiles)
 
 
 # ---------------------------------------------------------------------------
@@ -694,12 +745,18 @@ def pruning_curve_chart(
 # Output
 
 
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """``image`` as the bytes of a PNG file."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(_as_array(image), "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png(image: Image.Image | np.ndarray, path: Path) -> None:
     """Write ``image`` as PNG to ``path`` atomically.
 
     A temporary file in the same folder is written, fsynced and renamed over
     ``path``, so an interrupted run never leaves a half-written picture.
     """
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(_as_array(image), "RGB")
-    with atomic_output(path, what="picture") as fh:
-        pil.save(fh, format="PNG")
+    atomic_write_bytes(path, encode_png(image), what="picture")

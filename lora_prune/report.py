@@ -34,13 +34,13 @@ from .stats import human_bytes
 REPORT_NAME = "report.html"
 
 #: What each analysis mode compares, for headings and captions: (what is on, reference).
-MODE_INFO: dict[str, tuple[str, str]] = {
+_MODE_INFO: dict[str, tuple[str, str]] = {
     "solo": ("only this block of the LoRA on", "base"),
     "loo": ("every block of the LoRA on except this one", "full"),
 }
 _REFERENCE_TEXT = {"base": "base (no LoRA)", "full": "full LoRA"}
 
-DEFAULT_OPACITY = 0.6
+_DEFAULT_OPACITY = 0.6
 _MISSING = "\u2013"  # en dash for values that were not measured
 
 
@@ -211,7 +211,7 @@ def _settings_section(settings: Mapping[str, Any], analysis: Mapping[str, Any]) 
     seeds = ", ".join(str(s) for s in settings.get("seeds") or [])
     modes = []
     for mode in settings.get("modes") or []:
-        info = MODE_INFO.get(str(mode))
+        info = _MODE_INFO.get(str(mode))
         text = f"<b>{_e(mode)}</b>"
         if info:
             text += (
@@ -441,7 +441,7 @@ def _ranking_table(
         ]
         cls = " class='kept'" if block in keep else ""
         body.append(f"<tr data-block='{_e(block)}'{cls}>{''.join(cells)}</tr>")
-    info = MODE_INFO.get(mode)
+    info = _MODE_INFO.get(mode)
     title = f"<h3>{_e(mode)}</h3>"
     if info:
         title = (
@@ -550,7 +550,7 @@ def _gallery_section(
         for n, (prompt, seed) in enumerate(ref_keys):
             shown = mode == gallery_modes[0] and n == 0
             tiles = []
-            info = MODE_INFO.get(mode)
+            info = _MODE_INFO.get(mode)
             reference = ref_by_key.get((prompt, seed), {})
             if info and reference.get(info[1]):
                 label = _REFERENCE_TEXT[info[1]]
@@ -598,7 +598,7 @@ def _gallery_section(
     controls = [
         "<label><input type='checkbox' id='heatmap-toggle' checked> heatmap</label>",
         "<label>opacity <input type='range' id='heatmap-opacity' min='0' max='1' step='0.05' "
-        f"value='{DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{DEFAULT_OPACITY:.2f}</output></label>",
+        f"value='{_DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{_DEFAULT_OPACITY:.2f}</output></label>",
     ]
     if len(gallery_modes) > 1:
         options = "".join(f"<option value='{_e(m)}'>{_e(m)}</option>" for m in gallery_modes)
@@ -830,7 +830,7 @@ def render_report(analysis: Mapping[str, Any]) -> str:
         if present
     )
     tool = analysis.get("tool") or {}
-    css = _CSS % {"opacity": DEFAULT_OPACITY}
+    css = _CSS % {"opacity": _DEFAULT_OPACITY}
     # Renders of the tiny test model are blown up several times: keep their pixels sharp.
     body_tag = "<body class='small-renders'>" if width and width <= 128 else "<body>"
     return (

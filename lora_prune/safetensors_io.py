@@ -5,11 +5,15 @@ pickle checkpoints are refused before a byte is interpreted, the JSON header is
 validated field by field, and tensor data is read one tensor at a time so that
 memory stays near the largest tensor, not the file size. Floats of every width a
 FLUX LoRA ships in (F32, F16, BF16, FP8 e4m3fn/e5m2) decode to float32 with numpy
-alone, so statistics never need torch.
+alone, so statistics never need torch; :func:`encode_array` writes them back.
 
 Writing goes to a temp file in the destination folder, is checked by the caller,
 and only then renamed over the destination, so a crash or a failed check never
 leaves a half-written LoRA where the user expects a good one.
+
+One module of about 800 lines, on purpose: the reader, the dtype codecs and the
+writer share the header rules and dtype tables, and the format is small enough
+that one file holds all of it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ from lora_prune.fileio import atomic_output
 
 __all__ = [
     "DTYPE_ITEMSIZE",
+    "ENCODABLE_DTYPES",
     "HEADER_SIZE_LIMIT",
     "SafetensorsHeader",
     "SafetensorsReader",
@@ -49,6 +55,7 @@ __all__ = [
     "TensorInfo",
     "build_header",
     "decode_array",
+    "encode_array",
     "file_sha256",
     "read_header",
     "write_safetensors",
@@ -552,6 +559,55 @@ def decode_array(
         writable = src.flags.writeable and src.dtype.isnative
         out = src if writable else src.astype(src.dtype.newbyteorder("="))
     return out.reshape(shape)
+
+
+#: Float dtypes :func:`encode_array` writes (the widths FLUX LoRAs ship in).
+ENCODABLE_DTYPES: tuple[str, ...] = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+@lru_cache(maxsize=2)
+def _fp8_codebook(dtype: str) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]:
+    """Finite values of an FP8 format in ascending order, and their codes.
+
+    Decoding every code with the reader's own table means the encoder and the
+    decoder cannot disagree on what a code is worth.
+    """
+    values = decode_array(bytes(range(256)), dtype, (256,)).astype(np.float64)
+    codes = np.arange(256, dtype=np.uint8)
+    finite = np.isfinite(values)
+    order = np.argsort(values[finite], kind="stable")
+    return values[finite][order], codes[finite][order]
+
+
+def _encode_fp8(x: npt.NDArray[np.float32], dtype: str) -> bytes:
+    values, codes = _fp8_codebook(dtype)
+    flat = np.clip(x.astype(np.float64).reshape(-1), values[0], values[-1])
+    hi = np.clip(np.searchsorted(values, flat), 1, len(values) - 1)
+    lo = hi - 1
+    d_lo, d_hi = flat - values[lo], values[hi] - flat
+    # Round to nearest, ties to the even code (as IEEE and torch's casts do).
+    take_lo = (d_lo < d_hi) | ((d_lo == d_hi) & (codes[lo] % 2 == 0))
+    return np.where(take_lo, codes[lo], codes[hi]).astype(np.uint8).tobytes()
+
+
+def encode_array(values: npt.ArrayLike, dtype: str) -> bytes:
+    """Little-endian bytes of ``values`` in a safetensors float dtype.
+
+    BF16 rounds float32 to its upper 16 bits (to nearest, ties to even); FP8
+    takes the nearest finite code (ties to even), saturating at the largest.
+    """
+    x = np.asarray(values, dtype=np.float32)
+    if dtype == "F32":
+        return x.astype("<f4").tobytes()
+    if dtype == "F16":
+        return x.astype("<f2").tobytes()
+    if dtype == "BF16":
+        bits = x.view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.astype("<u2").tobytes()
+    if dtype in ("F8_E4M3", "F8_E5M2"):
+        return _encode_fp8(x, dtype)
+    raise ValueError(f"cannot encode dtype {dtype!r}; use one of {', '.join(ENCODABLE_DTYPES)}")
 
 
 class SafetensorsReader:

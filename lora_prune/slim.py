@@ -28,6 +28,16 @@ from .lora import (
     parse_lora_header,
     read_lora,
 )
+from .provenance import (
+    DROPPED_BLOCKS_KEY,
+    KEPT_BLOCKS_KEY,
+    LEGACY_HASH_KEY,
+    MODEL_HASH_KEY,
+    MODELSPEC_HASH_KEY,
+    SOURCE_NAME_KEY,
+    SOURCE_SHA_KEY,
+    VERSION_KEY,
+)
 from .safetensors_io import (
     SafetensorsReader,
     TensorEntry,
@@ -38,11 +48,16 @@ from .safetensors_io import (
     write_safetensors,
 )
 
+__all__ = [
+    "SlimPlan",
+    "SlimResult",
+    "plan_slim",
+    "slim_lora",
+]
+
 # kohya's legacy hash: SHA-256 of 64 KiB at offset 1 MiB of the file, first 8 hex digits.
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
-_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-PROVENANCE_PREFIX = "lora_prune."
 
 
 @dataclass
@@ -67,6 +82,8 @@ class SlimPlan:
 
 @dataclass
 class SlimResult:
+    """What :func:`slim_lora` wrote: the output, the blocks kept and dropped, and its size."""
+
     source: Path
     output: Path
     kept_blocks: list[str]
@@ -80,7 +97,17 @@ class SlimResult:
 
 
 def plan_slim(lora: LoraFile, keep: Iterable[str]) -> SlimPlan:
-    """Split the LoRA's modules into kept and dropped for a set of block ids."""
+    """Split the LoRA's modules into kept and dropped for a set of block ids.
+
+    Args:
+        lora: a file from :func:`~lora_prune.lora.read_lora`.
+        keep: block ids to keep (e.g. from :func:`~lora_prune.blocks.parse_block_spec`).
+
+    Example::
+
+        plan = plan_slim(read_lora("my_lora.safetensors"), {"double.7", "single.20"})
+        print(plan.kept_blocks, plan.kept_bytes)
+    """
     keep_set = set(keep)
     kept = [m for m in lora.modules.values() if m.block in keep_set]
     dropped = [m for m in lora.modules.values() if m.block not in keep_set]
@@ -94,7 +121,7 @@ def plan_slim(lora: LoraFile, keep: Iterable[str]) -> SlimPlan:
     )
 
 
-def resolve_keep(
+def _resolve_keep(
     lora: LoraFile, keep: Iterable[str] | None, drop: Iterable[str] | None
 ) -> set[str]:
     """The keep set from ``--keep`` or ``--drop`` (exactly one of them)."""
@@ -112,14 +139,14 @@ def resolve_keep(
     return set(lora.blocks) - set(drop)
 
 
-def default_output(source: Path) -> Path:
+def _default_output(source: Path) -> Path:
     """``<stem>.slim.safetensors`` beside the input."""
     name = source.name
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else source.stem
     return source.with_name(f"{stem}.slim.safetensors")
 
 
-def check_output_path(source: Path, output: Path, *, force: bool) -> None:
+def _check_output_path(source: Path, output: Path, *, force: bool) -> None:
     """Refuse to replace the input (also through links) or an existing file without force."""
     if output.is_dir():
         raise UsageError("the output is a folder", output, "give a file name with -o")
@@ -204,21 +231,21 @@ def build_metadata(
 ) -> dict[str, str]:
     """The output's metadata: the input's, refreshed, plus provenance."""
     meta = dict(lora.metadata)
-    if "sshs_model_hash" in meta:
-        meta["sshs_model_hash"] = digests.data_sha256
-    if "sshs_legacy_hash" in meta:
-        meta["sshs_legacy_hash"] = digests.legacy
-    if "modelspec.hash_sha256" in meta:
-        meta["modelspec.hash_sha256"] = "0x" + digests.data_sha256
+    if MODEL_HASH_KEY in meta:
+        meta[MODEL_HASH_KEY] = digests.data_sha256
+    if LEGACY_HASH_KEY in meta:
+        meta[LEGACY_HASH_KEY] = digests.legacy
+    if MODELSPEC_HASH_KEY in meta:
+        meta[MODELSPEC_HASH_KEY] = "0x" + digests.data_sha256
     if "lora_adapter_metadata" in meta:
         meta["lora_adapter_metadata"] = _narrow_adapter_metadata(
             meta["lora_adapter_metadata"], plan.kept
         )
-    meta[PROVENANCE_PREFIX + "source_sha256"] = source_sha256
-    meta[PROVENANCE_PREFIX + "source_name"] = lora.path.name
-    meta[PROVENANCE_PREFIX + "kept_blocks"] = format_block_spec(plan.kept_blocks)
-    meta[PROVENANCE_PREFIX + "dropped_blocks"] = format_block_spec(plan.dropped_blocks)
-    meta[PROVENANCE_PREFIX + "version"] = __version__
+    meta[SOURCE_SHA_KEY] = source_sha256
+    meta[SOURCE_NAME_KEY] = lora.path.name
+    meta[KEPT_BLOCKS_KEY] = format_block_spec(plan.kept_blocks)
+    meta[DROPPED_BLOCKS_KEY] = format_block_spec(plan.dropped_blocks)
+    meta[VERSION_KEY] = __version__
     if extra:
         meta.update(extra)
     return meta
@@ -291,11 +318,26 @@ def slim_lora(
     Every kept tensor is byte-identical to the input; the output is written to a
     temp file, re-read and checked, then renamed into place. Keys of block
     ``other`` (with ``allow_unknown``) are kept only when ``other`` is kept.
+
+    Args:
+        source: the full LoRA, as a path or a :class:`~lora_prune.lora.LoraFile`.
+        keep: block ids to keep; or None with ``drop``.
+        drop: block ids to drop (everything else is kept).
+        output: where to write; None is ``<stem>.slim.safetensors`` beside the source.
+        force: replace an existing output (never the source itself).
+        extra_metadata: more ``__metadata__`` entries (e.g. a verification record).
+        allow_unknown: as for :func:`~lora_prune.lora.read_lora`.
+
+    Example::
+
+        result = slim_lora("my_lora.safetensors", parse_block_spec("double.7,single.20"),
+                           output="small.safetensors")
+        print(result.kept_blocks, result.output)
     """
     lora = (
         source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
     )
-    keep_set = resolve_keep(lora, keep, drop)
+    keep_set = _resolve_keep(lora, keep, drop)
     unknown_ids = keep_set - set(BLOCK_IDS) - {OTHER}
     if unknown_ids:
         raise UsageError(
@@ -308,8 +350,8 @@ def slim_lora(
             lora.path,
             f"the LoRA has blocks {format_block_spec(lora.blocks)}; keep at least one",
         )
-    out_path = Path(output) if output is not None else default_output(lora.path)
-    check_output_path(lora.path, out_path, force=force)
+    out_path = Path(output) if output is not None else _default_output(lora.path)
+    _check_output_path(lora.path, out_path, force=force)
 
     source_sha = file_sha256(lora.path)
     with SafetensorsReader(lora.path, lora.header) as reader:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .adapters import LOW_RANK_ADAPTERS, alpha_problem, factor_problem
 from .blocks import block_order
 from .errors import CorruptFileError
-from .lora import LoraFile, LoraModule, alpha_problem, factor_problem
+from .lora import LoraFile, LoraModule
+from .provenance import KEPT_BLOCKS_KEY, SOURCE_SHA_KEY, VERIFICATION_KEY
 from .safetensors_io import SafetensorsReader
 
 #: Metadata keys shown in the inspect summary, in this order, when present.
@@ -31,9 +33,9 @@ SUMMARY_METADATA_KEYS = (
     "modelspec.architecture",
     "modelspec.title",
     "modelspec.trigger_phrase",
-    "lora_prune.kept_blocks",
-    "lora_prune.source_sha256",
-    "lora_prune.verification",
+    KEPT_BLOCKS_KEY,
+    SOURCE_SHA_KEY,
+    VERIFICATION_KEY,
 )
 
 
@@ -188,6 +190,8 @@ def _finite(x: float) -> float | None:
 
 @dataclass
 class BlockStats:
+    """One block's share of a LoRA: modules, tensors, parameters, bytes and weight-delta norm."""
+
     block: str
     modules: int
     tensors: int
@@ -291,7 +295,19 @@ def block_stats(lora: LoraFile, *, with_norms: bool = True) -> list[BlockStats]:
 
 
 def inspect_lora(lora: LoraFile, *, sort: str = "block") -> LoraReport:
-    """Summarise a LoRA: format, dtypes, ranks, alphas, metadata and per-block stats."""
+    """Summarise a LoRA: format, dtypes, ranks, alphas, metadata and per-block stats.
+
+    Args:
+        lora: a file from :func:`~lora_prune.lora.read_lora`; its tensors are
+            read one at a time for the per-block norms.
+        sort: order of ``blocks``: ``"block"`` (model order), ``"size"`` or
+            ``"norm"`` (largest first).
+
+    Example::
+
+        report = inspect_lora(read_lora("my_lora.safetensors"), sort="norm")
+        print([(b.block, b.norm) for b in report.blocks[:5]])
+    """
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {SORT_KEYS}")
     tensors = lora.header.tensors.values()
@@ -301,7 +317,7 @@ def inspect_lora(lora: LoraFile, *, sort: str = "block") -> LoraReport:
     adapters: Counter[str] = Counter()
     for module in lora.modules.values():
         adapters[module.adapter] += 1
-        if module.rank is not None and module.adapter in ("lora", "loha", "lokr"):
+        if module.rank is not None and module.adapter in LOW_RANK_ADAPTERS:
             ranks[module.rank] += 1
         if module.alpha is not None:
             alphas[module.alpha] += 1

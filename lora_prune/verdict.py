@@ -35,6 +35,26 @@ import numpy as np
 from .errors import NoEffectError, UsageError
 from .metrics import mse, ssim
 
+__all__ = [
+    "BASE_DISTANCES",
+    "DEFAULT_CRITERION",
+    "DEFAULT_MIN_KEPT",
+    "NOISE_MSE",
+    "Criterion",
+    "CurvePoint",
+    "Distance",
+    "ImageScore",
+    "curve_point",
+    "effect_is_measurable",
+    "effect_of",
+    "no_effect_error",
+    "score_image",
+    "ssim_distance",
+    "unmeasurable",
+    "verdict_passes",
+    "worst_kept",
+]
+
 #: An effect (MSE of base vs full, 8-bit units) at or below this is render noise.
 NOISE_MSE = 1.0
 #: Default share of the LoRA's effect a slim must keep on every image and distance.
@@ -194,7 +214,7 @@ def worst_kept(scores: Sequence[ImageScore]) -> dict[str, float]:
     return out
 
 
-def mean_kept(scores: Sequence[ImageScore]) -> dict[str, float]:
+def _mean_kept(scores: Sequence[ImageScore]) -> dict[str, float]:
     """The mean kept share per distance over the measurable images."""
     names = {n for s in scores for n in s.kept}
     return {n: float(np.mean([s.kept[n] for s in scores if n in s.kept])) for n in sorted(names)}
@@ -223,7 +243,7 @@ def curve_point(
         k,
         list(blocks),
         size,
-        mean_kept(scores),
+        _mean_kept(scores),
         worst_kept(scores),
         verdict_passes(scores),
         rendered,

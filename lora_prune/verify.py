@@ -1,6 +1,6 @@
 """Proving a slim LoRA: it must render like the full one.
 
-:func:`check_subset` proves at the byte level that a slim file holds whole
+:func:`check_subset` (from :mod:`lora_prune.provenance`, re-exported here) proves at the byte level that a slim file holds whole
 blocks of the full file and nothing else. Because of that, rendering the full
 LoRA with only the slim file's blocks switched on *is* rendering the slim file,
 so :func:`verify_slim` and :func:`auto_keep` render per-image block masks on one
@@ -9,7 +9,6 @@ engine attached to the full LoRA (torch-free here: the renderer is passed in).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +19,17 @@ import numpy as np
 from . import __version__
 from .analysis import AnalyzeSettings, Renderer, settings_to_json, write_json
 from .blocks import block_order, format_block_spec, sort_blocks
-from .errors import NoEffectError, UnsupportedLoraError, UsageError
+from .errors import NoEffectError, NotASubsetError, UsageError
 from .lora import LoraFile
 from .metrics import diff_map
 from .pictures import contact_sheet, heatmap_overlay, label_tile, save_png, side_by_side
-from .provenance import CRITERION, FORMULA, VERIFICATION_KEY, VerificationRecord
-from .safetensors_io import SafetensorsReader
+from .provenance import (
+    CRITERION,
+    FORMULA,
+    VERIFICATION_KEY,
+    VerificationRecord,
+    check_subset,
+)
 from .verdict import (
     BASE_DISTANCES,
     DEFAULT_CRITERION,
@@ -54,61 +58,10 @@ __all__ = [
 ]
 
 
-class NotASubsetError(UnsupportedLoraError):
-    """The slim file is not made of whole blocks of the full file."""
-
-
-def _digest(reader: SafetensorsReader, name: str) -> str:
-    return hashlib.sha256(reader.read_bytes(name)).hexdigest()
-
-
-def check_subset(full: LoraFile, slim: LoraFile) -> list[str]:
-    """The slim file's blocks, after proving they are whole, identical blocks of ``full``.
-
-    Raises :class:`NotASubsetError` naming the first key that differs, is
-    missing from ``full``, or is missing from a block the slim file keeps.
-    """
-    full_tensors = full.header.tensors
-    slim_tensors = slim.header.tensors
-    for name, info in slim_tensors.items():
-        other = full_tensors.get(name)
-        if other is None:
-            raise NotASubsetError(
-                "the slim file has a key the full file lacks",
-                f"{slim.path}: {name}",
-                "give the full LoRA this file was slimmed from",
-            )
-        if (other.dtype, other.shape) != (info.dtype, info.shape):
-            raise NotASubsetError(
-                f"key differs in dtype/shape ({info.dtype}{list(info.shape)} vs "
-                f"{other.dtype}{list(other.shape)})",
-                f"{slim.path}: {name}",
-                "give the full LoRA this file was slimmed from",
-            )
-    blocks = slim.blocks
-    with (
-        SafetensorsReader(full.path, full.header) as fr,
-        SafetensorsReader(slim.path, slim.header) as sr,
-    ):
-        for name in sorted(slim_tensors, key=lambda n: slim_tensors[n].begin):
-            if _digest(fr, name) != _digest(sr, name):
-                raise NotASubsetError(
-                    "tensor values differ from the full file",
-                    f"{slim.path}: {name}",
-                    "the slim file was not cut from this full file",
-                )
-    for key, block in full.key_blocks.items():
-        if block in blocks and key not in slim_tensors:
-            raise NotASubsetError(
-                f"the slim file keeps block {block} but lacks its key",
-                f"{slim.path}: {key}",
-                "verify supports slims of whole blocks (as lora-prune slim writes)",
-            )
-    return blocks
-
-
 @dataclass
 class VerifyResult:
+    """A slim LoRA's verification: per-image scores against its full LoRA, and the verdict."""
+
     full: str
     slim: str | None
     full_sha256: str
@@ -231,6 +184,24 @@ def verify_slim(
     The verdict is :mod:`lora_prune.verdict`'s: the share of the LoRA's effect
     kept, on every image and distance. With ``out_dir``, writes ``verify.png``
     (rows of base | full | slim | heatmap of slim vs full) and ``verify.json``.
+
+    Args:
+        full: the full LoRA; ``full_sha256`` its file hash (recorded in the result).
+        keep: the blocks the slim file keeps (see :func:`check_subset`).
+        settings: prompts, seeds, size, steps, guidance and strength of the renders.
+        renderer: renders a batch of block variants of ``full``.
+        criterion: the verdict's thresholds (share of the effect kept, SSIM).
+        distances: the image distances the verdict uses.
+        slim_path: the slim file, recorded in the result.
+        out_dir: where to write ``verify.png`` and ``verify.json``; None writes nothing.
+        scale: upscale factor of the picture's tiles.
+
+    Example::
+
+        kept = check_subset(full, read_lora("small.safetensors"))
+        with open_session(ModelSpec(model="tiny"), full) as session:
+            result = verify_slim(full, file_sha256(full.path), kept, settings, session.renderer)
+        print(result.passed, result.worst_kept)
     """
     kept = frozenset(keep)
     all_blocks = frozenset(full.blocks)
@@ -292,6 +263,8 @@ def verify_slim(
 
 @dataclass
 class AutoResult:
+    """What :func:`auto_keep` chose: the blocks, the ranking, the pruning curve and the proof."""
+
     blocks: list[str]
     order: list[str]
     #: the pruning curve: top-k of ``order`` for k = 0, every k rendered, and n
@@ -320,6 +293,23 @@ def auto_keep(
     the batch holding the first passing k, otherwise every k is rendered (the
     full pruning curve). Raises :class:`NoEffectError` when the LoRA shows no
     measurable effect on some image: no keep set can be proved there.
+
+    Args:
+        full: the full LoRA; ``full_sha256`` its file hash.
+        order: block ids, most important first (an :func:`~lora_prune.analysis.analyze` ranking).
+        settings: prompts, seeds and render settings, as for :func:`verify_slim`.
+        renderer: renders a batch of block variants of ``full``.
+        criterion: the verdict's thresholds; ``distances`` its image distances.
+        batch_size: candidate sets per renderer call.
+        stop_at_pass: stop at the first batch with a passing k.
+        size_of: bytes of a keep set, for the curve (None: 0).
+        progress: called with ``(k done, n)`` after each batch.
+
+    Example::
+
+        order = [r.block for r in analysis.rows_for("loo")]
+        auto = auto_keep(full, sha, order, settings, session.renderer)
+        slim_lora(full, auto.blocks, output="small.safetensors")
     """
     order = [b for b in order if b in full.blocks]
     if not order:

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from lora_prune.safetensors_io import TensorEntry, write_safetensors
-from lora_prune.synth import SynthSpec, write_synth_lora
+from lora_prune.testing import SynthSpec, write_synth_lora
 
 SynthFile = Callable[..., Path]
 TensorFile = Callable[..., Path]

@@ -239,7 +239,7 @@ Tensors = list[tuple[str, str, list[int], bytes]]
 
 
 def _seed_specs() -> list[object]:
-    from lora_prune.synth import GRAMMARS, PEFT_METADATA_GRAMMARS, SynthSpec, supported_blocks
+    from lora_prune.testing import GRAMMARS, PEFT_METADATA_GRAMMARS, SynthSpec, supported_blocks
 
     specs: list[object] = []
     for grammar in GRAMMARS:
@@ -263,7 +263,7 @@ _SEEDS: list[tuple[dict[str, str], Tensors]] = []
 def fuzz_seeds() -> list[tuple[dict[str, str], Tensors]]:
     """(metadata, tensors) of one small synthetic LoRA per grammar and adapter, built once."""
     if not _SEEDS:
-        from lora_prune.synth import SynthSpec, synth_metadata, synth_tensors
+        from lora_prune.testing import SynthSpec, synth_metadata, synth_tensors
 
         for spec in _seed_specs():
             assert isinstance(spec, SynthSpec)

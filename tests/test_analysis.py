@@ -7,17 +7,24 @@ covered in test_analyze_tiny.py.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from lora_prune import cli as cli_module
 from lora_prune.analysis import (
     AnalyzeSettings,
+    Job,
+    RenderStats,
     analyze,
     batches,
     compute_analysis,
@@ -25,10 +32,12 @@ from lora_prune.analysis import (
     read_manifest,
 )
 from lora_prune.blocks import block_order
+from lora_prune.cli import cli
 from lora_prune.errors import UsageError
-from lora_prune.lora import read_lora
+from lora_prune.lora import LoraFile, read_lora
+from lora_prune.rendercache import DamagedRenderError
 from lora_prune.safetensors_io import file_sha256
-from lora_prune.synth import planted_lora
+from lora_prune.testing import planted_lora
 
 PLANTED = {"double.3": 1.0, "single.7": 0.5, "single.20": 0.25}
 
@@ -278,3 +287,161 @@ def test_contact_sheet_has_one_labelled_tile_per_block(lora, tmp_path: Path) -> 
     if r < rows:
         x, y = 4 + c * (tw + 4), top + 4 + r * (th + 4)
         assert (sheet[y : y + th, x : x + tw] == 24).all()
+
+
+def _solo_path(out: Path, block: str, prompt: int = 0, seed: int = 0) -> Path:
+    manifest = read_manifest(out)
+    (job,) = [
+        j
+        for j in manifest["jobs"]
+        if j["kind"] == "solo"
+        and j["block"] == block
+        and (j["prompt"], j["seed"]) == (prompt, seed)
+    ]
+    return out / job["path"]
+
+
+def _truncate(out: Path) -> Path:
+    path = _solo_path(out, "double.0")
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _wrong_size(out: Path) -> Path:
+    path = _solo_path(out, "double.1")
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(path, format="PNG")
+    return path
+
+
+def _other_content(out: Path) -> Path:
+    # The strongest block's image in place of a block without effect: trusted,
+    # it would rank single.0 among the first.
+    path = _solo_path(out, "single.0")
+    path.write_bytes(_solo_path(out, "double.3").read_bytes())
+    return path
+
+
+def _corrupt(out: Path) -> Path:
+    path = _solo_path(out, "double.2", seed=1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _unrecorded(out: Path) -> Path:
+    path = _solo_path(out, "single.1", prompt=1)
+    path.with_suffix(".json").unlink()
+    return path
+
+
+DAMAGES = {
+    "truncated": _truncate,
+    "wrong size": _wrong_size,
+    "other content": _other_content,
+    "corrupt": _corrupt,
+    "no record": _unrecorded,
+}
+
+
+def _ranking(out: Path) -> str:
+    return (out / "ranking.json").read_text().replace(str(out), "")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoraFile, Path]:
+    """One finished sweep (batches of 10) that tests copy, then damage."""
+    folder = tmp_path_factory.mktemp("finished")
+    lora = read_lora(planted_lora(folder / "planted.safetensors", PLANTED))
+    run = folder / "run"
+    first = analyze(
+        lora, file_sha256(lora.path), settings(), run, FakeRenderer(PLANTED), batch_size=10
+    )
+    assert first.renders.damaged == 0
+    return lora, run
+
+
+def _copy(finished: tuple[LoraFile, Path], tmp_path: Path) -> tuple[LoraFile, str, Path]:
+    lora, run = finished
+    return lora, file_sha256(lora.path), Path(shutil.copytree(run, tmp_path / "out"))
+
+
+def test_damaged_cached_renders_are_rendered_again_and_change_nothing(
+    finished: tuple[LoraFile, Path], tmp_path: Path
+) -> None:
+    lora, sha, out = _copy(finished, tmp_path)
+    reference = finished[1]
+    damaged = [damage(out) for damage in DAMAGES.values()]
+
+    again = FakeRenderer(PLANTED)
+    result = analyze(lora, sha, settings(), out, again, batch_size=10)
+    assert result.renders.damaged == len(damaged) == 5
+    # Exactly the batches holding a damaged image were rendered again.
+    jobs = [
+        Job(j["key"], j["kind"], j["block"], frozenset(j["blocks"]), j["prompt"], j["seed"])
+        for j in read_manifest(out)["jobs"]
+    ]
+    names = {p.name for p in damaged}
+    touched = [b for b in batches(jobs, 10) if any(Path(j.path).name in names for j in b)]
+    assert 1 < len(touched) < len(list(batches(jobs, 10)))
+    assert again.calls == len(touched) and again.rendered == sum(len(b) for b in touched)
+    assert result.renders.rendered == again.rendered
+    assert _ranking(out) == _ranking(reference)
+    for path in damaged:
+        assert path.read_bytes() == (reference / path.relative_to(out)).read_bytes()
+    assert analyze(lora, sha, settings(), out, FakeRenderer(PLANTED), batch_size=10).renders == (
+        RenderStats(planned=result.renders.planned, cached=result.renders.planned)
+    )
+
+
+def test_a_record_copied_with_another_image_is_refused(
+    finished: tuple[LoraFile, Path], tmp_path: Path
+) -> None:
+    lora, sha, out = _copy(finished, tmp_path)
+    target, source = _solo_path(out, "single.0"), _solo_path(out, "double.3")
+    for suffix in (".png", ".json"):
+        target.with_suffix(suffix).write_bytes(source.with_suffix(suffix).read_bytes())
+    result = analyze(lora, sha, settings(), out, FakeRenderer(PLANTED), batch_size=10)
+    assert result.renders.damaged == 1
+    assert next(r for r in result.rows_for("solo") if r.block == "single.0").mse == 0.0
+
+
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_from_dir_refuses_a_damaged_render_by_name(
+    finished: tuple[LoraFile, Path], tmp_path: Path, kind: str
+) -> None:
+    _, _, out = _copy(finished, tmp_path)
+    ranking = (out / "ranking.json").read_bytes()
+    bad = DAMAGES[kind](out)
+    with pytest.raises(DamagedRenderError) as err:
+        compute_analysis(read_manifest(out), out)
+    assert err.value.where == str(bad)
+    result = CliRunner().invoke(cli, ["analyze", "--from", str(out)])
+    assert result.exit_code == 3
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: cached render ") and f", {bad}, " in result.output
+    assert "render it again" in result.output
+    # Refused before anything was written.
+    assert (out / "ranking.json").read_bytes() == ranking
+
+
+def test_analyze_prints_one_note_for_damaged_renders(
+    lora, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @contextlib.contextmanager
+    def fake_session(spec: object, lora_file: LoraFile) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(renderer=FakeRenderer(PLANTED))
+
+    # The CLI's one seam to the render stack: everything above it runs for real.
+    monkeypatch.setattr(cli_module, "_session", fake_session)
+    out = tmp_path / "out"
+    args = ["analyze", str(lora.path), "--model", "fake", "--prompt", "a fox", "--size", "32"]
+    args += ["--steps", "2", "--out", str(out)]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "note:" not in first.output
+    _truncate(out), _wrong_size(out), _other_content(out)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    notes = [line for line in again.output.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 3 cached images were damaged or had no record and rendered again"]

@@ -46,7 +46,7 @@ from lora_prune.check import (
 from lora_prune.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREADABLE, UnsafeFileError, UsageError
 from lora_prune.safetensors_io import TensorEntry, file_sha256, read_header, write_safetensors
 from lora_prune.slim import slim_lora
-from lora_prune.synth import GRAMMARS, SynthSpec, write_synth_lora
+from lora_prune.testing import GRAMMARS, SynthSpec, write_synth_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -857,7 +857,7 @@ def test_no_zip_false_positive(tmp_path: Path) -> None:
 
 
 def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_prune.check as check
+    import lora_prune.check.scan as check
 
     synth(tmp_path / "a" / "good.safetensors", blocks=("double.0",))
     real_walk = os.walk
@@ -879,3 +879,33 @@ def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.Monkey
         "cannot list folder (Permission denied), check its permissions"
     )
     assert result.exit_code == EXIT_UNREADABLE
+
+
+def test_tucker_mid_of_another_rank_chains_through_mid(tmp_path: Path) -> None:
+    # up [32, 2] @ mid [2, 4] @ down [4, 32] multiplies: up and down need not share a rank.
+    path = write_tensors(
+        tmp_path / "mid.safetensors",
+        {
+            f"{PROJ}.lora_down.weight": np.ones((4, 32)),
+            f"{PROJ}.lora_mid.weight": np.ones((2, 4)),
+            f"{PROJ}.lora_up.weight": np.ones((32, 2)),
+        },
+    )
+    (f,) = run_check([path]).files
+    assert [x.code for x in f.errors] == []
+    assert f.status == "pass"
+
+
+def test_tucker_mid_that_does_not_fit_down_is_a_rank_mismatch(tmp_path: Path) -> None:
+    path = write_tensors(
+        tmp_path / "mid.safetensors",
+        {
+            f"{PROJ}.lora_down.weight": np.ones((4, 32)),
+            f"{PROJ}.lora_mid.weight": np.ones((2, 3)),
+            f"{PROJ}.lora_up.weight": np.ones((32, 2)),
+        },
+    )
+    (f,) = run_check([path]).files
+    (finding,) = f.errors
+    assert (finding.code, finding.key) == ("rank_mismatch", f"{PROJ}.lora_down.weight")
+    assert "4 rows ([4, 32])" in finding.message and "3 columns ([2, 3])" in finding.message

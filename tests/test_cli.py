@@ -28,7 +28,7 @@ from hostile import Corpus, make_hostile_corpus
 
 from lora_prune import fileio
 from lora_prune.cli import cli
-from lora_prune.synth import (
+from lora_prune.testing import (
     SynthSpec,
     supported_blocks,
     synth_metadata,

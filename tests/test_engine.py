@@ -28,11 +28,12 @@ from lora_prune.errors import (
 )
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
-from lora_prune.render.engine import BlockEngine, render_combination
+from lora_prune.render.combination import render_combination
+from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
 from lora_prune.settings import ImageSettings
-from lora_prune.synth import SynthSpec, supported_blocks, write_synth_lora
+from lora_prune.testing import SynthSpec, supported_blocks, write_synth_lora
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """Tests of the block map: every grammar's keys resolve to the right stem, block and target.
 
-The expectations come from :mod:`lora_prune.synth`, whose module tables are
+The expectations come from :mod:`lora_prune.testing`, whose module tables are
 written independently of the parser's, and from the numbers of the field guide
 (/work/shared/reference/flux-lora-formats.md).
 """
@@ -26,7 +26,7 @@ from lora_prune.keys import ParsedKey, parse_key, split_role
 from lora_prune.lora import read_lora
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
-from lora_prune.synth import (
+from lora_prune.testing import (
     GRAMMARS,
     SynthModule,
     SynthSpec,

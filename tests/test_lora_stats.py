@@ -17,12 +17,11 @@ import pytest
 from conftest import SynthFile
 
 from lora_prune.lora import LoraModule, read_lora
-from lora_prune.safetensors_io import SafetensorsReader, decode_array
+from lora_prune.safetensors_io import SafetensorsReader, decode_array, encode_array
 from lora_prune.stats import block_stats, inspect_lora, module_norm
-from lora_prune.synth import (
+from lora_prune.testing import (
     SYNTH_DTYPES,
     SynthSpec,
-    encode_array,
     expected_scale,
     planted_lora,
     supported_blocks,

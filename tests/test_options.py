@@ -26,7 +26,7 @@ from lora_prune.settings import (
     model_defaults,
     parse_seeds,
 )
-from lora_prune.synth import SynthSpec, write_synth_lora
+from lora_prune.testing import SynthSpec, write_synth_lora
 
 
 @pytest.fixture(scope="module")

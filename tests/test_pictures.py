@@ -321,7 +321,8 @@ def test_save_png_failed_write_removes_temp(
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Image.Image, "save", fail)
+    # The PNG is encoded in memory first; a full disk shows when the bytes are flushed.
+    monkeypatch.setattr("lora_prune.fileio.os.fsync", fail)
     with pytest.raises(OutputError, match="No space left"):
         save_png(_gradient(4, 4), tmp_path / "x.png")
     assert os.listdir(tmp_path) == []

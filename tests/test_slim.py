@@ -1,7 +1,7 @@
 """Tests of slim_lora: byte-identical kept tensors, refreshed metadata, loading, properties.
 
 The expected block of every tensor comes from the synthetic generator's own module
-table (:func:`lora_prune.synth.synth_modules`), which is written independently of
+table (:func:`lora_prune.testing.synth_modules`), which is written independently of
 the key parser, and tensors are compared with the official ``safetensors``
 reader, so a parser or writer bug cannot confirm itself.
 """
@@ -41,7 +41,7 @@ from lora_prune.lora import read_lora
 from lora_prune.safetensors_io import TensorEntry, build_header
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
-from lora_prune.synth import GRAMMARS, SynthSpec, synth_modules, write_synth_lora
+from lora_prune.testing import GRAMMARS, SynthSpec, synth_modules, write_synth_lora
 
 # The official reader, typed: name -> {"dtype", "shape", "data"} in file order.
 deserialize: Callable[[bytes], list[tuple[str, dict[str, Any]]]] = safetensors.deserialize

@@ -28,7 +28,7 @@ from lora_prune.render.loading import ModelSpec
 from lora_prune.render.session import open_session
 from lora_prune.safetensors_io import file_sha256
 from lora_prune.slim import slim_lora
-from lora_prune.synth import planted_lora
+from lora_prune.testing import planted_lora
 from lora_prune.verdict import NOISE_MSE, Criterion, score_image
 from lora_prune.verify import auto_keep, verify_slim
 

@@ -30,7 +30,7 @@ from lora_prune.render.session import open_session
 from lora_prune.render.workflows import run_demo
 from lora_prune.safetensors_io import file_sha256
 from lora_prune.slim import slim_lora
-from lora_prune.synth import planted_lora
+from lora_prune.testing import planted_lora
 from lora_prune.verify import VERIFICATION_KEY
 
 torch.set_num_threads(1)

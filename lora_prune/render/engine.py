@@ -10,9 +10,6 @@ loaded once, and a forward hook on each module adds the delta of the blocks that
 are switched on, sample by sample. One pipeline call thus renders a batch where
 every image has its own set of active blocks, from the same starting noise, and
 the model's weights are never written (fuse/unfuse drifts in bf16).
-
-:func:`render_combination` is the manual mode of ``lora-prune render``: the base,
-full and chosen images with their metrics and a side-by-side picture.
 """
 
 from __future__ import annotations
@@ -29,71 +26,27 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from ..blocks import BLOCK_IDS, OTHER, TEXT_ENCODER_IDS, format_block_spec, sort_blocks
+from ..adapters import APPLIED_ROLES, FULL_ROLES, UNRENDERABLE_ROLES
+from ..blocks import BLOCK_IDS, OTHER, TEXT_ENCODER_IDS, sort_blocks
 from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterError, UsageError
 from ..geometry import FLUX1_DEV, TINY
 from ..keys import Target
 from ..lora import LoraFile, LoraModule, alpha_problem, factor_problem
-from ..metrics import diff_map, mse, ssim
-from ..pictures import global_vmax, heatmap_overlay, label_tile, side_by_side
 from ..safetensors_io import SafetensorsReader
 from ..settings import ImageSettings, check_batch_size
 from .loading import LoadedModel
 
 __all__ = [
     "BlockEngine",
-    "CombinationResult",
-    "render_combination",
 ]
 
 OutputKind = Literal["uint8", "float"]
 
-#: Tiles of the manual mode's picture are upscaled to about this width.
-_LEGIBLE_WIDTH = 256
 #: How many offending modules an error message names.
 _SHOW = 3
 # Roles that only carry a scalar or are read through LoraModule.scale.
 _SCALAR_ROLES = frozenset({"alpha"})
-_LINEAR_ROLES = frozenset(
-    {
-        "down",
-        "up",
-        "up_bias",
-        "hada_w1_a",
-        "hada_w1_b",
-        "hada_w2_a",
-        "hada_w2_b",
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-        "diff",
-        "diff_b",
-        "w_norm",
-        "b_norm",
-        "set_weight",
-    }
-)
-_NORM_ROLES = frozenset({"diff", "diff_b", "w_norm", "b_norm", "set_weight"})
-# Adapters the engine refuses, with what to tell the user.
-_UNSUPPORTED_ROLES: dict[str, str] = {
-    "dora_scale": "DoRA (dora_scale)",
-    "reshape_weight": "weight reshaping (reshape_weight)",
-    "oft_blocks": "OFT/BOFT",
-    "rescale": "OFT/BOFT",
-    "glora_a1": "GLoRA",
-    "glora_a2": "GLoRA",
-    "glora_b1": "GLoRA",
-    "glora_b2": "GLoRA",
-    "mid": "Tucker LoCon (lora_mid) on a Linear layer",
-    "hada_t1": "Tucker LoHa (hada_t1/hada_t2)",
-    "hada_t2": "Tucker LoHa (hada_t1/hada_t2)",
-    "lokr_t2": "Tucker LoKr (lokr_t2)",
-}
 # Known widths, to name the base model a mismatched LoRA was made for.
 _TRANSFORMER_WIDTHS: dict[int, str] = {
     FLUX1_DEV.hidden: "FLUX.1",
@@ -145,17 +98,34 @@ class _Piece:
 _Selection: TypeAlias = "torch.Tensor | None"  # sample indices, or None = every sample of the batch
 
 
+@dataclass
+class _Switches:
+    """What the running pipeline call has switched on: the engine sets it, its hooks read it.
+
+    ``selection`` maps each active block to the samples it is on for; ``batch``
+    is the batch size the hooks must see (0 = not checked, outside a batch).
+    """
+
+    selection: dict[str, _Selection] = field(default_factory=dict)
+    strength: float = 1.0
+    batch: int = 0
+
+    def reset(self) -> None:
+        """Every block off, as outside :meth:`BlockEngine.render`."""
+        self.selection, self.strength, self.batch = {}, 1.0, 0
+
+
 class _Hook:
     """The forward hook of one diffusers module: adds its pieces' delta for active samples."""
 
     def __init__(
         self,
-        engine: BlockEngine,
+        switches: _Switches,
         block: str,
         kind: str,
         normalise: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> None:
-        self.engine = engine
+        self.switches = switches
         self.block = block
         self.kind = kind
         self.normalise = normalise
@@ -193,8 +163,8 @@ class _Hook:
         return total
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        engine = self.engine
-        selection = engine._selection
+        switches = self.switches
+        selection = switches.selection
         if self.block not in selection or not isinstance(output, torch.Tensor):
             return None
         x = args[0]
@@ -202,12 +172,12 @@ class _Hook:
             self._to_device(x.device)
         index = selection[self.block]
         if index is None:
-            return output + self.delta(x, engine._strength).to(output.dtype)
-        if output.shape[0] != engine._batch or x.shape[0] != engine._batch:
+            return output + self.delta(x, switches.strength).to(output.dtype)
+        if output.shape[0] != switches.batch or x.shape[0] != switches.batch:
             raise RuntimeError(
-                f"hook on a {self.block} module saw batch {output.shape[0]}, expected {engine._batch}"
+                f"hook on a {self.block} module saw batch {output.shape[0]}, expected {switches.batch}"
             )
-        delta = self.delta(x.index_select(0, index), engine._strength).to(output.dtype)
+        delta = self.delta(x.index_select(0, index), switches.strength).to(output.dtype)
         # index_add on the batch dim works for 2-D modulation inputs and 3-D token inputs alike.
         return output.index_add(0, index, delta.expand(index.shape[0], *output.shape[1:]))
 
@@ -376,9 +346,7 @@ class BlockEngine:
         self.pipe: Any = loaded.pipe
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._hooks: dict[str, _Hook] = {}
-        self._selection: dict[str, _Selection] = {}
-        self._strength = 1.0
-        self._batch = 0
+        self._switches = _Switches()
         self._closed = False
         self._registered = False
         transformer = self.pipe.transformer
@@ -439,9 +407,9 @@ class BlockEngine:
     def _check_adapter(self, module: LoraModule) -> None:
         for role in module.tensors:
             base = role.split("#")[0]
-            if base in _UNSUPPORTED_ROLES:
+            if base in UNRENDERABLE_ROLES:
                 raise UnsupportedAdapterError(
-                    f"{_UNSUPPORTED_ROLES[base]} is not supported by the render engine",
+                    f"{UNRENDERABLE_ROLES[base]} is not supported by the render engine",
                     module.tensors[role].name,
                     "render with a tool that supports it, or drop this module",
                 )
@@ -501,7 +469,7 @@ class BlockEngine:
         modules = [m for m in found if m is not None]
         roles = {r.split("#")[0] for r in module.tensors} - _SCALAR_ROLES
         if target.kind == "norm":
-            bad = sorted(roles - _NORM_ROLES)
+            bad = sorted(roles - FULL_ROLES)
             if bad:
                 raise UnsupportedAdapterError(
                     f"{'/'.join(bad)} on a norm layer is not supported by the render engine",
@@ -524,7 +492,7 @@ class BlockEngine:
                 )
                 return None
             return _Plan(module, keys, rows, sum(rows))
-        bad = sorted(roles - _LINEAR_ROLES)
+        bad = sorted(roles - APPLIED_ROLES)
         if bad:
             raise UnsupportedAdapterError(
                 f"roles {bad} are not supported by the render engine",
@@ -684,7 +652,9 @@ class BlockEngine:
                 target_module = self._module(key)
                 assert target_module is not None
                 normalise = _normaliser(target_module) if target.kind == "norm" else None
-                hook = self._hooks[key] = _Hook(self, module.block, target.kind, normalise)
+                hook = self._hooks[key] = _Hook(
+                    self._switches, module.block, target.kind, normalise
+                )
                 hook.device = device
             hook.pieces.append(piece)
 
@@ -733,13 +703,12 @@ class BlockEngine:
         """
         self._check_open()
         self._check_variant(frozenset(blocks))
-        self._selection = {b: None for b in blocks if b in self.blocks}
-        self._strength = float(strength)
+        self._switches.selection = {b: None for b in blocks if b in self.blocks}
+        self._switches.strength = float(strength)
         try:
             yield
         finally:
-            self._selection = {}
-            self._strength = 1.0
+            self._switches.reset()
 
     # --- rendering -----------------------------------------------------------
     def _check_settings(self, settings: ImageSettings, batch_size: int) -> None:
@@ -763,8 +732,10 @@ class BlockEngine:
     def _encode(
         self, settings: ImageSettings, state: tuple[bool, bool]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._selection = {b: None for b, on in zip(TEXT_ENCODER_IDS, state, strict=True) if on}
-        self._batch = 1
+        self._switches.selection = {
+            b: None for b, on in zip(TEXT_ENCODER_IDS, state, strict=True) if on
+        }
+        self._switches.batch = 1
         try:
             with torch.no_grad():
                 embeds, pooled, _ids = self.pipe.encode_prompt(
@@ -775,7 +746,7 @@ class BlockEngine:
                     max_sequence_length=settings.max_sequence_length,
                 )
         finally:
-            self._selection = {}
+            self._switches.selection = {}
         return embeds, pooled
 
     def _latent(self, settings: ImageSettings, dtype: torch.dtype) -> torch.Tensor:
@@ -822,7 +793,7 @@ class BlockEngine:
         if not wanted:
             return []
         embeddings: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._strength = float(settings.strength)
+        self._switches.strength = float(settings.strength)
         try:
             for variant in wanted:
                 state = self._text_state(variant)
@@ -837,9 +808,7 @@ class BlockEngine:
                     progress(len(images))
             return images
         finally:
-            self._selection = {}
-            self._strength = 1.0
-            self._batch = 0
+            self._switches.reset()
 
     def _render_batch(
         self,
@@ -864,8 +833,8 @@ class BlockEngine:
         states = [self._text_state(v) for v in batch]
         embeds = torch.cat([embeddings[s][0] for s in states], dim=0)
         pooled = torch.cat([embeddings[s][1] for s in states], dim=0)
-        self._selection = selection
-        self._batch = size
+        self._switches.selection = selection
+        self._switches.batch = size
         try:
             result = self.pipe(
                 prompt_embeds=embeds,
@@ -880,7 +849,7 @@ class BlockEngine:
                 return_dict=False,
             )
         finally:
-            self._selection = {}
+            self._switches.selection = {}
         arrays = np.asarray(result[0], dtype=np.float32)
         if output == "uint8":
             # diffusers' own PIL conversion, so "uint8" equals output_type="pil" pixel for pixel.
@@ -894,7 +863,7 @@ class BlockEngine:
             handle.remove()
         self._handles.clear()
         self._hooks.clear()
-        self._selection = {}
+        self._switches.reset()
         self._closed = True
         if self._registered:
             self._registered = False
@@ -910,73 +879,3 @@ class BlockEngine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class CombinationResult:
-    """The manual mode's renders and numbers (MSE in 8-bit units, 0..65025)."""
-
-    blocks: frozenset[str]
-    settings: ImageSettings
-    base: np.ndarray
-    full: np.ndarray
-    chosen: np.ndarray
-    mse_vs_base: float
-    ssim_vs_base: float
-    mse_vs_full: float
-    ssim_vs_full: float
-    #: base | full | chosen | heatmap of chosen vs full, labelled
-    picture: Image.Image = field(repr=False)
-
-
-def render_combination(
-    engine: BlockEngine,
-    blocks: frozenset[str],
-    settings: ImageSettings,
-    *,
-    scale: int | None = None,
-) -> CombinationResult:
-    """Render no LoRA, the whole LoRA and ``blocks`` in one batch and compare them.
-
-    The heatmap shows where the chosen blocks differ from the full LoRA (what
-    dropping the other blocks costs). ``scale`` upscales the tiles of the
-    picture; None upscales small renders to about 256 px so captions stay legible.
-    """
-    chosen_blocks = frozenset(blocks)
-    full_blocks = frozenset(engine.blocks)
-    base, full, chosen = engine.render(
-        [frozenset(), full_blocks, chosen_blocks], settings, batch_size=3
-    )
-    if scale is None:
-        scale = max(1, round(_LEGIBLE_WIDTH / max(settings.width, 1)))
-    result_mse_base, result_ssim_base = mse(chosen, base), ssim(chosen, base)
-    result_mse_full, result_ssim_full = mse(chosen, full), ssim(chosen, full)
-    diff = diff_map(chosen, full)
-    vmax = global_vmax([diff])
-    label = format_block_spec(chosen_blocks) or "none"
-    tiles = [
-        label_tile(base, "base (no LoRA)", scale=scale),
-        label_tile(full, "full LoRA", f"MSE {mse(full, base):.1f}", "vs base", scale=scale),
-        label_tile(
-            chosen,
-            label,
-            f"MSE {result_mse_full:.1f}",
-            f"SSIM {result_ssim_full:.3f} vs full",
-            scale=scale,
-        ),
-        label_tile(
-            heatmap_overlay(chosen, diff, vmax), "chosen vs full", f"max {vmax:.0f}", scale=scale
-        ),
-    ]
-    return CombinationResult(
-        blocks=chosen_blocks,
-        settings=settings,
-        base=base,
-        full=full,
-        chosen=chosen,
-        mse_vs_base=result_mse_base,
-        ssim_vs_base=result_ssim_base,
-        mse_vs_full=result_mse_full,
-        ssim_vs_full=result_ssim_full,
-        picture=side_by_side(tiles),
-    )

@@ -36,7 +36,8 @@ import diffusers as _diffusers
 import torch
 
 from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
-from ..keys import BlockRangeError, resolve_module_path
+from ..keys import BlockRangeError, is_guidance_path, resolve_module_path
+from ..pickles import is_pickle_name
 from ..safetensors_io import file_sha256, read_header
 from ..settings import ModelSpec
 from .tiny import TINY_MODEL_ID, build_tiny_pipeline
@@ -62,7 +63,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-_PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 # Full ComfyUI/A1111 checkpoints nest the transformer under one of these; the
 # other prefixes (VAE, text encoders) are not ours to load.
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -177,10 +177,6 @@ def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
     return "", keys
 
 
-def _has_guidance(paths: list[str]) -> bool:
-    return any(p.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for p in paths)
-
-
 def convert_transformer_checkpoint(
     tensors: Mapping[str, torch.Tensor], rows: Mapping[str, int], source: str | Path
 ) -> dict[str, torch.Tensor]:
@@ -240,7 +236,7 @@ def convert_transformer_checkpoint(
 
 
 def _check_transformer_file(path: Path) -> None:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if is_pickle_name(path):
         raise UnsafeFileError(
             f"{path.suffix} checkpoints hold pickle code; refusing to load it",
             path,
@@ -268,7 +264,7 @@ def _load_transformer_file(
                     path,
                     "use a bf16, fp16 or plain fp8 FLUX.1 transformer checkpoint",
                 )
-            guidance = _has_guidance(paths)
+            guidance = any(is_guidance_path(p) for p in paths)
             if base_config is not None:
                 config = dict(base_config)
                 config["guidance_embeds"] = guidance  # a dev file may replace a schnell one

@@ -37,9 +37,8 @@ class EngineRenderer:
     def __call__(
         self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: RenderSettings
     ) -> list[np.ndarray]:
-        images = self.engine.render(
+        return self.engine.render(
             list(variants),
             settings.image(prompt, seed, self.max_sequence_length),
             batch_size=max(1, len(variants)),
         )
-        return images

@@ -33,7 +33,7 @@ from ..settings import (
     RenderRequest,
 )
 from ..slim import SlimResult, slim_lora
-from ..synth import planted_lora
+from ..testing import planted_lora
 from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
 from ..verify import (
     VERIFICATION_KEY,
