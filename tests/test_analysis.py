@@ -76,7 +76,7 @@ class FakeRenderer:
 
 
 @pytest.fixture()
-def lora(tmp_path: Path):
+def lora(tmp_path: Path) -> LoraFile:
     path = planted_lora(tmp_path / "planted.safetensors", PLANTED)
     return read_lora(path)
 
@@ -92,7 +92,7 @@ def settings(modes: tuple[str, ...] = ("solo", "loo")) -> AnalyzeSettings:
     )
 
 
-def test_plan_covers_every_block_prompt_seed_and_mode(lora) -> None:
+def test_plan_covers_every_block_prompt_seed_and_mode(lora: LoraFile) -> None:
     jobs = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={})
     per_combo = 2 + 2 * len(lora.blocks)
     assert len(jobs) == 4 * per_combo
@@ -104,7 +104,7 @@ def test_plan_covers_every_block_prompt_seed_and_mode(lora) -> None:
     assert all(j.block not in j.blocks and len(j.blocks) == len(lora.blocks) - 1 for j in loo)
 
 
-def test_cache_key_depends_on_everything_that_determines_the_image(lora) -> None:
+def test_cache_key_depends_on_everything_that_determines_the_image(lora: LoraFile) -> None:
     base = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={"t": "1"})
     keys = {j.key for j in base}
     for changed in (
@@ -134,7 +134,9 @@ def test_cache_key_depends_on_everything_that_determines_the_image(lora) -> None
     assert shared == {j.key for j in base if j.kind == "base"}
 
 
-def test_ranking_puts_planted_blocks_first_and_others_at_zero(lora, tmp_path: Path) -> None:
+def test_ranking_puts_planted_blocks_first_and_others_at_zero(
+    lora: LoraFile, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     renderer = FakeRenderer(PLANTED)
     result = analyze(lora, file_sha256(lora.path), settings(), out, renderer, batch_size=16)
@@ -155,7 +157,7 @@ def test_ranking_puts_planted_blocks_first_and_others_at_zero(lora, tmp_path: Pa
     assert result.spearman["solo"] is not None and result.spearman["solo"] > 0.5
 
 
-def test_outputs_are_written_and_read_back(lora, tmp_path: Path) -> None:
+def test_outputs_are_written_and_read_back(lora: LoraFile, tmp_path: Path) -> None:
     out = tmp_path / "out"
     analyze(lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED), batch_size=16)
     ranking = json.loads((out / "ranking.json").read_text())
@@ -191,7 +193,7 @@ def test_outputs_are_written_and_read_back(lora, tmp_path: Path) -> None:
 
 
 def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(
-    lora, tmp_path: Path
+    lora: LoraFile, tmp_path: Path
 ) -> None:
     sha = file_sha256(lora.path)
     full_out = tmp_path / "uninterrupted"
@@ -216,7 +218,7 @@ def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(
         assert a == b
 
 
-def test_from_dir_recomputes_without_a_renderer(lora, tmp_path: Path) -> None:
+def test_from_dir_recomputes_without_a_renderer(lora: LoraFile, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = analyze(
         lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED), batch_size=16
@@ -230,7 +232,7 @@ def test_from_dir_recomputes_without_a_renderer(lora, tmp_path: Path) -> None:
         compute_analysis(read_manifest(out), out)
 
 
-def test_batches_stay_within_one_prompt_and_seed(lora) -> None:
+def test_batches_stay_within_one_prompt_and_seed(lora: LoraFile) -> None:
     jobs = plan_jobs(lora.blocks, settings(), model_id="m", lora_sha256="x", versions={})
     for batch in batches(jobs, 7):
         assert len({(j.prompt, j.seed) for j in batch}) == 1
@@ -253,7 +255,7 @@ def test_bad_settings_are_usage_errors(kwargs: dict[str, object], fragment: str)
         AnalyzeSettings(**base)  # type: ignore[arg-type]
 
 
-def test_contact_sheet_has_one_labelled_tile_per_block(lora, tmp_path: Path) -> None:
+def test_contact_sheet_has_one_labelled_tile_per_block(lora: LoraFile, tmp_path: Path) -> None:
     import math
 
     from lora_prune.pictures import label_tile
@@ -298,7 +300,7 @@ def _solo_path(out: Path, block: str, prompt: int = 0, seed: int = 0) -> Path:
         and j["block"] == block
         and (j["prompt"], j["seed"]) == (prompt, seed)
     ]
-    return out / job["path"]
+    return out / str(job["path"])
 
 
 def _truncate(out: Path) -> Path:
@@ -426,7 +428,7 @@ def test_from_dir_refuses_a_damaged_render_by_name(
 
 
 def test_analyze_prints_one_note_for_damaged_renders(
-    lora, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lora: LoraFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     @contextlib.contextmanager
     def fake_session(spec: object, lora_file: LoraFile) -> Iterator[SimpleNamespace]:

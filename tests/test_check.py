@@ -857,7 +857,6 @@ def test_no_zip_false_positive(tmp_path: Path) -> None:
 
 
 def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_prune.check.scan as check
 
     synth(tmp_path / "a" / "good.safetensors", blocks=("double.0",))
     real_walk = os.walk
@@ -869,7 +868,7 @@ def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.Monkey
         onerror(PermissionError(13, "Permission denied", str(locked)))
         return real_walk(top)
 
-    monkeypatch.setattr(check.os, "walk", walk)
+    monkeypatch.setattr("lora_prune.check.scan.os.walk", walk)
     result = run_check([tmp_path])
     assert [(f.path, f.status) for f in result.files] == [
         (locked, "unreadable"),

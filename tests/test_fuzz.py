@@ -219,7 +219,7 @@ def test_alpha_1e300(tmp_path: Path) -> None:
 def test_rank_30720_in_a_small_file_stays_small(tmp_path: Path) -> None:
     # 61 KB of F8 data declaring rank 30720: r x r Grams would need ~7.5 GiB each.
     rank = 30720
-    header = {
+    header: dict[str, object] = {
         f"{_STEM}.lora_down.weight": {
             "dtype": "F8_E4M3",
             "shape": [rank, 1],

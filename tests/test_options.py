@@ -235,11 +235,12 @@ def test_render_never_writes_over_its_input_lora(lora: Path, tmp_path: Path) -> 
 
 def test_verify_and_analyze_output_folders_never_hold_an_input(lora: Path) -> None:
     before = lora.read_bytes()
-    for args in (
+    cases: list[list[str | Path]] = [
         ["analyze", lora, *RENDER, "--out", lora.parent],
         ["verify", lora, lora, *RENDER, "--out", lora.parent],
         ["slim", lora, "--auto", *RENDER, "--work-dir", lora.parent],
-    ):
+    ]
+    for args in cases:
         assert_one_error_line(run(*args), 2, "the output folder holds an input")
     assert lora.read_bytes() == before
 

@@ -272,7 +272,6 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        intermediate_size=64,
         image_size=32,
         patch_size=8,
     )
