@@ -34,7 +34,6 @@ import numpy.typing as npt
 
 from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
 from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
-from .boundedjson import JsonLimitError, loads_bounded
 from .errors import UsageError
 from .lora import LoraFile, LoraModule, read_lora
 from .provenance import (
@@ -56,6 +55,7 @@ from .safetensors_io import (
 from .settings import check_number
 from .slim import (
     Digests,
+    adapter_config,
     check_output_path,
     default_output,
     digest_entries,
@@ -282,11 +282,8 @@ def _repattern(raw: str, changes: dict[str, tuple[int, float]]) -> str:
     its own ``rank_pattern`` entry (and ``alpha_pattern``, so that the scale stays);
     PEFT takes the first matching pattern, so these go first.
     """
-    try:
-        config = loads_bounded(raw)
-    except JsonLimitError:
-        return raw
-    if not isinstance(config, dict):
+    config = adapter_config(raw)
+    if config is None:
         return raw
     for name in ("rank_pattern", "alpha_pattern"):
         key = f"transformer.{name}" if "transformer.r" in config else name

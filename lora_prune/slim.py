@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
@@ -157,13 +158,19 @@ def check_output_path(source: Path, output: Path, *, force: bool) -> None:
         raise UsageError("the output folder does not exist", output.parent, "create it first")
 
 
-def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
-    """diffusers' ``lora_adapter_metadata`` with target modules/patterns cut to what remains."""
+def adapter_config(raw: str) -> dict[str, Any] | None:
+    """diffusers' ``lora_adapter_metadata`` as a dict, or None where it is none (left as is)."""
     try:
         config = loads_bounded(raw)
     except JsonLimitError:
-        return raw
-    if not isinstance(config, dict):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
+    """diffusers' ``lora_adapter_metadata`` with target modules/patterns cut to what remains."""
+    config = adapter_config(raw)
+    if config is None:
         return raw
     names = [m.target.name for m in kept if m.target is not None]
 
