@@ -1,7 +1,7 @@
 """lora-prune: find which blocks of a FLUX.1 LoRA matter and ship smaller LoRAs.
 
 The public API is this module's ``__all__``: the verbs :func:`read_lora`,
-:func:`inspect_lora`, :func:`plan_slim`, :func:`slim_lora`,
+:func:`inspect_lora`, :func:`plan_slim`, :func:`slim_lora`, :func:`resize_lora`,
 :func:`parse_block_spec`/:func:`format_block_spec` (no rendering needed),
 :func:`analyze`, :func:`verify_slim`, :func:`auto_keep` (rank and prove with a
 renderer) and :func:`run_check` (the CI gate); the dataclasses they return; and
@@ -57,11 +57,12 @@ from .stats import BlockStats, LoraReport, inspect_lora
 if TYPE_CHECKING:
     from .analysis import Analysis, AnalyzeSettings, analyze
     from .check import CheckResult, Policy, load_policy, run_check
+    from .resize import ModuleResize, ResizeResult, resize_lora
     from .verdict import Criterion
     from .verify import AutoResult, VerifyResult, auto_keep, verify_slim
 
-# Loaded on first use: they pull in Pillow and the picture code, which inspect,
-# slim and the CLI's start-up do not need.
+# Loaded on first use: they pull in Pillow and the picture code (resize: through
+# the settings' checks), which inspect, slim and the CLI's start-up do not need.
 _LAZY: dict[str, str] = {
     "Analysis": "analysis",
     "AnalyzeSettings": "analysis",
@@ -70,6 +71,9 @@ _LAZY: dict[str, str] = {
     "Policy": "check",
     "load_policy": "check",
     "run_check": "check",
+    "ModuleResize": "resize",
+    "ResizeResult": "resize",
+    "resize_lora": "resize",
     "Criterion": "verdict",
     "AutoResult": "verify",
     "VerifyResult": "verify",
@@ -95,12 +99,14 @@ __all__ = [
     "LoraReport",
     "MissingDependencyError",
     "ModelMismatchError",
+    "ModuleResize",
     "NoEffectError",
     "NotASubsetError",
     "NotSafetensorsError",
     "OutputError",
     "OutputExistsError",
     "Policy",
+    "ResizeResult",
     "SameFileError",
     "SlimPlan",
     "SlimResult",
@@ -121,6 +127,7 @@ __all__ = [
     "parse_block_spec",
     "plan_slim",
     "read_lora",
+    "resize_lora",
     "run_check",
     "slim_lora",
     "verify_slim",

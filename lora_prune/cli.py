@@ -1088,6 +1088,70 @@ def check(
     sys.exit(result.exit_code)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@lora_arg
+@click.option("--rank", type=int, help="New rank of every plain LoRA module (>= 1).")
+@click.option(
+    "--energy",
+    type=float,
+    help="Per module, the smallest rank keeping this share of its energy, in (0, 1].",
+)
+@click.option("--blocks", "blocks_spec", metavar="SPEC", help="Resize only these blocks.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file [default: <stem>.resized.safetensors beside the input].",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@allow_unknown_opt
+def resize(
+    lora: Path,
+    rank: int | None,
+    energy: float | None,
+    blocks_spec: str | None,
+    output: Path | None,
+    force: bool,
+    allow_unknown: bool,
+) -> None:
+    """Lower the rank of a LoRA's modules: exact SVD of each product, truncated.
+
+    Alpha is rewritten so that every module's scale (alpha / rank) stays; keys
+    and dtypes are the input's. LoHa, LoKr, full and other non-plain modules
+    are kept as they are and listed.
+
+    \b
+    Example: lora-prune resize my_lora.safetensors --rank 16
+    Example: lora-prune resize my_lora.safetensors --energy 0.95 --blocks single
+    """
+    from .resize import resize_lora
+
+    result = resize_lora(
+        lora,
+        output,
+        rank=rank,
+        energy=energy,
+        blocks=_spec(blocks_spec, "--blocks"),
+        force=force,
+        allow_unknown=allow_unknown,
+    )
+    for stem, why in result.kept_as_is.items():
+        click.echo(f"kept as is  {stem}: {why}")
+    before = sum(m.rank_before for m in result.modules)
+    after = sum(m.rank_after for m in result.modules)
+    worst = min((m.energy_kept for m in result.modules), default=1.0)
+    click.echo(
+        f"resized  {len(result.resized)} of {len(result.modules)} modules, total rank "
+        f"{before} -> {after}, least energy kept {100 * worst:.2f}%"
+    )
+    ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
+    click.echo(
+        f"size     {human_bytes(result.bytes_before)} -> {human_bytes(result.bytes_after)} "
+        f"({100 * ratio:.1f}%)"
+    )
+    click.echo(f"wrote    {result.output}")
+
+
 def _terminated(signum: int, frame: FrameType | None) -> None:
     # Further TERMs must not cut the cleanup short; SIGKILL still ends the process.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,7 +1,7 @@
 """Where a slim file came from, and the proof that it is part of its full file.
 
-The one home of provenance: the metadata keys ``slim`` writes (its own
-``lora_prune.*`` keys and the trainers' file hashes it refreshes), the
+The one home of provenance: the metadata keys ``slim`` and ``resize`` write
+(their own ``lora_prune.*`` keys and the trainers' file hashes they refresh), the
 verification record in ``lora_prune.verification`` and the byte-level subset
 proof. ``slim``, ``verify``/``slim --auto`` (which write) and ``check`` (which
 judges) all use these, so they cannot drift apart. The record names the
@@ -34,6 +34,10 @@ SOURCE_NAME_KEY = PROVENANCE_PREFIX + "source_name"
 KEPT_BLOCKS_KEY = PROVENANCE_PREFIX + "kept_blocks"
 DROPPED_BLOCKS_KEY = PROVENANCE_PREFIX + "dropped_blocks"
 VERSION_KEY = PROVENANCE_PREFIX + "version"
+#: ``resize``: JSON of its settings, the file it was resized from and each
+#: changed module's ``[rank before, rank after]``. Not :data:`SOURCE_SHA_KEY`:
+#: that marks a slim, whose tensors ``check`` proves part of the full file.
+RESIZED_RANKS_KEY = PROVENANCE_PREFIX + "resized_ranks"
 
 # File hashes trainers write; slim recomputes those present for its output.
 #: kohya: SHA-256 of the data section

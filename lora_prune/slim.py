@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
@@ -139,14 +140,14 @@ def _resolve_keep(
     return set(lora.blocks) - set(drop)
 
 
-def _default_output(source: Path) -> Path:
-    """``<stem>.slim.safetensors`` beside the input."""
+def default_output(source: Path, suffix: str = ".slim") -> Path:
+    """``<stem><suffix>.safetensors`` beside the input."""
     name = source.name
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else source.stem
-    return source.with_name(f"{stem}.slim.safetensors")
+    return source.with_name(f"{stem}{suffix}.safetensors")
 
 
-def _check_output_path(source: Path, output: Path, *, force: bool) -> None:
+def check_output_path(source: Path, output: Path, *, force: bool) -> None:
     """Refuse to replace the input (also through links) or an existing file without force."""
     if output.is_dir():
         raise UsageError("the output is a folder", output, "give a file name with -o")
@@ -157,13 +158,19 @@ def _check_output_path(source: Path, output: Path, *, force: bool) -> None:
         raise UsageError("the output folder does not exist", output.parent, "create it first")
 
 
-def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
-    """diffusers' ``lora_adapter_metadata`` with target modules/patterns cut to what remains."""
+def adapter_config(raw: str) -> dict[str, Any] | None:
+    """diffusers' ``lora_adapter_metadata`` as a dict, or None where it is none (left as is)."""
     try:
         config = loads_bounded(raw)
     except JsonLimitError:
-        return raw
-    if not isinstance(config, dict):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
+    """diffusers' ``lora_adapter_metadata`` with target modules/patterns cut to what remains."""
+    config = adapter_config(raw)
+    if config is None:
         return raw
     names = [m.target.name for m in kept if m.target is not None]
 
@@ -187,15 +194,13 @@ def _narrow_adapter_metadata(raw: str, kept: list[LoraModule]) -> str:
 
 
 @dataclass
-class _Digests:
+class Digests:
     data_sha256: str
     legacy: str
 
 
-def _digest_kept(
-    reader: SafetensorsReader, entries: list[TensorEntry], ss_metadata: Mapping[str, str]
-) -> _Digests:
-    """One pass over the kept bytes, in the order the writer lays them out.
+def digest_entries(entries: list[TensorEntry], ss_metadata: Mapping[str, str]) -> Digests:
+    """One pass over the entries' bytes, in the order the writer lays them out.
 
     Gives the data-section SHA-256 (kohya's ``sshs_model_hash``, and the SAI
     ``modelspec.hash_sha256``), kohya's legacy hash of the file as kohya would
@@ -215,22 +220,23 @@ def _digest_kept(
 
     feed_legacy(ss_header, 0)
     for entry, _nbytes in ordered:
-        data = reader.read_bytes(entry.name)
+        data = entry.data()
         data_hash.update(data)
         feed_legacy(data, position)
         position += len(data)
-    return _Digests(data_hash.hexdigest(), legacy.hexdigest()[:8])
+    return Digests(data_hash.hexdigest(), legacy.hexdigest()[:8])
 
 
-def build_metadata(
-    lora: LoraFile,
-    plan: SlimPlan,
-    source_sha256: str,
-    digests: _Digests,
-    extra: Mapping[str, str] | None = None,
+def refreshed_metadata(
+    lora: LoraFile, digests: Digests, kept: list[LoraModule], drop: Iterable[str] = ()
 ) -> dict[str, str]:
-    """The output's metadata: the input's, refreshed, plus provenance."""
-    meta = dict(lora.metadata)
+    """The input's metadata with the file hashes recomputed, minus ``drop``.
+
+    The one place where a written LoRA's trainer hashes (kohya, SAI) are
+    refreshed and diffusers' adapter metadata is narrowed to the ``kept``
+    modules; ``slim`` and ``resize`` add their own provenance on top.
+    """
+    meta = {k: v for k, v in lora.metadata.items() if k not in set(drop)}
     if MODEL_HASH_KEY in meta:
         meta[MODEL_HASH_KEY] = digests.data_sha256
     if LEGACY_HASH_KEY in meta:
@@ -239,29 +245,42 @@ def build_metadata(
         meta[MODELSPEC_HASH_KEY] = "0x" + digests.data_sha256
     if "lora_adapter_metadata" in meta:
         meta["lora_adapter_metadata"] = _narrow_adapter_metadata(
-            meta["lora_adapter_metadata"], plan.kept
+            meta["lora_adapter_metadata"], kept
         )
+    meta[VERSION_KEY] = __version__
+    return meta
+
+
+def build_metadata(
+    lora: LoraFile,
+    plan: SlimPlan,
+    source_sha256: str,
+    digests: Digests,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The output's metadata: the input's, refreshed, plus provenance."""
+    meta = refreshed_metadata(lora, digests, plan.kept)
     meta[SOURCE_SHA_KEY] = source_sha256
     meta[SOURCE_NAME_KEY] = lora.path.name
     meta[KEPT_BLOCKS_KEY] = format_block_spec(plan.kept_blocks)
     meta[DROPPED_BLOCKS_KEY] = format_block_spec(plan.dropped_blocks)
-    meta[VERSION_KEY] = __version__
     if extra:
         meta.update(extra)
     return meta
 
 
-def _checker(
-    plan: SlimPlan,
+def output_checker(
+    blocks: list[str],
     entries: list[TensorEntry],
-    digests: _Digests,
+    digests: Digests,
     metadata: dict[str, str],
     dest: Path,
 ) -> Callable[[Path], None]:
     """Re-read the written temp file and compare it with the plan before it replaces ``dest``.
 
     The data section's SHA-256 and every tensor's place in it are compared, which
-    proves each kept tensor byte-identical to the input's with one hash pass.
+    proves each tensor byte-identical to what ``entries`` gave with one hash
+    pass; the file must parse as a LoRA holding exactly ``blocks``.
     """
     _, layout = build_header(entries, None)
     expected: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
@@ -293,9 +312,8 @@ def _checker(
             raise OutputError(
                 "the written data does not read back identical", dest, "check the disk and retry"
             )
-        modules, _, _ = parse_lora_header(header, allow_unknown=OTHER in plan.kept_blocks)
-        blocks = sort_blocks(m.block for m in modules.values())
-        if blocks != plan.kept_blocks:
+        modules, _, _ = parse_lora_header(header, allow_unknown=OTHER in blocks)
+        if sort_blocks(m.block for m in modules.values()) != blocks:
             raise OutputError(
                 "the written file holds other blocks than planned", dest, "report this bug"
             )
@@ -350,8 +368,8 @@ def slim_lora(
             lora.path,
             f"the LoRA has blocks {format_block_spec(lora.blocks)}; keep at least one",
         )
-    out_path = Path(output) if output is not None else _default_output(lora.path)
-    _check_output_path(lora.path, out_path, force=force)
+    out_path = Path(output) if output is not None else default_output(lora.path)
+    check_output_path(lora.path, out_path, force=force)
 
     source_sha = file_sha256(lora.path)
     with SafetensorsReader(lora.path, lora.header) as reader:
@@ -361,9 +379,9 @@ def slim_lora(
             for t in infos
         ]
         ss_meta = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
-        digests = _digest_kept(reader, entries, ss_meta)
+        digests = digest_entries(entries, ss_meta)
         metadata = build_metadata(lora, plan, source_sha, digests, extra_metadata)
-        check = _checker(plan, entries, digests, metadata, out_path)
+        check = output_checker(plan.kept_blocks, entries, digests, metadata, out_path)
         write_safetensors(out_path, entries, metadata, check=check)
     return SlimResult(
         source=lora.path,

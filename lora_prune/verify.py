@@ -178,6 +178,7 @@ def verify_slim(
     slim_path: Path | None = None,
     out_dir: Path | None = None,
     scale: int = 1,
+    candidate: Renderer | None = None,
 ) -> VerifyResult:
     """Render base, full and the kept blocks for every prompt x seed and score them.
 
@@ -195,6 +196,10 @@ def verify_slim(
         slim_path: the slim file, recorded in the result.
         out_dir: where to write ``verify.png`` and ``verify.json``; None writes nothing.
         scale: upscale factor of the picture's tiles.
+        candidate: renders the file under test instead of ``full``'s kept blocks,
+            for a file that is no subset of ``full`` (a resized LoRA): a renderer
+            attached to that file, whose blocks ``keep`` then names. The verdict
+            is the same: the share of the full LoRA's effect the file keeps.
 
     Example::
 
@@ -217,9 +222,13 @@ def verify_slim(
     rows = []
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
-            base, full_img, slim_img = renderer(
-                [frozenset(), all_blocks, kept], prompt, seed, settings
-            )
+            if candidate is None:
+                base, full_img, slim_img = renderer(
+                    [frozenset(), all_blocks, kept], prompt, seed, settings
+                )
+            else:
+                base, full_img = renderer([frozenset(), all_blocks], prompt, seed, settings)
+                (slim_img,) = candidate([kept], prompt, seed, settings)
             score = score_image(base, full_img, slim_img, p, seed, criterion, distances)
             result.images.append(score)
             if out_dir is not None:

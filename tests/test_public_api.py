@@ -33,6 +33,7 @@ EXPORTED = {
     "LoraPruneError",
     "LoraReport",
     "MissingDependencyError",
+    "ModuleResize",
     "ModelMismatchError",
     "NoEffectError",
     "NotASubsetError",
@@ -40,6 +41,7 @@ EXPORTED = {
     "OutputError",
     "OutputExistsError",
     "Policy",
+    "ResizeResult",
     "SameFileError",
     "SlimPlan",
     "SlimResult",
@@ -60,6 +62,7 @@ EXPORTED = {
     "parse_block_spec",
     "plan_slim",
     "read_lora",
+    "resize_lora",
     "run_check",
     "slim_lora",
     "verify_slim",
@@ -70,6 +73,7 @@ VERBS = (
     "inspect_lora",
     "plan_slim",
     "slim_lora",
+    "resize_lora",
     "parse_block_spec",
     "format_block_spec",
     "analyze",
@@ -150,7 +154,9 @@ def test_lazy_verbs_are_the_submodules_own() -> None:
         _ = lora_prune.no_such_name
 
 
-@pytest.mark.parametrize("module_name", ["blocks", "errors", "slim", "verdict", "safetensors_io"])
+@pytest.mark.parametrize(
+    "module_name", ["blocks", "errors", "slim", "resize", "verdict", "safetensors_io"]
+)
 def test_submodule_all_names_exist(module_name: str) -> None:
     module = __import__(f"lora_prune.{module_name}", fromlist=["__all__"])
     missing = [name for name in module.__all__ if not hasattr(module, name)]

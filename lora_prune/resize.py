@@ -1,0 +1,470 @@
+"""Lower the rank of a LoRA's modules by the exact SVD of each low-rank product.
+
+:func:`resize_lora` writes, per plain LoRA module (``up [out, r]``, ``down [r, in]``,
+optional alpha; BFL's fused qkv/linear1 are such modules too), the best rank-k
+approximation of ``scale * up @ down`` (Eckart-Young), with k a fixed rank or
+the smallest rank that keeps a share of the Frobenius energy (the sum of
+squared singular values). The SVD is computed from the factors alone, never
+from the ``out x in`` product: QR of ``up`` and of ``down.T``, then the SVD of
+the small ``r x r`` core ``R_up @ R_down.T`` (see :func:`factor_svd`).
+
+The new factors are split evenly, ``up = Q_up U_k sqrt(S_k)`` and ``down =
+sqrt(S_k) V_k^T Q_down^T``, and hold the product *without* its scale: alpha is
+rewritten to ``scale * k`` so that ``alpha / rank`` stays what it was (the
+factors also absorb the rounding of alpha to its stored dtype, so the scale
+is exact). Keys, dtypes and every tensor not resized stay byte-identical;
+modules that are not plain low-rank (LoHa, LoKr, full diffs, DoRA, Tucker
+LoCon, bias or norm deltas) are kept as they are and named in the result.
+Torch-free: numpy only, one module in memory at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
+from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
+from .errors import UsageError
+from .lora import LoraFile, LoraModule, read_lora
+from .provenance import (
+    RESIZED_RANKS_KEY,
+    SOURCE_NAME_KEY,
+    SOURCE_SHA_KEY,
+    VERIFICATION_KEY,
+)
+from .safetensors_io import (
+    DTYPE_ITEMSIZE,
+    ENCODABLE_DTYPES,
+    SafetensorsReader,
+    TensorEntry,
+    decode_array,
+    encode_array,
+    file_sha256,
+    write_safetensors,
+)
+from .settings import check_number
+from .slim import (
+    Digests,
+    adapter_config,
+    check_output_path,
+    default_output,
+    digest_entries,
+    output_checker,
+    refreshed_metadata,
+)
+
+__all__ = ["ModuleResize", "ResizeResult", "factor_svd", "resize_lora"]
+
+Array = npt.NDArray[np.float64]
+
+#: Roles a plain LoRA module may have; anything else keeps the module as it is.
+_PLAIN_ROLES = frozenset({"down", "up", "alpha", "up_bias"})
+_INT_DTYPES = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1"}
+#: Inherited keys that describe the input's bytes, not the resized file's:
+#: a slim's source (``check`` would prove the resized tensors part of it) and
+#: its verification record (it proved other tensors).
+_STALE_KEYS = (SOURCE_SHA_KEY, SOURCE_NAME_KEY, VERIFICATION_KEY)
+#: kohya's resize_lora.py writes this for ss_network_dim/alpha when ranks differ per module.
+_DYNAMIC = "Dynamic"
+
+
+@dataclass(frozen=True)
+class ModuleResize:
+    """One plain LoRA module's rank before and after, and the share of its energy kept."""
+
+    stem: str
+    block: str
+    rank_before: int
+    rank_after: int
+    #: sum of the kept squared singular values over all of them (1.0 when unchanged)
+    energy_kept: float
+
+    @property
+    def changed(self) -> bool:
+        return self.rank_after != self.rank_before
+
+
+@dataclass
+class ResizeResult:
+    """What :func:`resize_lora` wrote: per-module ranks, the modules kept as they were, sizes."""
+
+    source: Path
+    output: Path
+    #: every plain LoRA module of the chosen blocks, in file order
+    modules: list[ModuleResize]
+    #: stem -> why it was kept as it is (not a plain low-rank module)
+    kept_as_is: dict[str, str]
+    bytes_before: int
+    bytes_after: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resized(self) -> list[ModuleResize]:
+        return [m for m in self.modules if m.changed]
+
+
+def factor_svd(up: Array, down: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """The SVD of ``up @ down`` from its factors: ``(q_up, u, s, vt, q_down)``.
+
+    ``up @ down == q_up @ u @ diag(s) @ vt @ q_down.T`` with ``q_up``, ``q_down``
+    orthonormal columns (from QR) and ``u, s, vt`` the SVD of the core
+    ``r_up @ r_down.T``, at most ``r x r``. No array larger than the factors
+    and that core is formed.
+    """
+    q_up, r_up = np.linalg.qr(up)
+    q_down, r_down = np.linalg.qr(down.T)
+    u, s, vt = np.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    return q_up, u, s, vt, q_down
+
+
+def choose_rank(s: Array, *, rank: int | None, energy: float | None) -> tuple[int, float]:
+    """(k, share of the energy kept): ``rank`` capped at len(s), or the smallest k keeping ``energy``."""
+    power = np.square(s)
+    cumulative = np.cumsum(power)
+    total = float(cumulative[-1]) if len(s) else 0.0
+    if rank is not None:
+        k = min(rank, len(s))
+    elif total == 0.0:
+        k = 1  # a zero delta: keep one (zero) component, a factor cannot be empty
+    else:
+        assert energy is not None
+        k = min(int(np.searchsorted(cumulative, energy * total, side="left")) + 1, len(s))
+    kept = float(cumulative[k - 1]) / total if total > 0 else 1.0
+    return k, min(kept, 1.0)
+
+
+def _why_kept(module: LoraModule) -> str | None:
+    """Why the module is not resized, or None for a plain LoRA module resize can rewrite."""
+    adapter = module.adapter
+    if adapter != "lora":
+        return f"{adapter} adapter" if adapter != "full" else "full weight delta"
+    roles = set(module.tensors)
+    if not {"down", "up"} <= roles:
+        return "bias delta only" if "up_bias" in roles else "a factor is missing"
+    extra = sorted(roles - _PLAIN_ROLES)
+    if extra:
+        return ", ".join(UNRENDERABLE_ROLES.get(r, r) for r in extra)
+    problem = factor_problem(module) or alpha_problem(module)
+    if problem:
+        return problem
+    for role in ("down", "up"):
+        dtype = module.tensors[role].dtype
+        if dtype not in (*ENCODABLE_DTYPES, "F64"):
+            return f"{role} is {dtype}, not a float dtype resize writes"
+    alpha = module.tensors.get("alpha")
+    if alpha is not None and alpha.dtype not in (*ENCODABLE_DTYPES, "F64", *_INT_DTYPES):
+        return f"alpha is {alpha.dtype}"
+    return None
+
+
+def _encode(values: npt.ArrayLike, dtype: str) -> bytes:
+    if dtype == "F64":
+        return np.asarray(values, dtype="<f8").tobytes()
+    if dtype in _INT_DTYPES:
+        return np.asarray(values, dtype=_INT_DTYPES[dtype]).tobytes()
+    return encode_array(values, dtype)
+
+
+def _stored_alpha(target: float, dtype: str, shape: tuple[int, ...]) -> tuple[bytes, float] | None:
+    """``target`` as the alpha tensor stores it, and the value read back; None if it rounds to 0."""
+    value: float = float(round(target)) if dtype in _INT_DTYPES else target
+    raw = _encode(np.full(shape, value), dtype)
+    stored = float(decode_array(raw, dtype, shape).reshape(-1)[0])
+    return (raw, stored) if stored != 0.0 and math.isfinite(stored) else None
+
+
+@dataclass
+class _Rewrite:
+    """New tensors of one module, spooled: role -> (key, dtype, shape, offset, nbytes)."""
+
+    tensors: dict[str, tuple[str, str, tuple[int, ...], int, int]]
+    alpha: float | None
+
+
+class _Spool:
+    """New tensor bytes parked in an anonymous temp file until the writer streams them.
+
+    The output's header (shapes) and hashes must be known before its data is
+    written, and the ranks only after each module's SVD: the spool keeps one
+    module in memory at a time instead of the whole resized file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        # Beside the output (not /tmp, often RAM); deleted by the OS when closed.
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by __exit__
+        self.size = 0
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        self.file.seek(self.size)
+        self.file.write(data)
+        start, self.size = self.size, self.size + len(data)
+        return start, len(data)
+
+    def get(self, start: int, nbytes: int) -> bytes:
+        self.file.seek(start)
+        return self.file.read(nbytes)
+
+
+def _resize_module(
+    module: LoraModule,
+    reader: SafetensorsReader,
+    spool: _Spool,
+    *,
+    rank: int | None,
+    energy: float | None,
+) -> tuple[ModuleResize, _Rewrite | None]:
+    """The module's new rank, and its rewritten tensors (None when it stays as it is)."""
+    up_info, down_info = module.tensors["up"], module.tensors["down"]
+    r = down_info.shape[0]
+    up = reader.read_array(up_info.name).astype(np.float64).reshape(up_info.shape[0], r)
+    down = reader.read_array(down_info.name).astype(np.float64).reshape(r, -1)
+    q_up, u, s, vt, q_down = factor_svd(up, down)
+    k, kept = choose_rank(s, rank=rank, energy=energy)
+    same = ModuleResize(module.stem, module.block, r, r, 1.0)
+    if k >= r:
+        return same, None
+    tensors: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
+    absorb = 1.0
+    new_alpha: float | None = None
+    alpha_info = module.tensors.get("alpha")
+    if alpha_info is not None:
+        stored = _stored_alpha(module.scale * k, alpha_info.dtype, alpha_info.shape)
+        if stored is None:  # an integer alpha that rounds to 0 cannot keep the scale
+            return same, None
+        raw, new_alpha = stored
+        # The stored alpha is the target rounded to its dtype: the factors carry the rest.
+        absorb = module.scale * k / new_alpha
+        start, n = spool.put(raw)
+        tensors["alpha"] = (alpha_info.name, alpha_info.dtype, alpha_info.shape, start, n)
+    root = np.sqrt(s[:k] * absorb)
+    new_up = (q_up @ u[:, :k]) * root
+    new_down = (root[:, None] * vt[:k]) @ q_down.T
+    for role, values, info in (("up", new_up, up_info), ("down", new_down, down_info)):
+        shape = (info.shape[0], k, *info.shape[2:]) if role == "up" else (k, *info.shape[1:])
+        start, n = spool.put(_encode(values.reshape(shape), info.dtype))
+        tensors[role] = (info.name, info.dtype, shape, start, n)
+    return ModuleResize(module.stem, module.block, r, k, kept), _Rewrite(tensors, new_alpha)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _kohya_dims(meta: dict[str, str], ranks: list[int], alphas: list[float | None]) -> None:
+    """ss_network_dim/alpha as kohya's resize_lora.py writes them: the value, or "Dynamic"."""
+    if "ss_network_dim" in meta and ranks:
+        meta["ss_network_dim"] = str(ranks[0]) if len(set(ranks)) == 1 else _DYNAMIC
+    if "ss_network_alpha" in meta and alphas and None not in alphas:
+        values = {a for a in alphas if a is not None}
+        meta["ss_network_alpha"] = _number(values.pop()) if len(values) == 1 else _DYNAMIC
+
+
+def _repattern(raw: str, changes: dict[str, tuple[int, float]]) -> str:
+    """diffusers' ``lora_adapter_metadata`` with per-module rank/alpha patterns for ``changes``.
+
+    diffusers builds PEFT layers of the configured rank, so a resized module needs
+    its own ``rank_pattern`` entry (and ``alpha_pattern``, so that the scale stays);
+    PEFT takes the first matching pattern, so these go first.
+    """
+    config = adapter_config(raw)
+    if config is None:
+        return raw
+    for name in ("rank_pattern", "alpha_pattern"):
+        key = f"transformer.{name}" if "transformer.r" in config else name
+        old = config.get(key)
+        old_items = old if isinstance(old, dict) else {}
+        index = 0 if name == "rank_pattern" else 1
+        new = {module: value[index] for module, value in changes.items()}
+        config[key] = {**new, **{k: v for k, v in old_items.items() if k not in new}}
+    return json.dumps(config, sort_keys=True)
+
+
+def _peft_changes(lora: LoraFile, ranks: dict[str, int]) -> dict[str, tuple[int, float]]:
+    """For modules whose alpha comes from the PEFT metadata: name -> (new rank, new alpha)."""
+    config = lora.peft_config or {}
+    rslora = config.get("transformer.use_rslora", config.get("use_rslora")) is True
+    out: dict[str, tuple[int, float]] = {}
+    for stem, k in ranks.items():
+        module = lora.modules[stem]
+        if "alpha" in module.tensors or module.alpha is None or module.target is None:
+            continue
+        if module.target.model != "transformer":
+            continue
+        alpha = module.scale * (math.sqrt(k) if rslora else k)
+        out[module.target.name] = (k, alpha)
+    return out
+
+
+def _check_request(rank: int | None, energy: float | None) -> None:
+    if (rank is None) == (energy is None):
+        raise UsageError(
+            "give exactly one of --rank and --energy", None, "see lora-prune resize --help"
+        )
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UsageError(f"--rank {rank} is not an integer >= 1", "--rank", "use e.g. --rank 16")
+    if energy is not None:
+        check_number(energy, "--energy", 0.0, 1.0, fix="use e.g. --energy 0.95", lo_open=True)
+
+
+def resize_lora(
+    source: str | Path | LoraFile,
+    output: str | Path | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    blocks: Iterable[str] | None = None,
+    force: bool = False,
+    allow_unknown: bool = False,
+) -> ResizeResult:
+    """Write a LoRA whose plain LoRA modules have a lower rank: exact SVD, truncated.
+
+    Give exactly one of ``rank`` (a fixed rank; modules at or below it stay as
+    they are) and ``energy`` (per module, the smallest rank keeping that share
+    of the product's squared Frobenius norm). A module whose rank does not
+    change is copied byte for byte; so are modules outside ``blocks`` and those
+    that are not plain low-rank (named in :attr:`ResizeResult.kept_as_is`).
+    The output is written to a temp file, re-read and checked, then renamed.
+
+    Args:
+        source: the LoRA, as a path or a :class:`~lora_prune.lora.LoraFile`.
+        output: where to write; None is ``<stem>.resized.safetensors`` beside the source.
+        rank: the new rank, an integer >= 1.
+        energy: the share of each module's energy to keep, in (0, 1].
+        blocks: block ids to resize (e.g. from :func:`~lora_prune.blocks.parse_block_spec`);
+            None resizes every block.
+        force: replace an existing output (never the source itself).
+        allow_unknown: as for :func:`~lora_prune.lora.read_lora`.
+
+    Example::
+
+        result = resize_lora("my_lora.safetensors", "r16.safetensors", rank=16)
+        print(len(result.resized), result.bytes_after, result.kept_as_is)
+    """
+    _check_request(rank, energy)
+    lora = (
+        source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
+    )
+    chosen = set(blocks) if blocks is not None else None
+    if chosen is not None:
+        unknown = chosen - set(BLOCK_IDS) - {OTHER}
+        if unknown:
+            raise UsageError(
+                f"unknown block ids {sorted(unknown)}", "--blocks", "use ids like double.7"
+            )
+    out_path = Path(output) if output is not None else default_output(lora.path, ".resized")
+    check_output_path(lora.path, out_path, force=force)
+
+    source_sha = file_sha256(lora.path)
+    results: list[ModuleResize] = []
+    kept_as_is: dict[str, str] = {}
+    rewrites: dict[str, _Rewrite] = {}
+    with SafetensorsReader(lora.path, lora.header) as reader, _Spool(out_path.parent) as spool:
+        for module in lora.modules.values():
+            if chosen is not None and module.block not in chosen:
+                continue
+            why = _why_kept(module)
+            if why is not None:
+                kept_as_is[module.stem] = why
+                continue
+            done, rewrite = _resize_module(module, reader, spool, rank=rank, energy=energy)
+            results.append(done)
+            if rewrite is not None:
+                rewrites[module.stem] = rewrite
+        entries = _entries(lora, reader, spool, rewrites)
+        ss_meta = _ss_metadata(lora, results, rewrites)
+        digests = digest_entries(entries, ss_meta)
+        settings = {
+            "rank": rank,
+            "energy": energy,
+            "blocks": format_block_spec(sort_blocks(chosen)) if chosen is not None else None,
+            "source_sha256": source_sha,
+            "source_name": lora.path.name,
+        }
+        metadata = _metadata(lora, results, ss_meta, digests, settings)
+        check = output_checker(lora.blocks, entries, digests, metadata, out_path)
+        write_safetensors(out_path, entries, metadata, check=check)
+    return ResizeResult(
+        source=lora.path,
+        output=out_path,
+        modules=results,
+        kept_as_is=kept_as_is,
+        bytes_before=lora.header.file_size,
+        bytes_after=out_path.stat().st_size,
+        metadata=metadata,
+    )
+
+
+def _entries(
+    lora: LoraFile, reader: SafetensorsReader, spool: _Spool, rewrites: dict[str, _Rewrite]
+) -> list[TensorEntry]:
+    """Every tensor of the output, in the input's order: rewritten ones from the spool."""
+    new: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+        key: (dtype, shape, start, n)
+        for rewrite in rewrites.values()
+        for key, dtype, shape, start, n in rewrite.tensors.values()
+    }
+    entries = []
+    for info in sorted(lora.header.tensors.values(), key=lambda t: t.begin):
+        if info.name in new:
+            dtype, shape, start, n = new[info.name]
+            assert n == math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+            entries.append(
+                TensorEntry(info.name, dtype, shape, functools.partial(spool.get, start, n))
+            )
+        else:
+            read = functools.partial(reader.read_bytes, info.name)
+            entries.append(TensorEntry(info.name, info.dtype, info.shape, read))
+    return entries
+
+
+def _ss_metadata(
+    lora: LoraFile, results: list[ModuleResize], rewrites: dict[str, _Rewrite]
+) -> dict[str, str]:
+    """The output's kohya ss_* metadata (which kohya's legacy hash covers)."""
+    meta = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
+    new_rank = {m.stem: m.rank_after for m in results}
+    ranked = [m for m in lora.modules.values() if m.rank]
+    ranks = [new_rank.get(m.stem, m.rank or 0) for m in ranked]
+    alphas = [rewrites[m.stem].alpha if m.stem in rewrites else m.alpha for m in ranked]
+    _kohya_dims(meta, ranks, alphas)
+    return meta
+
+
+def _metadata(
+    lora: LoraFile,
+    results: list[ModuleResize],
+    ss_meta: dict[str, str],
+    digests: Digests,
+    settings: dict[str, Any],
+) -> dict[str, str]:
+    """The input's metadata, refreshed, with the resize's provenance."""
+    meta = refreshed_metadata(lora, digests, list(lora.modules.values()), drop=_STALE_KEYS)
+    meta.update(ss_meta)
+    changed = {m.stem: m.rank_after for m in results if m.changed}
+    peft = _peft_changes(lora, changed)
+    if peft and "lora_adapter_metadata" in meta:
+        meta["lora_adapter_metadata"] = _repattern(meta["lora_adapter_metadata"], peft)
+    meta[RESIZED_RANKS_KEY] = json.dumps(
+        {
+            **settings,
+            "modules": {m.stem: [m.rank_before, m.rank_after] for m in results if m.changed},
+        },
+        sort_keys=True,
+    )
+    return meta

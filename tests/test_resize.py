@@ -1,0 +1,299 @@
+"""Tests of resize_lora: planted ranks recovered, exact truncation, formats kept, renders alike.
+
+Planted files hold factors whose product has a known rank k below the stored
+rank r (``up = A @ M`` with A ``[out, k]``), so the SVD must find exactly k.
+Dense products are formed here, in the tests, only to check the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from click.testing import CliRunner
+
+from lora_prune import resize as resize_mod
+from lora_prune.cli import cli
+from lora_prune.lora import LoraFile, LoraModule, read_lora
+from lora_prune.provenance import MODEL_HASH_KEY, RESIZED_RANKS_KEY, SOURCE_SHA_KEY
+from lora_prune.resize import resize_lora
+from lora_prune.safetensors_io import (
+    SafetensorsReader,
+    TensorEntry,
+    file_sha256,
+    read_header,
+    write_safetensors,
+)
+from lora_prune.testing import SynthSpec, synth_modules, write_synth_lora
+
+STORED_RANK = 8
+BLOCKS = ("double.0", "single.1", "final")
+
+
+def planted_ranks(path: Path, *, dtype: str = "F32", alpha: float = 4.0) -> dict[str, int]:
+    """A kohya LoRA whose module i has product rank 1 + i % 6 at stored rank 8; stem -> rank."""
+    modules = synth_modules(SynthSpec(grammar="kohya", blocks=BLOCKS, rank=STORED_RANK))
+    rng = np.random.default_rng(7)
+    entries: list[TensorEntry] = []
+    planted: dict[str, int] = {}
+    for i, m in enumerate(modules):
+        k = 1 + i % 6
+        planted[m.stem] = k
+        up = rng.standard_normal((m.out_features, k)) @ rng.standard_normal((k, STORED_RANK))
+        down = rng.standard_normal((STORED_RANK, m.in_features)) / math.sqrt(m.in_features)
+        for suffix, value in (("lora_up.weight", up), ("lora_down.weight", down)):
+            array = np.ascontiguousarray(value, dtype="<f4")
+            entries.append(TensorEntry(f"{m.stem}.{suffix}", "F32", array.shape, array.tobytes))
+        a = np.asarray(alpha, dtype="<f4")
+        entries.append(TensorEntry(f"{m.stem}.alpha", "F32", (), a.tobytes))
+    write_safetensors(path, entries, {"ss_network_dim": "8", "sshs_model_hash": "0" * 64})
+    return planted
+
+
+def product(lora: LoraFile, module: LoraModule) -> npt.NDArray[np.float64]:
+    with SafetensorsReader(lora.path, lora.header) as r:
+        up = r.read_array(module.tensors["up"].name).astype(np.float64)
+        down = r.read_array(module.tensors["down"].name).astype(np.float64)
+    return module.scale * up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+
+
+def rel(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    path = tmp_path / "planted.safetensors"
+    return path, planted_ranks(path)
+
+
+def test_energy_close_to_one_recovers_the_planted_ranks(
+    planted: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, ranks = planted
+    result = resize_lora(path, tmp_path / "out.safetensors", energy=0.999999)
+    assert {m.stem: m.rank_after for m in result.modules} == ranks
+    before, after = read_lora(path), read_lora(result.output)
+    assert {s: m.rank for s, m in after.modules.items()} == ranks
+    for stem, module in after.modules.items():
+        # Resizing to the product's true rank is lossless, and the scale stays.
+        assert module.scale == pytest.approx(before.modules[stem].scale, rel=1e-6)
+        assert rel(product(after, module), product(before, before.modules[stem])) < 1e-5
+
+
+def test_rank_at_or_above_the_stored_rank_keeps_every_byte(
+    planted: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, _ = planted
+    result = resize_lora(path, tmp_path / "out.safetensors", rank=STORED_RANK)
+    assert result.resized == []
+    a, b = read_header(path), read_header(result.output)
+    with SafetensorsReader(path) as ra, SafetensorsReader(result.output) as rb:
+        assert all(ra.read_bytes(n) == rb.read_bytes(n) for n in a.tensors)
+    assert set(a.tensors) == set(b.tensors)
+
+
+def test_fixed_rank_is_the_best_rank_k_approximation(tmp_path: Path) -> None:
+    path = write_synth_lora(
+        tmp_path / "small.safetensors",
+        SynthSpec(grammar="kohya", blocks=("final",), rank=STORED_RANK, alpha=3.0),
+    )
+    result = resize_lora(path, tmp_path / "r3.safetensors", rank=3)
+    before, after = read_lora(path), read_lora(result.output)
+    assert result.resized
+    for stem, module in before.modules.items():
+        dense = product(before, module)
+        u, s, vt = np.linalg.svd(dense, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vt[:3]
+        assert rel(product(after, after.modules[stem]), best) < 1e-5
+        kept = next(m.energy_kept for m in result.modules if m.stem == stem)
+        assert kept == pytest.approx(float(np.sum(s[:3] ** 2) / np.sum(s**2)), rel=1e-6)
+        assert after.modules[stem].alpha == pytest.approx(3.0 / STORED_RANK * 3)
+
+
+def test_svd_sees_only_the_factors_and_an_r_by_r_core(
+    planted: tuple[Path, dict[str, int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = planted
+    shapes: dict[str, list[tuple[int, ...]]] = {"svd": [], "qr": []}
+    real_svd, real_qr = np.linalg.svd, np.linalg.qr
+
+    def svd(a: npt.NDArray[np.float64], *args: object, **kw: object) -> object:
+        shapes["svd"].append(a.shape)
+        return real_svd(a, *args, **kw)  # type: ignore[call-overload]
+
+    def qr(a: npt.NDArray[np.float64], *args: object, **kw: object) -> object:
+        shapes["qr"].append(a.shape)
+        return real_qr(a, *args, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(resize_mod.np.linalg, "svd", svd)
+    monkeypatch.setattr(resize_mod.np.linalg, "qr", qr)
+    resize_lora(path, tmp_path / "out.safetensors", rank=2)
+    lora = read_lora(path)
+    sizes = {(m.tensors["up"].shape[0], m.tensors["down"].shape[1]) for m in lora.modules.values()}
+    assert shapes["svd"] and max(max(s) for s in shapes["svd"]) <= STORED_RANK
+    # QR sees [out, r] and [in, r] only: never an out x in product.
+    assert all(s[1] == STORED_RANK for s in shapes["qr"])
+    assert {s[0] for s in shapes["qr"]} == {d for pair in sizes for d in pair}
+
+
+@pytest.mark.parametrize(
+    ("grammar", "dtype"), [("kohya", "BF16"), ("diffusers", "F16"), ("comfyui", "F8_E4M3")]
+)
+def test_key_format_and_dtypes_are_kept(grammar: str, dtype: str, tmp_path: Path) -> None:
+    spec = SynthSpec(grammar=grammar, blocks=BLOCKS, rank=STORED_RANK, dtype=dtype, alpha=8.0)
+    path = write_synth_lora(tmp_path / "in.safetensors", spec)
+    result = resize_lora(path, tmp_path / "out.safetensors", rank=2)
+    a, b = read_header(path), read_header(result.output)
+    assert set(a.tensors) == set(b.tensors)
+    assert {n: t.dtype for n, t in a.tensors.items()} == {n: t.dtype for n, t in b.tensors.items()}
+    before, after = read_lora(path), read_lora(result.output)
+    assert after.format == before.format
+    for stem, module in after.modules.items():
+        assert module.rank == 2
+        assert module.scale == pytest.approx(before.modules[stem].scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr", "kohya-diff"])
+def test_modules_that_are_not_plain_low_rank_are_kept_and_named(
+    grammar: str, tmp_path: Path
+) -> None:
+    path = write_synth_lora(tmp_path / "in.safetensors", SynthSpec(grammar=grammar, blocks=BLOCKS))
+    result = resize_lora(path, tmp_path / "out.safetensors", rank=1)
+    lora = read_lora(path)
+    assert set(result.kept_as_is) == set(lora.modules) and result.modules == []
+    assert all("adapter" in why or "delta" in why for why in result.kept_as_is.values())
+    with SafetensorsReader(path) as ra, SafetensorsReader(result.output) as rb:
+        assert all(ra.read_bytes(n) == rb.read_bytes(n) for n in lora.header.tensors)
+
+
+def test_blocks_limit_the_resize_and_the_rest_is_byte_identical(
+    planted: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, _ = planted
+    result = resize_lora(path, tmp_path / "out.safetensors", rank=1, blocks={"single.1"})
+    lora = read_lora(path)
+    assert {m.block for m in result.modules} == {"single.1"} and result.resized
+    with SafetensorsReader(path) as ra, SafetensorsReader(result.output) as rb:
+        for m in lora.modules.values():
+            if m.block != "single.1":
+                assert all(
+                    ra.read_bytes(t.name) == rb.read_bytes(t.name) for t in m.tensors.values()
+                )
+
+
+def test_metadata_hashes_ranks_and_provenance(
+    planted: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, ranks = planted
+    sha_before = file_sha256(path)
+    result = resize_lora(path, tmp_path / "out.safetensors", energy=0.999999)
+    meta = read_header(result.output).metadata
+    raw = result.output.read_bytes()
+    data = raw[8 + int.from_bytes(raw[:8], "little") :]
+    assert meta[MODEL_HASH_KEY] == hashlib.sha256(data).hexdigest()
+    assert meta["ss_network_dim"] == "Dynamic"  # kohya's word for per-module ranks
+    record = json.loads(meta[RESIZED_RANKS_KEY])
+    assert record["source_sha256"] == sha_before and record["energy"] == 0.999999
+    assert record["modules"] == {s: [STORED_RANK, k] for s, k in ranks.items()}
+    assert SOURCE_SHA_KEY not in meta  # not a slim: check must not prove it a subset
+    assert file_sha256(path) == sha_before  # the input is unchanged
+
+    uniform = resize_lora(path, tmp_path / "r1.safetensors", rank=1)
+    assert read_header(uniform.output).metadata["ss_network_dim"] == "1"
+
+
+def test_peft_metadata_gets_rank_and_alpha_patterns(tmp_path: Path) -> None:
+    spec = SynthSpec(grammar="diffusers", blocks=BLOCKS, rank=STORED_RANK, alpha_in="metadata")
+    path = write_synth_lora(tmp_path / "in.safetensors", spec)
+    out = resize_lora(path, tmp_path / "out.safetensors", rank=2).output
+    before, after = read_lora(path), read_lora(out)
+    config = after.peft_config or {}
+    patterns = config["transformer.rank_pattern"]
+    assert isinstance(patterns, dict) and set(patterns.values()) == {2}
+    for stem, module in after.modules.items():
+        assert module.rank == 2
+        assert module.scale == pytest.approx(before.modules[stem].scale, rel=1e-6)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rank", "0"], "--rank 0 is not an integer >= 1"),
+        (["--energy", "0"], "--energy 0.0 is not a finite number in (0, 1]"),
+        (["--energy", "1.5"], "--energy 1.5"),
+        (["--rank", "2", "--energy", "0.9"], "exactly one of --rank and --energy"),
+        ([], "exactly one of --rank and --energy"),
+        (["--rank", "2", "--blocks", "double.99"], "double block index 99"),
+    ],
+)
+def test_cli_errors_are_one_line_and_leave_the_input(
+    planted: tuple[Path, dict[str, int]], args: list[str], needle: str
+) -> None:
+    path, _ = planted
+    sha = file_sha256(path)
+    code, out, err = run_cli("resize", str(path), *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
+    assert file_sha256(path) == sha
+    assert not path.with_name("planted.resized.safetensors").exists()
+
+
+def test_cli_refuses_the_input_as_output_and_prints_what_it_did(
+    planted: tuple[Path, dict[str, int]],
+) -> None:
+    path, _ = planted
+    sha = file_sha256(path)
+    code, _, err = run_cli("resize", str(path), "--rank", "2", "-o", str(path), "--force")
+    assert code != 0 and err.startswith("error: the output would replace the input")
+    assert file_sha256(path) == sha
+    code, out, _ = run_cli("resize", str(path), "--rank", "2")
+    assert code == 0, out
+    assert "resized  " in out and path.with_name("planted.resized.safetensors").exists()
+
+
+def test_cli_names_the_modules_kept_as_they_are(tmp_path: Path) -> None:
+    spec = SynthSpec(grammar="lycoris-kohya-loha", blocks=("final",))
+    path = write_synth_lora(tmp_path / "loha.safetensors", spec)
+    code, out, _ = run_cli("resize", str(path), "--rank", "1")
+    assert code == 0, out
+    stems = read_lora(path).modules
+    assert all(f"kept as is  {stem}: loha adapter" in out for stem in stems)
+
+
+def test_a_resized_file_renders_like_the_original(tmp_path: Path) -> None:
+    """On the tiny model, the resized file keeps the verdict's share of the full LoRA's effect."""
+    from lora_prune.render.loading import ModelSpec
+    from lora_prune.render.session import open_session
+    from lora_prune.settings import AnalyzeSettings
+    from lora_prune.verify import verify_slim
+
+    path = tmp_path / "planted.safetensors"
+    planted_ranks(path, alpha=16.0)
+    out = resize_lora(path, tmp_path / "resized.safetensors", energy=0.999999).output
+    settings = AnalyzeSettings(prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2)
+    full, resized = read_lora(path), read_lora(out)
+    spec = ModelSpec(model="tiny")
+    with open_session(spec, full) as a, open_session(spec, resized) as b:
+        result = verify_slim(
+            full, file_sha256(path), resized.blocks, settings, a.renderer, candidate=b.renderer
+        )
+        cut = resize_lora(path, tmp_path / "r1.safetensors", rank=1).output
+        with open_session(spec, read_lora(cut)) as c:
+            worse = verify_slim(
+                full, file_sha256(path), resized.blocks, settings, a.renderer, candidate=c.renderer
+            )
+    assert result.measurable and result.passed, result.worst_kept
+    assert result.kept_share is not None and result.kept_share > 0.99
+    # The check can fail: a rank-1 cut of rank-1..6 products keeps visibly less.
+    assert worse.kept_share is not None and worse.kept_share < result.kept_share
