@@ -641,7 +641,7 @@ class _Bar:
 
 
 def _print_ranking(analysis: Analysis, limit: int = 15, planted: Sequence[str] = ()) -> None:
-    for mode in analysis.settings["modes"]:
+    for mode in analysis.settings.render.modes:
         rows = analysis.rows_for(mode)
         ref = "no LoRA" if mode == "solo" else "full LoRA"
         click.echo(
@@ -968,7 +968,7 @@ def _print_verification(result: VerifyResult) -> None:
 
 def _print_effects(analysis: Analysis) -> None:
     click.echo("\nthe LoRA's effect per image (base vs full):")
-    prompts = analysis.settings["prompts"]
+    prompts = analysis.settings.render.prompts
     for e in analysis.effects:
         click.echo(
             f"  prompt {e['prompt']} seed {e['seed']}: MSE {e['mse']:.2f}, "
