@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from . import __version__
-from .analysis import Analysis, analyze, compute_analysis, read_manifest
+from .analysis import Analysis, Renderer, analyze, compute_analysis, read_manifest
 from .blocks import format_block_spec, parse_block_spec
 from .check import FORMATS as CHECK_FORMATS
 from .check import load_policy, run_check
@@ -421,6 +421,18 @@ def _session(spec: ModelSpec, lora: LoraFile) -> Iterator[Session]:
 
     with open_session(spec, lora) as session:
         yield session
+
+
+@contextlib.contextmanager
+def _lazy_renderer(spec: ModelSpec, lora: LoraFile) -> Iterator[Renderer]:
+    """A renderer whose session opens only when something must render (a cached rerun loads nothing)."""
+    from .render import require_render
+
+    require_render(("torch",))
+    from .render.lazy import lazy_renderer
+
+    with lazy_renderer(spec, lambda: _session(spec, lora)) as renderer:
+        yield renderer
 
 
 def _distances(perceptual: str | None, device: str | None) -> dict[str, Distance]:
@@ -851,13 +863,13 @@ def _analyze_render(
     t0 = time.perf_counter()
     bar = _Bar("rendering")
     try:
-        with _session(spec, lora_file) as sess:
+        with _lazy_renderer(spec, lora_file) as renderer:
             result = analyze(
                 lora_file,
                 file_sha256(lora),
                 settings,
                 out,
-                sess.renderer,
+                renderer,
                 batch_size=batch_size,
                 coverage=coverage,
                 options=options,

@@ -161,6 +161,52 @@ def test_killed_analyze_resumes_with_identical_results(planted: Path, tmp_path: 
     assert _rendered(third.stdout)[:2] == (0, planned)
 
 
+#: Runs the CLI, then says whether diffusers was ever imported.
+_NO_DIFFUSERS = """
+import sys
+from lora_prune.cli import cli
+try:
+    cli.main(sys.argv[1:], prog_name="lora-prune")
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("diffusers imported:", "diffusers" in sys.modules)
+"""
+
+
+def test_fully_cached_rerun_loads_no_model(planted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["analyze", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL]
+    args += ["--out", str(out)]
+    code, output = run_cli(*args)
+    assert code == 0, output
+    first = {n: (out / n).read_bytes() for n in ("ranking.json", "ranking.csv", "report.html")}
+    again = subprocess.run(
+        [sys.executable, "-c", _NO_DIFFUSERS, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "diffusers imported: False" in again.stdout
+    assert _rendered(again.stdout)[0] == 0
+    assert {n: (out / n).read_bytes() for n in first} == first
+    # A damaged image makes the same rerun load the model and render it again.
+    (out / "images" / sorted(p.name for p in (out / "images").glob("*.png"))[0]).write_bytes(b"x")
+    damaged = subprocess.run(
+        [sys.executable, "-c", _NO_DIFFUSERS, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert damaged.returncode == 0, damaged.stderr
+    assert "diffusers imported: True" in damaged.stdout
+    assert _rendered(damaged.stdout)[0] > 0
+    assert {n: (out / n).read_bytes() for n in first} == first
+
+
 def test_analyze_from_dir_needs_no_model(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, output = run_cli(
