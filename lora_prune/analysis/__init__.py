@@ -84,8 +84,7 @@ def analyze(
         curve: with a criterion, also render and score the pruning curve.
         distances: the image distances of the curve's verdict.
         stats: the LoRA's :func:`~lora_prune.stats.block_stats` when the caller
-            has them already (:func:`~lora_prune.stats.hash_and_stats` reads the
-            file once for both the hash and the norms); None computes them.
+            has them already (saves reading the tensors again); None computes them.
 
     Example::
 
