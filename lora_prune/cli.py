@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from . import __version__
-from .analysis import Analysis, analyze, compute_analysis, read_manifest
+from .analysis import Analysis, Renderer, analyze, compute_analysis, read_manifest
 from .blocks import format_block_spec, parse_block_spec
 from .check import FORMATS as CHECK_FORMATS
 from .check import load_policy, run_check
@@ -423,6 +423,18 @@ def _session(spec: ModelSpec, lora: LoraFile) -> Iterator[Session]:
         yield session
 
 
+@contextlib.contextmanager
+def _lazy_renderer(spec: ModelSpec, lora: LoraFile) -> Iterator[Renderer]:
+    """A renderer whose session opens only when something must render (a cached rerun loads nothing)."""
+    from .render import require_render
+
+    require_render(("torch",))
+    from .render.lazy import lazy_renderer
+
+    with lazy_renderer(spec, lambda: _session(spec, lora)) as renderer:
+        yield renderer
+
+
 def _distances(perceptual: str | None, device: str | None) -> dict[str, Distance]:
     """The verdict's distances: MSE and 1-SSIM, plus the perceptual one when asked for."""
     if perceptual is None:
@@ -641,7 +653,7 @@ class _Bar:
 
 
 def _print_ranking(analysis: Analysis, limit: int = 15, planted: Sequence[str] = ()) -> None:
-    for mode in analysis.settings["modes"]:
+    for mode in analysis.settings.render.modes:
         rows = analysis.rows_for(mode)
         ref = "no LoRA" if mode == "solo" else "full LoRA"
         click.echo(
@@ -851,13 +863,13 @@ def _analyze_render(
     t0 = time.perf_counter()
     bar = _Bar("rendering")
     try:
-        with _session(spec, lora_file) as sess:
+        with _lazy_renderer(spec, lora_file) as renderer:
             result = analyze(
                 lora_file,
                 file_sha256(lora),
                 settings,
                 out,
-                sess.renderer,
+                renderer,
                 batch_size=batch_size,
                 coverage=coverage,
                 options=options,
@@ -968,7 +980,7 @@ def _print_verification(result: VerifyResult) -> None:
 
 def _print_effects(analysis: Analysis) -> None:
     click.echo("\nthe LoRA's effect per image (base vs full):")
-    prompts = analysis.settings["prompts"]
+    prompts = analysis.settings.render.prompts
     for e in analysis.effects:
         click.echo(
             f"  prompt {e['prompt']} seed {e['seed']}: MSE {e['mse']:.2f}, "

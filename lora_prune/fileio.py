@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -211,6 +212,20 @@ def atomic_output(
 def atomic_write_bytes(dest: str | Path, data: bytes, *, what: str = "output") -> None:
     with atomic_output(dest, what=what) as f:
         f.write(data)
+
+
+def write_json(dest: str | Path, doc: object) -> None:
+    """Write ``doc`` as indented JSON (key order kept), atomically."""
+    atomic_write_bytes(dest, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, or ValueError when it holds more than ``limit`` (hostile files)."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"is over {limit} bytes")
+    return data
 
 
 def not_a_folder(path: Path) -> None:

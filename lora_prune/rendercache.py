@@ -30,7 +30,7 @@ from PIL import Image
 
 from .boundedjson import JsonLimitError, loads_bounded
 from .errors import UnreadableFileError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, read_limited
 from .pictures import encode_png
 
 RECORD_SCHEMA = 1
@@ -74,18 +74,10 @@ def save_render(image: np.ndarray, path: Path, key: str) -> None:
     atomic_write_bytes(path, data, what="render")
 
 
-def _read_limited(path: Path, limit: int) -> bytes:
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"is over {limit} bytes")
-    return data
-
-
 def _read_record(path: Path) -> RenderRecord:
     """The record of ``path``, or ValueError saying what is wrong with it."""
     try:
-        raw = _read_limited(record_path(path), RECORD_MAX_BYTES)
+        raw = read_limited(record_path(path), RECORD_MAX_BYTES)
     except FileNotFoundError as exc:
         raise ValueError("has no record") from exc
     except OSError as exc:
@@ -118,7 +110,7 @@ def _checked_bytes(path: Path, key: str, width: int, height: int) -> bytes:
     if (record.width, record.height) != (width, height):
         raise ValueError(f"is {record.width}x{record.height}, the sweep renders {width}x{height}")
     try:
-        data = _read_limited(path, min(record.bytes, IMAGE_MAX_BYTES))
+        data = read_limited(path, min(record.bytes, IMAGE_MAX_BYTES))
     except FileNotFoundError as exc:
         raise ValueError("is missing") from exc
     except OSError as exc:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .analysis import AnalyzeSettings, Renderer, settings_to_json, write_json
+from .analysis import AnalyzeSettings, Renderer, settings_to_json
 from .blocks import block_order, format_block_spec, sort_blocks
 from .errors import NoEffectError, NotASubsetError, UsageError
+from .fileio import write_json
 from .lora import LoraFile
 from .metrics import diff_map
 from .pictures import contact_sheet, heatmap_overlay, label_tile, save_png, side_by_side

@@ -161,6 +161,45 @@ def test_killed_analyze_resumes_with_identical_results(planted: Path, tmp_path: 
     assert _rendered(third.stdout)[:2] == (0, planned)
 
 
+#: Runs the CLI, then says whether diffusers was ever imported.
+_NO_DIFFUSERS = """
+import sys
+from lora_prune.cli import cli
+try:
+    cli.main(sys.argv[1:], prog_name="lora-prune")
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("diffusers imported:", "diffusers" in sys.modules)
+"""
+
+
+def _run_watching_diffusers(args: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", _NO_DIFFUSERS, *args]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_fully_cached_rerun_loads_no_model(planted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["analyze", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL]
+    args += ["--out", str(out)]
+    code, output = run_cli(*args)
+    assert code == 0, output
+    first = {n: (out / n).read_bytes() for n in ("ranking.json", "ranking.csv", "report.html")}
+    again = _run_watching_diffusers(args)
+    assert again.returncode == 0, again.stderr
+    assert "diffusers imported: False" in again.stdout
+    assert _rendered(again.stdout)[0] == 0
+    assert {n: (out / n).read_bytes() for n in first} == first
+    # A damaged image makes the same rerun load the model and render it again.
+    (out / "images" / sorted(p.name for p in (out / "images").glob("*.png"))[0]).write_bytes(b"x")
+    damaged = _run_watching_diffusers(args)
+    assert damaged.returncode == 0, damaged.stderr
+    assert "diffusers imported: True" in damaged.stdout
+    assert _rendered(damaged.stdout)[0] > 0
+    assert {n: (out / n).read_bytes() for n in first} == first
+
+
 def test_analyze_from_dir_needs_no_model(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, output = run_cli(

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 from ..errors import MissingDependencyError
 
@@ -22,13 +23,16 @@ _FIX = (
 )
 
 
-def require_render() -> None:
-    """Import the render dependencies or raise :class:`MissingDependencyError`.
+def require_render(modules: Sequence[str] = RENDER_MODULES) -> None:
+    """Import the render dependencies (or only ``modules`` of them) or raise :class:`MissingDependencyError`.
+
+    ``("torch",)`` is what computing cache keys needs: a cached rerun of
+    ``analyze`` imports the rest only when something must render.
 
     The imports are really performed (a package can be found yet fail to
     import); after the first success they are cached by Python and cost nothing.
     """
-    for name in RENDER_MODULES:
+    for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -39,6 +43,8 @@ def require_render() -> None:
                 else f"rendering needs {name}, which failed to import (missing {missing})"
             )
             raise MissingDependencyError(what, name, _FIX) from exc
+    if "transformers" not in modules:
+        return
     # transformers warns at import time about optional image backends (torchvision)
     # that FLUX never uses; a CLI run should show our output, not that.
     transformers = importlib.import_module("transformers")

@@ -40,6 +40,9 @@ from ..keys import BlockRangeError, is_guidance_path, resolve_module_path
 from ..pickles import is_pickle_name
 from ..safetensors_io import file_sha256, read_header
 from ..settings import ModelSpec
+from .device import TINY_IDENTITY, TINY_SEED
+from .device import _mps_available as _mps_available
+from .device import resolve_device_dtype as resolve_device_dtype
 from .tiny import TINY_MODEL_ID, build_tiny_pipeline
 
 # Partly typed library (untyped constructors and classmethods): used as Any.
@@ -54,21 +57,11 @@ __all__ = [
     "shipped_transformer_config",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 # Full ComfyUI/A1111 checkpoints nest the transformer under one of these; the
 # other prefixes (VAE, text encoders) are not ours to load.
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _PIPELINE_CLASS_RE = re.compile(r"Flux(?!2)\w*Pipeline")
-_TINY_SEED = 0
 _ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees
 _FOLDER_FIX = (
     "give a FLUX.1 diffusers folder (model_index.json, transformer/, vae/, text_encoder/, "
@@ -94,66 +87,6 @@ class LoadedModel:
 
 # ---------------------------------------------------------------------------
 # Device and dtype
-
-
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def _mps_supports_bf16() -> bool:
-    # No capability query exists for MPS; bf16 needs macOS 14, so try it.
-    try:
-        torch.ones(1, dtype=torch.bfloat16, device="mps")
-    except (RuntimeError, TypeError):
-        return False
-    return True
-
-
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """The torch device and dtype to render with; None means pick the best available."""
-    if device is None:
-        if torch.cuda.is_available():
-            dev = torch.device("cuda")
-        elif _mps_available():
-            dev = torch.device("mps")
-        else:
-            dev = torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise UsageError(
-                f"unknown device {device!r}", "device", "use cpu, cuda, cuda:N or mps"
-            ) from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(
-                "CUDA is not available to this torch",
-                f"device {device}",
-                "install a CUDA build of torch or use device cpu",
-            )
-        if dev.type == "mps" and not _mps_available():
-            raise UsageError("MPS is not available", f"device {device}", "use device cpu")
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise UsageError(
-                f"unsupported device type {dev.type!r}",
-                f"device {device}",
-                "use cpu, cuda, cuda:N or mps",
-            )
-
-    if dtype is None:
-        if dev.type == "cuda":
-            return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if dev.type == "mps":
-            return dev, torch.bfloat16 if _mps_supports_bf16() else torch.float16
-        return dev, torch.float32
-    key = dtype.lower()
-    if key not in _DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", "dtype", "use fp32, bf16 or fp16")
-    chosen = _DTYPES[key]
-    if chosen == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("this GPU has no bfloat16 support", f"dtype {dtype}", "use dtype fp16")
-    return dev, chosen
 
 
 # ---------------------------------------------------------------------------
@@ -404,8 +337,8 @@ class _Base:
 
 def _resolve_base(spec: ModelSpec, dtype: torch.dtype) -> _Base:
     if spec.model == TINY_MODEL_ID:
-        pipe = build_tiny_pipeline(_TINY_SEED, dtype)
-        return _Base(f"tiny:seed{_TINY_SEED}", dict(pipe.transformer.config), pipe=pipe)
+        pipe = build_tiny_pipeline(TINY_SEED, dtype)
+        return _Base(TINY_IDENTITY, dict(pipe.transformer.config), pipe=pipe)
     folder = Path(spec.model).expanduser()
     if folder.exists():
         if not folder.is_dir():

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import diffusers
 import numpy as np
-import torch
 
-from .. import __version__
 from ..settings import RenderSettings
+from .device import render_versions
 from .engine import BlockEngine
 from .loading import LoadedModel
 
@@ -26,13 +24,7 @@ class EngineRenderer:
         self.model_id = loaded.model_id
         self.max_sequence_length = max_sequence_length
         # Images differ between devices and dtypes: they are part of every cache key.
-        self.versions: Mapping[str, str] = {
-            "lora_prune": __version__,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "device": loaded.device.type,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-        }
+        self.versions: Mapping[str, str] = render_versions(loaded.device, loaded.dtype)
 
     def __call__(
         self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: RenderSettings

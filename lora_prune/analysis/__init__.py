@@ -1,0 +1,141 @@
+"""The per-block sweep behind ``lora-prune analyze``, minus the rendering itself.
+
+It plans every render and checks the cache (:mod:`.plan`), asks a
+:class:`Renderer` only for the images that are not on disk yet, then scores
+and ranks the blocks and suggests a keep set (:mod:`.scoring`, :mod:`.curve`)
+and writes ranking.csv/json, heatmaps, the contact sheet, the influence chart
+and the report (:mod:`.outputs`). Torch-free: the renderer is passed in (see
+:mod:`lora_prune.render.sweep`), and ``--from DIR`` runs with none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..fileio import write_json
+from ..lora import LoraFile
+from ..settings import AnalyzeSettings as AnalyzeSettings
+from ..settings import PictureOptions as PictureOptions
+from ..settings import check_batch_size, check_coverage
+from ..stats import BlockStats
+from ..verdict import BASE_DISTANCES, Criterion, Distance
+from .curve import CURVE_FILE as CURVE_FILE
+from .curve import read_curve as read_curve
+from .curve import set_curve as set_curve
+from .model import Analysis as Analysis
+from .model import AnalysisSettings as AnalysisSettings
+from .model import BlockRow as BlockRow
+from .model import Suggestion as Suggestion
+from .outputs import write_results as write_results
+from .plan import MANIFEST as MANIFEST
+from .plan import SCHEMA_VERSION as SCHEMA_VERSION
+from .plan import Job as Job
+from .plan import Progress as Progress
+from .plan import Renderer as Renderer
+from .plan import RenderStats as RenderStats
+from .plan import batches as batches
+from .plan import build_manifest as build_manifest
+from .plan import cache_key as cache_key
+from .plan import plan_jobs as plan_jobs
+from .plan import read_manifest as read_manifest
+from .plan import render_missing as render_missing
+from .plan import settings_from_json as settings_from_json
+from .plan import settings_to_json as settings_to_json
+from .scoring import compute_analysis as compute_analysis
+from .scoring import keep_size as keep_size
+from .scoring import suggest_keep as suggest_keep
+
+
+def analyze(
+    lora: LoraFile,
+    lora_sha256: str,
+    settings: AnalyzeSettings,
+    out_dir: Path,
+    renderer: Renderer,
+    *,
+    batch_size: int = 8,
+    coverage: float = 0.9,
+    options: PictureOptions = PictureOptions(),
+    progress: Progress | None = None,
+    curve: Criterion | None = None,
+    distances: Mapping[str, Distance] | None = None,
+    stats: list[BlockStats] | None = None,
+) -> Analysis:
+    """Render what is missing, then analyse. Rerunning renders nothing new.
+
+    With ``curve`` (a verdict's thresholds), also renders the pruning curve: the
+    top-k blocks of the ranking for every k, scored by the share of the LoRA's
+    effect they keep; the suggestion is then the fewest blocks that pass.
+
+    Args:
+        lora: the LoRA to rank (:func:`~lora_prune.lora.read_lora`).
+        lora_sha256: its file hash, part of every cache key.
+        settings: prompts, seeds, size, steps, guidance, strength and modes
+            (``solo``: one block on; ``loo``: one block off).
+        out_dir: where the renders, ``manifest.json``, ``ranking.json``/``.csv``,
+            heatmaps and ``report.html`` go; earlier renders there are reused.
+        renderer: renders a batch of block variants (the render extra's
+            session renderer, or any :class:`Renderer`).
+        batch_size: variants per renderer call.
+        coverage: share of the total influence the suggested keep set covers.
+        options: heatmap and contact-sheet options.
+        progress: called with ``(done, total)`` renders.
+        curve: with a criterion, also render and score the pruning curve.
+        distances: the image distances of the curve's verdict.
+        stats: the LoRA's :func:`~lora_prune.stats.block_stats` when the caller
+            has them already (saves reading the tensors again); None computes them.
+
+    Example::
+
+        with open_session(ModelSpec(model="tiny"), lora) as session:
+            result = analyze(lora, file_sha256(lora.path), AnalyzeSettings(prompts=("a cat",)),
+                             Path("out"), session.renderer)
+        print([(r.block, r.mse) for r in result.rows_for("solo")[:5]])
+    """
+    check_coverage(coverage)
+    check_batch_size(batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = [b for b in lora.blocks if b != "other"]
+    jobs = plan_jobs(
+        blocks,
+        settings,
+        model_id=renderer.model_id,
+        lora_sha256=lora_sha256,
+        versions=renderer.versions,
+    )
+    manifest = build_manifest(
+        lora,
+        lora_sha256,
+        settings,
+        jobs,
+        model_id=renderer.model_id,
+        versions=renderer.versions,
+        stats=stats,
+    )
+    write_json(out_dir / MANIFEST, manifest)
+    renders = render_missing(
+        jobs, out_dir, renderer, settings, batch_size=batch_size, progress=progress
+    )
+    result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
+    result.renders = renders
+    if curve is not None and not result.warnings:
+        # Imported here: verify builds on this module.
+        from ..verify import auto_keep
+
+        primary = "loo" if "loo" in settings.modes else "solo"
+        order = [r.block for r in result.rows_for(primary)]
+        auto = auto_keep(
+            lora,
+            lora_sha256,
+            order,
+            settings,
+            renderer,
+            criterion=curve,
+            distances=distances or BASE_DISTANCES,
+            batch_size=batch_size,
+            stop_at_pass=False,
+            size_of=lambda blocks: keep_size(lora, blocks),
+        )
+        set_curve(result, auto.curve, curve, lora=lora)
+    return result

@@ -1,0 +1,138 @@
+"""The result of a sweep: the typed records that ``ranking.json`` is written from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..provenance import CRITERION, FORMULA
+from ..settings import AnalyzeSettings
+from ..verdict import NOISE_MSE, Criterion, CurvePoint
+from .plan import RenderStats, settings_to_json
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What the analysis ran with: the renders', the LoRA's and the pictures' settings.
+
+    ``ranking.json`` writes them as one flat object (:meth:`to_json`), the render
+    settings first, as it always has.
+    """
+
+    render: AnalyzeSettings
+    lora: str
+    lora_sha256: str
+    model: str
+    heatmap_scale: str
+    cmap: str
+    #: per mode: the top of the heatmaps' global scale (0.0 on a per-image scale)
+    heatmap_vmax: Mapping[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **settings_to_json(self.render),
+            "lora": self.lora,
+            "lora_sha256": self.lora_sha256,
+            "model": self.model,
+            "heatmap_scale": self.heatmap_scale,
+            "cmap": self.cmap,
+            "heatmap_vmax": dict(self.heatmap_vmax),
+        }
+
+
+@dataclass
+class BlockRow:
+    """One block's influence in one mode, averaged over prompts x seeds."""
+
+    block: str
+    mode: str
+    mse: float
+    mse_std: float
+    ssim: float
+    ssim_std: float
+    rank: int
+    params: int
+    bytes: int
+    norm: float
+    norm_rank: int
+
+
+@dataclass
+class Suggestion:
+    """The suggested keep set and the ``slim`` command that writes it."""
+
+    mode: str
+    coverage_target: float
+    coverage: float
+    blocks: list[str]
+    spec: str
+    bytes: int
+    bytes_before: int
+    command: str | None
+    #: "coverage" (estimated from per-block influence) or "kept_share" (the verdict, from the curve)
+    criterion: str = "coverage"
+    #: with "kept_share": the worst kept share per distance of the suggested set
+    kept: dict[str, float] | None = None
+
+
+@dataclass
+class Analysis:
+    """The result of a sweep: what ``ranking.json`` holds."""
+
+    settings: AnalysisSettings
+    rows: list[BlockRow]
+    spearman: dict[str, float | None]
+    suggestion: Suggestion
+    references: list[dict[str, Any]]
+    images: list[dict[str, Any]]
+    renders: RenderStats = field(default_factory=RenderStats)
+    out_dir: Path = Path()
+    #: per prompt x seed: what the full LoRA does to the image (see lora_prune.verdict)
+    effects: list[dict[str, Any]] = field(default_factory=list)
+    #: the pruning curve, when one was rendered (analyze --curve, slim --auto)
+    curve: list[CurvePoint] | None = None
+    curve_criterion: Criterion | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """Images on which the LoRA shows (next to) no effect: nothing can be verified there."""
+        prompts = self.settings.render.prompts
+        return [
+            f"the LoRA has no measurable effect on prompt {e['prompt']} ({prompts[e['prompt']]!r}) "
+            f"seed {e['seed']}: MSE(base, full) {e['mse']:.3g} <= noise floor {NOISE_MSE:g}; use "
+            "prompts where the LoRA shows, such as its trigger words"
+            for e in self.effects
+            if not e["measurable"]
+        ]
+
+    def rows_for(self, mode: str) -> list[BlockRow]:
+        return sorted((r for r in self.rows if r.mode == mode), key=lambda r: r.rank)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tool": {"name": "lora-prune", "version": __version__},
+            "settings": self.settings.to_json(),
+            "rows": [asdict(r) for r in self.rows],
+            "spearman": self.spearman,
+            "suggestion": asdict(self.suggestion),
+            "references": self.references,
+            "images": self.images,
+            "contact_sheet": "contact_sheet.png",
+            "influence": "influence.png",
+            "effects": self.effects,
+            "noise_floor_mse": NOISE_MSE,
+            "warnings": self.warnings,
+            "pruning_curve": None
+            if self.curve is None
+            else {
+                "image": "pruning_curve.png",
+                "order": self.curve[-1].blocks if self.curve else [],
+                "criterion": CRITERION,
+                "formula": FORMULA,
+                "min_kept": self.curve_criterion.min_kept if self.curve_criterion else None,
+                "points": [asdict(p) for p in self.curve],
+            },
+        }
