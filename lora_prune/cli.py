@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from . import __version__
-from .analysis import Analysis, Renderer, analyze, compute_analysis, read_manifest
+from .analysis import (
+    Analysis,
+    Renderer,
+    RenderStats,
+    Shard,
+    analyze,
+    compute_analysis,
+    read_manifest,
+    render_sweep,
+)
 from .blocks import format_block_spec, parse_block_spec
 from .check import FORMATS as CHECK_FORMATS
 from .check import load_policy, run_check
@@ -811,7 +820,12 @@ def analyze_cmd(
     Example: lora-prune analyze my_lora.safetensors --model black-forest-labs/FLUX.1-dev
              --prompt "portrait of sks woman" --seeds 0,1 --mode both --out my_lora.analysis
     Example: lora-prune analyze --from my_lora.analysis --heatmap-scale per-image
+
+    \b
+    Several GPUs: accelerate launch --num_processes 8 -m lora_prune.cli analyze ...
+    (one process per GPU, each renders a share; see docs/performance.md).
     """
+    result: Analysis | None
     if from_dir is not None:
         result = _analyze_from(from_dir, coverage, options)
     else:
@@ -832,6 +846,8 @@ def analyze_cmd(
             curve=criterion if curve else None,
             distances=_distances(perceptual, spec.device) if curve else None,
         )
+        if result is None:
+            return  # a helper process of a multi-process sweep: the main one reports
     _print_ranking(result)
     _print_effects(result)
     _print_curve(result)
@@ -857,40 +873,69 @@ def _analyze_render(
     options: PictureOptions,
     curve: Criterion | None,
     distances: dict[str, Distance] | None,
-) -> Analysis:
+) -> Analysis | None:
+    """Render and analyse; None in a helper process of a launched multi-process sweep."""
     refuse_overwrite([lora, spec.transformer_file], folders=[out])
     lora_file = read_lora(lora)
+    shard = None
+    from .render.distributed import launched_processes
+
+    if launched_processes() > 1:
+        _require_render()
+        from .render.distributed import join_processes
+
+        shard, spec = join_processes(spec)
     t0 = time.perf_counter()
-    bar = _Bar("rendering")
+    # One progress bar per terminal: the helper processes render quietly.
+    bar = _Bar("rendering") if shard is None or shard.is_main else None
+    result = None
     try:
         with _lazy_renderer(spec, lora_file) as renderer:
-            result = analyze(
-                lora_file,
-                file_sha256(lora),
-                settings,
-                out,
-                renderer,
-                batch_size=batch_size,
-                coverage=coverage,
-                options=options,
-                progress=bar,
-                curve=curve,
-                distances=distances,
-            )
+            if shard is not None and not shard.is_main:
+                renders = render_sweep(
+                    lora_file,
+                    file_sha256(lora),
+                    settings,
+                    out,
+                    renderer,
+                    batch_size=batch_size,
+                    shard=shard,
+                )
+                shard.wait()
+            else:
+                result = analyze(
+                    lora_file,
+                    file_sha256(lora),
+                    settings,
+                    out,
+                    renderer,
+                    batch_size=batch_size,
+                    coverage=coverage,
+                    options=options,
+                    progress=bar,
+                    curve=curve,
+                    distances=distances,
+                    shard=shard,
+                )
+                renders = result.renders
     finally:
-        bar.close()
-    r = result.renders
+        if bar is not None:
+            bar.close()
+    _print_renders(renders, time.perf_counter() - t0, shard)
+    return result
+
+
+def _print_renders(r: RenderStats, seconds: float, shard: Shard | None) -> None:
+    who = "" if shard is None else f"process {shard.index + 1} of {shard.count}: "
     click.echo(
-        f"rendered {r.rendered} images ({r.cached} cached of {r.planned}) in "
-        f"{time.perf_counter() - t0:.1f} s"
+        f"{who}rendered {r.rendered} images ({r.cached} cached of {r.planned}) in {seconds:.1f} s"
     )
     if r.damaged:
         click.echo(
-            f"note: {r.damaged} cached image{'s were' if r.damaged != 1 else ' was'} "
+            f"note: {who}{r.damaged} cached image{'s were' if r.damaged != 1 else ' was'} "
             "damaged or had no record and rendered again",
             err=True,
         )
-    return result
 
 
 @cli.command(epilog=VERDICT_HELP + "\n\n" + EXIT_CODES_HELP)

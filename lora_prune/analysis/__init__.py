@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..fileio import write_json
 from ..lora import LoraFile
@@ -34,6 +35,7 @@ from .plan import Job as Job
 from .plan import Progress as Progress
 from .plan import Renderer as Renderer
 from .plan import RenderStats as RenderStats
+from .plan import Shard as Shard
 from .plan import batches as batches
 from .plan import build_manifest as build_manifest
 from .plan import cache_key as cache_key
@@ -45,6 +47,78 @@ from .plan import settings_to_json as settings_to_json
 from .scoring import compute_analysis as compute_analysis
 from .scoring import keep_size as keep_size
 from .scoring import suggest_keep as suggest_keep
+
+
+def _write_plan(
+    lora: LoraFile,
+    lora_sha256: str,
+    settings: AnalyzeSettings,
+    out_dir: Path,
+    renderer: Renderer,
+    stats: list[BlockStats] | None,
+) -> tuple[list[Job], dict[str, Any]]:
+    """The sweep's jobs and its manifest, written into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = [b for b in lora.blocks if b != "other"]
+    jobs = plan_jobs(
+        blocks,
+        settings,
+        model_id=renderer.model_id,
+        lora_sha256=lora_sha256,
+        versions=renderer.versions,
+    )
+    manifest = build_manifest(
+        lora,
+        lora_sha256,
+        settings,
+        jobs,
+        model_id=renderer.model_id,
+        versions=renderer.versions,
+        stats=stats,
+    )
+    write_json(out_dir / MANIFEST, manifest)
+    return jobs, manifest
+
+
+def render_sweep(
+    lora: LoraFile,
+    lora_sha256: str,
+    settings: AnalyzeSettings,
+    out_dir: Path,
+    renderer: Renderer,
+    *,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    stats: list[BlockStats] | None = None,
+    shard: Shard | None = None,
+) -> RenderStats:
+    """Plan the sweep, write its manifest and render what is missing (this process's share).
+
+    The first half of :func:`analyze`. Processes that render a sweep together
+    (see :class:`Shard`) all call it; each writes the same manifest and only
+    its own share of the images.
+
+    Args:
+        lora, lora_sha256, settings, out_dir, renderer, batch_size, progress,
+            stats: as for :func:`analyze`.
+        shard: this process's share of the batches; None renders them all.
+
+    Example::
+
+        stats = render_sweep(lora, sha, settings, Path("out"), renderer, shard=Shard(1, 2))
+        print(stats.rendered, "rendered,", stats.cached, "cached")
+    """
+    check_batch_size(batch_size)
+    jobs, _ = _write_plan(lora, lora_sha256, settings, out_dir, renderer, stats)
+    return render_missing(
+        jobs,
+        out_dir,
+        renderer,
+        settings,
+        batch_size=batch_size,
+        progress=progress,
+        shard=shard,
+    )
 
 
 def analyze(
@@ -61,6 +135,7 @@ def analyze(
     curve: Criterion | None = None,
     distances: Mapping[str, Distance] | None = None,
     stats: list[BlockStats] | None = None,
+    shard: Shard | None = None,
 ) -> Analysis:
     """Render what is missing, then analyse. Rerunning renders nothing new.
 
@@ -85,6 +160,10 @@ def analyze(
         distances: the image distances of the curve's verdict.
         stats: the LoRA's :func:`~lora_prune.stats.block_stats` when the caller
             has them already (saves reading the tensors again); None computes them.
+        shard: in a sweep rendered by several processes, the main process's
+            :class:`Shard`: it renders its share, waits for the others (which
+            call :func:`render_sweep` and ``shard.wait()``), then analyses.
+            The pruning curve is rendered by this process alone.
 
     Example::
 
@@ -94,29 +173,21 @@ def analyze(
         print([(r.block, r.mse) for r in result.rows_for("solo")[:5]])
     """
     check_coverage(coverage)
+    if shard is not None and not shard.is_main:
+        raise ValueError("only the main process analyses; the others call render_sweep")
     check_batch_size(batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = [b for b in lora.blocks if b != "other"]
-    jobs = plan_jobs(
-        blocks,
-        settings,
-        model_id=renderer.model_id,
-        lora_sha256=lora_sha256,
-        versions=renderer.versions,
-    )
-    manifest = build_manifest(
-        lora,
-        lora_sha256,
-        settings,
-        jobs,
-        model_id=renderer.model_id,
-        versions=renderer.versions,
-        stats=stats,
-    )
-    write_json(out_dir / MANIFEST, manifest)
+    jobs, manifest = _write_plan(lora, lora_sha256, settings, out_dir, renderer, stats)
     renders = render_missing(
-        jobs, out_dir, renderer, settings, batch_size=batch_size, progress=progress
+        jobs,
+        out_dir,
+        renderer,
+        settings,
+        batch_size=batch_size,
+        progress=progress,
+        shard=shard,
     )
+    if shard is not None:
+        shard.wait()
     result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
     result.renders = renders
     if curve is not None and not result.warnings:

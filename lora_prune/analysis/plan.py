@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,8 @@ from ..lora import LoraFile
 from ..rendercache import check_render, save_render
 from ..settings import AnalyzeSettings
 from ..stats import BlockStats, block_stats
+
+T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -49,6 +51,39 @@ class Job:
     @property
     def path(self) -> str:
         return f"images/{self.key}.png"
+
+
+def _no_wait() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a sweep that several processes render together.
+
+    Processes take the batches of the full plan round-robin (batch ``index``,
+    ``index + count``, ...), so every image is rendered with the same batch
+    companions as in a one-process run (its pixels can depend on them), and a
+    rerun with any number of processes finds the same cache keys. ``wait``
+    returns once every process has called it (a barrier, e.g. accelerate's
+    ``wait_for_everyone``); the main process (index 0) analyses after it.
+    """
+
+    index: int
+    count: int
+    wait: Callable[[], None] = field(default=_no_wait, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index} of {self.count} does not exist")
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This process's items of ``items`` (the same list in every process)."""
+        return list(items[self.index :: self.count])
 
 
 class Renderer(Protocol):
@@ -188,6 +223,7 @@ def render_missing(
     *,
     batch_size: int,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> RenderStats:
     """Render the batches with an image that is missing or damaged; save each with its record.
 
@@ -195,13 +231,14 @@ def render_missing(
     :mod:`lora_prune.rendercache`); a damaged one is rendered again and counted.
     ``renderer`` is called only for a batch with such an image, so a renderer
     that loads its model on first call loads nothing when all is cached.
-    The batches are those of :func:`batches` over ``jobs``: a caller that
-    splits the work (one share per process) passes whole batches of the
-    full plan, so that every image keeps its batch companions.
+    The batches are those of :func:`batches` over ``jobs``, the full plan;
+    with a ``shard`` only this process's share of them (see :class:`Shard`).
     """
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     all_batches = list(batches(jobs, batch_size))
+    if shard is not None:
+        all_batches = shard.share(all_batches)
     total = sum(len(b) for b in all_batches)
     stats = RenderStats(planned=total)
     done = 0
