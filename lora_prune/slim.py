@@ -330,6 +330,7 @@ def slim_lora(
     force: bool = False,
     extra_metadata: Mapping[str, str] | None = None,
     allow_unknown: bool = False,
+    source_sha256: str | None = None,
 ) -> SlimResult:
     """Write a LoRA keeping only the blocks in ``keep`` (or all but ``drop``).
 
@@ -345,6 +346,8 @@ def slim_lora(
         force: replace an existing output (never the source itself).
         extra_metadata: more ``__metadata__`` entries (e.g. a verification record).
         allow_unknown: as for :func:`~lora_prune.lora.read_lora`.
+        source_sha256: the source file's sha256 when this command hashed it
+            already (``slim --auto`` does, for its cache keys); None hashes it.
 
     Example::
 
@@ -371,7 +374,7 @@ def slim_lora(
     out_path = Path(output) if output is not None else default_output(lora.path)
     check_output_path(lora.path, out_path, force=force)
 
-    source_sha = file_sha256(lora.path)
+    source_sha = file_sha256(lora.path) if source_sha256 is None else source_sha256
     with SafetensorsReader(lora.path, lora.header) as reader:
         infos = sorted(plan.kept_tensors, key=lambda t: t.begin)
         entries = [

@@ -22,6 +22,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import lora_prune.render.workflows
+import lora_prune.slim
 from lora_prune.analysis import AnalyzeSettings, analyze, batches, plan_jobs, read_manifest
 from lora_prune.cli import cli
 from lora_prune.lora import read_lora
@@ -296,8 +298,19 @@ def test_verify_refuses_a_file_that_is_not_a_block_subset(planted: Path, tmp_pat
     assert "double_blocks_3" in output
 
 
-def test_slim_auto_keeps_exactly_the_planted_blocks(planted: Path, tmp_path: Path) -> None:
+def test_slim_auto_keeps_exactly_the_planted_blocks(
+    planted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "auto.safetensors"
+    hashed: list[Path] = []
+
+    def counting_sha256(path: str | Path) -> str:
+        hashed.append(Path(path))
+        return file_sha256(path)
+
+    # slim --auto reads the whole LoRA to hash it once, not once for the sweep and again to write.
+    for module in (lora_prune.render.workflows, lora_prune.slim):
+        monkeypatch.setattr(module, "file_sha256", counting_sha256)
     # A strict threshold: dropping any planted block must fail it, keeping them all gives 1.0.
     code, output = run_cli(
         "slim",
@@ -320,6 +333,7 @@ def test_slim_auto_keeps_exactly_the_planted_blocks(planted: Path, tmp_path: Pat
         str(tmp_path / "work"),
     )
     assert code == 0, output
+    assert hashed == [planted]
     slim = read_lora(out)
     assert set(slim.blocks) == set(PLANTED)
     verification = json.loads(slim.metadata[VERIFICATION_KEY])

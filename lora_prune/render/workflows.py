@@ -107,6 +107,7 @@ def auto_slim(
         output=output,
         force=force,
         extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()},
+        source_sha256=sha,
     )
     return AutoSlimResult(analysis, auto, slim)
 
