@@ -42,6 +42,7 @@ from ..keys import Target
 from ..lora import LoraFile, LoraModule
 from ..safetensors_io import SafetensorsReader
 from ..settings import ImageSettings, check_batch_size
+from .compiled import compile_blocks, step_cache, uncompile
 from .hooks import Hook, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
 
@@ -121,12 +122,19 @@ class BlockEngine:
     registers one hook per touched diffusers module. Outside :meth:`render` and
     :meth:`activated` every block is off: the pipeline renders as without LoRA.
     Use as a context manager, or call :meth:`close`, to remove every hook.
+
+    ``compile=True`` compiles the transformer's repeated blocks with
+    masked hooks (every block's delta is computed and scaled per image by a 0/1
+    mask tensor), so switching blocks never recompiles; :meth:`close` restores
+    the eager blocks. A step cache on the transformer (first-block cache,
+    MagCache, FasterCache, ...) is refused with :class:`UsageError`: it would
+    replace the very block contributions a sweep measures.
     """
 
     blocks: list[str]
     attached: int
 
-    def __init__(self, loaded: LoadedModel, lora: LoraFile) -> None:
+    def __init__(self, loaded: LoadedModel, lora: LoraFile, *, compile: bool = False) -> None:
         self.loaded = loaded
         self.lora = lora
         self.pipe: Any = loaded.pipe
@@ -135,6 +143,7 @@ class BlockEngine:
         self._switches = Switches()
         self._closed = False
         self._registered = False
+        self._compiled: list[torch.nn.Module] = []
         transformer = self.pipe.transformer
         if transformer in _OPEN:
             raise UsageError(
@@ -143,6 +152,7 @@ class BlockEngine:
                 "close the first engine (with-block or close()) before attaching a second",
             )
         self._check_unfused(transformer)
+        self._check_no_step_cache()
         plans = self._plan()
         try:
             with SafetensorsReader(lora.path, lora.header) as reader:
@@ -152,6 +162,8 @@ class BlockEngine:
                 module = self._module(key)
                 assert module is not None
                 self._handles.append(module.register_forward_hook(hook))
+            if compile:
+                self._compile(transformer)
         except BaseException:
             self.close()
             raise
@@ -178,6 +190,37 @@ class BlockEngine:
             except AttributeError:
                 continue
         return None
+
+    def _check_no_step_cache(self) -> None:
+        name = step_cache(self.pipe.transformer)
+        if name is not None:
+            raise UsageError(
+                f"the transformer has a step cache enabled ({name}), which skips or reuses "
+                "blocks between steps and would replace the block contributions being measured",
+                self.lora.path,
+                "call pipe.transformer.disable_cache() (or remove the cache hooks) before rendering",
+            )
+
+    def _compile(self, transformer: torch.nn.Module) -> None:
+        # Masked hooks read one blocks x batch tensor: new selections are new values, not new code.
+        hooks = [h for k, h in self._hooks.items() if k.startswith("transformer:")]
+        self._switches.rows = {b: i for i, b in enumerate(sort_blocks({h.block for h in hooks}))}
+        off = torch.zeros(len(self._switches.rows), 1, device=self.pipe._execution_device)
+        self._switches.off = self._switches.mask = off
+        for hook in hooks:
+            hook.masked = True
+        self._compiled = compile_blocks(transformer)
+
+    def _set_mask(self, variants: Sequence[frozenset[str]], strength: float) -> None:
+        rows = self._switches.rows
+        if not rows:
+            return
+        mask = torch.zeros(len(rows), len(variants))
+        for block, row in rows.items():
+            for i, variant in enumerate(variants):
+                if block in variant:
+                    mask[row, i] = strength
+        self._switches.mask = mask.to(self.pipe._execution_device)
 
     @staticmethod
     def _check_unfused(transformer: torch.nn.Module) -> None:
@@ -489,6 +532,7 @@ class BlockEngine:
         self._check_variant(frozenset(blocks))
         self._switches.selection = {b: None for b in blocks if b in self.blocks}
         self._switches.strength = float(strength)
+        self._set_mask([frozenset(blocks)], float(strength))
         try:
             yield
         finally:
@@ -568,6 +612,7 @@ class BlockEngine:
         Block ids the LoRA lacks are accepted and change nothing.
         """
         self._check_open()
+        self._check_no_step_cache()
         self._check_settings(settings, batch_size)
         if output not in ("uint8", "float"):
             raise UsageError(f"unknown output kind {output!r}", "output", "use 'uint8' or 'float'")
@@ -619,6 +664,7 @@ class BlockEngine:
         pooled = torch.cat([embeddings[s][1] for s in states], dim=0)
         self._switches.selection = selection
         self._switches.batch = size
+        self._set_mask(batch, self._switches.strength)
         try:
             result = self.pipe(
                 prompt_embeds=embeds,
@@ -634,6 +680,7 @@ class BlockEngine:
             )
         finally:
             self._switches.selection = {}
+            self._switches.mask = self._switches.off
         arrays = np.asarray(result[0], dtype=np.float32)
         if output == "uint8":
             # diffusers' own PIL conversion, so "uint8" equals output_type="pil" pixel for pixel.
@@ -648,6 +695,8 @@ class BlockEngine:
         self._handles.clear()
         self._hooks.clear()
         self._switches.reset()
+        uncompile(self._compiled)
+        self._compiled.clear()
         self._closed = True
         if self._registered:
             self._registered = False
