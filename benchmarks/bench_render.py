@@ -91,6 +91,12 @@ def naive_sweep(
     return images
 
 
+def print_ratio(name: str, value: float, op: str, target: float) -> None:
+    """One acceptance line: ``ratio <name>: <value>x (target <op> <target>x) PASS|FAIL``."""
+    ok = value <= target if op == "<=" else value < target if op == "<" else value >= target
+    print(f"  ratio {name}: {value:.3f}x (target {op} {target:g}x) {'PASS' if ok else 'FAIL'}")
+
+
 def max_level_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
     return max(int(np.abs(x.astype(int) - y.astype(int)).max()) for x, y in zip(a, b, strict=True))
 
@@ -185,6 +191,11 @@ def main() -> None:
         print(f"  naive / engine batches of {size:<3} (incl. setup): {ratio:5.1f}x")
     ratio = best["naive"] / (best["single"] + setup)
     print(f"  naive / engine one by one (incl. setup)    : {ratio:5.1f}x")
+    batched = min(best[f"batch{size}"] for size in batch_sizes) + setup
+    print("acceptance (issue 12), one run:")
+    print_ratio("one by one / floor", (best["single"] + setup) / best["plain"], "<=", 1.1)
+    print_ratio("batched / floor", batched / best["plain"], "<", 1.0)
+    print_ratio("naive / batched", best["naive"] / batched, ">=", 10.0)
     diffs = ", ".join(
         f"batches of {size} vs one by one {max_level_diff(images[f'batch{size}'], singles)}"
         for size in batch_sizes

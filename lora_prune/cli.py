@@ -259,7 +259,8 @@ batch_size_opt = click.option(
 def _build_render(kw: dict[str, Any]) -> None:
     model = kw.pop("model")
     where = (kw.pop("transformer_file"), kw.pop("device"), kw.pop("dtype"), kw.pop("offload"))
-    kw["spec"] = None if model is None else ModelSpec(model, *where)
+    compile_blocks = kw.pop("compile")
+    kw["spec"] = None if model is None else ModelSpec(model, *where, compile=compile_blocks)
     kw["request"] = RenderRequest(
         prompts=tuple(kw.pop("prompts")),
         seeds=kw.pop("seeds"),
@@ -295,6 +296,11 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
             ),
             click.option(
                 "--offload", is_flag=True, help="Offload model parts to the CPU between uses."
+            ),
+            click.option(
+                "--compile",
+                is_flag=True,
+                help="torch.compile the transformer blocks (slow first batch, faster after).",
             ),
             click.option(
                 "--prompt",

@@ -289,6 +289,8 @@ class ModelSpec:
     ``device``: None picks cuda > mps > cpu. ``dtype``: ``fp32``/``bf16``/``fp16``
     or None for the device's best (bf16 on cuda/mps where supported, else fp16;
     fp32 on cpu). ``offload``: diffusers' model CPU offload (needs a GPU).
+    ``compile``: ``torch.compile`` the transformer's repeated blocks (the engine
+    masks its hooks so switching blocks does not recompile).
     """
 
     model: str
@@ -296,6 +298,7 @@ class ModelSpec:
     device: str | None = None
     dtype: str | None = None
     offload: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:

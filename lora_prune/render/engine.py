@@ -15,26 +15,35 @@ the model's weights are never written (fuse/unfuse drifts in bf16).
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..adapters import APPLIED_ROLES, FULL_ROLES, UNRENDERABLE_ROLES
+from ..adapters import (
+    APPLIED_ROLES,
+    FULL_ROLES,
+    UNRENDERABLE_ROLES,
+    alpha_problem,
+    bias_rows,
+    delta_io,
+    factor_problem,
+    missing_factor,
+)
 from ..blocks import BLOCK_IDS, OTHER, TEXT_ENCODER_IDS, sort_blocks
 from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterError, UsageError
 from ..geometry import FLUX1_DEV, TINY
 from ..keys import Target
-from ..lora import LoraFile, LoraModule, alpha_problem, factor_problem
+from ..lora import LoraFile, LoraModule
 from ..safetensors_io import SafetensorsReader
 from ..settings import ImageSettings, check_batch_size
+from .compiled import compile_blocks, step_cache, uncompile
+from .hooks import Hook, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
 
 __all__ = [
@@ -67,122 +76,6 @@ _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 @dataclass
-class _Piece:
-    """The part of one LoRA module that lands on one diffusers module.
-
-    Linear targets: ``scale * up @ down`` (+ ``scale * up_bias``) for low-rank
-    factors, ``dense`` (already scaled) for LoHa/LoKr/diff/replacements, ``bias``
-    (unscaled, as ComfyUI adds ``diff_b``). Norm targets: ``norm`` is the change of
-    the norm's weight, applied to the normalised input. A replacement
-    (``set_weight``) is stored as its difference to the model's weight, so
-    strength s moves the weight s of the way to the replacement.
-    """
-
-    stem: str
-    scale: float = 1.0
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    norm: torch.Tensor | None = None
-
-    def tensors(self) -> list[str]:
-        return [
-            n
-            for n in ("down", "up", "up_bias", "dense", "bias", "norm")
-            if getattr(self, n) is not None
-        ]
-
-
-_Selection: TypeAlias = "torch.Tensor | None"  # sample indices, or None = every sample of the batch
-
-
-@dataclass
-class _Switches:
-    """What the running pipeline call has switched on: the engine sets it, its hooks read it.
-
-    ``selection`` maps each active block to the samples it is on for; ``batch``
-    is the batch size the hooks must see (0 = not checked, outside a batch).
-    """
-
-    selection: dict[str, _Selection] = field(default_factory=dict)
-    strength: float = 1.0
-    batch: int = 0
-
-    def reset(self) -> None:
-        """Every block off, as outside :meth:`BlockEngine.render`."""
-        self.selection, self.strength, self.batch = {}, 1.0, 0
-
-
-class _Hook:
-    """The forward hook of one diffusers module: adds its pieces' delta for active samples."""
-
-    def __init__(
-        self,
-        switches: _Switches,
-        block: str,
-        kind: str,
-        normalise: Callable[[torch.Tensor], torch.Tensor] | None,
-    ) -> None:
-        self.switches = switches
-        self.block = block
-        self.kind = kind
-        self.normalise = normalise
-        self.pieces: list[_Piece] = []
-        self.device: torch.device | None = None
-
-    def _to_device(self, device: torch.device) -> None:
-        # Model CPU offload moves modules at call time; the LoRA tensors follow the input.
-        for piece in self.pieces:
-            for name in piece.tensors():
-                setattr(piece, name, getattr(piece, name).to(device))
-        self.device = device
-
-    def delta(self, x: torch.Tensor, strength: float) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        normed: torch.Tensor | None = None
-        for p in self.pieces:
-            parts: list[torch.Tensor] = []
-            if p.down is not None and p.up is not None:
-                h = x.to(p.down.dtype)
-                # F.linear twice, then the scale: the op order of PEFT's LoRA layer.
-                parts.append(F.linear(F.linear(h, p.down), p.up, p.up_bias) * (p.scale * strength))
-            if p.dense is not None:
-                parts.append(F.linear(x.to(p.dense.dtype), p.dense) * strength)
-            if p.norm is not None:
-                if normed is None:
-                    assert self.normalise is not None
-                    normed = self.normalise(x)
-                parts.append(normed.to(p.norm.dtype) * p.norm * strength)
-            if p.bias is not None:
-                parts.append(p.bias * strength)
-            for part in parts:
-                total = part if total is None else total + part
-        assert total is not None
-        return total
-
-    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        switches = self.switches
-        selection = switches.selection
-        if self.block not in selection or not isinstance(output, torch.Tensor):
-            return None
-        x = args[0]
-        if self.device != x.device:
-            self._to_device(x.device)
-        index = selection[self.block]
-        if index is None:
-            return output + self.delta(x, switches.strength).to(output.dtype)
-        if output.shape[0] != switches.batch or x.shape[0] != switches.batch:
-            raise RuntimeError(
-                f"hook on a {self.block} module saw batch {output.shape[0]}, expected {switches.batch}"
-            )
-        delta = self.delta(x.index_select(0, index), switches.strength).to(output.dtype)
-        # index_add on the batch dim works for 2-D modulation inputs and 3-D token inputs alike.
-        return output.index_add(0, index, delta.expand(index.shape[0], *output.shape[1:]))
-
-
-@dataclass
 class _Plan:
     """A LoRA module checked against the model, before its tensors are read."""
 
@@ -206,122 +99,16 @@ def _shape(module: LoraModule, role: str) -> tuple[int, ...]:
 
 def _lora_io(module: LoraModule) -> tuple[int, int] | None:
     """(in, out) of a linear module's delta from the header shapes; None for bias-only modules."""
-    t = module.tensors
     path = str(module.stem)
     problem = factor_problem(module) or alpha_problem(module)
     if problem is not None:
         raise CorruptFileError(problem, path, "re-save or re-download the LoRA")
-    if "down" in t or "up" in t:
-        if "down" not in t or "up" not in t:
-            missing = "up" if "down" in t else "down"
-            raise CorruptFileError(
-                f"module has no lora_{missing} tensor", path, "re-save or re-download the LoRA"
-            )
-        down, up = _shape(module, "down"), _shape(module, "up")
-        if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
-            raise CorruptFileError(
-                f"lora_down {list(down)} and lora_up {list(up)} do not chain",
-                path,
-                "re-save or re-download the LoRA",
-            )
-        return math.prod(down[1:]), up[0]
-    if "hada_w1_a" in t:
-        roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        lacking = [r for r in roles if r not in t]
-        if lacking:
-            raise CorruptFileError(
-                f"LoHa module lacks {lacking[0]}", path, "re-save or re-download the LoRA"
-            )
-        w1a, w1b, w2a, w2b = (_shape(module, r) for r in roles)
-        if (
-            any(len(w) < 2 for w in (w1a, w1b, w2a, w2b))
-            or w1a[1] != w1b[0]
-            or w2a[1] != w2b[0]
-            or w1a[0] != w2a[0]
-            or w1b[1:] != w2b[1:]
-        ):
-            raise CorruptFileError(
-                "LoHa factors do not chain", path, "re-save or re-download the LoRA"
-            )
-        return math.prod(w1b[1:]), w1a[0]
-    if any(r.startswith("lokr_") for r in t):
-        w1, w2 = _lokr_shape(module, "lokr_w1"), _lokr_shape(module, "lokr_w2")
-        return w1[1] * w2[1], w1[0] * w2[0]
-    for role in ("diff", "w_norm", "set_weight"):
-        if role in t:
-            shape = _shape(module, role)
-            # -1: not a matrix, so it cannot fit a Linear whatever its width
-            return (shape[1], shape[0]) if len(shape) == 2 else (-1, shape[0] if shape else -1)
-    return None
-
-
-def _lokr_shape(module: LoraModule, name: str) -> tuple[int, int]:
-    t = module.tensors
-    if name in t:
-        shape = _shape(module, name)
-        if len(shape) != 2:
-            raise CorruptFileError(
-                f"{name} is not a matrix", module.stem, "re-save or re-download the LoRA"
-            )
-        return shape[0], shape[1]
-    if f"{name}_a" in t and f"{name}_b" in t:
-        a, b = _shape(module, f"{name}_a"), _shape(module, f"{name}_b")
-        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
-            raise CorruptFileError(
-                f"{name}_a and {name}_b do not chain",
-                module.stem,
-                "re-save or re-download the LoRA",
-            )
-        return a[0], b[1]
-    raise CorruptFileError(
-        f"LoKr module lacks {name}", module.stem, "re-save or re-download the LoRA"
-    )
-
-
-def _bias_rows(module: LoraModule) -> int | None:
-    for role in ("up_bias", "diff_b", "b_norm"):
-        if role in module.tensors:
-            shape = _shape(module, role)
-            return shape[0] if len(shape) == 1 else -1
-    return None
-
-
-def _normaliser(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The weightless normalisation of a norm layer, or None for a type we do not know."""
-    if isinstance(norm, torch.nn.RMSNorm):
-        shape = list(norm.normalized_shape)
-        eps = norm.eps
-        return lambda x: F.rms_norm(x, shape, None, eps)
-    if isinstance(norm, torch.nn.LayerNorm):
-        shape = list(norm.normalized_shape)
-        eps_ln = norm.eps
-        return lambda x: F.layer_norm(x, shape, None, None, eps_ln)
-    eps_attr = getattr(norm, "eps", None)
-    if type(norm).__name__ == "RMSNorm" and isinstance(eps_attr, float):
-        eps_d = eps_attr  # diffusers' own RMSNorm
-
-        def rms(x: torch.Tensor) -> torch.Tensor:
-            variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-            return x * torch.rsqrt(variance + eps_d)
-
-        return rms
-    return None
-
-
-def _norm_features(norm: torch.nn.Module) -> int | None:
-    weight = getattr(norm, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    shape = getattr(norm, "normalized_shape", None)
-    if isinstance(shape, tuple) and len(shape) == 1:
-        return int(shape[0])
-    return None
-
-
-def _swap(t: torch.Tensor) -> torch.Tensor:
-    # BFL's final adaLN emits (shift, scale), diffusers' norm_out (scale, shift).
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
+    lacking = missing_factor(module)
+    if lacking is not None:
+        raise CorruptFileError(
+            f"module has no lora_{lacking[1]} tensor", path, "re-save or re-download the LoRA"
+        )
+    return delta_io(module)
 
 
 class BlockEngine:
@@ -335,20 +122,28 @@ class BlockEngine:
     registers one hook per touched diffusers module. Outside :meth:`render` and
     :meth:`activated` every block is off: the pipeline renders as without LoRA.
     Use as a context manager, or call :meth:`close`, to remove every hook.
+
+    ``compile=True`` compiles the transformer's repeated blocks with
+    masked hooks (every block's delta is computed and scaled per image by a 0/1
+    mask tensor), so switching blocks never recompiles; :meth:`close` restores
+    the eager blocks. A step cache on the transformer (first-block cache,
+    MagCache, FasterCache, ...) is refused with :class:`UsageError`: it would
+    replace the very block contributions a sweep measures.
     """
 
     blocks: list[str]
     attached: int
 
-    def __init__(self, loaded: LoadedModel, lora: LoraFile) -> None:
+    def __init__(self, loaded: LoadedModel, lora: LoraFile, *, compile: bool = False) -> None:
         self.loaded = loaded
         self.lora = lora
         self.pipe: Any = loaded.pipe
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._hooks: dict[str, _Hook] = {}
-        self._switches = _Switches()
+        self._hooks: dict[str, Hook] = {}
+        self._switches = Switches()
         self._closed = False
         self._registered = False
+        self._compiled: list[torch.nn.Module] = []
         transformer = self.pipe.transformer
         if transformer in _OPEN:
             raise UsageError(
@@ -357,6 +152,7 @@ class BlockEngine:
                 "close the first engine (with-block or close()) before attaching a second",
             )
         self._check_unfused(transformer)
+        self._check_no_step_cache()
         plans = self._plan()
         try:
             with SafetensorsReader(lora.path, lora.header) as reader:
@@ -366,6 +162,8 @@ class BlockEngine:
                 module = self._module(key)
                 assert module is not None
                 self._handles.append(module.register_forward_hook(hook))
+            if compile:
+                self._compile(transformer)
         except BaseException:
             self.close()
             raise
@@ -392,6 +190,37 @@ class BlockEngine:
             except AttributeError:
                 continue
         return None
+
+    def _check_no_step_cache(self) -> None:
+        name = step_cache(self.pipe.transformer)
+        if name is not None:
+            raise UsageError(
+                f"the transformer has a step cache enabled ({name}), which skips or reuses "
+                "blocks between steps and would replace the block contributions being measured",
+                self.lora.path,
+                "call pipe.transformer.disable_cache() (or remove the cache hooks) before rendering",
+            )
+
+    def _compile(self, transformer: torch.nn.Module) -> None:
+        # Masked hooks read one blocks x batch tensor: new selections are new values, not new code.
+        hooks = [h for k, h in self._hooks.items() if k.startswith("transformer:")]
+        self._switches.rows = {b: i for i, b in enumerate(sort_blocks({h.block for h in hooks}))}
+        off = torch.zeros(len(self._switches.rows), 1, device=self.pipe._execution_device)
+        self._switches.off = self._switches.mask = off
+        for hook in hooks:
+            hook.masked = True
+        self._compiled = compile_blocks(transformer)
+
+    def _set_mask(self, variants: Sequence[frozenset[str]], strength: float) -> None:
+        rows = self._switches.rows
+        if not rows:
+            return
+        mask = torch.zeros(len(rows), len(variants))
+        for block, row in rows.items():
+            for i, variant in enumerate(variants):
+                if block in variant:
+                    mask[row, i] = strength
+        self._switches.mask = mask.to(self.pipe._execution_device)
 
     @staticmethod
     def _check_unfused(transformer: torch.nn.Module) -> None:
@@ -476,8 +305,8 @@ class BlockEngine:
                     module.stem,
                     "drop this module",
                 )
-            features = [_norm_features(m) for m in modules]
-            if any(f is None for f in features) or any(_normaliser(m) is None for m in modules):
+            features = [norm_features(m) for m in modules]
+            if any(f is None for f in features) or any(normaliser(m) is None for m in modules):
                 problems.append(
                     _Mismatch(module, f"targets {type(modules[0]).__name__}, not a norm layer")
                 )
@@ -510,15 +339,15 @@ class BlockEngine:
         ins = {int(w.shape[1]) for w in matrices}
         model_in = ins.pop() if len(ins) == 1 else -1
         io = _lora_io(module)
-        bias_rows = _bias_rows(module)
+        extra_rows = bias_rows(module)
         out_ok = (io is None or io[1] == sum(rows)) and (
-            bias_rows is None or bias_rows == sum(rows)
+            extra_rows is None or extra_rows == sum(rows)
         )
         in_ok = io is None or io[0] == model_in
         if target.swap_halves and sum(rows) % 2:
             out_ok = False
         if not (out_ok and in_ok):
-            lora_in, lora_out = io if io is not None else (None, bias_rows)
+            lora_in, lora_out = io if io is not None else (None, extra_rows)
             problems.append(
                 _Mismatch(
                     module,
@@ -623,10 +452,10 @@ class BlockEngine:
             for part in bias_parts[1:]:
                 bias = bias + part
         if target.swap_halves:
-            up = _swap(up) if up is not None else None
-            up_bias = _swap(up_bias) if up_bias is not None else None
-            dense = _swap(dense) if dense is not None else None
-            bias = _swap(bias) if bias is not None else None
+            up = swap_halves(up) if up is not None else None
+            up_bias = swap_halves(up_bias) if up_bias is not None else None
+            dense = swap_halves(dense) if dense is not None else None
+            bias = swap_halves(bias) if bias is not None else None
 
         def place(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(device=device, dtype=dtype).contiguous()
@@ -639,7 +468,7 @@ class BlockEngine:
             def rows(x: torch.Tensor | None, lo: int = lo, hi: int = hi) -> torch.Tensor | None:
                 return None if x is None else place(x[lo:hi])
 
-            piece = _Piece(
+            piece = Piece(
                 stem=module.stem, scale=scale, down=down_placed, up=rows(up), up_bias=rows(up_bias)
             )
             if target.kind == "norm":
@@ -651,10 +480,8 @@ class BlockEngine:
             if hook is None:
                 target_module = self._module(key)
                 assert target_module is not None
-                normalise = _normaliser(target_module) if target.kind == "norm" else None
-                hook = self._hooks[key] = _Hook(
-                    self._switches, module.block, target.kind, normalise
-                )
+                normalise = normaliser(target_module) if target.kind == "norm" else None
+                hook = self._hooks[key] = Hook(self._switches, module.block, target.kind, normalise)
                 hook.device = device
             hook.pieces.append(piece)
 
@@ -675,7 +502,7 @@ class BlockEngine:
             else:
                 parts.append(torch.ones(n))  # an affine-free norm multiplies by 1
         current = torch.cat(parts, dim=0)
-        return _swap(current) if target.swap_halves else current
+        return swap_halves(current) if target.swap_halves else current
 
     # --- switching -----------------------------------------------------------
     def _check_open(self) -> None:
@@ -705,6 +532,7 @@ class BlockEngine:
         self._check_variant(frozenset(blocks))
         self._switches.selection = {b: None for b in blocks if b in self.blocks}
         self._switches.strength = float(strength)
+        self._set_mask([frozenset(blocks)], float(strength))
         try:
             yield
         finally:
@@ -784,6 +612,7 @@ class BlockEngine:
         Block ids the LoRA lacks are accepted and change nothing.
         """
         self._check_open()
+        self._check_no_step_cache()
         self._check_settings(settings, batch_size)
         if output not in ("uint8", "float"):
             raise UsageError(f"unknown output kind {output!r}", "output", "use 'uint8' or 'float'")
@@ -820,7 +649,7 @@ class BlockEngine:
     ) -> list[np.ndarray]:
         size = len(batch)
         device = latent.device
-        selection: dict[str, _Selection] = {}
+        selection: dict[str, Selection] = {}
         for block in self.blocks:
             if block in TEXT_ENCODER_IDS:
                 continue  # text-encoder blocks live in the embeddings
@@ -835,6 +664,7 @@ class BlockEngine:
         pooled = torch.cat([embeddings[s][1] for s in states], dim=0)
         self._switches.selection = selection
         self._switches.batch = size
+        self._set_mask(batch, self._switches.strength)
         try:
             result = self.pipe(
                 prompt_embeds=embeds,
@@ -850,6 +680,7 @@ class BlockEngine:
             )
         finally:
             self._switches.selection = {}
+            self._switches.mask = self._switches.off
         arrays = np.asarray(result[0], dtype=np.float32)
         if output == "uint8":
             # diffusers' own PIL conversion, so "uint8" equals output_type="pil" pixel for pixel.
@@ -864,6 +695,8 @@ class BlockEngine:
         self._handles.clear()
         self._hooks.clear()
         self._switches.reset()
+        uncompile(self._compiled)
+        self._compiled.clear()
         self._closed = True
         if self._registered:
             self._registered = False

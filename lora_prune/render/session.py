@@ -31,7 +31,7 @@ def open_session(
 ) -> Iterator[Session]:
     """Load the model, attach the LoRA, and detach it again on exit."""
     loaded = load_pipeline(spec, show_progress=show_progress)
-    engine = BlockEngine(loaded, lora)
+    engine = BlockEngine(loaded, lora, compile=spec.compile)
     try:
         renderer = EngineRenderer(engine, loaded, model_defaults(spec.model).max_sequence_length)
         yield Session(loaded, engine, renderer)
