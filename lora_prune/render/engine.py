@@ -10,6 +10,12 @@ loaded once, and a forward hook on each module adds the delta of the blocks that
 are switched on, sample by sample. One pipeline call thus renders a batch where
 every image has its own set of active blocks, from the same starting noise, and
 the model's weights are never written (fuse/unfuse drifts in bf16).
+
+It is one module of ~770 lines because it is one object's life cycle: resolve
+every LoRA module against the pipeline (with one error naming every mismatch),
+load and place its tensors, switch blocks per image, render, and detach. The
+hook arithmetic lives in :mod:`.hooks`, compilation and step-cache detection in
+:mod:`.compiled`, the adapter rules in :mod:`lora_prune.adapters`.
 """
 
 from __future__ import annotations
@@ -73,6 +79,10 @@ _COMPONENTS: dict[str, str] = {
 
 # Transformers with an open engine: a second engine would stack its hooks on the first.
 _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+#: An optional part of a module's delta.
+_T = torch.Tensor | None
 
 
 @dataclass
@@ -298,29 +308,51 @@ class BlockEngine:
         modules = [m for m in found if m is not None]
         roles = {r.split("#")[0] for r in module.tensors} - _SCALAR_ROLES
         if target.kind == "norm":
-            bad = sorted(roles - FULL_ROLES)
-            if bad:
-                raise UnsupportedAdapterError(
-                    f"{'/'.join(bad)} on a norm layer is not supported by the render engine",
-                    module.stem,
-                    "drop this module",
-                )
-            features = [norm_features(m) for m in modules]
-            if any(f is None for f in features) or any(normaliser(m) is None for m in modules):
-                problems.append(
-                    _Mismatch(module, f"targets {type(modules[0]).__name__}, not a norm layer")
-                )
-                return None
-            rows = [int(f) for f in features if f is not None]
-            shapes = sorted({_shape(module, r) for r in roles})
-            if shapes != [(sum(rows),)]:
-                problems.append(
-                    _Mismatch(
-                        module, f"norm tensors of shape {shapes}, model has {sum(rows)} features"
-                    )
-                )
-                return None
-            return _Plan(module, keys, rows, sum(rows))
+            return self._plan_norm(module, keys, modules, roles, problems)
+        return self._plan_linear(module, keys, modules, roles, problems)
+
+    @staticmethod
+    def _plan_norm(
+        module: LoraModule,
+        keys: list[str],
+        modules: list[torch.nn.Module],
+        roles: set[str],
+        problems: list[_Mismatch],
+    ) -> _Plan | None:
+        """A norm layer's full-weight diff: its size must be the layers' features."""
+        bad = sorted(roles - FULL_ROLES)
+        if bad:
+            raise UnsupportedAdapterError(
+                f"{'/'.join(bad)} on a norm layer is not supported by the render engine",
+                module.stem,
+                "drop this module",
+            )
+        features = [norm_features(m) for m in modules]
+        if any(f is None for f in features) or any(normaliser(m) is None for m in modules):
+            problems.append(
+                _Mismatch(module, f"targets {type(modules[0]).__name__}, not a norm layer")
+            )
+            return None
+        rows = [int(f) for f in features if f is not None]
+        shapes = sorted({_shape(module, r) for r in roles})
+        if shapes != [(sum(rows),)]:
+            problems.append(
+                _Mismatch(module, f"norm tensors of shape {shapes}, model has {sum(rows)} features")
+            )
+            return None
+        return _Plan(module, keys, rows, sum(rows))
+
+    @staticmethod
+    def _plan_linear(
+        module: LoraModule,
+        keys: list[str],
+        modules: list[torch.nn.Module],
+        roles: set[str],
+        problems: list[_Mismatch],
+    ) -> _Plan | None:
+        """A Linear target (or a fused row split of several): the delta's in/out must match."""
+        target = module.target
+        assert target is not None
         bad = sorted(roles - APPLIED_ROLES)
         if bad:
             raise UnsupportedAdapterError(
@@ -416,6 +448,16 @@ class BlockEngine:
                 np.ascontiguousarray(reader.read_array(module.tensors[role].name))
             )
 
+        down, up, up_bias, dense, bias = self._deltas(plan, read)
+        self._add_pieces(plan, device, dtype, down, up, up_bias, dense, bias)
+
+    def _deltas(
+        self, plan: _Plan, read: Callable[[str], torch.Tensor]
+    ) -> tuple[_T, _T, _T, _T, _T]:
+        """The module's parts in float32: low-rank down/up (+bias), a dense delta, a bias delta."""
+        module = plan.module
+        target = module.target
+        assert target is not None
         t = module.tensors
         scale = module.scale
         down = up = up_bias = dense = bias = None
@@ -456,6 +498,24 @@ class BlockEngine:
             up_bias = swap_halves(up_bias) if up_bias is not None else None
             dense = swap_halves(dense) if dense is not None else None
             bias = swap_halves(bias) if bias is not None else None
+        return down, up, up_bias, dense, bias
+
+    def _add_pieces(
+        self,
+        plan: _Plan,
+        device: torch.device,
+        dtype: torch.dtype,
+        down: _T,
+        up: _T,
+        up_bias: _T,
+        dense: _T,
+        bias: _T,
+    ) -> None:
+        """Place the parts on the model's device and hang one piece on each target's hook."""
+        module = plan.module
+        target = module.target
+        assert target is not None
+        scale = module.scale
 
         def place(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(device=device, dtype=dtype).contiguous()
