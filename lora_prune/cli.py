@@ -68,7 +68,7 @@ from .settings import (
     parse_seeds,
 )
 from .slim import SlimResult, slim_lora
-from .stats import SORT_KEYS, LoraReport, human_bytes, inspect_lora
+from .stats import SORT_KEYS, LoraReport, block_stats_and_sha256, human_bytes, inspect_lora
 from .verdict import BASE_DISTANCES, DEFAULT_MIN_KEPT, Criterion, Distance
 from .verify import VerifyResult, check_subset, verify_slim
 
@@ -892,6 +892,8 @@ def _analyze_render(
 
         shard, spec = join_processes(spec)
     t0 = time.perf_counter()
+    # One read of the LoRA's data gives its hash (the cache keys) and the manifest's norms.
+    stats, sha = block_stats_and_sha256(lora_file)
     # One progress bar per terminal: the helper processes render quietly.
     bar = _Bar("rendering") if shard is None or shard.is_main else None
     result = None
@@ -900,18 +902,19 @@ def _analyze_render(
             if shard is not None and not shard.is_main:
                 renders = render_sweep(
                     lora_file,
-                    file_sha256(lora),
+                    sha,
                     settings,
                     out,
                     renderer,
                     batch_size=batch_size,
+                    stats=stats,
                     shard=shard,
                 )
                 shard.wait()
             else:
                 result = analyze(
                     lora_file,
-                    file_sha256(lora),
+                    sha,
                     settings,
                     out,
                     renderer,
@@ -921,6 +924,7 @@ def _analyze_render(
                     progress=bar,
                     curve=curve,
                     distances=distances,
+                    stats=stats,
                     shard=shard,
                 )
                 renders = result.renders

@@ -18,6 +18,7 @@ that one file holds all of it.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import io
@@ -92,6 +93,8 @@ _WRITE_ORDER: dict[str, int] = {
 
 _SNIFF_BYTES = 4096
 _HASH_CHUNK = 1024 * 1024
+#: What a hashing reader keeps of tensors it read ahead of their turn.
+_STASH_LIMIT = 256 * 1024 * 1024
 # One pread per tensor; Linux caps a single read near 2 GiB, so bigger ones loop.
 _MAX_SINGLE_READ = 1 << 30
 
@@ -619,8 +622,19 @@ class SafetensorsReader:
 
     header: SafetensorsHeader
 
-    def __init__(self, path: str | Path, header: SafetensorsHeader | None = None) -> None:
+    def __init__(
+        self, path: str | Path, header: SafetensorsHeader | None = None, *, sha256: bool = False
+    ) -> None:
         self.path = Path(path)
+        # With sha256, the file's hash is taken from the same reads as the tensors
+        # (see file_sha256): a command that needs both reads the data once.
+        self._digest = hashlib.sha256() if sha256 else None
+        self._hashed = 0
+        # Tensors read for the hash ahead of their turn, until their read_array.
+        self._stash: dict[str, bytearray] = {}
+        self._stash_bytes = 0
+        self._starts: dict[int, TensorInfo] | None = None
+        self._begins: list[int] = []
         self._file: io.BufferedReader | None = _open_regular(self.path)
         try:
             size = _file_size(self._file, self.path)
@@ -678,6 +692,18 @@ class SafetensorsReader:
     def read_array(self, name: str) -> npt.NDArray[Any]:
         """One tensor decoded by :func:`decode_array` (floats as float32)."""
         info = self.header.tensors[name]
+        buf = self._stash.pop(name, None)
+        if buf is not None:
+            self._stash_bytes -= len(buf)
+        else:
+            self._hash_to(info.begin)
+            buf = self._read_tensor(info)
+            if self._digest is not None and info.begin == self._hashed:
+                self._digest.update(buf)
+                self._hashed += info.nbytes
+        return decode_array(buf, info.dtype, info.shape)
+
+    def _read_tensor(self, info: TensorInfo) -> bytearray:
         # Read into a mutable buffer so that decode_array can return it without a copy.
         buf = bytearray(info.nbytes)
         try:
@@ -686,7 +712,62 @@ class SafetensorsReader:
             raise _unreadable(self.path, exc) from exc
         if got != info.nbytes:
             raise self._short_read(info, got)
-        return decode_array(buf, info.dtype, info.shape)
+        return buf
+
+    def _hash_to(self, offset: int) -> None:
+        """Hash the file up to ``offset``, keeping tensors read on the way for their read_array.
+
+        A module's tensors are usually adjacent but read in another order (up
+        before down), so what the hash reads ahead is kept, up to a bound, and
+        not read again.
+        """
+        if self._digest is None:
+            return
+        if self._starts is None:
+            self._starts = {t.begin: t for t in self.header.tensors.values() if t.nbytes}
+            self._begins = sorted(self._starts)
+        while self._hashed < offset:
+            info = self._starts.get(self._hashed)
+            if info is not None and info.end <= offset:
+                buf = self._read_tensor(info)
+                if self._stash_bytes + len(buf) <= _STASH_LIMIT:
+                    self._stash[info.name] = buf
+                    self._stash_bytes += len(buf)
+                self._digest.update(buf)
+                self._hashed = info.end
+                continue
+            # Bytes that are no tensor (header, gaps): up to the next tensor, in chunks.
+            i = bisect.bisect_right(self._begins, self._hashed)
+            stop = min(offset, self._begins[i]) if i < len(self._begins) else offset
+            self._hash_bytes(min(stop, self._hashed + _HASH_CHUNK))
+
+    def _hash_bytes(self, stop: int) -> None:
+        """Hash the bytes that are no tensor (the header, gaps) from ``_hashed`` to ``stop``."""
+        n = stop - self._hashed
+        try:
+            data = _pread(self._open_file(), n, self._hashed)
+        except OSError as exc:
+            raise _unreadable(self.path, exc) from exc
+        if len(data) != n:
+            raise IncompleteFileError(
+                f"file ended at byte {self._hashed + len(data)} while hashing it",
+                self.path,
+                _REDOWNLOAD,
+            )
+        assert self._digest is not None
+        self._digest.update(data)
+        self._hashed = stop
+
+    def sha256(self) -> str:
+        """The whole file's hex SHA-256 (a reader opened with ``sha256=True``).
+
+        Tensors read in file order were hashed as they were read; the rest
+        (header, tensors not read, gaps) is read now. Equal to :func:`file_sha256`.
+        """
+        if self._digest is None:
+            raise ValueError("this reader was not opened with sha256=True")
+        self._hash_to(self.header.file_size)
+        return self._digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

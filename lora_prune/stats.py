@@ -271,20 +271,42 @@ SORT_KEYS = ("block", "size", "norm")
 
 def block_stats(lora: LoraFile, *, with_norms: bool = True) -> list[BlockStats]:
     """Per-block sizes and influence, in model order."""
+    if not with_norms:
+        return _sum_blocks(lora, {})
+    with SafetensorsReader(lora.path, lora.header) as reader:
+        return _sum_blocks(lora, _module_norms(lora, reader))
+
+
+def block_stats_and_sha256(lora: LoraFile) -> tuple[list[BlockStats], str]:
+    """:func:`block_stats` and the file's SHA-256, from one read of the file's data.
+
+    ``analyze`` needs both (the hash is part of every cache key, the norms go
+    into the manifest); the modules are read in file order, so the hash comes
+    from the same reads as the norms instead of a second pass over the file.
+    """
+    with SafetensorsReader(lora.path, lora.header, sha256=True) as reader:
+        norms = _module_norms(lora, reader)
+        return _sum_blocks(lora, norms), reader.sha256()
+
+
+def _module_norms(lora: LoraFile, reader: SafetensorsReader) -> dict[str, float]:
+    """Each module's norm (by its key in ``lora.modules``), its tensors read in the order they lie in the file."""
+    modules = [(key, m) for key, m in lora.modules.items() if m.target is not None]
+    modules.sort(key=lambda km: min((t.begin for t in km[1].tensors.values()), default=0))
+    return {key: module_norm(reader, m) for key, m in modules}
+
+
+def _sum_blocks(lora: LoraFile, norms: dict[str, float]) -> list[BlockStats]:
     by_block: dict[str, BlockStats] = {}
-    reader = SafetensorsReader(lora.path, lora.header) if with_norms else None
-    try:
-        for module in lora.modules.values():
-            stats = by_block.setdefault(module.block, BlockStats(module.block, 0, 0, 0, 0, 0.0))
-            stats.modules += 1
-            stats.tensors += len(module.tensors)
-            stats.params += module.params
-            stats.bytes += module.nbytes
-            if reader is not None and module.target is not None:
-                stats.norm += module_norm(reader, module)
-    finally:
-        if reader is not None:
-            reader.close()
+    # Summed in the modules' own order, so the norms do not depend on the read order.
+    for key, module in lora.modules.items():
+        stats = by_block.setdefault(module.block, BlockStats(module.block, 0, 0, 0, 0, 0.0))
+        stats.modules += 1
+        stats.tensors += len(module.tensors)
+        stats.params += module.params
+        stats.bytes += module.nbytes
+        if key in norms:
+            stats.norm += norms[key]
     out = sorted(by_block.values(), key=lambda b: block_order(b.block))
     total_bytes = sum(b.bytes for b in out) or 1
     total_norm = sum(b.norm for b in out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -344,3 +344,38 @@ def test_one_grammar_per_file(grammar: str, synth_file: SynthFile) -> None:
     lora = read_lora(synth_file(SynthSpec(grammar=grammar, blocks=("double.0",))))
     assert len(lora.grammars) == 1
     assert {m.grammar for m in lora.modules.values()} == {lora.format}
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    ["kohya", "diffusers", "comfyui", "lycoris-kohya-loha", "lycoris-kohya-lokr", "kohya-diff"],
+)
+def test_stats_and_hash_come_from_one_read_of_the_data(
+    grammar: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lora_prune.safetensors_io as sio
+    from lora_prune.safetensors_io import file_sha256
+    from lora_prune.stats import block_stats_and_sha256
+    from lora_prune.testing import SynthSpec, write_synth_lora
+
+    spec = SynthSpec(grammar=grammar, rank=4, alpha=2.0)
+    lora = read_lora(write_synth_lora(tmp_path / "lora.safetensors", spec))
+    expected_stats, expected_sha = block_stats(lora), file_sha256(lora.path)
+    read: list[int] = []
+    real_pread, real_pread_into = sio._pread, sio._pread_into
+
+    def pread(f: Any, n: int, offset: int) -> bytes:
+        read.append(n)
+        return real_pread(f, n, offset)
+
+    def pread_into(f: Any, buf: bytearray, offset: int) -> int:
+        read.append(len(buf))
+        return real_pread_into(f, buf, offset)
+
+    monkeypatch.setattr(sio, "_pread", pread)
+    monkeypatch.setattr(sio, "_pread_into", pread_into)
+    stats, sha = block_stats_and_sha256(lora)
+    assert sha == expected_sha
+    assert stats == expected_stats
+    # Every byte once: the hash reuses the tensor reads (two passes would read it twice).
+    assert sum(read) == lora.header.file_size

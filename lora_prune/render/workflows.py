@@ -33,6 +33,7 @@ from ..settings import (
     RenderRequest,
 )
 from ..slim import SlimResult, slim_lora
+from ..stats import block_stats_and_sha256
 from ..testing import planted_lora
 from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
 from ..verify import (
@@ -74,7 +75,8 @@ def auto_slim(
     share of the LoRA's effect on every image; the pruning curve of every k
     rendered goes into ``work_dir`` (pruning_curve.png, ranking.json, report).
     """
-    sha = file_sha256(lora.path)
+    # One read of the LoRA's data: its hash (cache keys, provenance) and the manifest's norms.
+    stats, sha = block_stats_and_sha256(lora)
     settings = _keep_earlier_modes(settings, work_dir)
     with open_session(spec, lora) as session:
         analysis = analyze(
@@ -85,6 +87,7 @@ def auto_slim(
             session.renderer,
             batch_size=batch_size,
             progress=progress,
+            stats=stats,
         )
         mode = "loo" if "loo" in settings.modes else "solo"
         order = [r.block for r in analysis.rows_for(mode)]
