@@ -27,8 +27,9 @@ from typing import Any
 from urllib.parse import quote
 
 from .blocks import block_kind, block_order
+from .charts import CATEGORY_COLORS
 from .fileio import atomic_write_bytes
-from .pictures import CATEGORY_COLORS, COLORMAPS, DEFAULT_CMAP
+from .pictures import COLORMAPS, DEFAULT_CMAP
 from .stats import human_bytes
 
 REPORT_NAME = "report.html"
