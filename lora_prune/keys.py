@@ -9,6 +9,11 @@ BFL, OneTrainer, ``lycoris_``, XLabs, DiffSynth, malformed kohya) to a
 covers, which is what the render engine needs to attach it.
 
 :func:`guess_base_model` names the base model of keys that are not FLUX.1.
+
+Why one module of over 600 lines: it is one table of grammars, each a few
+small matchers onto the same :class:`Target`; the grammars overlap (a bare BFL
+path appears inside PEFT-wrapped and OneTrainer keys), so their order and their
+tie-breaks are read together, and split modules would only import each other.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ with ``th[data-key]`` headers and ``td[data-value]`` sort values,
 ``input#heatmap-toggle``, ``input#heatmap-opacity``, ``select#gallery-mode``,
 ``select#gallery-ref``, ``div.gallery-group[data-mode][data-ref]``,
 ``img.render`` / ``img.heatmap`` and ``code#slim-command``.
+
+Why one module of over 600 lines: it is one page, one small function per
+section sharing the same value formatters and escaping; the stylesheet and
+script are apart in :mod:`.report_assets`. Split further, the escaping rules
+above would be spread over modules that must all keep them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from typing import Any
 from urllib.parse import quote
 
 from .blocks import block_kind, block_order
+from .charts import CATEGORY_COLORS
 from .fileio import atomic_write_bytes
-from .pictures import CATEGORY_COLORS, COLORMAPS, DEFAULT_CMAP
+from .pictures import COLORMAPS, DEFAULT_CMAP
+from .report_assets import CSS, JS
 from .stats import human_bytes
 
 REPORT_NAME = "report.html"
@@ -522,6 +529,76 @@ def _suggestion_section(suggestion: Mapping[str, Any] | None, n_blocks: int) -> 
     )
 
 
+def _gallery_tiles(
+    mode: str,
+    prompt: object,
+    seed: object,
+    reference: Mapping[str, Any],
+    images: Sequence[Mapping[str, Any]],
+    ranks: Mapping[tuple[str, str], Any],
+    size: tuple[str, str],
+    shown: bool,
+) -> list[str]:
+    """One gallery group's tiles: the reference, then each block's render and heatmap."""
+    tiles = []
+    info = _MODE_INFO.get(mode)
+    if info and reference.get(info[1]):
+        label = _REFERENCE_TEXT[info[1]]
+        tiles.append(
+            "<figure class='tile reference-tile'><div class='stack'>"
+            f"{_img(reference[info[1]], 'render', label, size, lazy=not shown)}</div>"
+            f"<figcaption><b>reference</b><br>{_e(label)}</figcaption></figure>"
+        )
+    items = [
+        i
+        for i in images
+        if str(i.get("mode")) == mode and (i.get("prompt"), i.get("seed")) == (prompt, seed)
+    ]
+    for item in sorted(items, key=lambda i: block_order(str(i.get("block")))):
+        block = str(item.get("block"))
+        stack = ""
+        if item.get("image"):
+            stack += _img(item["image"], "render", f"{block}, {mode}", size, lazy=not shown)
+        if item.get("heatmap"):
+            stack += _img(
+                item["heatmap"],
+                "heatmap",
+                f"difference heatmap of {block}",
+                size,
+                lazy=not shown,
+            )
+        rank = _number(ranks.get((mode, block)))
+        rank_text = f" <span class='muted'>#{rank:.0f}</span>" if rank is not None else ""
+        tiles.append(
+            f"<figure class='tile' data-block='{_e(block)}'><div class='stack'>{stack}</div>"
+            f"<figcaption><b>{_e(block)}</b>{rank_text}<br>MSE {_e(_fmt_mse(item.get('mse')))}"
+            f" \u00b7 SSIM {_e(_fmt_ssim(item.get('ssim')))}</figcaption></figure>"
+        )
+    return tiles
+
+
+def _gallery_controls(
+    gallery_modes: Sequence[str], ref_keys: Sequence[tuple[object, object]], prompts: Sequence[Any]
+) -> list[str]:
+    """The gallery's heatmap toggle and opacity, and its mode and image pickers."""
+    controls = [
+        "<label><input type='checkbox' id='heatmap-toggle' checked> heatmap</label>",
+        "<label>opacity <input type='range' id='heatmap-opacity' min='0' max='1' step='0.05' "
+        f"value='{_DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{_DEFAULT_OPACITY:.2f}</output></label>",
+    ]
+    if len(gallery_modes) > 1:
+        options = "".join(f"<option value='{_e(m)}'>{_e(m)}</option>" for m in gallery_modes)
+        controls.append(f"<label>mode <select id='gallery-mode'>{options}</select></label>")
+    if len(ref_keys) > 1:
+        options = "".join(
+            f"<option value='{_e(_ref_key(p, s))}'>{_e(_prompt_label(p))} \u00b7 seed {_e(s)}: "
+            f"{_e(_prompt_text(prompts, p)[:60])}</option>"
+            for p, s in ref_keys
+        )
+        controls.append(f"<label>image <select id='gallery-ref'>{options}</select></label>")
+    return controls
+
+
 def _gallery_section(
     modes: Sequence[str],
     references: Sequence[Mapping[str, Any]],
@@ -549,41 +626,8 @@ def _gallery_section(
     for mode in gallery_modes:
         for n, (prompt, seed) in enumerate(ref_keys):
             shown = mode == gallery_modes[0] and n == 0
-            tiles = []
-            info = _MODE_INFO.get(mode)
             reference = ref_by_key.get((prompt, seed), {})
-            if info and reference.get(info[1]):
-                label = _REFERENCE_TEXT[info[1]]
-                tiles.append(
-                    "<figure class='tile reference-tile'><div class='stack'>"
-                    f"{_img(reference[info[1]], 'render', label, size, lazy=not shown)}</div>"
-                    f"<figcaption><b>reference</b><br>{_e(label)}</figcaption></figure>"
-                )
-            items = [
-                i
-                for i in images
-                if str(i.get("mode")) == mode and (i.get("prompt"), i.get("seed")) == (prompt, seed)
-            ]
-            for item in sorted(items, key=lambda i: block_order(str(i.get("block")))):
-                block = str(item.get("block"))
-                stack = ""
-                if item.get("image"):
-                    stack += _img(item["image"], "render", f"{block}, {mode}", size, lazy=not shown)
-                if item.get("heatmap"):
-                    stack += _img(
-                        item["heatmap"],
-                        "heatmap",
-                        f"difference heatmap of {block}",
-                        size,
-                        lazy=not shown,
-                    )
-                rank = _number(ranks.get((mode, block)))
-                rank_text = f" <span class='muted'>#{rank:.0f}</span>" if rank is not None else ""
-                tiles.append(
-                    f"<figure class='tile' data-block='{_e(block)}'><div class='stack'>{stack}</div>"
-                    f"<figcaption><b>{_e(block)}</b>{rank_text}<br>MSE {_e(_fmt_mse(item.get('mse')))}"
-                    f" \u00b7 SSIM {_e(_fmt_ssim(item.get('ssim')))}</figcaption></figure>"
-                )
+            tiles = _gallery_tiles(mode, prompt, seed, reference, images, ranks, size, shown)
             caption = (
                 f"{_e(mode)} \u00b7 {_e(_prompt_label(prompt))} \u00b7 seed {_e(seed)}: "
                 f"<span class='prompt'>{_e(_prompt_text(prompts, prompt))}</span>"
@@ -595,21 +639,7 @@ def _gallery_section(
                 f"<div class='tiles'>{''.join(tiles)}</div></div>"
             )
 
-    controls = [
-        "<label><input type='checkbox' id='heatmap-toggle' checked> heatmap</label>",
-        "<label>opacity <input type='range' id='heatmap-opacity' min='0' max='1' step='0.05' "
-        f"value='{_DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{_DEFAULT_OPACITY:.2f}</output></label>",
-    ]
-    if len(gallery_modes) > 1:
-        options = "".join(f"<option value='{_e(m)}'>{_e(m)}</option>" for m in gallery_modes)
-        controls.append(f"<label>mode <select id='gallery-mode'>{options}</select></label>")
-    if len(ref_keys) > 1:
-        options = "".join(
-            f"<option value='{_e(_ref_key(p, s))}'>{_e(_prompt_label(p))} \u00b7 seed {_e(s)}: "
-            f"{_e(_prompt_text(prompts, p)[:60])}</option>"
-            for p, s in ref_keys
-        )
-        controls.append(f"<label>image <select id='gallery-ref'>{options}</select></label>")
+    controls = _gallery_controls(gallery_modes, ref_keys, prompts)
     return (
         "<section id='gallery'><h2>Gallery</h2>"
         "<p class='muted'>Each block's render with its per-pixel squared difference to the "
@@ -618,167 +648,6 @@ def _gallery_section(
         f"data-default-ref='{_e(_ref_key(*ref_keys[0]))}'>{''.join(controls)}</div>"
         f"{''.join(groups)}</section>"
     )
-
-
-_CSS = """
-:root { --heatmap-opacity: %(opacity)s; --fg: #1d2125; --muted: #69707a; --line: #dde1e6;
-  --accent: #2f6ec4; color-scheme: light; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
-  color: var(--fg); background: #f6f7f9; }
-main { max-width: 1280px; margin: 0 auto; padding: 20px 28px 60px; }
-header { background: #1d2733; color: #fff; padding: 18px 28px; }
-header h1 { margin: 0; font-size: 22px; font-weight: 600; word-break: break-all; }
-header p { margin: 4px 0 0; color: #b9c3cf; }
-nav { margin-top: 8px; } nav a { color: #9cc3ff; margin-right: 14px; text-decoration: none; }
-section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 6px 20px 18px;
-  margin: 18px 0; }
-h2 { font-size: 18px; margin: 14px 0 8px; } h3 { font-size: 15px; margin: 18px 0 4px; }
-.muted { color: var(--muted); font-weight: normal; }
-code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px; }
-code.hash { word-break: break-all; }
-table { border-collapse: collapse; }
-table.kv th { text-align: left; font-weight: 600; padding: 3px 18px 3px 0; vertical-align: top;
-  white-space: nowrap; color: #3b434c; }
-table.kv td { padding: 3px 0; } ol.prompts { margin: 0; padding: 0; list-style: none; }
-.refs { display: flex; flex-wrap: wrap; gap: 18px; }
-figure { margin: 0; } .ref-pair .pair { display: flex; gap: 8px; }
-.ref-image img { width: 200px; height: auto; display: block; border-radius: 4px; }
-.ref-pair > figcaption { max-width: 408px; margin-top: 4px; }
-.ref-image figcaption, .tile figcaption { font-size: 12px; color: var(--muted); }
-.prompt { font-style: italic; overflow-wrap: anywhere; }
-#influence-chart { max-width: 100%%; height: auto; display: block; }
-details img { max-width: 100%%; margin-top: 8px; }
-table.ranking { width: 100%%; font-variant-numeric: tabular-nums; margin-top: 6px; }
-table.ranking th, table.ranking td { padding: 4px 10px; border-bottom: 1px solid var(--line); }
-table.ranking th { text-align: left; background: #eef1f5; cursor: pointer; user-select: none;
-  white-space: nowrap; position: sticky; top: 0; }
-table.ranking th:hover { background: #e2e8f0; }
-table.ranking th::after { content: " \\2195"; color: #a6adb6; }
-table.ranking th[aria-sort=ascending]::after { content: " \\25B2"; color: var(--accent); }
-table.ranking th[aria-sort=descending]::after { content: " \\25BC"; color: var(--accent); }
-table.ranking td.num { text-align: right; white-space: nowrap; }
-table.ranking tbody tr:hover { background: #f3f6fa; }
-tr.kept td.block { font-weight: 600; }
-td.mse { position: relative; } td.mse span:not(.bar) { position: relative; }
-.bar { position: absolute; left: 0; top: 3px; bottom: 3px; background: #dce8f8; border-radius: 2px; }
-.dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%%; margin-right: 7px; }
-.keep-badge { font-size: 11px; background: #e3f3e6; color: #23733a; border-radius: 3px;
-  padding: 0 5px; margin-left: 6px; font-weight: 600; }
-.chip { background: #eef1f5; border-radius: 3px; padding: 1px 5px; }
-.command { position: relative; margin-top: 10px; }
-.command pre { background: #1d2733; color: #e7edf4; padding: 12px 70px 12px 14px; border-radius: 6px;
-  overflow-x: auto; margin: 0; white-space: pre-wrap; word-break: break-all; }
-#copy-command { position: absolute; right: 8px; top: 8px; }
-.controls { display: flex; flex-wrap: wrap; gap: 18px; align-items: center; padding: 8px 0 12px;
-  position: sticky; top: 0; background: #fff; z-index: 2; border-bottom: 1px solid var(--line); }
-.controls label { display: flex; align-items: center; gap: 6px; }
-.legend { display: inline-flex; margin-left: 12px; vertical-align: middle; align-items: center; gap: 6px; font-size: 12px; color: var(--muted); }
-.legend .gradient { width: 140px; height: 10px; border-radius: 2px; display: inline-block; }
-.group-caption { margin: 12px 0 8px; }
-.tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px; }
-.stack { position: relative; line-height: 0; background: #e9ecf0; border-radius: 4px; overflow: hidden; }
-.stack img { display: block; width: 100%%; height: auto; }
-.stack img.heatmap { position: absolute; left: 0; top: 0; height: 100%%; opacity: var(--heatmap-opacity);
-  pointer-events: none; }
-body.no-heatmaps img.heatmap { display: none; }
-body.small-renders .stack img, body.small-renders .ref-image img { image-rendering: pixelated; }
-.reference-tile .stack { outline: 2px dashed #a6adb6; outline-offset: -2px; }
-[hidden] { display: none !important; }
-footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
-"""
-
-_JS = """
-(function () {
-  'use strict';
-  function sortValue(row, index) {
-    var text = row.cells[index].getAttribute('data-value');
-    if (text === null || text === '') { return null; }
-    var value = parseFloat(text);
-    return isNaN(value) ? null : value;
-  }
-  function order(row) { return parseFloat(row.cells[0].getAttribute('data-value')); }
-  function sortTable(table, th) {
-    var current = th.getAttribute('aria-sort');
-    var dir = current === 'ascending' ? 'descending'
-      : current === 'descending' ? 'ascending'
-      : (th.getAttribute('data-default') === 'desc' ? 'descending' : 'ascending');
-    Array.prototype.forEach.call(table.querySelectorAll('th[data-key]'), function (h) {
-      h.removeAttribute('aria-sort');
-    });
-    th.setAttribute('aria-sort', dir);
-    var index = th.cellIndex, sign = dir === 'ascending' ? 1 : -1;
-    var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = sortValue(a, index), y = sortValue(b, index);
-      // Unmeasured values go last whichever the direction; ties keep model order.
-      if (x === null || y === null) {
-        if (x !== y) { return x === null ? 1 : -1; }
-      } else if (x !== y) { return (x - y) * sign; }
-      return order(a) - order(b);
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-  }
-  Array.prototype.forEach.call(document.querySelectorAll('table.sortable'), function (table) {
-    Array.prototype.forEach.call(table.querySelectorAll('th[data-key]'), function (th) {
-      th.tabIndex = 0;
-      th.addEventListener('click', function () { sortTable(table, th); });
-      th.addEventListener('keydown', function (event) {
-        if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); sortTable(table, th); }
-      });
-    });
-  });
-
-  var toggle = document.getElementById('heatmap-toggle');
-  var slider = document.getElementById('heatmap-opacity');
-  var shown = document.getElementById('heatmap-opacity-value');
-  function applyToggle() { document.body.classList.toggle('no-heatmaps', !toggle.checked); }
-  function applyOpacity() {
-    document.documentElement.style.setProperty('--heatmap-opacity', slider.value);
-    if (shown) { shown.textContent = Number(slider.value).toFixed(2); }
-  }
-  // Browsers restore form state on reload: start from what the inputs say.
-  if (toggle) { toggle.addEventListener('change', applyToggle); applyToggle(); }
-  if (slider) { slider.addEventListener('input', applyOpacity); slider.addEventListener('change', applyOpacity); applyOpacity(); }
-
-  var controls = document.querySelector('#gallery .controls');
-  var modeSelect = document.getElementById('gallery-mode');
-  var refSelect = document.getElementById('gallery-ref');
-  function showGroup() {
-    var mode = modeSelect ? modeSelect.value : controls.getAttribute('data-default-mode');
-    var ref = refSelect ? refSelect.value : controls.getAttribute('data-default-ref');
-    Array.prototype.forEach.call(document.querySelectorAll('.gallery-group'), function (group) {
-      group.hidden = !(group.getAttribute('data-mode') === mode && group.getAttribute('data-ref') === ref);
-    });
-  }
-  if (controls) {
-    if (modeSelect) { modeSelect.addEventListener('change', showGroup); }
-    if (refSelect) { refSelect.addEventListener('change', showGroup); }
-    showGroup();
-  }
-
-  var copy = document.getElementById('copy-command');
-  var code = document.getElementById('slim-command');
-  if (copy && code) {
-    copy.addEventListener('click', function () {
-      function done() { copy.textContent = 'copied'; setTimeout(function () { copy.textContent = 'copy'; }, 1500); }
-      function fallback() {
-        // file:// pages often get no clipboard API: select the text and copy it the old way.
-        var range = document.createRange();
-        range.selectNodeContents(code);
-        var selection = window.getSelection();
-        selection.removeAllRanges();
-        selection.addRange(range);
-        try { if (document.execCommand('copy')) { done(); } } catch (e) { /* text stays selected */ }
-      }
-      if (navigator.clipboard && navigator.clipboard.writeText) {
-        navigator.clipboard.writeText(code.textContent).then(done, fallback);
-      } else { fallback(); }
-    });
-  }
-})();
-"""
 
 
 def render_report(analysis: Mapping[str, Any]) -> str:
@@ -830,7 +699,7 @@ def render_report(analysis: Mapping[str, Any]) -> str:
         if present
     )
     tool = analysis.get("tool") or {}
-    css = _CSS % {"opacity": _DEFAULT_OPACITY}
+    css = CSS % {"opacity": _DEFAULT_OPACITY}
     # Renders of the tiny test model are blown up several times: keep their pixels sharp.
     body_tag = "<body class='small-renders'>" if width and width <= 128 else "<body>"
     return (
@@ -846,7 +715,7 @@ def render_report(analysis: Mapping[str, Any]) -> str:
         f"<nav>{nav}</nav></header>\n<main>{''.join(s for s in sections if s)}"
         f"<footer>written by {_e(tool.get('name', 'lora-prune'))} {_e(tool.get('version', ''))}"
         "</footer></main>\n"
-        f"<script>{_JS}</script></body></html>\n"
+        f"<script>{JS}</script></body></html>\n"
     )
 
 

@@ -33,9 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
-from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
+from .blocks import format_block_spec, sort_blocks
 from .errors import UsageError
-from .lora import LoraFile, LoraModule, read_lora
+from .lora import LoraFile, LoraModule
 from .provenance import (
     RESIZED_RANKS_KEY,
     SOURCE_NAME_KEY,
@@ -50,17 +50,17 @@ from .safetensors_io import (
     decode_array,
     encode_array,
     file_sha256,
-    write_safetensors,
 )
 from .settings import check_number
 from .slim import (
     Digests,
     adapter_config,
+    check_block_ids,
     check_output_path,
     default_output,
-    digest_entries,
-    output_checker,
+    open_source,
     refreshed_metadata,
+    write_checked,
 )
 
 __all__ = ["ModuleResize", "ResizeResult", "factor_svd", "resize_lora"]
@@ -357,38 +357,20 @@ def resize_lora(
         print(len(result.resized), result.bytes_after, result.kept_as_is)
     """
     _check_request(rank, energy)
-    lora = (
-        source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
-    )
+    lora = open_source(source, allow_unknown)
     chosen = set(blocks) if blocks is not None else None
     if chosen is not None:
-        unknown = chosen - set(BLOCK_IDS) - {OTHER}
-        if unknown:
-            raise UsageError(
-                f"unknown block ids {sorted(unknown)}", "--blocks", "use ids like double.7"
-            )
+        check_block_ids(chosen, "--blocks")
     out_path = Path(output) if output is not None else default_output(lora.path, ".resized")
     check_output_path(lora.path, out_path, force=force)
 
     source_sha = file_sha256(lora.path)
-    results: list[ModuleResize] = []
-    kept_as_is: dict[str, str] = {}
-    rewrites: dict[str, _Rewrite] = {}
     with SafetensorsReader(lora.path, lora.header) as reader, _Spool(out_path.parent) as spool:
-        for module in lora.modules.values():
-            if chosen is not None and module.block not in chosen:
-                continue
-            why = _why_kept(module)
-            if why is not None:
-                kept_as_is[module.stem] = why
-                continue
-            done, rewrite = _resize_module(module, reader, spool, rank=rank, energy=energy)
-            results.append(done)
-            if rewrite is not None:
-                rewrites[module.stem] = rewrite
+        results, kept_as_is, rewrites = _resize_modules(
+            lora, chosen, reader, spool, rank=rank, energy=energy
+        )
         entries = _entries(lora, reader, spool, rewrites)
         ss_meta = _ss_metadata(lora, results, rewrites)
-        digests = digest_entries(entries, ss_meta)
         settings = {
             "rank": rank,
             "energy": energy,
@@ -396,9 +378,13 @@ def resize_lora(
             "source_sha256": source_sha,
             "source_name": lora.path.name,
         }
-        metadata = _metadata(lora, results, ss_meta, digests, settings)
-        check = output_checker(lora.blocks, entries, digests, metadata, out_path)
-        write_safetensors(out_path, entries, metadata, check=check)
+        metadata = write_checked(
+            out_path,
+            lora.blocks,
+            entries,
+            ss_meta,
+            lambda digests: _metadata(lora, results, ss_meta, digests, settings),
+        )
     return ResizeResult(
         source=lora.path,
         output=out_path,
@@ -408,6 +394,33 @@ def resize_lora(
         bytes_after=out_path.stat().st_size,
         metadata=metadata,
     )
+
+
+def _resize_modules(
+    lora: LoraFile,
+    chosen: set[str] | None,
+    reader: SafetensorsReader,
+    spool: _Spool,
+    *,
+    rank: int | None,
+    energy: float | None,
+) -> tuple[list[ModuleResize], dict[str, str], dict[str, _Rewrite]]:
+    """Resize each chosen plain module into ``spool``; the others, with why, are kept as is."""
+    results: list[ModuleResize] = []
+    kept_as_is: dict[str, str] = {}
+    rewrites: dict[str, _Rewrite] = {}
+    for module in lora.modules.values():
+        if chosen is not None and module.block not in chosen:
+            continue
+        why = _why_kept(module)
+        if why is not None:
+            kept_as_is[module.stem] = why
+            continue
+        done, rewrite = _resize_module(module, reader, spool, rank=rank, energy=energy)
+        results.append(done)
+        if rewrite is not None:
+            rewrites[module.stem] = rewrite
+    return results, kept_as_is, rewrites
 
 
 def _entries(

@@ -331,7 +331,28 @@ def _parse_entry(key: str, raw: object, path: Path) -> tuple[str, tuple[int, ...
     return dtype, shape_t, begin, end
 
 
+_Entry = tuple[int, int, str, str, tuple[int, ...]]
+
+
 def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> SafetensorsHeader:
+    raw, data_offset = _header_bytes(f, path, file_size)
+    doc = _decode_header(raw, path)
+    metadata = _parse_metadata(doc.pop("__metadata__", None), path)
+    parsed: list[_Entry] = []
+    for key, entry in doc.items():
+        dtype, shape, begin, end = _parse_entry(key, entry, path)
+        parsed.append((begin, end, key, dtype, shape))
+    parsed.sort()
+    _check_layout(parsed, path, file_size, data_offset)
+    tensors = {
+        key: TensorInfo(key, dtype, shape, data_offset + begin, data_offset + end)
+        for begin, end, key, dtype, shape in parsed
+    }
+    return SafetensorsHeader(path, file_size, data_offset, metadata, tensors)
+
+
+def _header_bytes(f: io.BufferedReader, path: Path, file_size: int) -> tuple[bytes, int]:
+    """The JSON header's bytes, and where the tensor data starts, after checking the frame."""
     head = _pread(f, min(file_size, _SNIFF_BYTES), 0)
     sniff_head(head, path)
     if len(head) < 8:
@@ -368,6 +389,11 @@ def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> Safetenso
             path,
             _REDOWNLOAD,
         )
+    return raw, data_offset
+
+
+def _decode_header(raw: bytes, path: Path) -> dict[str, Any]:
+    """The header's JSON object, bounded and without duplicate keys."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -384,9 +410,12 @@ def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> Safetenso
         raise CorruptFileError(f"header {exc.reason}", path, _CORRUPT_FIX) from exc
     if not isinstance(doc, dict):
         raise CorruptFileError("header is not a JSON object", path, _CORRUPT_FIX)
+    return doc
 
+
+def _parse_metadata(raw_meta: object, path: Path) -> dict[str, str]:
+    """The ``__metadata__`` entry: string values only (None: no metadata)."""
     metadata: dict[str, str] = {}
-    raw_meta = doc.pop("__metadata__", None)
     if raw_meta is not None:
         if not isinstance(raw_meta, dict):
             raise CorruptFileError(
@@ -400,14 +429,12 @@ def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> Safetenso
                     _CORRUPT_FIX,
                 )
             metadata[mkey] = mvalue
+    return metadata
 
+
+def _check_layout(parsed: list[_Entry], path: Path, file_size: int, data_offset: int) -> None:
+    """No two tensors overlap and all lie within the data; a cut-off file is incomplete."""
     data_size = file_size - data_offset
-    parsed: list[tuple[int, int, str, str, tuple[int, ...]]] = []
-    for key, entry in doc.items():
-        dtype, shape, begin, end = _parse_entry(key, entry, path)
-        parsed.append((begin, end, key, dtype, shape))
-    parsed.sort()
-
     # Sorted by begin, a tensor overlaps an earlier one iff it starts before the
     # furthest end seen so far; empty tensors occupy no bytes and cannot overlap.
     reach = 0
@@ -451,12 +478,6 @@ def _parse_header(f: io.BufferedReader, path: Path, file_size: int) -> Safetenso
                 path,
                 _CORRUPT_FIX,
             )
-
-    tensors = {
-        key: TensorInfo(key, dtype, shape, data_offset + begin, data_offset + end)
-        for begin, end, key, dtype, shape in parsed
-    }
-    return SafetensorsHeader(path, file_size, data_offset, metadata, tensors)
 
 
 def _file_size(f: io.BufferedReader, path: Path) -> int:

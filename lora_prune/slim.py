@@ -269,6 +269,39 @@ def build_metadata(
     return meta
 
 
+def open_source(source: str | Path | LoraFile, allow_unknown: bool) -> LoraFile:
+    """The LoRA to write from: ``source`` itself, or read from its path."""
+    if isinstance(source, LoraFile):
+        return source
+    return read_lora(source, allow_unknown=allow_unknown)
+
+
+def check_block_ids(ids: Iterable[str], option: str) -> None:
+    """Refuse block ids that name no block (``option``: where the user gave them)."""
+    unknown = set(ids) - set(BLOCK_IDS) - {OTHER}
+    if unknown:
+        raise UsageError(f"unknown block ids {sorted(unknown)}", option, "use ids like double.7")
+
+
+def write_checked(
+    dest: Path,
+    blocks: list[str],
+    entries: list[TensorEntry],
+    ss_metadata: Mapping[str, str],
+    metadata_of: Callable[[Digests], dict[str, str]],
+) -> dict[str, str]:
+    """Write ``entries`` to ``dest`` atomically, checked by :func:`output_checker`.
+
+    ``metadata_of`` builds the file's metadata from the entries' digests; the
+    metadata written is returned.
+    """
+    digests = digest_entries(entries, ss_metadata)
+    metadata = metadata_of(digests)
+    check = output_checker(blocks, entries, digests, metadata, dest)
+    write_safetensors(dest, entries, metadata, check=check)
+    return metadata
+
+
 def output_checker(
     blocks: list[str],
     entries: list[TensorEntry],
@@ -355,15 +388,9 @@ def slim_lora(
                            output="small.safetensors")
         print(result.kept_blocks, result.output)
     """
-    lora = (
-        source if isinstance(source, LoraFile) else read_lora(source, allow_unknown=allow_unknown)
-    )
+    lora = open_source(source, allow_unknown)
     keep_set = _resolve_keep(lora, keep, drop)
-    unknown_ids = keep_set - set(BLOCK_IDS) - {OTHER}
-    if unknown_ids:
-        raise UsageError(
-            f"unknown block ids {sorted(unknown_ids)}", "--keep", "use ids like double.7"
-        )
+    check_block_ids(keep_set, "--keep")
     plan = plan_slim(lora, keep_set)
     if not plan.kept:
         raise UsageError(
@@ -382,10 +409,13 @@ def slim_lora(
             for t in infos
         ]
         ss_meta = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
-        digests = digest_entries(entries, ss_meta)
-        metadata = build_metadata(lora, plan, source_sha, digests, extra_metadata)
-        check = output_checker(plan.kept_blocks, entries, digests, metadata, out_path)
-        write_safetensors(out_path, entries, metadata, check=check)
+        metadata = write_checked(
+            out_path,
+            plan.kept_blocks,
+            entries,
+            ss_meta,
+            lambda digests: build_metadata(lora, plan, source_sha, digests, extra_metadata),
+        )
     return SlimResult(
         source=lora.path,
         output=out_path,

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from . import __version__
-from .analysis import AnalyzeSettings, Renderer, settings_to_json
+from .analysis import Analysis, AnalyzeSettings, Renderer, keep_size, settings_to_json
 from .blocks import block_order, format_block_spec, sort_blocks
 from .errors import NoEffectError, NotASubsetError, UsageError
 from .fileio import write_json
@@ -54,6 +55,7 @@ __all__ = [
     "NotASubsetError",
     "VerifyResult",
     "auto_keep",
+    "auto_keep_ranked",
     "check_subset",
     "verify_slim",
 ]
@@ -211,14 +213,8 @@ def verify_slim(
     """
     kept = frozenset(keep)
     all_blocks = frozenset(full.blocks)
-    result = VerifyResult(
-        full=str(full.path),
-        slim=str(slim_path) if slim_path else None,
-        full_sha256=full_sha256,
-        kept_blocks=sort_blocks(kept),
-        criterion=criterion,
-        settings=settings_to_json(settings),
-        model=renderer.model_id,
+    result = _new_result(
+        full, full_sha256, sort_blocks(kept), criterion, settings, renderer, slim_path=slim_path
     )
     rows = []
     for p, prompt in enumerate(settings.prompts):
@@ -233,42 +229,71 @@ def verify_slim(
             score = score_image(base, full_img, slim_img, p, seed, criterion, distances)
             result.images.append(score)
             if out_dir is not None:
-                d = diff_map(slim_img, full_img)
-                verdict = ("pass" if score.passed else "FAIL") if score.measurable else "no effect"
-                share = "n/a" if score.kept_share is None else f"{100 * score.kept_share:.1f}%"
-                rows.append(
-                    side_by_side(
-                        [
-                            label_tile(
-                                base, "no LoRA", bottom=f"prompt {p}, seed {seed}", scale=scale
-                            ),
-                            label_tile(
-                                full_img,
-                                "full",
-                                bottom=f"effect MSE {score.effect['mse']:.1f}",
-                                scale=scale,
-                            ),
-                            label_tile(
-                                slim_img,
-                                "slim",
-                                top_right=f"kept {share}",
-                                bottom=f"SSIM {score.ssim:.4f}",
-                                scale=scale,
-                            ),
-                            label_tile(
-                                heatmap_overlay(slim_img, d, max(float(d.max()), 1.0), 0.75),
-                                f"slim vs full: {verdict}",
-                                bottom=f"max diff {float(d.max()):.1f}",
-                                scale=scale,
-                            ),
-                        ]
-                    )
-                )
+                rows.append(_verify_row(base, full_img, slim_img, score, scale))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_png(contact_sheet(rows, columns=1), out_dir / "verify.png")
         write_json(out_dir / "verify.json", result.to_json())
     return result
+
+
+def _new_result(
+    full: LoraFile,
+    full_sha256: str,
+    kept_blocks: list[str],
+    criterion: Criterion,
+    settings: AnalyzeSettings,
+    renderer: Renderer,
+    *,
+    slim_path: Path | None = None,
+    images: list[ImageScore] | None = None,
+) -> VerifyResult:
+    """A verification of ``kept_blocks`` against ``full``, with the scores known so far."""
+    return VerifyResult(
+        full=str(full.path),
+        slim=str(slim_path) if slim_path else None,
+        full_sha256=full_sha256,
+        kept_blocks=kept_blocks,
+        criterion=criterion,
+        settings=settings_to_json(settings),
+        model=renderer.model_id,
+        images=images if images is not None else [],
+    )
+
+
+def _verify_row(
+    base: np.ndarray, full_img: np.ndarray, slim_img: np.ndarray, score: ImageScore, scale: int
+) -> Image.Image:
+    """One row of ``verify.png``: base | full | slim | heatmap of slim vs full."""
+    d = diff_map(slim_img, full_img)
+    verdict = ("pass" if score.passed else "FAIL") if score.measurable else "no effect"
+    share = "n/a" if score.kept_share is None else f"{100 * score.kept_share:.1f}%"
+    return side_by_side(
+        [
+            label_tile(
+                base, "no LoRA", bottom=f"prompt {score.prompt}, seed {score.seed}", scale=scale
+            ),
+            label_tile(
+                full_img,
+                "full",
+                bottom=f"effect MSE {score.effect['mse']:.1f}",
+                scale=scale,
+            ),
+            label_tile(
+                slim_img,
+                "slim",
+                top_right=f"kept {share}",
+                bottom=f"SSIM {score.ssim:.4f}",
+                scale=scale,
+            ),
+            label_tile(
+                heatmap_overlay(slim_img, d, max(float(d.max()), 1.0), 0.75),
+                f"slim vs full: {verdict}",
+                bottom=f"max diff {float(d.max()):.1f}",
+                scale=scale,
+            ),
+        ]
+    )
 
 
 @dataclass
@@ -328,8 +353,80 @@ def auto_keep(
             full.path,
             "run analyze on this LoRA first",
         )
+    refs, ref_scores = _reference_renders(full, settings, renderer, criterion, distances)
+    if unmeasurable(ref_scores):
+        raise no_effect_error(ref_scores, settings.prompts, str(full.path))
+    size = size_of or (lambda blocks: 0)
+    n = len(order)
+    scores, chosen = _scan_keep_sets(
+        order,
+        refs,
+        ref_scores,
+        settings,
+        renderer,
+        criterion,
+        distances,
+        batch_size=batch_size,
+        stop_at_pass=stop_at_pass,
+        progress=progress,
+    )
+    curve = _curve(order, scores, size, distances)
+    if chosen is None:
+        chosen = n
+    blocks = sorted(order[:chosen], key=block_order)
+    result = _new_result(
+        full, full_sha256, blocks, criterion, settings, renderer, images=scores.get(chosen, [])
+    )
+    return AutoResult(blocks, list(order), curve, result)
+
+
+def auto_keep_ranked(
+    full: LoraFile,
+    full_sha256: str,
+    analysis: Analysis,
+    settings: AnalyzeSettings,
+    renderer: Renderer,
+    *,
+    criterion: Criterion,
+    distances: Mapping[str, Distance],
+    batch_size: int,
+    stop_at_pass: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> AutoResult:
+    """:func:`auto_keep` over ``analysis``'s ranking (leave-one-out when it was rendered).
+
+    The curve's sizes are those of the slim files the keep sets would make.
+    """
+    primary = "loo" if "loo" in settings.modes else "solo"
+    return auto_keep(
+        full,
+        full_sha256,
+        [r.block for r in analysis.rows_for(primary)],
+        settings,
+        renderer,
+        criterion=criterion,
+        distances=distances,
+        batch_size=batch_size,
+        stop_at_pass=stop_at_pass,
+        size_of=lambda blocks: keep_size(full, blocks),
+        progress=progress,
+    )
+
+
+#: per (prompt index, seed): the base render, the full render and the full LoRA's effect
+_References = dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]]
+
+
+def _reference_renders(
+    full: LoraFile,
+    settings: AnalyzeSettings,
+    renderer: Renderer,
+    criterion: Criterion,
+    distances: Mapping[str, Distance],
+) -> tuple[_References, list[ImageScore]]:
+    """Base and full renders of every image, and the empty keep set's scores."""
     all_blocks = frozenset(full.blocks)
-    refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]] = {}
+    refs: _References = {}
     ref_scores: list[ImageScore] = []
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
@@ -339,9 +436,23 @@ def auto_keep(
             ref_scores.append(
                 score_image(base, full_img, base, p, seed, criterion, distances, effect=effect)
             )
-    if unmeasurable(ref_scores):
-        raise no_effect_error(ref_scores, settings.prompts, str(full.path))
-    size = size_of or (lambda blocks: 0)
+    return refs, ref_scores
+
+
+def _scan_keep_sets(
+    order: list[str],
+    refs: _References,
+    ref_scores: list[ImageScore],
+    settings: AnalyzeSettings,
+    renderer: Renderer,
+    criterion: Criterion,
+    distances: Mapping[str, Distance],
+    *,
+    batch_size: int,
+    stop_at_pass: bool,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[dict[int, list[ImageScore]], int | None]:
+    """Scores of the top-k keep sets, batch by batch, and the first passing k (None if none)."""
     n = len(order)
     # The scores of the chosen set are those of the very renders that chose it.
     scores: dict[int, list[ImageScore]] = {0: ref_scores}
@@ -367,6 +478,17 @@ def auto_keep(
             chosen = passing[0]
             if stop_at_pass:
                 break
+    return scores, chosen
+
+
+def _curve(
+    order: list[str],
+    scores: dict[int, list[ImageScore]],
+    size: Callable[[Sequence[str]], int],
+    distances: Mapping[str, Distance],
+) -> list[CurvePoint]:
+    """The pruning curve of the rendered top-k sets, ending at the full keep set."""
+    n = len(order)
     curve = [
         curve_point(k, sorted(order[:k], key=block_order), size(order[:k]), s, rendered=k != 0)
         for k, s in sorted(scores.items())
@@ -384,17 +506,4 @@ def auto_keep(
                 rendered=False,
             )
         )
-    if chosen is None:
-        chosen = n
-    blocks = sorted(order[:chosen], key=block_order)
-    result = VerifyResult(
-        full=str(full.path),
-        slim=None,
-        full_sha256=full_sha256,
-        kept_blocks=blocks,
-        criterion=criterion,
-        settings=settings_to_json(settings),
-        model=renderer.model_id,
-        images=scores.get(chosen, []),
-    )
-    return AutoResult(blocks, list(order), curve, result)
+    return curve

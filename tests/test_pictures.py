@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lora_prune.charts import CATEGORY_COLORS, influence_chart
 from lora_prune.errors import OutputError, UsageError
 from lora_prune.metrics import diff_map
 from lora_prune.pictures import (
-    CATEGORY_COLORS,
     COLORMAPS,
     colorize,
     contact_sheet,
     global_vmax,
     heatmap_overlay,
-    influence_chart,
     label_tile,
     save_png,
     side_by_side,

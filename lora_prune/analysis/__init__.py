@@ -80,6 +80,31 @@ def _write_plan(
     return jobs, manifest
 
 
+def _render_plan(
+    lora: LoraFile,
+    lora_sha256: str,
+    settings: AnalyzeSettings,
+    out_dir: Path,
+    renderer: Renderer,
+    batch_size: int,
+    progress: Progress | None,
+    stats: list[BlockStats] | None,
+    shard: Shard | None,
+) -> tuple[RenderStats, dict[str, Any]]:
+    """Write the sweep's manifest and render this process's share of what is missing."""
+    jobs, manifest = _write_plan(lora, lora_sha256, settings, out_dir, renderer, stats)
+    renders = render_missing(
+        jobs,
+        out_dir,
+        renderer,
+        settings,
+        batch_size=batch_size,
+        progress=progress,
+        shard=shard,
+    )
+    return renders, manifest
+
+
 def render_sweep(
     lora: LoraFile,
     lora_sha256: str,
@@ -109,16 +134,10 @@ def render_sweep(
         print(stats.rendered, "rendered,", stats.cached, "cached")
     """
     check_batch_size(batch_size)
-    jobs, _ = _write_plan(lora, lora_sha256, settings, out_dir, renderer, stats)
-    return render_missing(
-        jobs,
-        out_dir,
-        renderer,
-        settings,
-        batch_size=batch_size,
-        progress=progress,
-        shard=shard,
+    renders, _ = _render_plan(
+        lora, lora_sha256, settings, out_dir, renderer, batch_size, progress, stats, shard
     )
+    return renders
 
 
 def analyze(
@@ -176,15 +195,8 @@ def analyze(
     if shard is not None and not shard.is_main:
         raise ValueError("only the main process analyses; the others call render_sweep")
     check_batch_size(batch_size)
-    jobs, manifest = _write_plan(lora, lora_sha256, settings, out_dir, renderer, stats)
-    renders = render_missing(
-        jobs,
-        out_dir,
-        renderer,
-        settings,
-        batch_size=batch_size,
-        progress=progress,
-        shard=shard,
+    renders, manifest = _render_plan(
+        lora, lora_sha256, settings, out_dir, renderer, batch_size, progress, stats, shard
     )
     if shard is not None:
         shard.wait()
@@ -192,21 +204,18 @@ def analyze(
     result.renders = renders
     if curve is not None and not result.warnings:
         # Imported here: verify builds on this module.
-        from ..verify import auto_keep
+        from ..verify import auto_keep_ranked
 
-        primary = "loo" if "loo" in settings.modes else "solo"
-        order = [r.block for r in result.rows_for(primary)]
-        auto = auto_keep(
+        auto = auto_keep_ranked(
             lora,
             lora_sha256,
-            order,
+            result,
             settings,
             renderer,
             criterion=curve,
             distances=distances or BASE_DISTANCES,
             batch_size=batch_size,
             stop_at_pass=False,
-            size_of=lambda blocks: keep_size(lora, blocks),
         )
         set_curve(result, auto.curve, curve, lora=lora)
     return result

@@ -11,16 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ..blocks import block_order
+from ..charts import influence_chart, pruning_curve_chart
 from ..fileio import atomic_write_bytes, write_json
 from ..metrics import diff_map
-from ..pictures import (
-    contact_sheet,
-    heatmap_overlay,
-    influence_chart,
-    label_tile,
-    pruning_curve_chart,
-    save_png,
-)
+from ..pictures import contact_sheet, heatmap_overlay, label_tile, save_png
 from ..provenance import CRITERION
 from ..report import write_report
 from ..settings import MODES, PictureOptions

@@ -16,7 +16,6 @@ from ..analysis import (
     MANIFEST,
     Analysis,
     analyze,
-    keep_size,
     read_manifest,
     set_curve,
     settings_from_json,
@@ -40,7 +39,7 @@ from ..verify import (
     VERIFICATION_KEY,
     AutoResult,
     VerifyResult,
-    auto_keep,
+    auto_keep_ranked,
     check_subset,
     verify_slim,
 )
@@ -89,18 +88,15 @@ def auto_slim(
             progress=progress,
             stats=stats,
         )
-        mode = "loo" if "loo" in settings.modes else "solo"
-        order = [r.block for r in analysis.rows_for(mode)]
-        auto = auto_keep(
+        auto = auto_keep_ranked(
             lora,
             sha,
-            order,
+            analysis,
             settings,
             session.renderer,
             criterion=criterion,
             distances=distances,
             batch_size=batch_size,
-            size_of=lambda blocks: keep_size(lora, blocks),
             progress=progress,
         )
     set_curve(analysis, auto.curve, criterion, lora=lora)
