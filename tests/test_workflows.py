@@ -26,12 +26,13 @@ import lora_prune.render.workflows
 import lora_prune.slim
 from lora_prune.analysis import AnalyzeSettings, analyze, batches, plan_jobs, read_manifest
 from lora_prune.cli import cli
-from lora_prune.lora import read_lora
+from lora_prune.lora import LoraFile, read_lora
 from lora_prune.render.loading import ModelSpec
 from lora_prune.render.session import open_session
 from lora_prune.render.workflows import run_demo
 from lora_prune.safetensors_io import file_sha256
 from lora_prune.slim import slim_lora
+from lora_prune.stats import BlockStats, block_stats_and_sha256
 from lora_prune.testing import planted_lora
 from lora_prune.verify import VERIFICATION_KEY
 
@@ -308,9 +309,14 @@ def test_slim_auto_keeps_exactly_the_planted_blocks(
         hashed.append(Path(path))
         return file_sha256(path)
 
-    # slim --auto reads the whole LoRA to hash it once, not once for the sweep and again to write.
+    def counting_stats(lora: LoraFile) -> tuple[list[BlockStats], str]:
+        hashed.append(lora.path)
+        return block_stats_and_sha256(lora)
+
+    # slim --auto hashes the whole LoRA once (with its norms), not again to write the slim.
     for module in (lora_prune.render.workflows, lora_prune.slim):
         monkeypatch.setattr(module, "file_sha256", counting_sha256)
+    monkeypatch.setattr(lora_prune.render.workflows, "block_stats_and_sha256", counting_stats)
     # A strict threshold: dropping any planted block must fail it, keeping them all gives 1.0.
     code, output = run_cli(
         "slim",
