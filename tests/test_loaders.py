@@ -17,7 +17,7 @@ stems ``lora_unet_<path with . as _>`` and ``diffusion_model.<path>``, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from pipes import pipe_render
 
 import numpy as np
 import pytest
@@ -112,20 +112,6 @@ def loaded() -> LoadedModel:
     return load_pipeline(ModelSpec("tiny", device="cpu", dtype="fp32"))
 
 
-def _pipe_render(pipe: Any) -> np.ndarray:
-    out = pipe(
-        prompt=SETTINGS.prompt,
-        height=SETTINGS.height,
-        width=SETTINGS.width,
-        num_inference_steps=SETTINGS.steps,
-        guidance_scale=SETTINGS.guidance,
-        max_sequence_length=SETTINGS.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(SETTINGS.seed),
-        output_type="np",
-    )
-    return np.asarray(out.images[0], dtype=np.float32)
-
-
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 def test_diffusers_loads_slim_and_resized_files_and_renders_like_the_engine(
     loaded: LoadedModel, tmp_path: Path
@@ -142,11 +128,11 @@ def test_diffusers_loads_slim_and_resized_files_and_renders_like_the_engine(
     slim = slim_lora(src, KEEP, output=tmp_path / "slim.safetensors").output
     resized = resize_lora(slim, tmp_path / "resized.safetensors", rank=2).output
     pipe = loaded.pipe
-    plain = _pipe_render(pipe)
+    plain = pipe_render(pipe, SETTINGS)
     for path in (slim, resized):
         pipe.load_lora_weights(str(path), adapter_name="check")
         try:
-            reference = _pipe_render(pipe)
+            reference = pipe_render(pipe, SETTINGS)
         finally:
             pipe.unload_lora_weights()
         assert np.abs(reference - plain).max() > 0.02, path.name  # the LoRA is applied
