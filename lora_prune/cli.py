@@ -49,6 +49,7 @@ from .errors import (
 from .fileio import not_a_folder, refuse_overwrite
 from .lora import LoraFile, read_lora
 from .pictures import save_png
+from .recipes import recipes_for
 from .safetensors_io import file_sha256
 from .settings import (
     DEFAULT_BATCH_SIZE,
@@ -639,6 +640,17 @@ def _print_slim(result: SlimResult) -> None:
         f"({100 * ratio:.1f}%), {result.tensors_before} -> {result.tensors_after} tensors"
     )
     click.echo(f"wrote    {result.output}")
+    _print_recipes(result.kept_blocks)
+
+
+def _print_recipes(blocks: Sequence[str]) -> None:
+    click.echo("\nto retrain only these blocks:")
+    for recipe in recipes_for(blocks):
+        click.echo(f"  {recipe.trainer} ({recipe.where}):")
+        for line in recipe.text.split("\n"):
+            click.echo(f"    {line}")
+        if recipe.note:
+            click.echo(f"    note: {recipe.note}")
 
 
 class _Bar:
@@ -708,6 +720,7 @@ def _print_suggestion(analysis: Analysis) -> None:
         )
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
+    _print_recipes(s.blocks)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

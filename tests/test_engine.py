@@ -11,6 +11,7 @@ import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from pipes import pipe_render
 from typing import Any
 
 import numpy as np
@@ -63,18 +64,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pipe_render(pipe: Any, settings: ImageSettings = SETTINGS) -> np.ndarray:
-    """diffusers' own render from a seeded CPU generator, float output."""
-    out = pipe(
-        prompt=settings.prompt,
-        height=settings.height,
-        width=settings.width,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        max_sequence_length=settings.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(settings.seed),
-        output_type="np",
-    )
-    return np.asarray(out.images[0], dtype=np.float32)
+    return pipe_render(pipe, settings)
 
 
 def _hook_count(pipe: Any) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import __version__
 from ..provenance import CRITERION, FORMULA
+from ..recipes import recipes_for
 from ..settings import AnalyzeSettings
 from ..verdict import NOISE_MSE, Criterion, CurvePoint
 from .plan import RenderStats, settings_to_json
@@ -118,6 +119,10 @@ class Analysis:
             "rows": [asdict(r) for r in self.rows],
             "spearman": self.spearman,
             "suggestion": asdict(self.suggestion),
+            # the trainer settings that retrain only the suggested blocks (lora_prune.recipes)
+            "recipes": [asdict(r) for r in recipes_for(self.suggestion.blocks)]
+            if self.suggestion.command is not None
+            else [],
             "references": self.references,
             "images": self.images,
             "contact_sheet": "contact_sheet.png",
