@@ -42,6 +42,7 @@ from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import ModelSpec, load_pipeline
+from lora_prune.render.plain import plain_render
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
 from lora_prune.settings import ImageSettings
 from lora_prune.testing import SynthSpec, write_synth_lora
@@ -57,17 +58,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 
 def naive_render(pipe: Any, settings: ImageSettings) -> np.ndarray:
-    out = pipe(
-        prompt=settings.prompt,
-        height=settings.height,
-        width=settings.width,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        max_sequence_length=settings.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(settings.seed),
-        output_type="np",
-    )
-    return np.asarray((out.images[0] * 255).round().astype(np.uint8))
+    return np.asarray((plain_render(pipe, settings) * 255).round().astype(np.uint8))
 
 
 def naive_sweep(

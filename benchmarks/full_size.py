@@ -36,6 +36,7 @@ from lora_prune.geometry import FLUX1_DEV, TINY
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, shipped_transformer_config
+from lora_prune.render.plain import plain_render
 from lora_prune.render.tiny import _clip_tokenizer, _t5_tokenizer, build_tiny_pipeline
 from lora_prune.settings import ImageSettings
 from lora_prune.testing import SynthSpec, write_synth_lora
@@ -110,16 +111,7 @@ def full_pipeline(dtype: torch.dtype, device: str) -> Any:
 
 def plain(pipe: Any, settings: ImageSettings) -> object:
     """One render without any LoRA machinery (the floor)."""
-    return pipe(
-        prompt=settings.prompt,
-        height=settings.height,
-        width=settings.width,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        max_sequence_length=settings.max_sequence_length,
-        generator=torch.Generator("cpu").manual_seed(settings.seed),
-        output_type="np",
-    )
+    return plain_render(pipe, settings)
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -11,7 +11,6 @@ import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from pipes import pipe_render
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from lora_prune.lora import read_lora
 from lora_prune.render.combination import render_combination
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
+from lora_prune.render.plain import plain_render as pipe_render
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
 from lora_prune.settings import ImageSettings
 from lora_prune.testing import SynthSpec, supported_blocks, write_synth_lora

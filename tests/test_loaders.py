@@ -17,7 +17,6 @@ stems ``lora_unet_<path with . as _>`` and ``diffusion_model.<path>``, and
 from __future__ import annotations
 
 from pathlib import Path
-from pipes import pipe_render
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS, TEXT_ENCODER_IDS
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
+from lora_prune.render.plain import plain_render as pipe_render
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
 from lora_prune.resize import resize_lora
 from lora_prune.safetensors_io import read_header

@@ -1,4 +1,9 @@
-"""diffusers' own render of the tiny pipeline: the reference the engine's renders are held to."""
+"""diffusers' own render of a pipeline, without any LoRA machinery.
+
+The reference the engine's renders are held to in tests (same prompt, seed and
+settings give the same image when no block is on) and the floor the
+benchmarks measure the engine against.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_prune.settings import ImageSettings
+from ..settings import ImageSettings
 
 
-def pipe_render(pipe: Any, settings: ImageSettings) -> np.ndarray:
-    """diffusers' own render from a seeded CPU generator, float output."""
+def plain_render(pipe: Any, settings: ImageSettings) -> np.ndarray:
+    """One image from ``pipe`` itself, seeded by a CPU generator: float32 HxWx3 in [0, 1]."""
     out = pipe(
         prompt=settings.prompt,
         height=settings.height,
