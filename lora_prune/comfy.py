@@ -14,7 +14,7 @@ folder. Torch-free, so ``doctor`` runs without the render extra.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -204,10 +204,11 @@ def _strip_wrapper(tensors: Mapping[str, Any]) -> tuple[str, set[str]]:
     return "", set(tensors)
 
 
-def _count(keys: set[str], prefix: str) -> int:
+def count_blocks(keys: Iterable[str], prefix: str) -> int:
     """How many numbered blocks ``prefix<N>.`` there are (N = 0, 1, ... without gaps)."""
+    found = set(keys)
     n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+    while any(k.startswith(f"{prefix}{n}.") for k in found):
         n += 1
     return n
 
@@ -244,7 +245,10 @@ def identify(path: Path) -> Component | str:
         if len(txt) != 2 or len(pooled) != 2 or len(img) != 2:
             return "BFL-named blocks but no txt_in/vector_in/img_in: not a FLUX.1 transformer"
         variant = "dev" if dev else "schnell"
-        doubles, singles = _count(keys, "double_blocks."), _count(keys, "single_blocks.")
+        doubles, singles = (
+            count_blocks(keys, "double_blocks."),
+            count_blocks(keys, "single_blocks."),
+        )
         return made(
             "transformer",
             f"FLUX.1-{variant} transformer, BFL naming: {doubles} double + {singles} single "
@@ -267,8 +271,8 @@ def identify(path: Path) -> Component | str:
         return made(
             "transformer",
             f"FLUX.1-{variant} transformer, diffusers naming: "
-            f"{_count(keys, 'transformer_blocks.')} double + "
-            f"{_count(keys, 'single_transformer_blocks.')} single blocks, "
+            f"{count_blocks(keys, 'transformer_blocks.')} double + "
+            f"{count_blocks(keys, 'single_transformer_blocks.')} single blocks, "
             f"{'guidance embedder present' if dev else 'no guidance embedder'}",
             widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
             variant=variant,
@@ -278,7 +282,7 @@ def identify(path: Path) -> Component | str:
         return "a LoRA, not a model"
     emb = _shape(header, "text_model.embeddings.token_embedding.weight")
     if len(emb) == 2 and "text_model.encoder.layers.0.mlp.fc1.weight" in keys:
-        layers = _count(keys, "text_model.encoder.layers.")
+        layers = count_blocks(keys, "text_model.encoder.layers.")
         return made(
             "clip",
             f"CLIP text encoder: {layers} layers, width {emb[1]}, vocabulary {emb[0]}",
@@ -287,7 +291,7 @@ def identify(path: Path) -> Component | str:
         )
     shared = _shape(header, "shared.weight") or _shape(header, "encoder.embed_tokens.weight")
     if len(shared) == 2 and "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
-        layers = _count(keys, "encoder.block.")
+        layers = count_blocks(keys, "encoder.block.")
         return made(
             "t5",
             f"T5 encoder: {layers} blocks, d_model {shared[1]}{fp8_note}",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,10 @@ GIB = 2**30
 
 def write(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for name, shape in shapes.items():
-        n = 1
-        for d in shape:
-            n *= d
-        entries.append(TensorEntry(name, dtype, shape, lambda n=n: bytes(2 * n)))
+    entries = [
+        TensorEntry(name, dtype, shape, functools.partial(bytes, 2 * math.prod(shape)))
+        for name, shape in shapes.items()
+    ]
     return write_safetensors(path, entries, None)
 
 
@@ -230,8 +231,8 @@ def _config(name: str) -> dict[str, Any]:
 
 
 def test_shipped_configs_load_into_the_library_classes() -> None:
-    import diffusers
-    import transformers
+    diffusers: Any = importlib.import_module("diffusers")
+    transformers: Any = importlib.import_module("transformers")
 
     vae = diffusers.AutoencoderKL.from_config(_config("flux1-vae.json")).config
     assert list(vae.block_out_channels) == [128, 256, 512, 512]

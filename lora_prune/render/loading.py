@@ -36,7 +36,7 @@ from typing import Any
 import diffusers as _diffusers
 import torch
 
-from ..comfy import ComfyModels, find_models
+from ..comfy import ComfyModels, count_blocks, find_models
 from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
 from ..keys import BlockRangeError, is_guidance_path, resolve_module_path
 from ..memoryplan import choose_plan
@@ -479,14 +479,6 @@ def _shipped(name: str) -> dict[str, Any]:
     return config
 
 
-def _numbered(keys: Iterator[str] | list[str], prefix: str) -> int:
-    found = set(keys)
-    n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in found):
-        n += 1
-    return n
-
-
 def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
     """FLUX.1's transformer config with the widths and depths this file has."""
     prefix, keys = _strip_prefix(list(header.tensors))
@@ -530,8 +522,8 @@ def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
         attention_head_dim=head,
         joint_attention_dim=txt[1],
         pooled_projection_dim=pooled[1],
-        num_layers=_numbered(paths, "double_blocks." if bfl else "transformer_blocks."),
-        num_single_layers=_numbered(
+        num_layers=count_blocks(paths, "double_blocks." if bfl else "transformer_blocks."),
+        num_single_layers=count_blocks(
             paths, "single_blocks." if bfl else "single_transformer_blocks."
         ),
         # FLUX.1's rotary split (16, 56, 56) of 128, at any head width.
@@ -586,7 +578,7 @@ def _load_clip(path: Path, dtype: torch.dtype) -> Any:
         vocab_size=emb[0],
         hidden_size=emb[1],
         num_attention_heads=12 if emb[1] == 768 else max(1, emb[1] // 64),
-        num_hidden_layers=_numbered(list(t), "text_model.encoder.layers."),
+        num_hidden_layers=count_blocks(list(t), "text_model.encoder.layers."),
         intermediate_size=t["text_model.encoder.layers.0.mlp.fc1.weight"][0],
         max_position_embeddings=t["text_model.embeddings.position_embedding.weight"][0],
     )
@@ -610,7 +602,7 @@ def _load_t5(path: Path, dtype: torch.dtype) -> Any:
         relative_attention_num_buckets=bias[0],
         d_kv=t["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // bias[1],
         d_ff=t["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
-        num_layers=_numbered(list(t), "encoder.block."),
+        num_layers=count_blocks(list(t), "encoder.block."),
     )
     model = transformers.T5EncoderModel(transformers.T5Config(**config)).to(dtype)
     tensors = _read_tensors(path, dtype)
@@ -630,12 +622,12 @@ def _load_vae(path: Path, dtype: torch.dtype) -> Any:
     t = {k: v.shape for k, v in header.tensors.items()}
     ldm = not any(k.startswith("decoder.mid_block.") for k in t)
     level = "encoder.down.{}.block." if ldm else "encoder.down_blocks.{}.resnets."
-    levels = _numbered(list(t), "encoder.down." if ldm else "encoder.down_blocks.")
+    levels = count_blocks(list(t), "encoder.down." if ldm else "encoder.down_blocks.")
     config = _shipped("flux1-vae.json")
     config.update(
         latent_channels=t["decoder.conv_in.weight"][1],
         block_out_channels=[t[level.format(i) + "0.conv1.weight"][0] for i in range(levels)],
-        layers_per_block=_numbered(list(t), level.format(0)),
+        layers_per_block=count_blocks(list(t), level.format(0)),
         down_block_types=config["down_block_types"][:1] * levels,
         up_block_types=config["up_block_types"][:1] * levels,
     )
