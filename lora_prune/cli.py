@@ -57,6 +57,7 @@ from .settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_STRENGTH,
     HEATMAP_SCALES,
+    MEMORY_PLANS,
     MIN_SHEET_PIXELS,
     SHEET_ORDERS,
     TINY_MODEL_ID,
@@ -261,12 +262,59 @@ def _build_render(kw: dict[str, Any]) -> None:
     model = kw.pop("model")
     where = (kw.pop("transformer_file"), kw.pop("device"), kw.pop("dtype"), kw.pop("offload"))
     compile_blocks = kw.pop("compile")
-    kw["spec"] = None if model is None else ModelSpec(model, *where, compile=compile_blocks)
+    files = {k: kw.pop(k) for k in ("comfy", "clip_file", "t5_file", "vae_file", "memory")}
+    if model is None and files["comfy"] is not None:
+        model = str(files["comfy"])  # tokenizers come from the ComfyUI install
+    kw["spec"] = (
+        None if model is None else ModelSpec(model, *where, compile=compile_blocks, **files)
+    )
     kw["request"] = RenderRequest(
         prompts=tuple(kw.pop("prompts")),
         seeds=kw.pop("seeds"),
         **{k: kw.pop(k) for k in ("size", "width", "height", "steps", "guidance", "strength")},
     )
+
+
+def _model_callback(required: bool) -> Callback:
+    """--model is required unless --comfy names every component."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        # Options given on the command line are processed first, so a given
+        # --comfy is in ctx.params by now.
+        if value is None and required and ctx.params.get("comfy") is None:
+            raise click.MissingParameter(ctx=ctx, param=param)
+        return value
+
+    return callback
+
+
+def _file_option(name: str, dest: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        name, dest, type=click.Path(path_type=Path), callback=_file_argument, help=what
+    )
+
+
+def model_file_options() -> list[Callable[[F], F]]:
+    """--comfy and the single-file options, shared by the render commands and doctor."""
+    return [
+        click.option(
+            "--comfy",
+            type=click.Path(path_type=Path),
+            help="A ComfyUI folder (or its models/): every component is found there by its "
+            "contents (extra_model_paths.yaml honoured).",
+        ),
+        _file_option(
+            "--transformer",
+            "transformer_file",
+            "Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
+            "to use with the rest of --model, or instead of the one --comfy finds.",
+        ),
+        _file_option(
+            "--clip", "clip_file", "Single-file CLIP-L text encoder (clip_l.safetensors)."
+        ),
+        _file_option("--t5", "t5_file", "Single-file T5-XXL encoder (t5xxl_fp16.safetensors)."),
+        _file_option("--vae", "vae_file", "Single-file FLUX.1 VAE (ae.safetensors)."),
+    ]
 
 
 def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
@@ -276,19 +324,12 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
             click.option(
                 "--model",
                 "model",
-                required=required,
                 metavar="M",
+                callback=_model_callback(required),
                 help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
-                "folder, or a hub id.",
+                "folder, or a hub id (with --comfy: only where tokenizers may come from).",
             ),
-            click.option(
-                "--transformer",
-                "transformer_file",
-                type=click.Path(path_type=Path),
-                callback=_file_argument,
-                help="Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
-                "to use with the rest of --model.",
-            ),
+            *model_file_options(),
             click.option("--device", help="cuda, mps or cpu [default: best available]."),
             click.option(
                 "--dtype",
@@ -296,8 +337,13 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
                 help="[default: bf16 on GPUs, fp32 on cpu].",
             ),
             click.option(
-                "--offload", is_flag=True, help="Offload model parts to the CPU between uses."
+                "--memory",
+                type=click.Choice(MEMORY_PLANS),
+                default="auto",
+                show_default=True,
+                help="How the pipeline lives on the card (see 'lora-prune doctor').",
             ),
+            click.option("--offload", is_flag=True, help="Same as --memory offload."),
             click.option(
                 "--compile",
                 is_flag=True,
@@ -1230,6 +1276,78 @@ def resize(
         f"({100 * ratio:.1f}%)"
     )
     click.echo(f"wrote    {result.output}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_gather(model_file_options(), lambda kw: None)
+@click.option(
+    "--model",
+    metavar="M",
+    help="A diffusers FLUX.1 folder to take the tokenizers from when --comfy has none.",
+)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Compute dtype.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--size", type=int, default=768, show_default=True)
+def doctor(
+    comfy: Path | None,
+    transformer_file: Path | None,
+    clip_file: Path | None,
+    t5_file: Path | None,
+    vae_file: Path | None,
+    model: str | None,
+    dtype: str | None,
+    steps: int,
+    size: int,
+) -> None:
+    """Show the model files found, their sizes, the memory plan and a time estimate.
+
+    Renders nothing and loads no weights (only safetensors headers are read).
+
+    \b
+    Example: lora-prune doctor --comfy ~/ComfyUI
+    """
+    from .comfy import diagnose
+    from .memoryplan import free_gpu_bytes
+
+    folder = Path(model).expanduser() if model else None
+    found = diagnose(
+        comfy,
+        {"transformer": transformer_file, "clip": clip_file, "t5": t5_file, "vae": vae_file},
+        tokenizer_folder=folder,
+        dtype=dtype,
+        gpu=free_gpu_bytes(),
+        steps=steps,
+        size=size,
+    )
+    for kind, part in found.models.chosen.items():
+        click.echo(
+            f"{kind:<12}{part.path} ({part.dtype}, {human_bytes(part.nbytes)}; "
+            f"{human_bytes(found.compute_bytes[kind])} in {found.compute_dtype}): {part.reason}"
+        )
+    tok = found.models.tokenizers
+    if tok is None:
+        click.echo(f"tokenizers  missing: {found.models.tokenizer_problem}")
+    else:
+        click.echo(f"tokenizers  {tok.clip_vocab.parent} (CLIP), {tok.t5} (T5)")
+    for part, why in found.models.others:
+        click.echo(f"not used    {part.path}: {why}")
+    for path, why in found.models.skipped:
+        click.echo(f"skipped     {path}: {why}")
+    gpu = found.gpu
+    click.echo(
+        "gpu         no GPU: cpu"
+        if gpu is None
+        else f"gpu         {gpu[0] / 2**30:.1f} GiB free of {gpu[1] / 2**30:.1f} GiB"
+    )
+    click.echo(f"plan        --memory auto -> {found.plan.plan} ({found.plan.reason})")
+    click.echo(f"peak        ~{found.plan.peak_bytes / 2**30:.1f} GiB (estimate)")
+    if found.seconds_per_image is None:
+        click.echo("time        not estimated on a CPU (hours per image at FLUX.1's size)")
+    else:
+        click.echo(
+            f"time        ~{found.seconds_per_image:.0f} s per image at {size}x{size}, {steps} "
+            "steps (estimate: scaled from ~35 s on a 3090 Ti-class card)"
+        )
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:

@@ -59,6 +59,8 @@ HEATMAP_SCALES = ("global", "per-image")
 SHEET_ORDERS = ("block", "rank")
 #: dtype names ModelSpec accepts (render.loading maps them to torch dtypes).
 DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "half")
+#: How the pipeline lives on a card (lora_prune.memoryplan documents each and ``auto``'s rule).
+MEMORY_PLANS = ("auto", "full", "offload", "group-offload", "sequential")
 
 
 def check_number(
@@ -283,12 +285,19 @@ class RenderRequest:
 class ModelSpec:
     """What the user asked for.
 
-    ``model``: ``"tiny"``, a local diffusers folder, or a hub id.
+    ``model``: ``"tiny"``, a local diffusers folder, or a hub id. With
+    ``comfy`` or a ``clip_file``/``t5_file``/``vae_file`` every component comes
+    from single files (found in the ComfyUI folder ``comfy`` by their contents,
+    each replaceable by its ``*_file``; see :mod:`lora_prune.comfy`) and
+    ``model`` only names where tokenizers may come from (a diffusers folder;
+    the CLI passes the ComfyUI folder).
     ``transformer_file``: a single-file FLUX.1 transformer (BFL/ComfyUI or
     diffusers naming, ``.safetensors``) that replaces ``model``'s transformer.
     ``device``: None picks cuda > mps > cpu. ``dtype``: ``fp32``/``bf16``/``fp16``
     or None for the device's best (bf16 on cuda/mps where supported, else fp16;
-    fp32 on cpu). ``offload``: diffusers' model CPU offload (needs a GPU).
+    fp32 on cpu). ``memory``: one of :data:`MEMORY_PLANS` (see
+    :mod:`lora_prune.memoryplan`); ``offload=True`` is the old spelling of
+    ``memory="offload"``.
     ``compile``: ``torch.compile`` the transformer's repeated blocks (the engine
     masks its hooks so switching blocks does not recompile).
     """
@@ -299,12 +308,40 @@ class ModelSpec:
     dtype: str | None = None
     offload: bool = False
     compile: bool = False
+    comfy: Path | None = None
+    clip_file: Path | None = None
+    t5_file: Path | None = None
+    vae_file: Path | None = None
+    memory: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
             raise UsageError("no model given", "--model", "use 'tiny', a folder or a hub id")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise UsageError(f"unknown dtype {self.dtype!r}", "dtype", "use fp32, bf16 or fp16")
+        if self.memory not in MEMORY_PLANS:
+            raise UsageError(
+                f"unknown memory plan {self.memory!r}", "--memory", f"use {', '.join(MEMORY_PLANS)}"
+            )
+        if self.offload:
+            if self.memory not in ("auto", "offload"):
+                raise UsageError(
+                    f"--offload contradicts --memory {self.memory}",
+                    "--offload",
+                    "give only --memory",
+                )
+            object.__setattr__(self, "memory", "offload")  # frozen: normalise the alias once
+        if self.uses_single_files and self.model == TINY_MODEL_ID:
+            raise UsageError(
+                "the tiny model has no single files",
+                "--model tiny",
+                "drop --comfy/--clip/--t5/--vae or give another --model",
+            )
+
+    @property
+    def uses_single_files(self) -> bool:
+        """True when every component comes from single files (ComfyUI layout)."""
+        return any(p is not None for p in (self.comfy, self.clip_file, self.t5_file, self.vae_file))
 
     @property
     def defaults(self) -> ModelDefaults:

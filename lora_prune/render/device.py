@@ -109,7 +109,7 @@ def predicted_identity(spec: ModelSpec) -> tuple[str, dict[str, str]] | None:
     Known for the tiny model; None for folders, hub ids and transformer files,
     whose identity is found while loading.
     """
-    if spec.model != TINY_MODEL_ID or spec.transformer_file is not None:
+    if spec.model != TINY_MODEL_ID or spec.transformer_file is not None or spec.uses_single_files:
         return None
     device, dtype = resolve_device_dtype(spec.device, spec.dtype)
     return TINY_IDENTITY, render_versions(device, dtype)
