@@ -25,13 +25,14 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import diffusers as _diffusers
 import torch
@@ -46,7 +47,7 @@ from ..settings import ModelSpec
 from .device import TINY_IDENTITY, TINY_SEED
 from .device import _mps_available as _mps_available
 from .device import resolve_device_dtype as resolve_device_dtype
-from .tiny import TINY_MODEL_ID, build_tiny_pipeline
+from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
 
 # Partly typed library (untyped constructors and classmethods): used as Any.
 diffusers: Any = _diffusers
@@ -510,12 +511,19 @@ def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
     head = norm[0]
     guidance = any(is_guidance_path(p) for p in paths)
     config = shipped_transformer_config(guidance)
-    if head % 32:
+    tiny_head = int(cast(int, TINY_TRANSFORMER_CONFIG["attention_head_dim"]))
+    if head == tiny_head:
+        # lora-prune's own tiny model saved as a single file: its rotary split is not FLUX's.
+        axes = [int(a) for a in cast(Sequence[int], TINY_TRANSFORMER_CONFIG["axes_dims_rope"])]
+    elif head % 32:
         raise UsageError(
             f"attention head width {head} is not a multiple of 32",
             header.path,
             "pass a FLUX.1 transformer (head width 128)",
         )
+    else:
+        # FLUX.1's rotary split (16, 56, 56) of 128, at any head width.
+        axes = [head // 8, 7 * head // 16, 7 * head // 16]
     config.update(
         in_channels=img[1],
         num_attention_heads=img[0] // head,
@@ -526,8 +534,7 @@ def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
         num_single_layers=count_blocks(
             paths, "single_blocks." if bfl else "single_transformer_blocks."
         ),
-        # FLUX.1's rotary split (16, 56, 56) of 128, at any head width.
-        axes_dims_rope=[head // 8, 7 * head // 16, 7 * head // 16],
+        axes_dims_rope=axes,
     )
     return config
 
@@ -548,7 +555,8 @@ def _read_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def _load_into(model: Any, tensors: dict[str, torch.Tensor], path: Path, what: str) -> Any:
     expected = model.state_dict()
     wanted = {k: v for k, v in tensors.items() if k in expected}
-    missing = sorted(set(expected) - set(wanted) - {"text_model.embeddings.position_ids"})
+    buffers = {"text_model.embeddings.position_ids", "embeddings.position_ids"}
+    missing = sorted(set(expected) - set(wanted) - buffers)
     if missing:
         raise UsageError(
             f"{what} file lacks {len(missing)} weights (first: {missing[0]!r})",
@@ -583,7 +591,12 @@ def _load_clip(path: Path, dtype: torch.dtype) -> Any:
         max_position_embeddings=t["text_model.embeddings.position_embedding.weight"][0],
     )
     model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).to(dtype)
-    return _load_into(model, _read_tensors(path, dtype), path, "CLIP-L")
+    tensors = _read_tensors(path, dtype)
+    # ComfyUI's files name the weights text_model.* (transformers 4's names);
+    # transformers 5's CLIPTextModel has no such prefix.
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    return _load_into(model, tensors, path, "CLIP-L")
 
 
 def _load_t5(path: Path, dtype: torch.dtype) -> Any:
@@ -623,10 +636,14 @@ def _load_vae(path: Path, dtype: torch.dtype) -> Any:
     ldm = not any(k.startswith("decoder.mid_block.") for k in t)
     level = "encoder.down.{}.block." if ldm else "encoder.down_blocks.{}.resnets."
     levels = count_blocks(list(t), "encoder.down." if ldm else "encoder.down_blocks.")
+    channels = [t[level.format(i) + "0.conv1.weight"][0] for i in range(levels)]
     config = _shipped("flux1-vae.json")
     config.update(
         latent_channels=t["decoder.conv_in.weight"][1],
-        block_out_channels=[t[level.format(i) + "0.conv1.weight"][0] for i in range(levels)],
+        block_out_channels=channels,
+        # GroupNorm's group count is not in the weights: FLUX's 32, or fewer where
+        # the channels need it (lora-prune's tiny VAE has 8).
+        norm_num_groups=math.gcd(32, *channels),
         layers_per_block=count_blocks(list(t), level.format(0)),
         down_block_types=config["down_block_types"][:1] * levels,
         up_block_types=config["up_block_types"][:1] * levels,
@@ -649,13 +666,16 @@ def _tokenizer_objects(found: ComfyModels, where: str) -> tuple[Any, Any]:
             "use a ComfyUI install (its comfy/sd1_tokenizer and comfy/text_encoders/t5_tokenizer) "
             "or give --model a diffusers FLUX.1 folder with tokenizer/ and tokenizer_2/",
         )
-    clip = transformers.CLIPTokenizer(
-        vocab_file=str(tok.clip_vocab), merges_file=str(tok.clip_merges)
+    # from_pretrained on the folder reads vocab.json/merges.txt (CLIP) and
+    # tokenizer.json or spiece.model (T5) in transformers 4 and 5 alike (5's
+    # constructors ignore vocab_file=). Bare files give no length limit, and
+    # FluxPipeline pads CLIP to it: CLIP-L's 77 positions, T5 FLUX's 512.
+    clip = transformers.CLIPTokenizer.from_pretrained(
+        str(tok.clip_vocab.parent), local_files_only=True, model_max_length=77
     )
-    if tok.t5.name == "tokenizer.json":
-        t5 = transformers.T5TokenizerFast(tokenizer_file=str(tok.t5), extra_ids=0)
-    else:
-        t5 = transformers.T5TokenizerFast(vocab_file=str(tok.t5))
+    t5 = transformers.T5TokenizerFast.from_pretrained(
+        str(tok.t5.parent), local_files_only=True, model_max_length=512, extra_ids=0
+    )
     return clip, t5
 
 
