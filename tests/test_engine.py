@@ -28,6 +28,7 @@ from lora_prune.errors import (
 )
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
+from lora_prune.render import hooks
 from lora_prune.render.combination import render_combination
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
@@ -337,6 +338,130 @@ def test_materialised_adapters_apply_their_delta(
     assert float(expected.abs().max()) > 0.01
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(half, 0.5 * expected, atol=1e-5, rtol=1e-4)
+
+
+def _dense_oracle(t: dict[str, np.ndarray], stem: str) -> np.ndarray:
+    """The module's full delta in the LoRA's row order, expanded explicitly (the old dense path)."""
+    roles = {k[len(stem) + 1 :] for k in t if k.startswith(stem + ".")}
+    alpha = float(t[f"{stem}.alpha"]) if "alpha" in roles else None
+    f64 = {r: t[f"{stem}.{r}"].astype(np.float64) for r in roles if r != "alpha"}
+    if "hada_w1_a" in roles:
+        rank = f64["hada_w1_b"].shape[0]
+        dw = (f64["hada_w1_a"] @ f64["hada_w1_b"]) * (f64["hada_w2_a"] @ f64["hada_w2_b"])
+        return dw * (1.0 if alpha is None else alpha / rank)
+    w1 = f64["lokr_w1"] if "lokr_w1" in roles else f64["lokr_w1_a"] @ f64["lokr_w1_b"]
+    w2 = f64["lokr_w2"] if "lokr_w2" in roles else f64["lokr_w2_a"] @ f64["lokr_w2_b"]
+    low = "lokr_w2_b" if "lokr_w2_b" in roles else "lokr_w1_b" if "lokr_w1_b" in roles else None
+    scale = 1.0 if alpha is None or low is None else alpha / f64[low].shape[0]
+    return np.kron(w1, w2) * scale
+
+
+def _target_deltas(
+    engine: BlockEngine, transformer: torch.nn.Module, t: dict[str, np.ndarray]
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module, engine delta, oracle delta) for every target of every kohya stem in ``t``."""
+    gen = torch.Generator().manual_seed(11)
+    out: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for stem in sorted({k.split(".")[0] for k in t}):
+        block, names = _kohya_targets(stem)
+        dw = _dense_oracle(t, stem)
+        if stem.endswith("adaLN_modulation_1"):
+            shift, scl = np.split(dw, 2, axis=0)  # BFL (shift, scale) -> diffusers (scale, shift)
+            dw = np.concatenate([scl, shift], axis=0)
+        row = 0
+        for name in names:
+            module = transformer.get_submodule(name)
+            assert isinstance(module, torch.nn.Linear)
+            rows = module.out_features
+            x = torch.randn(2, 3, module.in_features, generator=gen)
+            with torch.no_grad():
+                base = module(x)
+                with engine.activated(frozenset({block})):
+                    delta = module(x) - base
+            expected = x.double() @ torch.from_numpy(dw[row : row + rows]).T
+            out.append((name, delta, expected.float()))
+            row += rows
+        assert row == dw.shape[0], stem
+    return out
+
+
+@pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr"])
+def test_factored_adapters_equal_their_dense_expansion_on_every_target(
+    loaded: LoadedModel, files: Path, grammar: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hooks, "LOHA_CHUNK", 100)  # LoHa deltas built 3 rows at a time
+    # fused qkv (8 x 12 kron rows: the q/k/v split at 32 cuts kron row blocks), fused linear1,
+    # the final adaLN's swapped halves, 2-D modulation and embedding layers
+    blocks = ("input", "double.0", "single.0", "final")
+    spec = SynthSpec(grammar=grammar, blocks=blocks, rank=4, alpha=2.0, seed=6)
+    path = write_synth_lora(files / f"every-{grammar}.safetensors", spec)
+    t = load_file(str(path))
+    with BlockEngine(loaded, read_lora(path)) as engine:
+        deltas = _target_deltas(engine, loaded.pipe.transformer, t)
+        stored = sum(a.nbytes for k, a in t.items() if not k.endswith(".alpha"))
+        # fp32 model, fp32 file: the factors once each, fused modules' input factors shared
+        assert stored <= engine.attached_bytes <= 2 * stored
+    names = {name for name, _, _ in deltas}
+    assert {"transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp"} <= names
+    assert "norm_out.linear" in names
+    for name, delta, expected in deltas:
+        assert float(expected.abs().max()) > 1e-3, name
+        torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lokr_row_splits_off_the_kron_grid_and_low_rank_w1(
+    loaded: LoadedModel, files: Path
+) -> None:
+    """Hand-made LoKr whose fused row splits fall inside rows of w1, w1 as a low-rank pair."""
+    rng = np.random.default_rng(4)
+
+    def f32(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    linear1, qkv, ada = (
+        "lora_unet_single_blocks_3_linear1",
+        "lora_unet_double_blocks_1_txt_attn_qkv",
+        "lora_unet_final_layer_adaLN_modulation_1",
+    )
+    t = {
+        # 224 = 4 x 56: the q/k/v/mlp splits at 32, 64, 96 fall inside w1's rows of 56
+        f"{linear1}.lokr_w1_a": f32(4, 2),
+        f"{linear1}.lokr_w1_b": f32(2, 4),
+        f"{linear1}.lokr_w2": f32(56, 8),
+        f"{linear1}.alpha": np.array(3.0, dtype=np.float32),
+        # 96 = 3 x 32 with whole factors: no alpha scaling (no low-rank factor)
+        f"{qkv}.lokr_w1": f32(3, 2),
+        f"{qkv}.lokr_w2": f32(32, 16),
+        f"{qkv}.alpha": np.array(5.0, dtype=np.float32),
+        # 64 = 1 x 64: the swapped halves lie inside w1's single row
+        f"{ada}.lokr_w1": f32(1, 2),
+        f"{ada}.lokr_w2_a": f32(64, 3),
+        f"{ada}.lokr_w2_b": f32(3, 16),
+    }
+    path = files / "lokr-hand.safetensors"
+    save_file(t, str(path))
+    with BlockEngine(loaded, read_lora(path)) as engine:
+        deltas = _target_deltas(engine, loaded.pipe.transformer, t)
+    assert len(deltas) == 4 + 3 + 1
+    for name, delta, expected in deltas:
+        assert float(expected.abs().max()) > 1e-3, name
+        torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr"])
+def test_factored_adapters_batch_equals_one_by_one(
+    loaded: LoadedModel, files: Path, grammar: str
+) -> None:
+    blocks = ("input", "double.0", "single.0", "single.1", "final")
+    spec = SynthSpec(grammar=grammar, blocks=blocks, rank=4, alpha=4.0, seed=8)
+    path = write_synth_lora(files / f"batch-{grammar}.safetensors", spec)
+    with BlockEngine(loaded, read_lora(path)) as engine:
+        variants = [frozenset(), frozenset(blocks), *(frozenset({b}) for b in blocks)]
+        batched = engine.render(variants, SETTINGS, batch_size=len(variants), output="float")
+        singles = engine.render(variants, SETTINGS, batch_size=1, output="float")
+    for variant, a, b in zip(variants, batched, singles, strict=True):
+        assert np.abs(a - b).max() <= 1e-5, sorted(variant)
+    assert all(np.abs(img - singles[0]).max() > 1e-3 for img in singles[1:])
 
 
 def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path) -> None:
