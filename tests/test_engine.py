@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flux_oracle import dense_delta, kohya_targets
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
@@ -133,52 +134,6 @@ def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(
 
 
 # --- against a merged reference -------------------------------------------------
-_KOHYA_DOUBLE = {
-    "img_mod_lin": ("norm1.linear",),
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "txt_mod_lin": ("norm1_context.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-}
-_KOHYA_SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
-_KOHYA_GLOBAL = {
-    "img_in": ("input", "x_embedder"),
-    "txt_in": ("input", "context_embedder"),
-    "time_in_in_layer": ("input", "time_text_embed.timestep_embedder.linear_1"),
-    "time_in_out_layer": ("input", "time_text_embed.timestep_embedder.linear_2"),
-    "vector_in_in_layer": ("input", "time_text_embed.text_embedder.linear_1"),
-    "vector_in_out_layer": ("input", "time_text_embed.text_embedder.linear_2"),
-    "guidance_in_in_layer": ("input", "time_text_embed.guidance_embedder.linear_1"),
-    "guidance_in_out_layer": ("input", "time_text_embed.guidance_embedder.linear_2"),
-    "final_layer_linear": ("final", "proj_out"),
-    "final_layer_adaLN_modulation_1": ("final", "norm_out.linear"),
-}
-
-
-def _kohya_targets(stem: str) -> tuple[str, list[str]]:
-    """(block, diffusers module paths) of a kohya stem, from the field guide's tables."""
-    path = stem.removeprefix("lora_unet_")
-    for kind, root, table in (
-        ("double", "transformer_blocks", _KOHYA_DOUBLE),
-        ("single", "single_transformer_blocks", _KOHYA_SINGLE),
-    ):
-        prefix = f"{kind}_blocks_"
-        if path.startswith(prefix):
-            index, _, rest = path[len(prefix) :].partition("_")
-            return f"{kind}.{index}", [f"{root}.{index}.{m}" for m in table[rest]]
-    block, module = _KOHYA_GLOBAL[path]
-    return block, [module]
-
-
 def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
     """A pipeline whose transformer is a deep copy with ``blocks``' deltas merged in."""
     tensors = load_file(str(path))
@@ -186,7 +141,7 @@ def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
     stems = {k.split(".")[0] for k in tensors}
     with torch.no_grad():
         for stem in stems:
-            block, modules = _kohya_targets(stem)
+            block, modules = kohya_targets(stem)
             if block not in blocks:
                 continue
             down = tensors[f"{stem}.lora_down.weight"].astype(np.float64)
@@ -340,22 +295,6 @@ def test_materialised_adapters_apply_their_delta(
     torch.testing.assert_close(half, 0.5 * expected, atol=1e-5, rtol=1e-4)
 
 
-def _dense_oracle(t: dict[str, np.ndarray], stem: str) -> np.ndarray:
-    """The module's full delta in the LoRA's row order, expanded explicitly (the old dense path)."""
-    roles = {k[len(stem) + 1 :] for k in t if k.startswith(stem + ".")}
-    alpha = float(t[f"{stem}.alpha"]) if "alpha" in roles else None
-    f64 = {r: t[f"{stem}.{r}"].astype(np.float64) for r in roles if r != "alpha"}
-    if "hada_w1_a" in roles:
-        rank = f64["hada_w1_b"].shape[0]
-        dw = (f64["hada_w1_a"] @ f64["hada_w1_b"]) * (f64["hada_w2_a"] @ f64["hada_w2_b"])
-        return dw * (1.0 if alpha is None else alpha / rank)
-    w1 = f64["lokr_w1"] if "lokr_w1" in roles else f64["lokr_w1_a"] @ f64["lokr_w1_b"]
-    w2 = f64["lokr_w2"] if "lokr_w2" in roles else f64["lokr_w2_a"] @ f64["lokr_w2_b"]
-    low = "lokr_w2_b" if "lokr_w2_b" in roles else "lokr_w1_b" if "lokr_w1_b" in roles else None
-    scale = 1.0 if alpha is None or low is None else alpha / f64[low].shape[0]
-    return np.kron(w1, w2) * scale
-
-
 def _target_deltas(
     engine: BlockEngine, transformer: torch.nn.Module, t: dict[str, np.ndarray]
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -363,8 +302,8 @@ def _target_deltas(
     gen = torch.Generator().manual_seed(11)
     out: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for stem in sorted({k.split(".")[0] for k in t}):
-        block, names = _kohya_targets(stem)
-        dw = _dense_oracle(t, stem)
+        block, names = kohya_targets(stem)
+        dw = dense_delta(t, stem)
         if stem.endswith("adaLN_modulation_1"):
             shift, scl = np.split(dw, 2, axis=0)  # BFL (shift, scale) -> diffusers (scale, shift)
             dw = np.concatenate([scl, shift], axis=0)
