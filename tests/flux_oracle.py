@@ -3,14 +3,13 @@
 The render engine's references: which diffusers modules (and rows) a kohya/BFL
 module lands on, from the guide's tables rather than :mod:`lora_prune.keys`, and
 each adapter's full delta expanded explicitly (``up @ down``, LoHa's Hadamard
-product, LoKr's ``np.kron``), as the engine did before it kept factors factored.
+product, LoKr's ``torch.kron``), as the engine did before it kept factors factored.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import torch
 
 KOHYA_DOUBLE = {
     "img_mod_lin": ("norm1.linear",),
@@ -62,8 +61,8 @@ def dense_delta(
     t: dict[str, np.ndarray],
     stem: str,
     default_scale: float = 1.0,
-    dtype: type[np.floating[Any]] = np.float64,
-) -> np.ndarray:
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """A kohya- or PEFT-suffix module's full delta in the LoRA's row order, expanded explicitly.
 
     ``default_scale`` is a LoRA's scale where it has no alpha key (alpha in metadata);
@@ -71,21 +70,18 @@ def dense_delta(
     """
     roles = {k[len(stem) + 1 :] for k in t if k.startswith(stem + ".")}
     alpha = float(t[f"{stem}.alpha"]) if "alpha" in roles else None
-    f64: dict[str, np.ndarray] = {r: t[f"{stem}.{r}"].astype(dtype) for r in roles if r != "alpha"}
+    f = {r: torch.from_numpy(t[f"{stem}.{r}"]).to(dtype) for r in roles if r != "alpha"}
     for d, u in (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight")):
         if d not in roles:
             continue
-        down, up = f64[d], f64[u]
-        product: np.ndarray = up @ down
-        return product * (default_scale if alpha is None else alpha / down.shape[0])
+        down, up = f[d], f[u]
+        return (up @ down) * (default_scale if alpha is None else alpha / down.shape[0])
     if "hada_w1_a" in roles:
-        rank = f64["hada_w1_b"].shape[0]
-        dw: np.ndarray = (f64["hada_w1_a"] @ f64["hada_w1_b"]) * (
-            f64["hada_w2_a"] @ f64["hada_w2_b"]
-        )
+        rank = f["hada_w1_b"].shape[0]
+        dw = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
         return dw * (1.0 if alpha is None else alpha / rank)
-    w1 = f64["lokr_w1"] if "lokr_w1" in roles else f64["lokr_w1_a"] @ f64["lokr_w1_b"]
-    w2 = f64["lokr_w2"] if "lokr_w2" in roles else f64["lokr_w2_a"] @ f64["lokr_w2_b"]
+    w1 = f["lokr_w1"] if "lokr_w1" in roles else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in roles else f["lokr_w2_a"] @ f["lokr_w2_b"]
     low = "lokr_w2_b" if "lokr_w2_b" in roles else "lokr_w1_b" if "lokr_w1_b" in roles else None
-    scale = 1.0 if alpha is None or low is None else alpha / f64[low].shape[0]
-    return np.kron(w1, w2) * scale
+    scale = 1.0 if alpha is None or low is None else alpha / f[low].shape[0]
+    return torch.kron(w1, w2) * scale

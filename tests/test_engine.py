@@ -305,8 +305,8 @@ def _target_deltas(
         block, names = kohya_targets(stem)
         dw = dense_delta(t, stem)
         if stem.endswith("adaLN_modulation_1"):
-            shift, scl = np.split(dw, 2, axis=0)  # BFL (shift, scale) -> diffusers (scale, shift)
-            dw = np.concatenate([scl, shift], axis=0)
+            shift, scl = dw.chunk(2, dim=0)  # BFL (shift, scale) -> diffusers (scale, shift)
+            dw = torch.cat([scl, shift], dim=0)
         row = 0
         for name in names:
             module = transformer.get_submodule(name)
@@ -317,7 +317,7 @@ def _target_deltas(
                 base = module(x)
                 with engine.activated(frozenset({block})):
                     delta = module(x) - base
-            expected = x.double() @ torch.from_numpy(dw[row : row + rows]).T
+            expected = x.double() @ dw[row : row + rows].T
             out.append((name, delta, expected.float()))
             row += rows
         assert row == dw.shape[0], stem

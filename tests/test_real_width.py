@@ -60,10 +60,10 @@ def transformer() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    tokens, text = 16, 8
+    tokens, text = 4, 4  # a 2 x 2 latent: the forward is bound by its 0.55 B weights
     img_ids = torch.zeros(tokens, 3)
-    img_ids[:, 1] = torch.arange(tokens) // 4
-    img_ids[:, 2] = torch.arange(tokens) % 4
+    img_ids[:, 1] = torch.arange(tokens) // 2
+    img_ids[:, 2] = torch.arange(tokens) % 2
     return {
         "hidden_states": torch.randn(1, tokens, FLUX1_DEV.in_channels, generator=gen),
         "encoder_hidden_states": torch.randn(1, text, FLUX1_DEV.context_dim, generator=gen),
@@ -133,16 +133,16 @@ def _merged_forward(
                 block, names, bfl = _targets(stem)
                 if block not in blocks:
                     continue
-                delta = dense_delta(tensors, stem, default_scale, np.float32)
+                delta = dense_delta(tensors, stem, default_scale, torch.float32)
                 if bfl and stem.endswith(("adaLN_modulation_1", "adaLN_modulation.1")):
-                    shift, scale = np.split(delta, 2, axis=0)  # BFL (shift, scale) rows
-                    delta = np.concatenate([scale, shift], axis=0)
+                    shift, scale = delta.chunk(2, dim=0)  # BFL (shift, scale) rows
+                    delta = torch.cat([scale, shift], dim=0)
                 row = 0
                 for name in names:
                     weight = _linear(transformer, name).weight
                     saved.setdefault(name, weight.detach().clone())
                     rows = int(weight.shape[0])
-                    weight += torch.from_numpy(delta[row : row + rows]).to(weight.dtype)
+                    weight += delta[row : row + rows].to(weight.dtype)
                     row += rows
                 assert row == delta.shape[0], stem
         return _forward(transformer, inputs)
