@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flux_oracle import dense_delta, kohya_targets
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
@@ -28,6 +29,7 @@ from lora_prune.errors import (
 )
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
+from lora_prune.render import hooks
 from lora_prune.render.combination import render_combination
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
@@ -122,52 +124,6 @@ def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(
 
 
 # --- against a merged reference -------------------------------------------------
-_KOHYA_DOUBLE = {
-    "img_mod_lin": ("norm1.linear",),
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "txt_mod_lin": ("norm1_context.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-}
-_KOHYA_SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
-_KOHYA_GLOBAL = {
-    "img_in": ("input", "x_embedder"),
-    "txt_in": ("input", "context_embedder"),
-    "time_in_in_layer": ("input", "time_text_embed.timestep_embedder.linear_1"),
-    "time_in_out_layer": ("input", "time_text_embed.timestep_embedder.linear_2"),
-    "vector_in_in_layer": ("input", "time_text_embed.text_embedder.linear_1"),
-    "vector_in_out_layer": ("input", "time_text_embed.text_embedder.linear_2"),
-    "guidance_in_in_layer": ("input", "time_text_embed.guidance_embedder.linear_1"),
-    "guidance_in_out_layer": ("input", "time_text_embed.guidance_embedder.linear_2"),
-    "final_layer_linear": ("final", "proj_out"),
-    "final_layer_adaLN_modulation_1": ("final", "norm_out.linear"),
-}
-
-
-def _kohya_targets(stem: str) -> tuple[str, list[str]]:
-    """(block, diffusers module paths) of a kohya stem, from the field guide's tables."""
-    path = stem.removeprefix("lora_unet_")
-    for kind, root, table in (
-        ("double", "transformer_blocks", _KOHYA_DOUBLE),
-        ("single", "single_transformer_blocks", _KOHYA_SINGLE),
-    ):
-        prefix = f"{kind}_blocks_"
-        if path.startswith(prefix):
-            index, _, rest = path[len(prefix) :].partition("_")
-            return f"{kind}.{index}", [f"{root}.{index}.{m}" for m in table[rest]]
-    block, module = _KOHYA_GLOBAL[path]
-    return block, [module]
-
-
 def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
     """A pipeline whose transformer is a deep copy with ``blocks``' deltas merged in."""
     tensors = load_file(str(path))
@@ -175,7 +131,7 @@ def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
     stems = {k.split(".")[0] for k in tensors}
     with torch.no_grad():
         for stem in stems:
-            block, modules = _kohya_targets(stem)
+            block, modules = kohya_targets(stem)
             if block not in blocks:
                 continue
             down = tensors[f"{stem}.lora_down.weight"].astype(np.float64)
@@ -327,6 +283,114 @@ def test_materialised_adapters_apply_their_delta(
     assert float(expected.abs().max()) > 0.01
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(half, 0.5 * expected, atol=1e-5, rtol=1e-4)
+
+
+def _target_deltas(
+    engine: BlockEngine, transformer: torch.nn.Module, t: dict[str, np.ndarray]
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module, engine delta, oracle delta) for every target of every kohya stem in ``t``."""
+    gen = torch.Generator().manual_seed(11)
+    out: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for stem in sorted({k.split(".")[0] for k in t}):
+        block, names = kohya_targets(stem)
+        dw = dense_delta(t, stem)
+        if stem.endswith("adaLN_modulation_1"):
+            shift, scl = dw.chunk(2, dim=0)  # BFL (shift, scale) -> diffusers (scale, shift)
+            dw = torch.cat([scl, shift], dim=0)
+        row = 0
+        for name in names:
+            module = transformer.get_submodule(name)
+            assert isinstance(module, torch.nn.Linear)
+            rows = module.out_features
+            x = torch.randn(2, 3, module.in_features, generator=gen)
+            with torch.no_grad():
+                base = module(x)
+                with engine.activated(frozenset({block})):
+                    delta = module(x) - base
+            expected = x.double() @ dw[row : row + rows].T
+            out.append((name, delta, expected.float()))
+            row += rows
+        assert row == dw.shape[0], stem
+    return out
+
+
+@pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr"])
+def test_factored_adapters_equal_their_dense_expansion_on_every_target(
+    loaded: LoadedModel, files: Path, grammar: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hooks, "LOHA_CHUNK", 100)  # LoHa deltas built 3 rows at a time
+    # fused qkv (8 x 12 kron rows: the q/k/v split at 32 cuts kron row blocks), fused linear1,
+    # the final adaLN's swapped halves, 2-D modulation and embedding layers
+    blocks = ("input", "double.0", "single.0", "final")
+    spec = SynthSpec(grammar=grammar, blocks=blocks, rank=4, alpha=2.0, seed=6)
+    path = write_synth_lora(files / f"every-{grammar}.safetensors", spec)
+    t = load_file(str(path))
+    with BlockEngine(loaded, read_lora(path)) as engine:
+        deltas = _target_deltas(engine, loaded.pipe.transformer, t)
+        stored = sum(a.nbytes for k, a in t.items() if not k.endswith(".alpha"))
+        # fp32 model, fp32 file: the factors once each, fused modules' input factors shared
+        assert stored <= engine.attached_bytes <= 2 * stored
+    names = {name for name, _, _ in deltas}
+    assert {"transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp"} <= names
+    assert "norm_out.linear" in names
+    for name, delta, expected in deltas:
+        assert float(expected.abs().max()) > 1e-3, name
+        torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lokr_row_splits_off_the_kron_grid_and_low_rank_w1(
+    loaded: LoadedModel, files: Path
+) -> None:
+    """Hand-made LoKr whose fused row splits fall inside rows of w1, w1 as a low-rank pair."""
+    rng = np.random.default_rng(4)
+
+    def f32(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    linear1, qkv, ada = (
+        "lora_unet_single_blocks_3_linear1",
+        "lora_unet_double_blocks_1_txt_attn_qkv",
+        "lora_unet_final_layer_adaLN_modulation_1",
+    )
+    t = {
+        # 224 = 4 x 56: the q/k/v/mlp splits at 32, 64, 96 fall inside w1's rows of 56
+        f"{linear1}.lokr_w1_a": f32(4, 2),
+        f"{linear1}.lokr_w1_b": f32(2, 4),
+        f"{linear1}.lokr_w2": f32(56, 8),
+        f"{linear1}.alpha": np.array(3.0, dtype=np.float32),
+        # 96 = 3 x 32 with whole factors: no alpha scaling (no low-rank factor)
+        f"{qkv}.lokr_w1": f32(3, 2),
+        f"{qkv}.lokr_w2": f32(32, 16),
+        f"{qkv}.alpha": np.array(5.0, dtype=np.float32),
+        # 64 = 1 x 64: the swapped halves lie inside w1's single row
+        f"{ada}.lokr_w1": f32(1, 2),
+        f"{ada}.lokr_w2_a": f32(64, 3),
+        f"{ada}.lokr_w2_b": f32(3, 16),
+    }
+    path = files / "lokr-hand.safetensors"
+    save_file(t, str(path))
+    with BlockEngine(loaded, read_lora(path)) as engine:
+        deltas = _target_deltas(engine, loaded.pipe.transformer, t)
+    assert len(deltas) == 4 + 3 + 1
+    for name, delta, expected in deltas:
+        assert float(expected.abs().max()) > 1e-3, name
+        torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr"])
+def test_factored_adapters_batch_equals_one_by_one(
+    loaded: LoadedModel, files: Path, grammar: str
+) -> None:
+    blocks = ("input", "double.0", "single.0", "single.1", "final")
+    spec = SynthSpec(grammar=grammar, blocks=blocks, rank=4, alpha=4.0, seed=8)
+    path = write_synth_lora(files / f"batch-{grammar}.safetensors", spec)
+    with BlockEngine(loaded, read_lora(path)) as engine:
+        variants = [frozenset(), frozenset(blocks), *(frozenset({b}) for b in blocks)]
+        batched = engine.render(variants, SETTINGS, batch_size=len(variants), output="float")
+        singles = engine.render(variants, SETTINGS, batch_size=1, output="float")
+    for variant, a, b in zip(variants, batched, singles, strict=True):
+        assert np.abs(a - b).max() <= 1e-5, sorted(variant)
+    assert all(np.abs(img - singles[0]).max() > 1e-3 for img in singles[1:])
 
 
 def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path) -> None:

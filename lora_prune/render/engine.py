@@ -49,7 +49,7 @@ from ..lora import LoraFile, LoraModule
 from ..safetensors_io import SafetensorsReader
 from ..settings import ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
-from .hooks import Hook, Piece, Selection, Switches, norm_features, normaliser, swap_halves
+from .hooks import Hook, Kron, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
 
 __all__ = [
@@ -83,6 +83,51 @@ _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 #: An optional part of a module's delta.
 _T = torch.Tensor | None
+
+
+@dataclass
+class _Parts:
+    """One LoRA module's delta as read, float32, before its rows are cut per target.
+
+    ``hada`` is LoHa's (w1a, w1b, w2a, w2b); ``lokr`` LoKr's (w1 or w1_a, w1_b,
+    w2 or w2_a, w2_b), a ``_b`` None where the factor is stored whole.
+    """
+
+    down: _T = None
+    up: _T = None
+    up_bias: _T = None
+    dense: _T = None
+    bias: _T = None
+    hada: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    lokr: tuple[torch.Tensor, _T, torch.Tensor, _T] | None = None
+
+
+def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _swap(t: _T) -> _T:
+    return None if t is None else swap_halves(t)
+
+
+def _lora_rows(lo: int, hi: int, total: int, swapped: bool) -> tuple[tuple[int, int], ...]:
+    """The LoRA's row ranges that give the model's rows ``lo:hi``, in order.
+
+    With ``swapped`` (the final adaLN) the model's rows are the LoRA's with their
+    two halves exchanged (:func:`~.hooks.swap_halves`).
+    """
+    if not swapped:
+        return ((lo, hi),)
+    half = total // 2
+    ranges: list[tuple[int, int]] = []
+    if lo < half:
+        ranges.append((lo + half, min(hi, half) + half))
+    if hi > half:
+        ranges.append((max(lo, half) - half, hi - half))
+    return tuple(ranges)
 
 
 @dataclass
@@ -128,8 +173,9 @@ class BlockEngine:
     without a target or of the wrong shape raises :class:`ModelMismatchError`
     naming it and the likely base model; DoRA, OFT, GLoRA and Tucker factors raise
     :class:`UnsupportedAdapterError`), reads the tensors once onto the device in
-    each target's dtype (LoHa, LoKr and full deltas materialised there) and
-    registers one hook per touched diffusers module. Outside :meth:`render` and
+    each target's dtype (LoHa and LoKr kept factored, so the engine holds about
+    the file's size: :attr:`attached_bytes`; full diffs are dense in the file
+    and stay so) and registers one hook per touched diffusers module. Outside :meth:`render` and
     :meth:`activated` every block is off: the pipeline renders as without LoRA.
     Use as a context manager, or call :meth:`close`, to remove every hook.
 
@@ -448,68 +494,55 @@ class BlockEngine:
                 np.ascontiguousarray(reader.read_array(module.tensors[role].name))
             )
 
-        down, up, up_bias, dense, bias = self._deltas(plan, read)
-        self._add_pieces(plan, device, dtype, down, up, up_bias, dense, bias)
+        self._add_pieces(plan, device, dtype, self._deltas(plan, read))
 
-    def _deltas(
-        self, plan: _Plan, read: Callable[[str], torch.Tensor]
-    ) -> tuple[_T, _T, _T, _T, _T]:
-        """The module's parts in float32: low-rank down/up (+bias), a dense delta, a bias delta."""
+    def _deltas(self, plan: _Plan, read: Callable[[str], torch.Tensor]) -> _Parts:
+        """The module's parts in float32, in the model's row order (final adaLN halves swapped)."""
         module = plan.module
         target = module.target
         assert target is not None
         t = module.tensors
-        scale = module.scale
-        down = up = up_bias = dense = bias = None
+        parts = _Parts()
         if "down" in t:
-            down = read("down").reshape(_shape(module, "down")[0], -1)
-            up = read("up").reshape(_shape(module, "up")[0], -1)
+            parts.down = read("down").reshape(_shape(module, "down")[0], -1)
+            parts.up = read("up").reshape(_shape(module, "up")[0], -1)
         if "up_bias" in t:
-            up_bias = read("up_bias")
-        dense_parts: list[torch.Tensor] = []
+            parts.up_bias = read("up_bias")
         if "hada_w1_a" in t:
-            w1 = read("hada_w1_a") @ read("hada_w1_b").reshape(_shape(module, "hada_w1_b")[0], -1)
-            w2 = read("hada_w2_a") @ read("hada_w2_b").reshape(_shape(module, "hada_w2_b")[0], -1)
-            dense_parts.append(w1 * w2 * scale)
-        if any(r.startswith("lokr_") for r in t):
-            dense_parts.append(
-                torch.kron(self._lokr(read, t, "lokr_w1"), self._lokr(read, t, "lokr_w2")) * scale
+            # Kept factored: the hooks build the delta only inside a forward.
+            parts.hada = (
+                read("hada_w1_a"),
+                read("hada_w1_b").reshape(_shape(module, "hada_w1_b")[0], -1),
+                read("hada_w2_a"),
+                read("hada_w2_b").reshape(_shape(module, "hada_w2_b")[0], -1),
             )
-        for role in ("diff", "w_norm"):
-            if role in t:
-                dense_parts.append(read(role))
+        if any(r.startswith("lokr_") for r in t):
+            parts.lokr = (*self._lokr(read, t, "lokr_w1"), *self._lokr(read, t, "lokr_w2"))
+        dense_parts = [read(role) for role in ("diff", "w_norm") if role in t]
         if "set_weight" in t:
             dense_parts.append(read("set_weight") - self._current(plan, target))
         bias_parts = [read(r) for r in ("diff_b", "b_norm") if r in t]
-        if up_bias is not None and down is None:
+        if parts.up_bias is not None and parts.down is None:
             # A bias-only PEFT module: its bias is scaled like a weight delta would be.
-            bias_parts.append(up_bias * scale)
-            up_bias = None
+            bias_parts.append(parts.up_bias * module.scale)
+            parts.up_bias = None
         if dense_parts:
-            dense = dense_parts[0]
-            for part in dense_parts[1:]:
-                dense = dense + part
+            parts.dense = _sum(dense_parts)
         if bias_parts:
-            bias = bias_parts[0]
-            for part in bias_parts[1:]:
-                bias = bias + part
+            parts.bias = _sum(bias_parts)
         if target.swap_halves:
-            up = swap_halves(up) if up is not None else None
-            up_bias = swap_halves(up_bias) if up_bias is not None else None
-            dense = swap_halves(dense) if dense is not None else None
-            bias = swap_halves(bias) if bias is not None else None
-        return down, up, up_bias, dense, bias
+            # LoKr's rows are swapped through its row ranges (_add_pieces).
+            parts.up = _swap(parts.up)
+            parts.up_bias = _swap(parts.up_bias)
+            parts.dense = _swap(parts.dense)
+            parts.bias = _swap(parts.bias)
+            if parts.hada is not None:
+                w1a, w1b, w2a, w2b = parts.hada
+                parts.hada = (swap_halves(w1a), w1b, swap_halves(w2a), w2b)
+        return parts
 
     def _add_pieces(
-        self,
-        plan: _Plan,
-        device: torch.device,
-        dtype: torch.dtype,
-        down: _T,
-        up: _T,
-        up_bias: _T,
-        dense: _T,
-        bias: _T,
+        self, plan: _Plan, device: torch.device, dtype: torch.dtype, parts: _Parts
     ) -> None:
         """Place the parts on the model's device and hang one piece on each target's hook."""
         module = plan.module
@@ -520,8 +553,15 @@ class BlockEngine:
         def place(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(device=device, dtype=dtype).contiguous()
 
-        down_placed = place(down)  # shared by the row slices of a fused module
+        def placed(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=dtype).contiguous()
+
+        # Shared by the row slices of a fused module: the input-side factors, all of LoKr's.
+        down_placed = place(parts.down)
+        hada_in = None if parts.hada is None else (placed(parts.hada[1]), placed(parts.hada[3]))
+        lokr = None if parts.lokr is None else [place(f) for f in parts.lokr]
         offsets = np.cumsum([0, *plan.rows]).tolist()
+        total = int(offsets[-1])
         for i, key in enumerate(plan.hook_keys):
             lo, hi = int(offsets[i]), int(offsets[i + 1])
 
@@ -529,13 +569,29 @@ class BlockEngine:
                 return None if x is None else place(x[lo:hi])
 
             piece = Piece(
-                stem=module.stem, scale=scale, down=down_placed, up=rows(up), up_bias=rows(up_bias)
+                stem=module.stem,
+                scale=scale,
+                down=down_placed,
+                up=rows(parts.up),
+                up_bias=rows(parts.up_bias),
             )
             if target.kind == "norm":
-                piece.norm = rows(dense)
+                piece.norm = rows(parts.dense)
             else:
-                piece.dense = rows(dense)
-            piece.bias = rows(bias)
+                piece.dense = rows(parts.dense)
+            piece.bias = rows(parts.bias)
+            if parts.hada is not None and hada_in is not None:
+                piece.hada = (
+                    placed(parts.hada[0][lo:hi]),
+                    hada_in[0],
+                    placed(parts.hada[2][lo:hi]),
+                    hada_in[1],
+                )
+            if lokr is not None:
+                w1, w1_b, w2, w2_b = lokr
+                assert w1 is not None and w2 is not None
+                ranges = _lora_rows(lo, hi, total, target.swap_halves)
+                piece.lokr = Kron(w1=w1, w2=w2, ranges=ranges, w1_b=w1_b, w2_b=w2_b)
             hook = self._hooks.get(key)
             if hook is None:
                 target_module = self._module(key)
@@ -546,10 +602,25 @@ class BlockEngine:
             hook.pieces.append(piece)
 
     @staticmethod
-    def _lokr(read: Callable[[str], torch.Tensor], t: dict[str, Any], name: str) -> torch.Tensor:
+    def _lokr(
+        read: Callable[[str], torch.Tensor], t: dict[str, Any], name: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A LoKr factor as (whole, None) or as its low-rank pair (a, b), never multiplied out."""
         if name in t:
-            return read(name)
-        return read(f"{name}_a") @ read(f"{name}_b")
+            return read(name), None
+        return read(f"{name}_a"), read(f"{name}_b")
+
+    @property
+    def attached_bytes(self) -> int:
+        """Bytes of the LoRA tensors the hooks hold, each shared tensor counted once."""
+        seen: dict[tuple[int, int], int] = {}
+        for hook in self._hooks.values():
+            for piece in hook.pieces:
+                for t in piece.held():
+                    seen[(t.untyped_storage().data_ptr(), int(t.storage_offset()))] = (
+                        t.numel() * t.element_size()
+                    )
+        return sum(seen.values())
 
     def _current(self, plan: _Plan, target: Target) -> torch.Tensor:
         """The weight a ``set_weight`` replaces, in the LoRA's row order, as float32."""

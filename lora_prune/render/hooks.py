@@ -22,7 +22,18 @@ from typing import Any, TypeAlias
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Hook", "Piece", "Selection", "Switches", "norm_features", "normaliser", "swap_halves"]
+__all__ = [
+    "LOHA_CHUNK",
+    "Hook",
+    "Kron",
+    "Piece",
+    "Selection",
+    "Switches",
+    "loha_linear",
+    "norm_features",
+    "normaliser",
+    "swap_halves",
+]
 
 
 @dataclass
@@ -30,11 +41,17 @@ class Piece:
     """The part of one LoRA module that lands on one diffusers module.
 
     Linear targets: ``scale * up @ down`` (+ ``scale * up_bias``) for low-rank
-    factors, ``dense`` (already scaled) for LoHa/LoKr/diff/replacements, ``bias``
+    factors, ``dense`` (already scaled) for diff/replacements, ``bias``
     (unscaled, as ComfyUI adds ``diff_b``). Norm targets: ``norm`` is the change of
     the norm's weight, applied to the normalised input. A replacement
     (``set_weight``) is stored as its difference to the model's weight, so
     strength s moves the weight s of the way to the replacement.
+
+    LoHa and LoKr stay factored, so a piece holds about what the file stores
+    (a dense delta of FLUX.1's ``linear1`` is 66 M values): ``hada``
+    (w1a, w1b, w2a, w2b, rows already cut to this target) is expanded to
+    ``scale * (w1a @ w1b) * (w2a @ w2b)`` only inside the forward, a few rows
+    at a time; ``lokr`` is applied through the Kronecker identity, see :class:`Kron`.
     """
 
     stem: str
@@ -45,13 +62,112 @@ class Piece:
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     norm: torch.Tensor | None = None
+    hada: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    lokr: Kron | None = None
 
     def tensors(self) -> list[str]:
+        """The names of the plain tensor fields that are set (not ``hada``/``lokr``)."""
         return [
             n
             for n in ("down", "up", "up_bias", "dense", "bias", "norm")
             if getattr(self, n) is not None
         ]
+
+    def held(self) -> list[torch.Tensor]:
+        """Every tensor the piece holds, factors included (shared ones may repeat)."""
+        held = [getattr(self, n) for n in self.tensors()]
+        if self.hada is not None:
+            held.extend(self.hada)
+        if self.lokr is not None:
+            held.extend(self.lokr.factors())
+        return held
+
+    def moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every held tensor by ``move(tensor)`` (a device change)."""
+        for name in self.tensors():
+            setattr(self, name, move(getattr(self, name)))
+        if self.hada is not None:
+            w1a, w1b, w2a, w2b = (move(t) for t in self.hada)
+            self.hada = (w1a, w1b, w2a, w2b)
+        if self.lokr is not None:
+            self.lokr.moved(move)
+
+
+#: Most elements of a LoHa delta built at once in a forward (16 MiB in float32).
+LOHA_CHUNK = 1 << 22
+
+
+def loha_linear(
+    x: torch.Tensor,
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """``x @ (scale * (w1a @ w1b) * (w2a @ w2b)).T``, the delta built a block of rows at a time.
+
+    The full delta of a FLUX.1 ``linear1`` is 252 MiB in float32; building it
+    in row blocks of at most :data:`LOHA_CHUNK` elements, used and freed at once,
+    keeps the forward's extra memory bounded whatever the layer's size.
+    """
+    w1a, w1b, w2a, w2b = factors
+    rows, cols = int(w1a.shape[0]), int(w1b.shape[1])
+    step = max(1, LOHA_CHUNK // max(cols, 1))
+    parts = []
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        delta = (w1a[lo:hi] @ w1b) * (w2a[lo:hi] @ w2b)
+        parts.append(F.linear(x, delta))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out * scale
+
+
+@dataclass
+class Kron:
+    """A LoKr delta ``kron(w1, w2)`` applied without forming it, restricted to some rows.
+
+    For ``w1`` ``[a, b]`` and ``w2`` ``[c, d]`` the delta is ``[a*c, b*d]`` with
+    ``W[i*c + k, j*d + l] = w1[i, j] * w2[k, l]``, so ``W @ x`` is
+    ``w1 @ X @ w2.T`` with ``X = x.reshape(b, d)``, flattened row-major: two
+    small matmuls instead of one of ``a*c*b*d`` weights. Either factor may be a
+    low-rank pair (``w1 = w1 @ w1_b``), kept factored. A fused module's row
+    slice is no Kronecker product of slices, but rows ``lo:hi`` of ``W`` only
+    need rows ``lo // c .. (hi - 1) // c`` of ``w1``: ``ranges`` lists the
+    row ranges of ``W`` (in the LoRA's row order) this target takes, in
+    order, so a row split and the final layer's swapped halves cost no dense
+    delta either. The factors are shared by every target of one module.
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    ranges: tuple[tuple[int, int], ...]
+    w1_b: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+
+    def factors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w1, self.w1_b, self.w2, self.w2_b) if t is not None]
+
+    def moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.w1, self.w2 = move(self.w1), move(self.w2)
+        self.w1_b = None if self.w1_b is None else move(self.w1_b)
+        self.w2_b = None if self.w2_b is None else move(self.w2_b)
+
+    def apply(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """``x @ W[rows].T * scale`` for ``x`` of shape ``[..., b*d]``."""
+        c = int(self.w2.shape[0])
+        b = int(self.w1.shape[1] if self.w1_b is None else self.w1_b.shape[1])
+        d = int(self.w2.shape[1] if self.w2_b is None else self.w2_b.shape[1])
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, b, d)
+        # X @ w2.T first: [n, b, c], shared by every row range.
+        z = xs @ self.w2_b.T @ self.w2.T if self.w2_b is not None else xs @ self.w2.T
+        if self.w1_b is not None:
+            z = self.w1_b @ z  # [n, rank1, c]
+        parts = []
+        for lo, hi in self.ranges:
+            first, last = lo // c, (hi - 1) // c + 1
+            y = self.w1[first:last] @ z  # [n, last - first, c]
+            parts.append(y.reshape(y.shape[0], -1)[:, lo - first * c : hi - first * c])
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return out.reshape(*lead, -1) * scale
 
 
 Selection: TypeAlias = "torch.Tensor | None"  # sample indices, or None = every sample of the batch
@@ -101,9 +217,17 @@ class Hook:
 
     def _to_device(self, device: torch.device) -> None:
         # Model CPU offload moves modules at call time; the LoRA tensors follow the input.
+        # One copy per tensor: a fused module's shared factors stay shared after the move.
+        # (The original is kept in the map so that its id cannot be reused meanwhile.)
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in copies:
+                copies[id(t)] = (t, t.to(device))
+            return copies[id(t)][1]
+
         for piece in self.pieces:
-            for name in piece.tensors():
-                setattr(piece, name, getattr(piece, name).to(device))
+            piece.moved(move)
         self.device = device
 
     def delta(self, x: torch.Tensor, strength: float) -> torch.Tensor:
@@ -115,6 +239,11 @@ class Hook:
                 h = x.to(p.down.dtype)
                 # F.linear twice, then the scale: the op order of PEFT's LoRA layer.
                 parts.append(F.linear(F.linear(h, p.down), p.up, p.up_bias) * (p.scale * strength))
+            if p.hada is not None:
+                h = x.to(p.hada[0].dtype)
+                parts.append(loha_linear(h, p.hada, p.scale * strength))
+            if p.lokr is not None:
+                parts.append(p.lokr.apply(x.to(p.lokr.w1.dtype), p.scale * strength))
             if p.dense is not None:
                 parts.append(F.linear(x.to(p.dense.dtype), p.dense) * strength)
             if p.norm is not None:
