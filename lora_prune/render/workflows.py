@@ -197,7 +197,8 @@ def auto_slim(
 
 
 def _share(candidate: BudgetCandidate) -> float:
-    return candidate.kept_share if candidate.kept_share is not None else -1.0
+    # Shares equal to render noise tie, and the earlier (higher-rank) candidate stays.
+    return round(candidate.kept_share, 4) if candidate.kept_share is not None else -1.0
 
 
 def _within(result: AutoSlimResult, max_size: int | None) -> AutoSlimResult:
