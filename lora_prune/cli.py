@@ -36,12 +36,14 @@ from .analysis import (
     render_sweep,
 )
 from .blocks import format_block_spec, parse_block_spec
+from .budget import BudgetCandidate
 from .check import FORMATS as CHECK_FORMATS
 from .check import load_policy, run_check
 from .check import render as render_check
 from .errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    BudgetError,
     LoraPruneError,
     OutputExistsError,
     UsageError,
@@ -67,12 +69,13 @@ from .settings import (
     RenderSettings,
     check_batch_size,
     check_coverage,
+    check_max_size,
     parse_seeds,
 )
 from .slim import SlimResult, slim_lora
 from .stats import SORT_KEYS, LoraReport, block_stats_and_sha256, human_bytes, inspect_lora
 from .verdict import BASE_DISTANCES, DEFAULT_MIN_KEPT, Criterion, Distance
-from .verify import VerifyResult, check_subset, verify_slim
+from .verify import VerifyResult, verify_slim, verify_target
 
 if TYPE_CHECKING:
     from .render.session import Session
@@ -571,6 +574,13 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
     type=click.Path(path_type=Path, file_okay=False),
     help="With --auto: analysis folder (renders are reused) [default: <stem>.analysis].",
 )
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    callback=_checked(check_max_size),
+    help="With --auto: the file must fit SIZE (e.g. 20MB, 1.5GiB); when the passing keep set "
+    "does not, lower ranks are tried (most blocks that fit per rank, best passing kept).",
+)
 def slim(
     lora: Path,
     keep: str | None,
@@ -585,6 +595,7 @@ def slim(
     perceptual: str | None,
     batch_size: int,
     work_dir: Path | None,
+    max_size: int | None,
 ) -> None:
     """Write a LoRA that keeps only the chosen blocks, byte-identical for what it keeps.
 
@@ -620,8 +631,11 @@ def slim(
             force=force,
             allow_unknown=allow_unknown,
             batch_size=batch_size,
+            max_size=max_size,
         )
     else:
+        if max_size is not None:
+            raise UsageError("--max-size needs --auto", "--max-size", "add --auto")
         result = slim_lora(
             lora,
             _spec(keep, "--keep"),
@@ -645,6 +659,7 @@ def _auto_slim(
     force: bool,
     allow_unknown: bool,
     batch_size: int,
+    max_size: int | None,
 ) -> SlimResult:
     refuse_overwrite([lora, spec.transformer_file], [output], [work_dir])
     lora_file = read_lora(lora, allow_unknown=allow_unknown)
@@ -664,12 +679,28 @@ def _auto_slim(
             force=force,
             batch_size=batch_size,
             progress=bar,
+            max_size=max_size,
         )
+    except BudgetError as exc:
+        bar.close()
+        _print_tried(exc.tried)
+        raise
     finally:
         bar.close()
     _print_curve(auto_result.analysis)
-    _print_verification(auto_result.auto.verification)
+    _print_tried(auto_result.tried)
+    _print_verification(auto_result.verification or auto_result.auto.verification)
     return auto_result.slim
+
+
+def _print_tried(tried: Sequence[object]) -> None:
+    """The files ``slim --auto --max-size`` tried: blocks, rank, size, share kept, verdict."""
+    for c in tried:
+        assert isinstance(c, BudgetCandidate)
+        verdict = "not rendered" if c.passed is None else ("pass" if c.passed else "FAIL")
+        click.echo(
+            f"tried    {c.label}: {human_bytes(c.bytes)}, kept {_share(c.kept_share)}, {verdict}"
+        )
 
 
 def _print_slim(result: SlimResult) -> None:
@@ -1041,12 +1072,17 @@ def verify(
     out = out_dir or _beside(slim_file, ".verify")
     refuse_overwrite([full, slim_file, spec.transformer_file], folders=[out])
     full_file, slim_lora_file = read_lora(full), read_lora(slim_file)
-    kept = check_subset(full_file, slim_lora_file)
+    sha = file_sha256(full)
+    # A resize (slim --auto --max-size) is rendered as itself, beside the full LoRA.
+    kept, resized = verify_target(full_file, sha, slim_lora_file)
     settings = request.settings(spec.model)
-    with _session(spec, full_file) as sess:
+    with (
+        _session(spec, full_file) as sess,
+        _session(spec, slim_lora_file) if resized else contextlib.nullcontext() as cand,
+    ):
         result = verify_slim(
             full_file,
-            file_sha256(full),
+            sha,
             kept,
             settings,
             sess.renderer,
@@ -1055,6 +1091,7 @@ def verify(
             slim_path=slim_file,
             out_dir=out,
             scale=max(1, 256 // settings.width),
+            candidate=cand.renderer if cand is not None else None,
         )
     _print_verification(result)
     click.echo(f"wrote    {out / 'verify.png'}, {out / 'verify.json'}")

@@ -8,7 +8,9 @@ one line ``<what>, <which file/key>, <what to do>``; the CLI prints it as
 code meaning
 ==== =====================================================================
 0    success
-1    a verification or policy check ran and failed (``verify``, ``check``)
+1    a verification or policy check ran and failed (``verify``, ``check``),
+     or ``slim --auto --max-size`` found no file under the budget that passes
+     (:class:`BudgetError`, which names the smallest size found to pass)
 2    usage: a bad option or block spec (click's own usage errors too), an
      output that exists, writing over an input or into a folder that holds
      one (:class:`UsageError`)
@@ -36,6 +38,7 @@ this tree happens at the boundary where they occur.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "EXIT_USAGE",
     "BlockIndexError",
     "BlockSpecError",
+    "BudgetError",
     "CorruptFileError",
     "IncompleteFileError",
     "LoraPruneError",
@@ -190,6 +194,27 @@ class UnsupportedAdapterError(UnsupportedLoraError):
 
 class NotASubsetError(UnsupportedLoraError):
     """A slim file that is not made of whole, byte-identical blocks of the full file (exit 4)."""
+
+
+class BudgetError(LoraPruneError):
+    """No keep set and rank under a size budget passes the verdict (exit 1).
+
+    ``tried`` holds the candidates rendered (:class:`lora_prune.budget.BudgetCandidate`),
+    ``smallest`` the bytes of the smallest file found to pass.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        where: str | Path | None,
+        fix: str | None,
+        *,
+        tried: Sequence[object],
+        smallest: int,
+    ) -> None:
+        self.tried = list(tried)
+        self.smallest = smallest
+        super().__init__(what, where, fix)
 
 
 class MissingDependencyError(LoraPruneError):

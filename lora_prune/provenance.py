@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,23 @@ class VerificationRecord:
             worst_kept=worst_kept,
             images=[i for i in images if isinstance(i, dict)] if isinstance(images, list) else [],
         )
+
+
+def resized_source(metadata: Mapping[str, str]) -> str | None:
+    """The SHA-256 of the file a ``resize`` output was made from; None for any other file.
+
+    Such a file holds other tensors than its source by design: it is proved by
+    rendering it (``verify``), not by the byte-level subset proof of a slim.
+    """
+    raw = metadata.get(RESIZED_RANKS_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = loads_bounded(raw, max_bytes=_MAX_RECORD_BYTES)
+    except JsonLimitError:
+        return None
+    source = doc.get("source_sha256") if isinstance(doc, dict) else None
+    return source if isinstance(source, str) and _HEX64.fullmatch(source) else None
 
 
 def _number(value: object) -> float | None:

@@ -24,7 +24,7 @@ import functools
 import json
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +47,7 @@ from .safetensors_io import (
     ENCODABLE_DTYPES,
     SafetensorsReader,
     TensorEntry,
+    build_header,
     decode_array,
     encode_array,
     file_sha256,
@@ -63,7 +64,7 @@ from .slim import (
     write_checked,
 )
 
-__all__ = ["ModuleResize", "ResizeResult", "factor_svd", "resize_lora"]
+__all__ = ["ModuleResize", "ResizeResult", "factor_svd", "resize_lora", "resized_size"]
 
 Array = npt.NDArray[np.float64]
 
@@ -165,6 +166,43 @@ def _why_kept(module: LoraModule) -> str | None:
     if alpha is not None and alpha.dtype not in (*ENCODABLE_DTYPES, "F64", *_INT_DTYPES):
         return f"alpha is {alpha.dtype}"
     return None
+
+
+def _new_rank(module: LoraModule, rank: int | None) -> int | None:
+    """The rank ``resize --rank rank`` gives the module; None where it stays as it is."""
+    if rank is None or _why_kept(module) is not None:
+        return None
+    up, down = module.tensors["up"].shape, module.tensors["down"].shape
+    r = down[0]
+    # The SVD of the r x r core has min(r, out, in) values (see factor_svd).
+    k = min(rank, r, up[0], math.prod(down[1:]))
+    return k if k < r else None
+
+
+def resized_size(lora: LoraFile, keep: Iterable[str], rank: int | None) -> int:
+    """Bytes of the tensors and header of ``resize --rank rank`` keeping the blocks ``keep``.
+
+    Computed from the module shapes, without reading or rendering anything
+    (``rank`` None: the blocks at their stored rank, as ``slim`` writes them).
+    Metadata added on writing (provenance, a verification record) is not counted.
+    """
+    keep_set = set(keep)
+    entries: list[TensorEntry] = []
+    for module in lora.modules.values():
+        if module.block not in keep_set:
+            continue
+        k = _new_rank(module, rank)
+        for role, info in module.tensors.items():
+            shape = info.shape
+            if k is not None and role == "up":
+                shape = (shape[0], k, *shape[2:])
+            elif k is not None and role == "down":
+                shape = (k, *shape[1:])
+            entries.append(TensorEntry(info.name, info.dtype, shape, bytes))
+    if not entries:
+        return 0
+    header, layout = build_header(entries, lora.metadata)
+    return len(header) + sum(nbytes for _, nbytes in layout)
 
 
 def _encode(values: npt.ArrayLike, dtype: str) -> bytes:
@@ -329,8 +367,11 @@ def resize_lora(
     rank: int | None = None,
     energy: float | None = None,
     blocks: Iterable[str] | None = None,
+    keep: Iterable[str] | None = None,
     force: bool = False,
     allow_unknown: bool = False,
+    extra_metadata: Mapping[str, str] | None = None,
+    source_sha256: str | None = None,
 ) -> ResizeResult:
     """Write a LoRA whose plain LoRA modules have a lower rank: exact SVD, truncated.
 
@@ -348,8 +389,13 @@ def resize_lora(
         energy: the share of each module's energy to keep, in (0, 1].
         blocks: block ids to resize (e.g. from :func:`~lora_prune.blocks.parse_block_spec`);
             None resizes every block.
+        keep: block ids to keep, the others are left out as ``slim --keep`` does
+            (``slim --auto --max-size`` slims and resizes in one pass, so that the
+            provenance names the full file); None keeps every block.
         force: replace an existing output (never the source itself).
         allow_unknown: as for :func:`~lora_prune.lora.read_lora`.
+        extra_metadata: more ``__metadata__`` entries (e.g. a verification record).
+        source_sha256: the source file's sha256 when the caller hashed it already.
 
     Example::
 
@@ -361,29 +407,35 @@ def resize_lora(
     chosen = set(blocks) if blocks is not None else None
     if chosen is not None:
         check_block_ids(chosen, "--blocks")
+    kept = _kept_modules(lora, keep)
     out_path = Path(output) if output is not None else default_output(lora.path, ".resized")
     check_output_path(lora.path, out_path, force=force)
 
-    source_sha = file_sha256(lora.path)
+    source_sha = file_sha256(lora.path) if source_sha256 is None else source_sha256
     with SafetensorsReader(lora.path, lora.header) as reader, _Spool(out_path.parent) as spool:
         results, kept_as_is, rewrites = _resize_modules(
-            lora, chosen, reader, spool, rank=rank, energy=energy
+            kept, chosen, reader, spool, rank=rank, energy=energy
         )
-        entries = _entries(lora, reader, spool, rewrites)
-        ss_meta = _ss_metadata(lora, results, rewrites)
-        settings = {
+        entries = _entries(kept, reader, spool, rewrites)
+        ss_meta = _ss_metadata(lora, kept, results, rewrites)
+        settings: dict[str, Any] = {
             "rank": rank,
             "energy": energy,
             "blocks": format_block_spec(sort_blocks(chosen)) if chosen is not None else None,
             "source_sha256": source_sha,
             "source_name": lora.path.name,
         }
+        if keep is not None:
+            settings["kept_blocks"] = format_block_spec(sort_blocks(m.block for m in kept))
         metadata = write_checked(
             out_path,
-            lora.blocks,
+            sort_blocks({m.block for m in kept}),
             entries,
             ss_meta,
-            lambda digests: _metadata(lora, results, ss_meta, digests, settings),
+            lambda digests: {
+                **_metadata(lora, kept, results, ss_meta, digests, settings),
+                **(extra_metadata or {}),
+            },
         )
     return ResizeResult(
         source=lora.path,
@@ -396,8 +448,24 @@ def resize_lora(
     )
 
 
+def _kept_modules(lora: LoraFile, keep: Iterable[str] | None) -> list[LoraModule]:
+    """The modules of the blocks in ``keep`` (every module for None), in file order."""
+    if keep is None:
+        return list(lora.modules.values())
+    keep_set = set(keep)
+    check_block_ids(keep_set, "--keep")
+    kept = [m for m in lora.modules.values() if m.block in keep_set]
+    if not kept:
+        raise UsageError(
+            "the keep set leaves no tensors",
+            lora.path,
+            f"the LoRA has blocks {format_block_spec(lora.blocks)}; keep at least one",
+        )
+    return kept
+
+
 def _resize_modules(
-    lora: LoraFile,
+    modules: list[LoraModule],
     chosen: set[str] | None,
     reader: SafetensorsReader,
     spool: _Spool,
@@ -409,7 +477,7 @@ def _resize_modules(
     results: list[ModuleResize] = []
     kept_as_is: dict[str, str] = {}
     rewrites: dict[str, _Rewrite] = {}
-    for module in lora.modules.values():
+    for module in modules:
         if chosen is not None and module.block not in chosen:
             continue
         why = _why_kept(module)
@@ -424,16 +492,20 @@ def _resize_modules(
 
 
 def _entries(
-    lora: LoraFile, reader: SafetensorsReader, spool: _Spool, rewrites: dict[str, _Rewrite]
+    modules: list[LoraModule],
+    reader: SafetensorsReader,
+    spool: _Spool,
+    rewrites: dict[str, _Rewrite],
 ) -> list[TensorEntry]:
-    """Every tensor of the output, in the input's order: rewritten ones from the spool."""
+    """Every tensor of the kept modules, in the input's order: rewritten ones from the spool."""
     new: dict[str, tuple[str, tuple[int, ...], int, int]] = {
         key: (dtype, shape, start, n)
         for rewrite in rewrites.values()
         for key, dtype, shape, start, n in rewrite.tensors.values()
     }
     entries = []
-    for info in sorted(lora.header.tensors.values(), key=lambda t: t.begin):
+    infos = [t for m in modules for t in m.tensors.values()]
+    for info in sorted(infos, key=lambda t: t.begin):
         if info.name in new:
             dtype, shape, start, n = new[info.name]
             assert n == math.prod(shape) * DTYPE_ITEMSIZE[dtype]
@@ -447,12 +519,15 @@ def _entries(
 
 
 def _ss_metadata(
-    lora: LoraFile, results: list[ModuleResize], rewrites: dict[str, _Rewrite]
+    lora: LoraFile,
+    kept: list[LoraModule],
+    results: list[ModuleResize],
+    rewrites: dict[str, _Rewrite],
 ) -> dict[str, str]:
     """The output's kohya ss_* metadata (which kohya's legacy hash covers)."""
     meta = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
     new_rank = {m.stem: m.rank_after for m in results}
-    ranked = [m for m in lora.modules.values() if m.rank]
+    ranked = [m for m in kept if m.rank]
     ranks = [new_rank.get(m.stem, m.rank or 0) for m in ranked]
     alphas = [rewrites[m.stem].alpha if m.stem in rewrites else m.alpha for m in ranked]
     _kohya_dims(meta, ranks, alphas)
@@ -461,13 +536,14 @@ def _ss_metadata(
 
 def _metadata(
     lora: LoraFile,
+    kept: list[LoraModule],
     results: list[ModuleResize],
     ss_meta: dict[str, str],
     digests: Digests,
     settings: dict[str, Any],
 ) -> dict[str, str]:
     """The input's metadata, refreshed, with the resize's provenance."""
-    meta = refreshed_metadata(lora, digests, list(lora.modules.values()), drop=_STALE_KEYS)
+    meta = refreshed_metadata(lora, digests, kept, drop=_STALE_KEYS)
     meta.update(ss_meta)
     changed = {m.stem: m.rank_after for m in results if m.changed}
     peft = _peft_changes(lora, changed)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .check.policy import parse_size
 from .errors import UsageError
 from .pictures import COLORMAPS
 
@@ -72,6 +73,14 @@ def check_number(
         bounds = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise UsageError(f"{option} {value} is not a finite number in {bounds}", option, fix)
     return value
+
+
+def check_max_size(text: str) -> int:
+    """``--max-size``: bytes of a human size (``"20MB"``, ``"1.5GiB"``), at least 1."""
+    size = parse_size(text, "--max-size")
+    if size < 1:
+        raise UsageError(f"--max-size {text} is not positive", "--max-size", 'use e.g. "20MB"')
+    return size
 
 
 def check_coverage(value: float) -> float:

@@ -31,6 +31,7 @@ from .provenance import (
     VERIFICATION_KEY,
     VerificationRecord,
     check_subset,
+    resized_source,
 )
 from .verdict import (
     BASE_DISTANCES,
@@ -57,8 +58,15 @@ __all__ = [
     "auto_keep",
     "auto_keep_ranked",
     "check_subset",
+    "reference_renders",
+    "verify_candidate",
     "verify_slim",
+    "verify_target",
 ]
+
+
+#: per (prompt index, seed): the base render, the full render and the full LoRA's effect
+_References = dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]]
 
 
 @dataclass
@@ -237,6 +245,61 @@ def verify_slim(
     return result
 
 
+def verify_target(full: LoraFile, full_sha256: str, file: LoraFile) -> tuple[list[str], bool]:
+    """The blocks of the file to verify, and whether it must be rendered itself.
+
+    A slim is proved part of ``full`` byte for byte (:func:`check_subset`) and
+    rendered as ``full``'s kept blocks; a ``resize`` output of ``full`` (which
+    ``slim --auto --max-size`` writes) holds other tensors by design, so it is
+    rendered as itself (``verify_slim(..., candidate=...)``).
+    """
+    source = resized_source(file.metadata)
+    if source is None:
+        return check_subset(full, file), False
+    if source != full_sha256:
+        raise NotASubsetError(
+            "the resized file was made from another file than the full one",
+            file.path,
+            "give the LoRA it was resized from",
+        )
+    extra = sorted(set(file.blocks) - set(full.blocks))
+    if extra:
+        raise NotASubsetError(
+            f"the resized file has blocks the full file lacks ({format_block_spec(extra)})",
+            file.path,
+            "give the LoRA it was resized from",
+        )
+    return file.blocks, True
+
+
+def verify_candidate(
+    full: LoraFile,
+    full_sha256: str,
+    keep: Sequence[str],
+    settings: AnalyzeSettings,
+    candidate: Renderer,
+    references: _References,
+    *,
+    criterion: Criterion = DEFAULT_CRITERION,
+    distances: Mapping[str, Distance] = BASE_DISTANCES,
+    slim_path: Path | None = None,
+) -> VerifyResult:
+    """:func:`verify_slim` of a file rendered by ``candidate``, against base and full
+    renders made earlier (:attr:`AutoResult.references`): one render per image."""
+    result = _new_result(
+        full, full_sha256, sort_blocks(keep), criterion, settings, candidate, slim_path=slim_path
+    )
+    kept = frozenset(keep)
+    for p, prompt in enumerate(settings.prompts):
+        for seed in settings.seeds:
+            base, full_img, effect = references[(p, seed)]
+            (img,) = candidate([kept], prompt, seed, settings)
+            result.images.append(
+                score_image(base, full_img, img, p, seed, criterion, distances, effect=effect)
+            )
+    return result
+
+
 def _new_result(
     full: LoraFile,
     full_sha256: str,
@@ -305,6 +368,8 @@ class AutoResult:
     #: the pruning curve: top-k of ``order`` for k = 0, every k rendered, and n
     curve: list[CurvePoint]
     verification: VerifyResult
+    #: the base and full renders of every image, for judging other files against them
+    references: _References = field(default_factory=dict, repr=False)
 
 
 def auto_keep(
@@ -353,7 +418,7 @@ def auto_keep(
             full.path,
             "run analyze on this LoRA first",
         )
-    refs, ref_scores = _reference_renders(full, settings, renderer, criterion, distances)
+    refs, ref_scores = reference_renders(full, settings, renderer, criterion, distances)
     if unmeasurable(ref_scores):
         raise no_effect_error(ref_scores, settings.prompts, str(full.path))
     size = size_of or (lambda blocks: 0)
@@ -377,7 +442,7 @@ def auto_keep(
     result = _new_result(
         full, full_sha256, blocks, criterion, settings, renderer, images=scores.get(chosen, [])
     )
-    return AutoResult(blocks, list(order), curve, result)
+    return AutoResult(blocks, list(order), curve, result, refs)
 
 
 def auto_keep_ranked(
@@ -413,16 +478,12 @@ def auto_keep_ranked(
     )
 
 
-#: per (prompt index, seed): the base render, the full render and the full LoRA's effect
-_References = dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]]
-
-
-def _reference_renders(
+def reference_renders(
     full: LoraFile,
     settings: AnalyzeSettings,
     renderer: Renderer,
-    criterion: Criterion,
-    distances: Mapping[str, Distance],
+    criterion: Criterion = DEFAULT_CRITERION,
+    distances: Mapping[str, Distance] = BASE_DISTANCES,
 ) -> tuple[_References, list[ImageScore]]:
     """Base and full renders of every image, and the empty keep set's scores."""
     all_blocks = frozenset(full.blocks)

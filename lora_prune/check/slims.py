@@ -21,6 +21,7 @@ from ..provenance import (
     VERIFICATION_KEY,
     SubsetFault,
     VerificationRecord,
+    resized_source,
     subset_differences,
 )
 from ..safetensors_io import SafetensorsHeader, file_sha256, read_header
@@ -318,14 +319,15 @@ def _reverify_findings(
     return out
 
 
-def _verified_note(record: VerificationRecord, full: Path) -> Finding:
+def _verified_note(record: VerificationRecord, full: Path, resized: bool) -> Finding:
     if record.kept_share is not None:
         worst = f", worst share of the effect kept {100 * record.kept_share:.1f}%"
     elif record.worst_ssim is not None:
         worst = f" at worst SSIM {record.worst_ssim:.4f}"
     else:
         worst = ""
-    return Finding("info", "verified", f"verified subset of {str(full)!r}{worst}")
+    what = "resize" if resized else "subset"
+    return Finding("info", "verified", f"verified {what} of {str(full)!r}{worst}")
 
 
 def _against_full(
@@ -352,8 +354,9 @@ def _against_full(
     except UnreadableFileError as exc:
         return [_full_unreadable(full, exc)], False
     out = _identity_findings(record, header.metadata.get(SOURCE_SHA_KEY), full, full_sha)
-    if not out and not mismatched:
-        # Against another file than the recorded one, a tensor diff only repeats that.
+    # Against another file than the recorded one, a tensor diff only repeats that;
+    # a resize holds other tensors by design: its proof is the rendered record.
+    if not out and not mismatched and resized_source(header.metadata) is None:
         out.extend(_subset_findings(result.path, header, full))
     return out, True
 
@@ -407,7 +410,7 @@ def verify_slim(
         and record.passed
         and not any(f.level == "error" for f in out)
     ):
-        out.append(_verified_note(record, full))
+        out.append(_verified_note(record, full, resized_source(meta) is not None))
     return out
 
 

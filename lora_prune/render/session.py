@@ -27,10 +27,19 @@ class Session:
 
 @contextmanager
 def open_session(
-    spec: ModelSpec, lora: LoraFile, *, show_progress: bool = False
+    spec: ModelSpec,
+    lora: LoraFile,
+    *,
+    show_progress: bool = False,
+    loaded: LoadedModel | None = None,
 ) -> Iterator[Session]:
-    """Load the model, attach the LoRA, and detach it again on exit."""
-    loaded = load_pipeline(spec, show_progress=show_progress)
+    """Load the model, attach the LoRA, and detach it again on exit.
+
+    ``loaded``: a pipeline an earlier (closed) session loaded, to attach another
+    LoRA to without loading the model again.
+    """
+    if loaded is None:
+        loaded = load_pipeline(spec, show_progress=show_progress)
     engine = BlockEngine(loaded, lora, compile=spec.compile)
     try:
         renderer = EngineRenderer(engine, loaded, model_defaults(spec.model).max_sequence_length)

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..analysis import (
     MANIFEST,
     Analysis,
     analyze,
+    keep_size,
     read_manifest,
     set_curve,
     settings_from_json,
 )
-from ..errors import LoraPruneError
+from ..blocks import sort_blocks
+from ..budget import BudgetCandidate, budget_error, plan_budget, record_reserve
+from ..errors import LoraPruneError, OutputError
 from ..lora import LoraFile, read_lora
-from ..safetensors_io import file_sha256
+from ..resize import resize_lora
+from ..safetensors_io import file_sha256, read_header
 from ..settings import (
     MODES,
     TINY_MODEL_ID,
@@ -31,7 +35,7 @@ from ..settings import (
     PictureOptions,
     RenderRequest,
 )
-from ..slim import SlimResult, slim_lora
+from ..slim import SlimResult, default_output, slim_lora
 from ..stats import block_stats_and_sha256
 from ..testing import planted_lora
 from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
@@ -40,8 +44,10 @@ from ..verify import (
     AutoResult,
     VerifyResult,
     auto_keep_ranked,
-    check_subset,
+    reference_renders,
+    verify_candidate,
     verify_slim,
+    verify_target,
 )
 from .session import open_session
 
@@ -52,7 +58,13 @@ Progress = Callable[[int, int], None]
 class AutoSlimResult:
     analysis: Analysis
     auto: AutoResult
+    #: the file written (for a reduced rank, its verification is :attr:`verification`)
     slim: SlimResult
+    #: with ``max_size``: every file tried, the full-rank keep set first
+    tried: list[BudgetCandidate] = field(default_factory=list)
+    #: the uniform rank of the file written; None: the blocks as stored
+    rank: int | None = None
+    verification: VerifyResult | None = None
 
 
 def auto_slim(
@@ -67,12 +79,21 @@ def auto_slim(
     force: bool = False,
     batch_size: int = 8,
     progress: Progress | None = None,
+    max_size: int | None = None,
 ) -> AutoSlimResult:
     """Rank blocks (leave-one-out, reusing earlier renders), find the smallest passing keep set, write it.
 
     The keep set is the fewest top-ranked blocks whose slim keeps ``criterion``'s
     share of the LoRA's effect on every image; the pruning curve of every k
     rendered goes into ``work_dir`` (pruning_curve.png, ranking.json, report).
+
+    With ``max_size`` (bytes), the file written must fit it. When that keep set
+    does not, per uniform rank (half the LoRA's rank, a quarter, ... 1) the most
+    top-ranked blocks that fit are resized (:func:`~lora_prune.budget.plan_budget`,
+    files in ``work_dir/budget``) and rendered against the same base and full
+    renders; the passing one keeping the largest share of the effect is written,
+    with its verification record. None passing raises
+    :class:`~lora_prune.errors.BudgetError` with the smallest size found to pass.
     """
     # One read of the LoRA's data: its hash (cache keys, provenance) and the manifest's norms.
     stats, sha = block_stats_and_sha256(lora)
@@ -99,16 +120,97 @@ def auto_slim(
             batch_size=batch_size,
             progress=progress,
         )
+        loaded = session.loaded
     set_curve(analysis, auto.curve, criterion, lora=lora)
-    slim = slim_lora(
-        lora,
+    full_rank = BudgetCandidate(
         auto.blocks,
-        output=output,
+        None,
+        keep_size(lora, auto.blocks),
+        auto.verification.kept_share,
+        auto.verification.passed,
+    )
+    reserve = record_reserve(lora, len(settings.prompts) * len(settings.seeds))
+    if max_size is None or full_rank.bytes + reserve <= max_size:
+        slim = slim_lora(
+            lora,
+            auto.blocks,
+            output=output,
+            force=force,
+            extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()},
+            source_sha256=sha,
+        )
+        tried = [full_rank] if max_size is not None else []
+        return _within(AutoSlimResult(analysis, auto, slim, tried), max_size)
+    tried = [full_rank]
+    best: tuple[BudgetCandidate, VerifyResult] | None = None
+    folder = work_dir / "budget"
+    folder.mkdir(parents=True, exist_ok=True)
+    for candidate in plan_budget(lora, auto.order, len(auto.blocks), max_size - reserve):
+        assert candidate.rank is not None
+        path = folder / f"rank{candidate.rank}.safetensors"
+        resize_lora(
+            lora, path, rank=candidate.rank, keep=candidate.blocks, force=True, source_sha256=sha
+        )
+        with open_session(spec, read_lora(path), loaded=loaded) as session:
+            verification = verify_candidate(
+                lora,
+                sha,
+                candidate.blocks,
+                settings,
+                session.renderer,
+                auto.references,
+                criterion=criterion,
+                distances=distances,
+            )
+        candidate.kept_share, candidate.passed = verification.kept_share, verification.passed
+        tried.append(candidate)
+        if verification.passed and (best is None or _share(candidate) > _share(best[0])):
+            best = (candidate, verification)
+    if best is None:
+        raise budget_error(lora, max_size, tried, full_rank)
+    chosen, verification = best
+    assert chosen.rank is not None
+    resized = resize_lora(
+        lora,
+        output if output is not None else default_output(lora.path),
+        rank=chosen.rank,
+        keep=chosen.blocks,
         force=force,
-        extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()},
+        extra_metadata={VERIFICATION_KEY: verification.metadata_value()},
         source_sha256=sha,
     )
-    return AutoSlimResult(analysis, auto, slim)
+    verification.slim = str(resized.output)
+    slim = SlimResult(
+        source=lora.path,
+        output=resized.output,
+        kept_blocks=sort_blocks(chosen.blocks),
+        dropped_blocks=sort_blocks(set(lora.blocks) - set(chosen.blocks)),
+        absent=[],
+        bytes_before=resized.bytes_before,
+        bytes_after=resized.bytes_after,
+        tensors_before=len(lora.header.tensors),
+        tensors_after=len(read_header(resized.output).tensors),
+        metadata=resized.metadata,
+    )
+    result = AutoSlimResult(analysis, auto, slim, tried, chosen.rank, verification)
+    return _within(result, max_size)
+
+
+def _share(candidate: BudgetCandidate) -> float:
+    # Shares equal to render noise tie, and the earlier (higher-rank) candidate stays.
+    return round(candidate.kept_share, 4) if candidate.kept_share is not None else -1.0
+
+
+def _within(result: AutoSlimResult, max_size: int | None) -> AutoSlimResult:
+    """The result, after making sure the file written fits the budget."""
+    if max_size is not None and result.slim.bytes_after > max_size:
+        # record_reserve leaves room for every key written: a bug, not the user's doing.
+        raise OutputError(
+            f"the file written is {result.slim.bytes_after} bytes, over the budget of {max_size}",
+            result.slim.output,
+            "report this bug",
+        )
+    return result
 
 
 def _keep_earlier_modes(settings: AnalyzeSettings, work_dir: Path) -> AnalyzeSettings:
@@ -202,15 +304,30 @@ def make_reverify(
     """A re-rendering verifier for ``check --model``: (slim, full) -> verification."""
 
     def reverify(slim_path: Path, full_path: Path) -> VerifyResult:
-        full = read_lora(full_path)
-        kept = check_subset(full, read_lora(slim_path))
+        full, file = read_lora(full_path), read_lora(slim_path)
+        sha = file_sha256(full_path)
+        kept, resized = verify_target(full, sha, file)
         with open_session(spec, full) as session:
-            return verify_slim(
+            if not resized:
+                return verify_slim(
+                    full,
+                    sha,
+                    kept,
+                    settings,
+                    session.renderer,
+                    criterion=criterion,
+                    slim_path=slim_path,
+                )
+            refs, _ = reference_renders(full, settings, session.renderer, criterion)
+            loaded = session.loaded
+        with open_session(spec, file, loaded=loaded) as session:
+            return verify_candidate(
                 full,
-                file_sha256(full_path),
+                sha,
                 kept,
                 settings,
                 session.renderer,
+                refs,
                 criterion=criterion,
                 slim_path=slim_path,
             )
