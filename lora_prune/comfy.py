@@ -252,11 +252,11 @@ def identify(path: Path) -> Component | str:
         return made(
             "transformer",
             f"FLUX.1-{variant} transformer, BFL naming: {doubles} double + {singles} single "
-            f"blocks, {'guidance_in present' if dev else 'no guidance_in'}{fp8_note}",
+            f"blocks, {'guidance_in present' if dev else 'no guidance_in'}"
+            f"{' (scaled fp8)' if fp8_note else ''}",
             widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
             variant=variant,
             naming="bfl",
-            problem="scaled fp8 is not supported yet" if fp8_note else "",
         )
     if "transformer_blocks.0.attn.to_q.weight" in keys and any(
         k.startswith("single_transformer_blocks.") for k in keys

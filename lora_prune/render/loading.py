@@ -47,6 +47,15 @@ from ..settings import ModelSpec
 from .device import TINY_IDENTITY, TINY_SEED
 from .device import _mps_available as _mps_available
 from .device import resolve_device_dtype as resolve_device_dtype
+from .storage import (
+    TransformerStorage,
+    inspect_transformer_file,
+    keep_fp8_storage,
+    load_gguf_transformer,
+    scale_targets,
+    split_scales,
+    stored_tensor,
+)
 from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
 
 # Partly typed library (untyped constructors and classmethods): used as Any.
@@ -174,7 +183,7 @@ def convert_transformer_checkpoint(
     return out
 
 
-def _check_transformer_file(path: Path) -> None:
+def _check_transformer_file(path: Path) -> TransformerStorage:
     if is_pickle_name(path):
         raise UnsafeFileError(
             f"{path.suffix} checkpoints hold pickle code; refusing to load it",
@@ -183,7 +192,8 @@ def _check_transformer_file(path: Path) -> None:
         )
     if not path.exists():
         raise UsageError("transformer file not found", path, "check the path")
-    read_header(path)  # refuses pickle, LFS pointers, HTML pages and truncated files
+    # Refuses pickle, LFS pointers, HTML pages, truncated files and unloadable dtypes.
+    return inspect_transformer_file(path)
 
 
 def _load_transformer_file(
@@ -192,17 +202,14 @@ def _load_transformer_file(
     """The transformer of a single file, on the CPU in ``dtype``, and the file's sha256."""
     from safetensors import safe_open
 
-    _check_transformer_file(path)
+    if _check_transformer_file(path).format == "gguf":
+        return load_gguf_transformer(path, base_config, dtype), file_sha256(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             prefix, keys = _strip_prefix(list(f.keys()))
             paths = [k[len(prefix) :] for k in keys]
-            if any(k.endswith(("scale_weight", "scaled_fp8")) for k in paths):
-                raise UsageError(
-                    "scaled-FP8 checkpoints are not supported",
-                    path,
-                    "use a bf16, fp16 or plain fp8 FLUX.1 transformer checkpoint",
-                )
+            keys, paths, scale_keys = split_scales(keys, paths)
+            scales = {layer: f.get_tensor(k) for layer, k in scale_keys.items()}
             guidance = any(is_guidance_path(p) for p in paths)
             if base_config is not None:
                 config = dict(base_config)
@@ -216,8 +223,10 @@ def _load_transformer_file(
             rows = {n: p.shape[0] for n, p in model.state_dict().items()}
             shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
             # Cast one tensor at a time so that a file in another dtype is never
-            # held twice in memory.
-            tensors = {p: f.get_tensor(k).to(dtype) for k, p in zip(keys, paths, strict=True)}
+            # held twice in memory; fp8 stays fp8 (storage.keep_fp8_storage).
+            tensors = {
+                p: stored_tensor(f.get_tensor(k), dtype) for k, p in zip(keys, paths, strict=True)
+            }
     except LoraPruneError:
         raise
     except Exception as exc:  # safetensors/torch errors at the file boundary
@@ -249,6 +258,7 @@ def _load_transformer_file(
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         converted[name] = tensor
     model.load_state_dict(converted, strict=True, assign=True)
+    keep_fp8_storage(model, scale_targets(scales, path), dtype)
     model.eval()
     return model, file_sha256(path)
 
