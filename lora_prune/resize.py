@@ -5,8 +5,9 @@ optional alpha; BFL's fused qkv/linear1 are such modules too), the best rank-k
 approximation of ``scale * up @ down`` (Eckart-Young), with k a fixed rank or
 the smallest rank that keeps a share of the Frobenius energy (the sum of
 squared singular values). The SVD is computed from the factors alone, never
-from the ``out x in`` product: QR of ``up`` and of ``down.T``, then the SVD of
-the small ``r x r`` core ``R_up @ R_down.T`` (see :func:`factor_svd`).
+from the ``out x in`` product: an orthonormal basis of each factor from its
+``r x r`` Gram matrix, then the SVD of the small ``r x r`` core ``R_up @ R_down.T``
+(see :func:`factor_svd`).
 
 The new factors are split evenly, ``up = Q_up U_k sqrt(S_k)`` and ``down =
 sqrt(S_k) V_k^T Q_down^T``, and hold the product *without* its scale: alpha is
@@ -118,14 +119,41 @@ def factor_svd(up: Array, down: Array) -> tuple[Array, Array, Array, Array, Arra
     """The SVD of ``up @ down`` from its factors: ``(q_up, u, s, vt, q_down)``.
 
     ``up @ down == q_up @ u @ diag(s) @ vt @ q_down.T`` with ``q_up``, ``q_down``
-    orthonormal columns (from QR) and ``u, s, vt`` the SVD of the core
-    ``r_up @ r_down.T``, at most ``r x r``. No array larger than the factors
-    and that core is formed.
+    orthonormal columns and ``u, s, vt`` the SVD of the core ``r_up @ r_down.T``,
+    at most ``r x r``. No array larger than the factors and that core is formed.
     """
-    q_up, r_up = np.linalg.qr(up)
-    q_down, r_down = np.linalg.qr(down.T)
+    q_up, r_up = _basis(up)
+    q_down, r_down = _basis(down.T)
     u, s, vt = np.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    # Empty directions were dropped from the bases: pad with zero singular values
+    # back to the stored rank, so that a rank at or above it keeps the module as it is.
+    pad = up.shape[1] - s.shape[0]
+    if pad > 0:
+        s = np.concatenate([s, np.zeros(pad)])
+        u = np.pad(u, ((0, 0), (0, pad)))
+        vt = np.pad(vt, ((0, pad), (0, 0)))
     return q_up, u, s, vt, q_down
+
+
+#: Directions of a factor whose squared singular value is below this share of
+#: the largest carry no representable energy (float64 Gram matrices): dropped.
+_GRAM_RTOL = 1e-12
+
+
+def _basis(a: Array) -> tuple[Array, Array]:
+    """``a == q @ r`` with ``q`` orthonormal columns, from the ``r x r`` Gram matrix.
+
+    An eigendecomposition of ``a.T @ a`` instead of a QR of ``a``: the same
+    factorisation for every direction that carries energy, ~13x faster on a
+    FLUX.1 ``linear1`` factor ([21504, 64]: 12 ms against 160 ms), since the
+    only pass over ``a`` is two matrix products. Rank-deficient factors (the
+    planted ranks of a padded LoRA) lose their empty directions.
+    """
+    lam, w = np.linalg.eigh(a.T @ a)
+    keep = lam > max(float(lam.max(initial=0.0)), 0.0) * _GRAM_RTOL
+    lam, w = lam[keep], w[:, keep]
+    root = np.sqrt(lam)
+    return a @ (w / root), (w * root).T
 
 
 def choose_rank(s: Array, *, rank: int | None, energy: float | None) -> tuple[int, float]:

@@ -119,27 +119,28 @@ def test_svd_sees_only_the_factors_and_an_r_by_r_core(
     planted: tuple[Path, dict[str, int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = planted
-    shapes: dict[str, list[tuple[int, ...]]] = {"svd": [], "qr": []}
-    real_svd, real_qr = np.linalg.svd, np.linalg.qr
+    shapes: dict[str, list[tuple[int, ...]]] = {"svd": [], "eigh": []}
+    real_svd, real_eigh = np.linalg.svd, np.linalg.eigh
 
     def svd(a: npt.NDArray[np.float64], *args: object, **kw: object) -> object:
         shapes["svd"].append(a.shape)
         return real_svd(a, *args, **kw)  # type: ignore[call-overload]
 
-    def qr(a: npt.NDArray[np.float64], *args: object, **kw: object) -> object:
-        shapes["qr"].append(a.shape)
-        return real_qr(a, *args, **kw)  # type: ignore[call-overload]
+    def eigh(a: npt.NDArray[np.float64], *args: object, **kw: object) -> object:
+        shapes["eigh"].append(a.shape)
+        return real_eigh(a, *args, **kw)  # type: ignore[call-overload]
 
     # resize calls numpy.linalg through the module, so patching numpy's sees every call.
     monkeypatch.setattr(np.linalg, "svd", svd)
-    monkeypatch.setattr(np.linalg, "qr", qr)
+    monkeypatch.setattr(np.linalg, "eigh", eigh)
     resize_lora(path, tmp_path / "out.safetensors", rank=2)
     lora = read_lora(path)
-    sizes = {(m.tensors["up"].shape[0], m.tensors["down"].shape[1]) for m in lora.modules.values()}
     assert shapes["svd"] and max(max(s) for s in shapes["svd"]) <= STORED_RANK
-    # QR sees [out, r] and [in, r] only: never an out x in product.
-    assert all(s[1] == STORED_RANK for s in shapes["qr"])
-    assert {s[0] for s in shapes["qr"]} == {d for pair in sizes for d in pair}
+    # The factors' bases come from r x r Gram matrices, two per module: never an
+    # out x in product, nor an out x out or in x in one.
+    assert shapes["eigh"] and set(shapes["eigh"]) == {(STORED_RANK, STORED_RANK)}
+    assert len(shapes["eigh"]) == 2 * len(shapes["svd"])
+    assert len(shapes["svd"]) == len(lora.modules)
 
 
 @pytest.mark.parametrize(
