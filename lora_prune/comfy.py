@@ -527,6 +527,18 @@ class Diagnosis:
     size: int
 
 
+def _loaded_bytes(kind: str, component: Component, item: int) -> int:
+    """Bytes of a component once loaded: fp8 transformers keep their fp8 weights.
+
+    Everything else is upcast to the compute dtype (``item`` bytes a value); an
+    fp8 transformer keeps one byte per weight (render/storage.py), its few
+    biases and norms (under 1% of the values) counted as fp8 too.
+    """
+    if kind == "transformer" and component.dtype.startswith("F8"):
+        return component.numel
+    return component.numel * item
+
+
 def diagnose(
     comfy: Path | None,
     overrides: Mapping[str, Path | None],
@@ -541,7 +553,7 @@ def diagnose(
     models = find_models(comfy, overrides, tokenizer_folder)
     compute = dtype or ("bf16" if gpu is not None else "fp32")
     item = _ITEMSIZE[compute]
-    sizes = {k: c.numel * item for k, c in models.chosen.items()}
+    sizes = {k: _loaded_bytes(k, c, item) for k, c in models.chosen.items()}
     plan = choose_plan(None if gpu is None else gpu[0], sizes)
     seconds = None
     if gpu is not None:

@@ -257,3 +257,22 @@ def test_shipped_configs_load_into_the_library_classes() -> None:
         flux["joint_attention_dim"] == t5.d_model
         and flux["pooled_projection_dim"] == clip.hidden_size
     )
+
+
+def test_doctor_counts_an_fp8_transformer_at_one_byte_a_weight(comfy: Path) -> None:
+    from lora_prune.comfy import diagnose
+
+    fp8 = comfy / "models" / "diffusion_models" / "flux1-dev-fp8.safetensors"
+    entries = [
+        TensorEntry(name, "F8_E4M3", shape, functools.partial(bytes, math.prod(shape)))
+        for name, shape in transformer_keys().items()
+    ]
+    write_safetensors(fp8, entries, None)
+    (comfy / "models" / "diffusion_models" / "flux1-dev.safetensors").unlink()
+    (comfy / "models" / "unet" / "flux1-schnell.safetensors").unlink()
+    found = diagnose(comfy, {}, dtype="bf16")
+    transformer = found.models.chosen["transformer"]
+    assert transformer.path == fp8
+    # Kept in fp8 when loaded (render/storage.py): one byte a value, not bf16's two.
+    assert found.compute_bytes["transformer"] == transformer.numel
+    assert found.compute_bytes["vae"] == 2 * found.models.chosen["vae"].numel
