@@ -143,3 +143,32 @@ def test_render_and_analyze_run_from_a_comfy_folder(
         (r for r in ranking["rows"] if r["mode"] == "solo"), key=lambda r: -float(r["mse"])
     )
     assert {r["block"] for r in solo[:2]} == {"double.3", "single.7"}
+
+
+def test_an_fp8_t5_file_stays_fp8_and_encodes_like_its_values(
+    comfy_root: tuple[Path, Any], tmp_path: Path
+) -> None:
+    from lora_prune.render.loading import _load_t5
+    from lora_prune.render.storage import Fp8Linear
+
+    _, original = comfy_root
+    t5 = original.text_encoder_2
+    fp8 = {
+        k: v.detach().to(torch.float8_e4m3fn).contiguous()
+        for k, v in t5.state_dict().items()
+        if k != "encoder.embed_tokens.weight"
+    }
+    path = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
+    save_file(fp8, path)
+    loaded = _load_t5(path, torch.float32)
+    linears = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Fp8Linear) for m in linears)
+    assert all(m.stored_weight.dtype == torch.float8_e4m3fn for m in linears)
+    # The reference: the same model with every value rounded to e4m3 and back.
+    rounded = _encoders(build_tiny_pipeline())[1]
+    rounded.load_state_dict({k: v.to(torch.float32) for k, v in fp8.items()}, strict=False)
+    ids = torch.tensor([[14, 31, 112, 111, 19, 1, 0, 0]])
+    with torch.no_grad():
+        want = rounded(input_ids=ids).last_hidden_state
+        got = loaded(input_ids=ids).last_hidden_state
+    assert float((got - want).abs().max()) < 1e-5

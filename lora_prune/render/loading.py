@@ -549,20 +549,25 @@ def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_tensors(
+    path: Path, dtype: torch.dtype, *, keep_fp8: bool = False
+) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
+    cast = (lambda t: stored_tensor(t, dtype)) if keep_fp8 else (lambda t: t.to(dtype))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             # One tensor at a time to the compute dtype: fp8 files are never held twice.
-            return {k: f.get_tensor(k).to(dtype) for k in f.keys()}  # noqa: SIM118 (safe_open)
+            return {k: cast(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (safe_open)
     except Exception as exc:  # safetensors/torch errors at the file boundary
         raise UnreadableFileError(
             f"cannot read ({type(exc).__name__}: {_first_line(exc)})", path, "download it again"
         ) from exc
 
 
-def _load_into(model: Any, tensors: dict[str, torch.Tensor], path: Path, what: str) -> Any:
+def _load_into(
+    model: Any, tensors: dict[str, torch.Tensor], path: Path, what: str, *, assign: bool = False
+) -> Any:
     expected = model.state_dict()
     wanted = {k: v for k, v in tensors.items() if k in expected}
     buffers = {"text_model.embeddings.position_ids", "embeddings.position_ids"}
@@ -580,7 +585,9 @@ def _load_into(model: Any, tensors: dict[str, torch.Tensor], path: Path, what: s
                 path,
                 f"give a {what} file of FLUX.1's kind",
             )
-    model.load_state_dict(wanted, strict=False)
+    # assign=True keeps the file's tensors themselves (fp8 stays fp8) instead of
+    # copying them into the model's compute-dtype parameters.
+    model.load_state_dict(wanted, strict=False, assign=assign)
     return model.eval()
 
 
@@ -628,13 +635,17 @@ def _load_t5(path: Path, dtype: torch.dtype) -> Any:
         num_layers=count_blocks(list(t), "encoder.block."),
     )
     model = transformers.T5EncoderModel(transformers.T5Config(**config)).to(dtype)
-    tensors = _read_tensors(path, dtype)
+    # An fp8 T5-XXL (t5xxl_fp8_e4m3fn) keeps its Linear weights in fp8 (~4.9 GB
+    # instead of ~9.5 GB in bf16), computing in ``dtype`` as the transformer does.
+    tensors = _read_tensors(path, dtype, keep_fp8=True)
     # The embedding is stored once, under either name; the model ties both.
     embedding = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight"))
     if embedding is None:
         raise UsageError("T5 file has no token embedding", path, "give a complete T5-XXL file")
     tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"] = embedding
-    return _load_into(model, tensors, path, "T5-XXL")
+    model = _load_into(model, tensors, path, "T5-XXL", assign=True)
+    keep_fp8_storage(model, {}, dtype)
+    return model
 
 
 def _load_vae(path: Path, dtype: torch.dtype) -> Any:
