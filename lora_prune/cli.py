@@ -579,7 +579,8 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
     metavar="SIZE",
     callback=_checked(check_max_size),
     help="With --auto: the file must fit SIZE (e.g. 20MB, 1.5GiB); when the passing keep set "
-    "does not, lower ranks are tried (most blocks that fit per rank, best passing kept).",
+    "does not, lower ranks are tried (most blocks that fit per uniform rank, and per-module "
+    "ranks allocated by energy per byte; best passing kept).",
 )
 def slim(
     lora: Path,

@@ -65,7 +65,15 @@ from .slim import (
     write_checked,
 )
 
-__all__ = ["ModuleResize", "ResizeResult", "factor_svd", "resize_lora", "resized_size"]
+__all__ = [
+    "ModuleResize",
+    "ModuleSpectrum",
+    "ResizeResult",
+    "factor_svd",
+    "module_spectra",
+    "resize_lora",
+    "resized_size",
+]
 
 Array = npt.NDArray[np.float64]
 
@@ -196,8 +204,15 @@ def _why_kept(module: LoraModule) -> str | None:
     return None
 
 
-def _new_rank(module: LoraModule, rank: int | None) -> int | None:
+def _module_rank(module: LoraModule, ranks: Mapping[str, int]) -> int | None:
+    """The module's entry in a per-module/per-block rank mapping: its stem's, else its block's."""
+    return ranks.get(module.stem, ranks.get(module.block))
+
+
+def _new_rank(module: LoraModule, rank: int | Mapping[str, int] | None) -> int | None:
     """The rank ``resize --rank rank`` gives the module; None where it stays as it is."""
+    if isinstance(rank, Mapping):
+        rank = _module_rank(module, rank)
     if rank is None or _why_kept(module) is not None:
         return None
     up, down = module.tensors["up"].shape, module.tensors["down"].shape
@@ -207,11 +222,12 @@ def _new_rank(module: LoraModule, rank: int | None) -> int | None:
     return k if k < r else None
 
 
-def resized_size(lora: LoraFile, keep: Iterable[str], rank: int | None) -> int:
+def resized_size(lora: LoraFile, keep: Iterable[str], rank: int | Mapping[str, int] | None) -> int:
     """Bytes of the tensors and header of ``resize --rank rank`` keeping the blocks ``keep``.
 
     Computed from the module shapes, without reading or rendering anything
-    (``rank`` None: the blocks at their stored rank, as ``slim`` writes them).
+    (``rank`` None: the blocks at their stored rank, as ``slim`` writes them; a
+    mapping: per module stem or block id, as :func:`resize_lora`'s ``ranks``).
     Metadata added on writing (provenance, a verification record) is not counted.
     """
     keep_set = set(keep)
@@ -231,6 +247,48 @@ def resized_size(lora: LoraFile, keep: Iterable[str], rank: int | None) -> int:
         return 0
     header, layout = build_header(entries, lora.metadata)
     return len(header) + sum(nbytes for _, nbytes in layout)
+
+
+@dataclass(frozen=True)
+class ModuleSpectrum:
+    """A plain LoRA module's singular values and what each unit of rank costs in the file."""
+
+    stem: str
+    block: str
+    #: squared singular values of ``scale * up @ down``, descending (len: the most rank it can have)
+    energies: tuple[float, ...]
+    #: bytes one more rank adds: a column of ``up`` and a row of ``down``
+    bytes_per_rank: int
+
+
+def module_spectra(lora: LoraFile, keep: Iterable[str]) -> dict[str, ModuleSpectrum]:
+    """Per plain LoRA module of the blocks ``keep`` (stem -> spectrum), from :func:`factor_svd`.
+
+    Reads one module's factors at a time; modules resize keeps as they are are left out.
+    """
+    keep_set = set(keep)
+    out: dict[str, ModuleSpectrum] = {}
+    with SafetensorsReader(lora.path, lora.header) as reader:
+        for module in lora.modules.values():
+            if module.block not in keep_set or _why_kept(module) is not None:
+                continue
+            up, down = _factors(module, reader)
+            s = factor_svd(up, down)[2] * abs(module.scale)
+            up_info, down_info = module.tensors["up"], module.tensors["down"]
+            per_rank = up_info.shape[0] * DTYPE_ITEMSIZE[up_info.dtype]
+            per_rank += math.prod(down_info.shape[1:]) * DTYPE_ITEMSIZE[down_info.dtype]
+            energies = tuple(float(x) for x in np.square(s))
+            out[module.stem] = ModuleSpectrum(module.stem, module.block, energies, per_rank)
+    return out
+
+
+def _factors(module: LoraModule, reader: SafetensorsReader) -> tuple[Array, Array]:
+    """The module's ``up [out, r]`` and ``down [r, in]`` as float64 matrices."""
+    up_info, down_info = module.tensors["up"], module.tensors["down"]
+    r = down_info.shape[0]
+    up = reader.read_array(up_info.name).astype(np.float64).reshape(up_info.shape[0], r)
+    down = reader.read_array(down_info.name).astype(np.float64).reshape(r, -1)
+    return up, down
 
 
 def _encode(values: npt.ArrayLike, dtype: str) -> bytes:
@@ -298,8 +356,7 @@ def _resize_module(
     """The module's new rank, and its rewritten tensors (None when it stays as it is)."""
     up_info, down_info = module.tensors["up"], module.tensors["down"]
     r = down_info.shape[0]
-    up = reader.read_array(up_info.name).astype(np.float64).reshape(up_info.shape[0], r)
-    down = reader.read_array(down_info.name).astype(np.float64).reshape(r, -1)
+    up, down = _factors(module, reader)
     q_up, u, s, vt, q_down = factor_svd(up, down)
     k, kept = choose_rank(s, rank=rank, energy=energy)
     same = ModuleResize(module.stem, module.block, r, r, 1.0)
@@ -377,15 +434,22 @@ def _peft_changes(lora: LoraFile, ranks: dict[str, int]) -> dict[str, tuple[int,
     return out
 
 
-def _check_request(rank: int | None, energy: float | None) -> None:
-    if (rank is None) == (energy is None):
+def _check_request(rank: int | None, energy: float | None, ranks: Mapping[str, int] | None) -> None:
+    if sum(x is not None for x in (rank, energy, ranks)) != 1:
         raise UsageError(
             "give exactly one of --rank and --energy", None, "see lora-prune resize --help"
         )
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and not _is_rank(rank):
         raise UsageError(f"--rank {rank} is not an integer >= 1", "--rank", "use e.g. --rank 16")
+    for name, k in (ranks or {}).items():
+        if not _is_rank(k):
+            raise UsageError(f"the rank {k!r} is not an integer >= 1", name, "give ranks >= 1")
     if energy is not None:
         check_number(energy, "--energy", 0.0, 1.0, fix="use e.g. --energy 0.95", lo_open=True)
+
+
+def _is_rank(k: object) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1
 
 
 def resize_lora(
@@ -394,6 +458,7 @@ def resize_lora(
     *,
     rank: int | None = None,
     energy: float | None = None,
+    ranks: Mapping[str, int] | None = None,
     blocks: Iterable[str] | None = None,
     keep: Iterable[str] | None = None,
     force: bool = False,
@@ -404,8 +469,9 @@ def resize_lora(
     """Write a LoRA whose plain LoRA modules have a lower rank: exact SVD, truncated.
 
     Give exactly one of ``rank`` (a fixed rank; modules at or below it stay as
-    they are) and ``energy`` (per module, the smallest rank keeping that share
-    of the product's squared Frobenius norm). A module whose rank does not
+    they are), ``energy`` (per module, the smallest rank keeping that share
+    of the product's squared Frobenius norm) and ``ranks`` (per module: its
+    stem's entry, else its block's; modules in neither stay as they are). A module whose rank does not
     change is copied byte for byte; so are modules outside ``blocks`` and those
     that are not plain low-rank (named in :attr:`ResizeResult.kept_as_is`).
     The output is written to a temp file, re-read and checked, then renamed.
@@ -415,6 +481,8 @@ def resize_lora(
         output: where to write; None is ``<stem>.resized.safetensors`` beside the source.
         rank: the new rank, an integer >= 1.
         energy: the share of each module's energy to keep, in (0, 1].
+        ranks: module stem or block id -> rank, as ``slim --auto --max-size``
+            allocates them (:func:`~lora_prune.budget.allocate_ranks`).
         blocks: block ids to resize (e.g. from :func:`~lora_prune.blocks.parse_block_spec`);
             None resizes every block.
         keep: block ids to keep, the others are left out as ``slim --keep`` does
@@ -430,7 +498,7 @@ def resize_lora(
         result = resize_lora("my_lora.safetensors", "r16.safetensors", rank=16)
         print(len(result.resized), result.bytes_after, result.kept_as_is)
     """
-    _check_request(rank, energy)
+    _check_request(rank, energy, ranks)
     lora = open_source(source, allow_unknown)
     chosen = set(blocks) if blocks is not None else None
     if chosen is not None:
@@ -442,13 +510,14 @@ def resize_lora(
     source_sha = file_sha256(lora.path) if source_sha256 is None else source_sha256
     with SafetensorsReader(lora.path, lora.header) as reader, _Spool(out_path.parent) as spool:
         results, kept_as_is, rewrites = _resize_modules(
-            kept, chosen, reader, spool, rank=rank, energy=energy
+            kept, chosen, reader, spool, rank=ranks if ranks is not None else rank, energy=energy
         )
         entries = _entries(kept, reader, spool, rewrites)
         ss_meta = _ss_metadata(lora, kept, results, rewrites)
         settings: dict[str, Any] = {
             "rank": rank,
             "energy": energy,
+            "ranks": dict(sorted(ranks.items())) if ranks is not None else None,
             "blocks": format_block_spec(sort_blocks(chosen)) if chosen is not None else None,
             "source_sha256": source_sha,
             "source_name": lora.path.name,
@@ -498,7 +567,7 @@ def _resize_modules(
     reader: SafetensorsReader,
     spool: _Spool,
     *,
-    rank: int | None,
+    rank: int | Mapping[str, int] | None,
     energy: float | None,
 ) -> tuple[list[ModuleResize], dict[str, str], dict[str, _Rewrite]]:
     """Resize each chosen plain module into ``spool``; the others, with why, are kept as is."""
@@ -512,7 +581,12 @@ def _resize_modules(
         if why is not None:
             kept_as_is[module.stem] = why
             continue
-        done, rewrite = _resize_module(module, reader, spool, rank=rank, energy=energy)
+        k = _module_rank(module, rank) if isinstance(rank, Mapping) else rank
+        if isinstance(rank, Mapping) and k is None:
+            r = module.tensors["down"].shape[0]
+            results.append(ModuleResize(module.stem, module.block, r, r, 1.0))
+            continue
+        done, rewrite = _resize_module(module, reader, spool, rank=k, energy=energy)
         results.append(done)
         if rewrite is not None:
             rewrites[module.stem] = rewrite

@@ -25,7 +25,7 @@ from ..blocks import sort_blocks
 from ..budget import BudgetCandidate, budget_error, plan_budget, record_reserve
 from ..errors import LoraPruneError, OutputError
 from ..lora import LoraFile, read_lora
-from ..resize import resize_lora
+from ..resize import module_spectra, resize_lora
 from ..safetensors_io import file_sha256, read_header
 from ..settings import (
     MODES,
@@ -62,8 +62,10 @@ class AutoSlimResult:
     slim: SlimResult
     #: with ``max_size``: every file tried, the full-rank keep set first
     tried: list[BudgetCandidate] = field(default_factory=list)
-    #: the uniform rank of the file written; None: the blocks as stored
+    #: the uniform rank of the file written; None: the blocks as stored or :attr:`ranks`
     rank: int | None = None
+    #: the per-module ranks of the file written (stem -> rank), when it was an allocation
+    ranks: dict[str, int] | None = None
     verification: VerifyResult | None = None
 
 
@@ -89,8 +91,9 @@ def auto_slim(
 
     With ``max_size`` (bytes), the file written must fit it. When that keep set
     does not, per uniform rank (half the LoRA's rank, a quarter, ... 1) the most
-    top-ranked blocks that fit are resized (:func:`~lora_prune.budget.plan_budget`,
-    files in ``work_dir/budget``) and rendered against the same base and full
+    top-ranked blocks that fit are resized, and a few keep sets with per-module
+    ranks water-filled by energy per byte (:func:`~lora_prune.budget.plan_budget`,
+    files in ``work_dir/budget``); each is rendered once against the same base and full
     renders; the passing one keeping the largest share of the effect is written,
     with its verification record. None passing raises
     :class:`~lora_prune.errors.BudgetError` with the smallest size found to pass.
@@ -145,11 +148,21 @@ def auto_slim(
     best: tuple[BudgetCandidate, VerifyResult] | None = None
     folder = work_dir / "budget"
     folder.mkdir(parents=True, exist_ok=True)
-    for candidate in plan_budget(lora, auto.order, len(auto.blocks), max_size - reserve):
-        assert candidate.rank is not None
-        path = folder / f"rank{candidate.rank}.safetensors"
+    # The blocks' influence weighs their energy in the per-module allocations.
+    weights = {r.block: r.mse for r in analysis.rows_for(analysis.suggestion.mode)}
+    spectra = module_spectra(lora, auto.order)
+    plan = plan_budget(lora, auto.order, len(auto.blocks), max_size - reserve, spectra, weights)
+    for i, candidate in enumerate(plan):
+        name = f"rank{candidate.rank}" if candidate.ranks is None else f"ranks{i}"
+        path = folder / f"{name}.safetensors"
         resize_lora(
-            lora, path, rank=candidate.rank, keep=candidate.blocks, force=True, source_sha256=sha
+            lora,
+            path,
+            rank=candidate.rank,
+            ranks=candidate.ranks,
+            keep=candidate.blocks,
+            force=True,
+            source_sha256=sha,
         )
         with open_session(spec, read_lora(path), loaded=loaded) as session:
             verification = verify_candidate(
@@ -169,11 +182,11 @@ def auto_slim(
     if best is None:
         raise budget_error(lora, max_size, tried, full_rank)
     chosen, verification = best
-    assert chosen.rank is not None
     resized = resize_lora(
         lora,
         output if output is not None else default_output(lora.path),
         rank=chosen.rank,
+        ranks=chosen.ranks,
         keep=chosen.blocks,
         force=force,
         extra_metadata={VERIFICATION_KEY: verification.metadata_value()},
@@ -192,7 +205,7 @@ def auto_slim(
         tensors_after=len(read_header(resized.output).tensors),
         metadata=resized.metadata,
     )
-    result = AutoSlimResult(analysis, auto, slim, tried, chosen.rank, verification)
+    result = AutoSlimResult(analysis, auto, slim, tried, chosen.rank, chosen.ranks, verification)
     return _within(result, max_size)
 
 
