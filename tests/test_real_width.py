@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 import torch
 from flux_oracle import dense_delta, kohya_targets
+from real_width_model import build_real_width_transformer, forward, real_width_inputs
 from safetensors.numpy import load_file
 
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, shipped_transformer_config
+from lora_prune.render.loading import LoadedModel
 from lora_prune.testing import SynthSpec, expected_scale, write_synth_lora
 
 torch.set_num_threads(1)
@@ -43,48 +44,17 @@ _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.
 
 @pytest.fixture(scope="module")
 def transformer() -> torch.nn.Module:
-    config = {k: v for k, v in shipped_transformer_config(True).items() if not k.startswith("_")}
-    config.update(num_layers=1, num_single_layers=1)
-    flux_cls: Any = diffusers.FluxTransformer2DModel
-    with torch.device("meta"):
-        model: torch.nn.Module = flux_cls(**config)
-    # Uninitialised storage filled once below: diffusers' own init would double the build time.
-    model = model.to_empty(device="cpu").eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02, generator=gen)
-    return model
+    return build_real_width_transformer()
 
 
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    tokens, text = 4, 4  # a 2 x 2 latent: the forward is bound by its 0.55 B weights
-    img_ids = torch.zeros(tokens, 3)
-    img_ids[:, 1] = torch.arange(tokens) // 2
-    img_ids[:, 2] = torch.arange(tokens) % 2
-    return {
-        "hidden_states": torch.randn(1, tokens, FLUX1_DEV.in_channels, generator=gen),
-        "encoder_hidden_states": torch.randn(1, text, FLUX1_DEV.context_dim, generator=gen),
-        "pooled_projections": torch.randn(1, FLUX1_DEV.pooled_dim, generator=gen),
-        "timestep": torch.tensor([0.6]),
-        "guidance": torch.tensor([3.5]),
-        "img_ids": img_ids,
-        "txt_ids": torch.zeros(text, 3),
-    }
-
-
-def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs, return_dict=False)[0]
-    assert isinstance(out, torch.Tensor)
-    return out
+    return real_width_inputs()
 
 
 @pytest.fixture(scope="module")
 def plain(transformer: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return _forward(transformer, inputs)
+    return forward(transformer, inputs)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +115,7 @@ def _merged_forward(
                     weight += delta[row : row + rows].to(weight.dtype)
                     row += rows
                 assert row == delta.shape[0], stem
-        return _forward(transformer, inputs)
+        return forward(transformer, inputs)
     finally:
         with torch.no_grad():
             for name, weight in saved.items():
@@ -171,7 +141,7 @@ def _diffusers_forward(
         state, alphas, transformer=model, adapter_name="reference", metadata=metadata
     )
     try:
-        return _forward(transformer, inputs)
+        return forward(transformer, inputs)
     finally:
         model.unload_lora()
 
@@ -237,11 +207,11 @@ def test_engine_equals_merged_weights_and_diffusers_at_real_width(
         variants = VARIANTS[:1] if grammar.startswith("lycoris") else VARIANTS
         for variant in variants:
             with engine.activated(variant):
-                outputs[variant] = _forward(transformer, inputs)
+                outputs[variant] = forward(transformer, inputs)
         covered = _DIFFUSERS[grammar]
         if covered is not None and covered not in outputs:
             with engine.activated(covered):
-                outputs[covered] = _forward(transformer, inputs)
+                outputs[covered] = forward(transformer, inputs)
     for variant in variants:
         merged = _merged_forward(transformer, inputs, tensors, variant, expected_scale(spec))
         assert float((merged - plain).abs().max()) > 1e-3, sorted(variant)  # the block acts
@@ -253,7 +223,7 @@ def test_engine_equals_merged_weights_and_diffusers_at_real_width(
             outputs[covered], reference, plain
         )
     # the engine is off once closed and the references restored the weights
-    assert torch.equal(_forward(transformer, inputs), plain)
+    assert torch.equal(forward(transformer, inputs), plain)
     print(f"\n{grammar} at real width, error / LoRA effect:")
     for name, error in errors.items():
         print(f"  {name}: {error:.1e}")

@@ -51,6 +51,7 @@ from ..settings import ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
 from .hooks import Hook, Kron, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
+from .storage import dense_weight, weight_shape
 
 __all__ = [
     "BlockEngine",
@@ -413,8 +414,9 @@ class BlockEngine:
                 _Mismatch(module, f"targets {type(modules[0]).__name__}, not a Linear layer")
             )
             return None
-        rows = [int(w.shape[0]) for w in matrices]
-        ins = {int(w.shape[1]) for w in matrices}
+        shapes = [weight_shape(w) for w in matrices]
+        rows = [s[0] for s in shapes]
+        ins = {s[1] for s in shapes}
         model_in = ins.pop() if len(ins) == 1 else -1
         io = _lora_io(module)
         extra_rows = bias_rows(module)
@@ -629,7 +631,7 @@ class BlockEngine:
             module = self._module(key)
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor):
-                parts.append(weight.detach().to(device="cpu", dtype=torch.float32))
+                parts.append(dense_weight(weight))
             else:
                 parts.append(torch.ones(n))  # an affine-free norm multiplies by 1
         current = torch.cat(parts, dim=0)

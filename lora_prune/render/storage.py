@@ -29,7 +29,10 @@ support, which needs the optional ``gguf`` package (``lora-prune[gguf]``).
 
 The engine's LoRA hooks work unchanged on top: they read ``module.weight``
 (here the de-scaled weight in the compute dtype) and add the LoRA delta to the
-module's output.
+module's output. A GGUF Linear's ``weight`` is diffusers' ``GGUFParameter``, the
+file's uint8 blocks: the engine reads its shape and values through
+:func:`weight_shape` and :func:`dense_weight`, and its LoRA pieces take the
+compute dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..comfy import count_blocks
 from ..errors import MissingDependencyError, UnreadableFileError, UsageError
 from ..keys import BlockRangeError, resolve_module_path
 from ..safetensors_io import read_header
@@ -54,12 +58,14 @@ __all__ = [
     "SCALED_FP8_MARKER",
     "Fp8Linear",
     "TransformerStorage",
+    "dense_weight",
     "inspect_transformer_file",
     "keep_fp8_storage",
     "load_gguf_transformer",
     "scale_targets",
     "split_scales",
     "stored_tensor",
+    "weight_shape",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -283,6 +289,22 @@ def keep_fp8_storage(
     return kept
 
 
+def weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """A weight's shape in values: a GGUF-quantised one's tensor shape is that of its byte blocks."""
+    shape = getattr(weight, "quant_shape", None)  # diffusers' GGUFParameter
+    return tuple(int(s) for s in (weight.shape if shape is None else shape))
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A weight's values as float32 on the CPU, a GGUF-quantised one dequantised as diffusers does."""
+    if hasattr(weight, "quant_type"):
+        from diffusers.quantizers.gguf import utils
+
+        gguf_utils: Any = utils  # untyped library
+        weight = gguf_utils.dequantize_gguf_tensor(weight)
+    return weight.detach().to(device="cpu", dtype=torch.float32)
+
+
 def _require_gguf(path: Path) -> Any:
     try:
         return importlib.import_module("gguf")
@@ -303,14 +325,15 @@ def load_gguf_transformer(
     call). The config is the base folder's or the shipped FLUX.1-dev/schnell
     one, chosen by whether the file has ``guidance_in`` tensors; nothing is
     downloaded. diffusers' FLUX single-file converter assumes FLUX.1's real
-    width (3072), so only real-size GGUF files load.
+    width (3072), so only real-width GGUF files load. Raises
+    :class:`UsageError` for a file whose block counts differ from the config's.
     """
     gguf = _require_gguf(path)
     import diffusers as _diffusers
 
     diffusers: Any = _diffusers  # untyped library
 
-    from .loading import _first_line, shipped_transformer_config
+    from .loading import _first_line, _strip_prefix, shipped_transformer_config
 
     try:
         names = [t.name for t in gguf.GGUFReader(str(path)).tensors]
@@ -326,6 +349,23 @@ def load_gguf_transformer(
         config["guidance_embeds"] = guidance
     else:
         config = shipped_transformer_config(guidance)
+    # diffusers leaves a config's blocks that the file lacks on the meta device
+    # and then fails with "Cannot copy out of meta tensor"; say what is wrong.
+    prefix, inner = _strip_prefix(names)
+    paths = [n[len(prefix) :] for n in inner]
+    bfl = any(p.startswith("double_blocks.") for p in paths)
+    depth = (
+        count_blocks(paths, "double_blocks." if bfl else "transformer_blocks."),
+        count_blocks(paths, "single_blocks." if bfl else "single_transformer_blocks."),
+    )
+    expected = (config.get("num_layers"), config.get("num_single_layers"))
+    if depth != expected:
+        raise UsageError(
+            f"GGUF transformer has {depth[0]} double and {depth[1]} single blocks, its config "
+            f"{expected[0]} and {expected[1]}",
+            path,
+            "use a complete FLUX.1-dev/schnell GGUF transformer of the model folder's variant",
+        )
     cls: Any = diffusers.FluxTransformer2DModel
     try:
         with tempfile.TemporaryDirectory() as folder:
