@@ -4,7 +4,7 @@ Generates a rank-64 kohya LoRA with FLUX.1-dev's real module shapes (304
 modules, BF16, about 610 MB) with :mod:`lora_prune.testing`, then measures in
 one process, with the file in the page cache: reading the file once
 (sequential ``readinto`` of every byte), and :func:`~lora_prune.resize.resize_lora`
-to rank 32 (QR of both factors, SVD of the 64 x 64 core, the new factors,
+to rank 32 (bases of both factors from their Gram matrices, SVD of the 64 x 64 core, the new factors,
 hashes, the atomic write and its read-back check), plus the traced peak of
 Python/numpy allocations during the resize.
 
