@@ -51,7 +51,11 @@ _WANTED = {
     "t5": "T5-XXL (t5xxl_fp16.safetensors) in models/text_encoders",
     "vae": "the FLUX.1 VAE (ae.safetensors) in models/vae",
 }
-_SUFFIXES = (".safetensors", ".sft")
+_SUFFIXES = (".safetensors", ".sft", ".gguf")
+#: GGUF files (city96's ComfyUI-GGUF quantised transformers) open with these bytes.
+_GGUF_MAGIC = b"GGUF"
+#: FLUX.1's input widths, for a GGUF file whose tensors cannot be listed here.
+_FLUX1_WIDTHS = {"txt": 4096, "pooled": 768, "latent": 16}
 # A models tree is walked to this depth and this many files per folder: a
 # symlink loop or a folder of a million files must not hang discovery.
 _MAX_DEPTH = 4
@@ -218,12 +222,65 @@ def _shape(header: SafetensorsHeader, key: str) -> tuple[int, ...]:
     return info.shape if info is not None else ()
 
 
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _identify_gguf(path: Path) -> Component | str:
+    """A GGUF file: a quantised FLUX.1 transformer when its tensors say so.
+
+    The tensor list is read with the optional ``gguf`` package (numpy only);
+    without it the file is taken as a FLUX.1-dev transformer of FLUX.1's widths,
+    marked as needing the package to load.
+    """
+    size = path.stat().st_size
+    try:
+        import gguf
+    except ImportError:
+        return Component(
+            "transformer", path, "GGUF file (tensors not listed: the gguf package is missing)",
+            "GGUF", size, size, widths=dict(_FLUX1_WIDTHS), variant="dev", naming="gguf",
+            problem="loading GGUF needs the gguf package: pip install 'lora-prune[gguf]'",
+        )  # fmt: skip
+    try:
+        tensors = {
+            t.name: [int(d) for d in reversed(t.shape)] for t in gguf.GGUFReader(path).tensors
+        }
+    except Exception as exc:  # gguf's parser errors at the file boundary
+        return f"unreadable GGUF file ({type(exc).__name__})"
+    prefix, keys = _strip_wrapper(dict.fromkeys(tensors))
+    if "double_blocks.0.img_attn.qkv.weight" not in keys:
+        return "a GGUF file, but not a FLUX.1 transformer in BFL naming"
+    txt, pooled = (
+        tensors.get(f"{prefix}txt_in.weight"),
+        tensors.get(f"{prefix}vector_in.in_layer.weight"),
+    )
+    img = tensors.get(f"{prefix}img_in.weight")
+    if not (txt and pooled and img) or min(len(txt), len(pooled), len(img)) != 2:
+        return "BFL-named GGUF blocks but no txt_in/vector_in/img_in: not a FLUX.1 transformer"
+    dev = any(k.startswith("guidance_in.") for k in keys)
+    variant = "dev" if dev else "schnell"
+    return Component(
+        "transformer", path,
+        f"FLUX.1-{variant} transformer, GGUF (quantised): {count_blocks(keys, 'double_blocks.')} "
+        f"double + {count_blocks(keys, 'single_blocks.')} single blocks",
+        "GGUF", size, size, widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
+        variant=variant, naming="gguf",
+    )  # fmt: skip
+
+
 def identify(path: Path) -> Component | str:
     """What ``path`` is (a :class:`Component`), or why it is none of the parts.
 
     Unreadable files (pickles, LFS pointers, truncated downloads) come back as a
     reason, not an error: one bad file in a models folder must not stop the search.
     """
+    if _is_gguf(path):
+        return _identify_gguf(path)
     try:
         header = read_header(path)
     except LoraPruneError as exc:
@@ -387,9 +444,10 @@ def _fits(c: Component, transformer: Component | None) -> str:
 
 
 def _rank(c: Component) -> tuple[int, int, str]:
-    # dev before schnell (what the tool is made for), then 16-bit before fp8
-    # (quality; fp8 is upcast at load time anyway), then by path for a stable choice.
-    return (c.variant == "schnell", c.dtype in _FP8, str(c.path))
+    # dev before schnell (what the tool is made for), then 16-bit before fp8 and
+    # GGUF (quality, where the card allows; --transformer picks the smaller one),
+    # then by path for a stable choice.
+    return (c.variant == "schnell", c.dtype in _FP8 or c.dtype == "GGUF", str(c.path))
 
 
 def _tokenizers(root: Path | None, folder: Path | None) -> tuple[Tokenizers | None, str]:
@@ -534,8 +592,8 @@ def _loaded_bytes(kind: str, component: Component, item: int) -> int:
     fp8 transformer keeps one byte per weight (render/storage.py), its few
     biases and norms (under 1% of the values) counted as fp8 too.
     """
-    if kind == "transformer" and component.dtype.startswith("F8"):
-        return component.numel
+    if kind == "transformer" and (component.dtype.startswith("F8") or component.dtype == "GGUF"):
+        return component.numel  # GGUF: numel is the file's bytes, kept quantised
     return component.numel * item
 
 

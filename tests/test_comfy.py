@@ -276,3 +276,30 @@ def test_doctor_counts_an_fp8_transformer_at_one_byte_a_weight(comfy: Path) -> N
     # Kept in fp8 when loaded (render/storage.py): one byte a value, not bf16's two.
     assert found.compute_bytes["transformer"] == transformer.numel
     assert found.compute_bytes["vae"] == 2 * found.models.chosen["vae"].numel
+
+
+def test_a_gguf_transformer_is_found_by_its_tensors(comfy: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from lora_prune.comfy import diagnose
+
+    for old in ("diffusion_models/flux1-dev.safetensors", "unet/flux1-schnell.safetensors"):
+        (comfy / "models" / old).unlink()
+    # Named like a LoRA: only its tensors say it is a FLUX.1-dev transformer.
+    path = comfy / "models" / "unet" / "my-lora.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, shape in transformer_keys().items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    found = diagnose(comfy, {}, dtype="bf16")
+    chosen = found.models.chosen["transformer"]
+    assert chosen.path == path
+    assert chosen.naming == "gguf" and chosen.variant == "dev"
+    assert chosen.reason.startswith("FLUX.1-dev transformer, GGUF (quantised)")
+    assert chosen.widths == {"txt": 8, "pooled": 4, "latent": 16}
+    # Kept quantised when loaded: counted at the file's size.
+    assert found.compute_bytes["transformer"] == path.stat().st_size

@@ -716,9 +716,12 @@ def _single_file_pipeline(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, str
     tokenizer, tokenizer_2 = _tokenizer_objects(found, str(spec.comfy or spec.model))
     parts = found.chosen
     t_path = parts["transformer"].path
-    transformer, digest = _load_transformer_file(
-        t_path, _transformer_config(read_header(t_path)), dtype
+    # A GGUF file carries no safetensors header: its config is the shipped
+    # FLUX.1 one for its variant (load_gguf_transformer checks the block counts).
+    config = (
+        None if parts["transformer"].naming == "gguf" else _transformer_config(read_header(t_path))
     )
+    transformer, digest = _load_transformer_file(t_path, config, dtype)
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(
             _shipped("flux1-scheduler.json")
