@@ -516,6 +516,23 @@ def _beside(path: Path, suffix: str) -> Path:
 
 
 # --- commands ----------------------------------------------------------------------
+def lora_output_options(suffix: str) -> Callable[[F], F]:
+    """``-o/--output`` and ``--force`` of the commands that write a LoRA file."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--force", is_flag=True, help="Replace an existing output (never the input)."
+        )(f)
+        return click.option(
+            "-o",
+            "--output",
+            type=click.Path(path_type=Path),
+            help=f"Output file [default: <stem>{suffix}.safetensors beside the input].",
+        )(f)
+
+    return decorate
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -557,13 +574,7 @@ def _spec(value: str | None, option: str) -> frozenset[str] | None:
     is_flag=True,
     help="Find the smallest keep set that renders like the full LoRA (needs --model, --prompt).",
 )
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    help="Output file [default: <stem>.slim.safetensors beside the input].",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@lora_output_options(".slim")
 @allow_unknown_opt
 @render_options(required=False, when="With --auto: ")
 @verdict_options("With --auto: ")
@@ -1261,13 +1272,7 @@ def check(
     help="Per module, the smallest rank keeping this share of its energy, in (0, 1].",
 )
 @click.option("--blocks", "blocks_spec", metavar="SPEC", help="Resize only these blocks.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    help="Output file [default: <stem>.resized.safetensors beside the input].",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@lora_output_options(".resized")
 @allow_unknown_opt
 def resize(
     lora: Path,

@@ -571,6 +571,15 @@ def resolve_module_path(path: str) -> Target | None:
     return found[2] if found else None
 
 
+def transformer_target(path: str) -> Target | None:
+    """The transformer layer a checkpoint's module path names, or None (out of range too)."""
+    try:
+        target = resolve_module_path(path)
+    except BlockRangeError:
+        return None
+    return target if target is not None and target.model == "transformer" else None
+
+
 def parse_key(key: str) -> ParsedKey | None:
     """Resolve one tensor key, or return None when no FLUX.1 grammar matches.
 

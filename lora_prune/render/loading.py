@@ -39,7 +39,7 @@ import torch
 
 from ..comfy import ComfyModels, count_blocks, find_models
 from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
-from ..keys import BlockRangeError, is_guidance_path, resolve_module_path
+from ..keys import is_guidance_path, transformer_target
 from ..memoryplan import choose_plan
 from ..pickles import is_pickle_name
 from ..safetensors_io import SafetensorsHeader, file_sha256, read_header
@@ -139,13 +139,8 @@ def convert_transformer_checkpoint(
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         path, _, param = key.rpartition(".")
-        target = None
-        if param in ("weight", "bias", "scale") and path:
-            try:
-                target = resolve_module_path(path)
-            except BlockRangeError:
-                target = None
-        if target is None or target.model != "transformer":
+        target = transformer_target(path) if param in ("weight", "bias", "scale") and path else None
+        if target is None:
             raise UsageError(
                 f"not a FLUX.1 transformer checkpoint (unexpected key {key!r})",
                 source,

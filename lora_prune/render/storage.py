@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..comfy import count_blocks
 from ..errors import MissingDependencyError, UnreadableFileError, UsageError
-from ..keys import BlockRangeError, resolve_module_path
+from ..keys import transformer_target
 from ..safetensors_io import read_header
 
 __all__ = [
@@ -179,11 +179,8 @@ def scale_targets(
     """
     out: dict[str, torch.Tensor] = {}
     for layer, scale in scales.items():
-        try:
-            target = resolve_module_path(layer)
-        except BlockRangeError:
-            target = None
-        if target is None or target.model != "transformer":
+        target = transformer_target(layer)
+        if target is None:
             raise UsageError(
                 f"scale tensor for {layer!r} names no FLUX.1 transformer layer",
                 source,
