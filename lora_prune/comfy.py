@@ -293,7 +293,7 @@ def identify(path: Path) -> Component | str:
         return Component(kind, path, reason, dtype, nbytes, numel, **kw)
 
     prefix, keys = _strip_wrapper(header.tensors)
-    fp8_note = " (scaled fp8: not supported yet)" if "scaled_fp8" in keys else ""
+    fp8_note = " (scaled fp8)" if "scaled_fp8" in keys else ""
     if "double_blocks.0.img_attn.qkv.weight" in keys:
         dev = any(k.startswith("guidance_in.") for k in keys)
         txt = _shape(header, f"{prefix}txt_in.weight")
@@ -310,7 +310,7 @@ def identify(path: Path) -> Component | str:
             "transformer",
             f"FLUX.1-{variant} transformer, BFL naming: {doubles} double + {singles} single "
             f"blocks, {'guidance_in present' if dev else 'no guidance_in'}"
-            f"{' (scaled fp8)' if fp8_note else ''}",
+            f"{fp8_note}",
             widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
             variant=variant,
             naming="bfl",
@@ -351,10 +351,10 @@ def identify(path: Path) -> Component | str:
         layers = count_blocks(keys, "encoder.block.")
         return made(
             "t5",
-            f"T5 encoder: {layers} blocks, d_model {shared[1]}{fp8_note}",
+            f"T5 encoder: {layers} blocks, d_model {shared[1]}"
+            f"{fp8_note}",
             widths={"width": shared[1]},
             naming="hf",
-            problem="scaled fp8 is not supported yet" if fp8_note else "",
         )
     conv_in = _shape(header, "decoder.conv_in.weight")
     if len(conv_in) == 4 and "encoder.conv_in.weight" in keys:

@@ -172,3 +172,46 @@ def test_an_fp8_t5_file_stays_fp8_and_encodes_like_its_values(
         want = rounded(input_ids=ids).last_hidden_state
         got = loaded(input_ids=ids).last_hidden_state
     assert float((got - want).abs().max()) < 1e-5
+
+
+def test_a_scaled_fp8_t5_file_is_descaled_and_stays_fp8(
+    comfy_root: tuple[Path, Any], tmp_path: Path
+) -> None:
+    from lora_prune.render.loading import _load_t5
+    from lora_prune.render.storage import Fp8Linear
+
+    _, original = comfy_root
+    state = {k: v for k, v in original.text_encoder_2.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight")
+    # ComfyUI's t5xxl_fp8_e4m3fn_scaled: codes = weight / scale, one scale per Linear
+    # (the embeddings, relative attention bias included, are not scaled).
+    linear = {
+        f"{n}.weight"
+        for n, m in original.text_encoder_2.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    real: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        layer = key.removesuffix(".weight")
+        if key in linear:
+            scale = value.abs().max() / 448.0
+            codes = (value / scale).to(torch.float8_e4m3fn)
+            scaled[key] = codes.contiguous()
+            scaled[f"{layer}.scale_weight"] = scale.reshape(1).to(torch.float32)
+            real[key] = codes.to(torch.float32) * scale
+        else:
+            scaled[key] = value.detach().contiguous()
+            real[key] = value.detach()
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(scaled, path)
+    loaded = _load_t5(path, torch.float32)
+    linears = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Fp8Linear) for m in linears)
+    reference = _encoders(build_tiny_pipeline())[1]
+    reference.load_state_dict(real, strict=False)
+    ids = torch.tensor([[14, 31, 112, 111, 19, 1, 0, 0]])
+    with torch.no_grad():
+        want = reference(input_ids=ids).last_hidden_state
+        got = loaded(input_ids=ids).last_hidden_state
+    assert float((got - want).abs().max()) < 1e-5

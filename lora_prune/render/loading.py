@@ -630,16 +630,27 @@ def _load_t5(path: Path, dtype: torch.dtype) -> Any:
         num_layers=count_blocks(list(t), "encoder.block."),
     )
     model = transformers.T5EncoderModel(transformers.T5Config(**config)).to(dtype)
-    # An fp8 T5-XXL (t5xxl_fp8_e4m3fn) keeps its Linear weights in fp8 (~4.9 GB
-    # instead of ~9.5 GB in bf16), computing in ``dtype`` as the transformer does.
+    # An fp8 T5-XXL (t5xxl_fp8_e4m3fn, also ComfyUI's _scaled) keeps its Linear
+    # weights in fp8 (~4.9 GB instead of ~9.5 GB in bf16), computing in ``dtype``.
     tensors = _read_tensors(path, dtype, keep_fp8=True)
+    names = list(tensors)
+    weights, _, scale_keys = split_scales(names, names)
+    scales = {layer: tensors[key].to(torch.float32) for layer, key in scale_keys.items()}
+    bad = next((layer for layer, s in scales.items() if s.numel() != 1), None)
+    if bad is not None:
+        raise UsageError(
+            f"scaled-fp8 T5 layer {bad!r} has a scale of {scales[bad].numel()} values",
+            path,
+            "use a T5-XXL file with one scale per layer (ComfyUI's t5xxl_fp8_e4m3fn_scaled)",
+        )
+    tensors = {k: tensors[k] for k in weights}
     # The embedding is stored once, under either name; the model ties both.
     embedding = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight"))
     if embedding is None:
         raise UsageError("T5 file has no token embedding", path, "give a complete T5-XXL file")
     tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"] = embedding
     model = _load_into(model, tensors, path, "T5-XXL", assign=True)
-    keep_fp8_storage(model, {}, dtype)
+    keep_fp8_storage(model, {k: v.reshape(()) for k, v in scales.items()}, dtype)
     return model
 
 
