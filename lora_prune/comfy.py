@@ -351,8 +351,7 @@ def identify(path: Path) -> Component | str:
         layers = count_blocks(keys, "encoder.block.")
         return made(
             "t5",
-            f"T5 encoder: {layers} blocks, d_model {shared[1]}"
-            f"{fp8_note}",
+            f"T5 encoder: {layers} blocks, d_model {shared[1]}{fp8_note}",
             widths={"width": shared[1]},
             naming="hf",
         )
