@@ -9,12 +9,16 @@ header's keys and shapes (read with :func:`~lora_prune.safetensors_io.read_heade
 no tensor data): the transformer first, then the text encoders and VAE whose
 widths fit it. The tokenizers come from ComfyUI's source tree or a diffusers
 folder. Torch-free, so ``doctor`` runs without the render extra.
+
+It is one module of ~650 lines because identification, the folder search and
+the ``doctor`` report share one notion of a component (kind, widths, dtype,
+why it was chosen); no function in it is long.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -294,6 +298,19 @@ def identify(path: Path) -> Component | str:
 
     prefix, keys = _strip_wrapper(header.tensors)
     fp8_note = " (scaled fp8)" if "scaled_fp8" in keys else ""
+    found = _identify_transformer(header, prefix, keys, made, fp8_note)
+    if found is None:
+        found = _identify_other(header, keys, made, fp8_note)
+    return found or "none of transformer, CLIP, T5 or VAE (by its keys)"
+
+
+_Made = Callable[..., Component]
+
+
+def _identify_transformer(
+    header: SafetensorsHeader, prefix: str, keys: set[str], made: _Made, fp8_note: str
+) -> Component | str | None:
+    """A FLUX.1 transformer in BFL or diffusers naming; None when the keys are neither."""
     if "double_blocks.0.img_attn.qkv.weight" in keys:
         dev = any(k.startswith("guidance_in.") for k in keys)
         txt = _shape(header, f"{prefix}txt_in.weight")
@@ -335,6 +352,13 @@ def identify(path: Path) -> Component | str:
             variant=variant,
             naming="diffusers",
         )
+    return None
+
+
+def _identify_other(
+    header: SafetensorsHeader, keys: set[str], made: _Made, fp8_note: str
+) -> Component | str | None:
+    """CLIP-L, T5-XXL or the VAE by their keys; None when the keys are none of them."""
     if "lora" in " ".join(list(keys)[:50]).lower():
         return "a LoRA, not a model"
     emb = _shape(header, "text_model.embeddings.token_embedding.weight")
@@ -367,7 +391,7 @@ def identify(path: Path) -> Component | str:
             naming=naming,
             problem="has quant convs: an SD VAE, not FLUX.1's" if quant else "",
         )
-    return "none of transformer, CLIP, T5 or VAE (by its keys)"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -473,6 +497,45 @@ def _tokenizers(root: Path | None, folder: Path | None) -> tuple[Tokenizers | No
     return None, f"missing the T5 tokenizer file {t5_dir / 'tokenizer.json'}"
 
 
+def _survey(
+    folders: Mapping[str, tuple[Path, ...]], skip: set[str]
+) -> tuple[list[Component], list[tuple[Path, str]]]:
+    """Every file in the parts' folders identified once: the parts, and the rest with why."""
+    considered: list[Component] = []
+    skipped: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    for kind in COMPONENTS:
+        if kind in skip:
+            continue
+        for folder in folders[kind]:
+            for path in _files(folder):
+                if path.resolve() in seen:
+                    continue
+                seen.add(path.resolve())
+                found = identify(path)
+                if isinstance(found, str):
+                    skipped.append((path, found))
+                else:
+                    considered.append(found)
+    return considered, skipped
+
+
+def _given(kind: str, path: Path, transformer: Component | None) -> Component:
+    """The file an option names for ``kind``, identified and checked like a found one."""
+    found = identify(path) if path.is_file() else "file not found"
+    if isinstance(found, str) or found.kind != kind:
+        what = found if isinstance(found, str) else f"it is a {found.kind} file"
+        raise UsageError(
+            f"{OPTIONS[kind]} is not a {kind} file ({what})", path, f"give {_WANTED[kind]}"
+        )
+    problem = found.problem or _fits(found, transformer)
+    if problem:
+        raise UsageError(
+            f"{OPTIONS[kind]} cannot be used ({problem})", path, f"give {_WANTED[kind]}"
+        )
+    return replace(found, reason=f"given by {OPTIONS[kind]}; {found.reason}")
+
+
 def find_models(
     comfy: Path | None,
     overrides: Mapping[str, Path | None] | None = None,
@@ -494,39 +557,11 @@ def find_models(
         root, models = _roots(comfy)
         folders = _folders(root, models)
 
-    considered: list[Component] = []
-    skipped: list[tuple[Path, str]] = []
-    seen: set[Path] = set()
-    for kind in COMPONENTS:
-        if kind in given:
-            continue
-        for folder in folders[kind]:
-            for path in _files(folder):
-                if path.resolve() in seen:
-                    continue
-                seen.add(path.resolve())
-                found = identify(path)
-                if isinstance(found, str):
-                    skipped.append((path, found))
-                else:
-                    considered.append(found)
-
+    considered, skipped = _survey(folders, skip=set(given))
     chosen: dict[str, Component] = {}
     for kind in COMPONENTS:
         if kind in given:
-            path = Path(given[kind]).expanduser()
-            found = identify(path) if path.is_file() else "file not found"
-            if isinstance(found, str) or found.kind != kind:
-                what = found if isinstance(found, str) else f"it is a {found.kind} file"
-                raise UsageError(
-                    f"{OPTIONS[kind]} is not a {kind} file ({what})", path, f"give {_WANTED[kind]}"
-                )
-            problem = found.problem or _fits(found, chosen.get("transformer"))
-            if problem:
-                raise UsageError(
-                    f"{OPTIONS[kind]} cannot be used ({problem})", path, f"give {_WANTED[kind]}"
-                )
-            chosen[kind] = replace(found, reason=f"given by {OPTIONS[kind]}; {found.reason}")
+            chosen[kind] = _given(kind, Path(given[kind]).expanduser(), chosen.get("transformer"))
             continue
         fitting = sorted(
             (c for c in considered if c.kind == kind and not _fits(c, chosen.get("transformer"))),

@@ -17,6 +17,11 @@ is exact). Keys, dtypes and every tensor not resized stay byte-identical;
 modules that are not plain low-rank (LoHa, LoKr, full diffs, DoRA, Tucker
 LoCon, bias or norm deltas) are kept as they are and named in the result.
 Torch-free: numpy only, one module in memory at a time.
+
+About 680 lines: the SVD, rank choice, alpha rewriting in every stored dtype,
+PEFT rank/alpha patterns, kohya metadata and the per-module spectra of
+``slim --max-size`` are one rewrite of the same modules; the writing itself
+is slim's (:func:`~lora_prune.slim.write_checked`).
 """
 
 from __future__ import annotations
@@ -514,16 +519,10 @@ def resize_lora(
         )
         entries = _entries(kept, reader, spool, rewrites)
         ss_meta = _ss_metadata(lora, kept, results, rewrites)
-        settings: dict[str, Any] = {
-            "rank": rank,
-            "energy": energy,
-            "ranks": dict(sorted(ranks.items())) if ranks is not None else None,
-            "blocks": format_block_spec(sort_blocks(chosen)) if chosen is not None else None,
-            "source_sha256": source_sha,
-            "source_name": lora.path.name,
-        }
-        if keep is not None:
-            settings["kept_blocks"] = format_block_spec(sort_blocks(m.block for m in kept))
+        settings = _settings_record(
+            lora, kept, source_sha, rank=rank, energy=energy, ranks=ranks, chosen=chosen,
+            slimmed=keep is not None,
+        )  # fmt: skip
         metadata = write_checked(
             out_path,
             sort_blocks({m.block for m in kept}),
@@ -543,6 +542,31 @@ def resize_lora(
         bytes_after=out_path.stat().st_size,
         metadata=metadata,
     )
+
+
+def _settings_record(
+    lora: LoraFile,
+    kept: list[LoraModule],
+    source_sha: str,
+    *,
+    rank: int | None,
+    energy: float | None,
+    ranks: Mapping[str, int] | None,
+    chosen: set[str] | None,
+    slimmed: bool,
+) -> dict[str, Any]:
+    """What the resize was asked to do, for the ``resized_ranks`` provenance record."""
+    settings: dict[str, Any] = {
+        "rank": rank,
+        "energy": energy,
+        "ranks": dict(sorted(ranks.items())) if ranks is not None else None,
+        "blocks": format_block_spec(sort_blocks(chosen)) if chosen is not None else None,
+        "source_sha256": source_sha,
+        "source_name": lora.path.name,
+    }
+    if slimmed:
+        settings["kept_blocks"] = format_block_spec(sort_blocks(m.block for m in kept))
+    return settings
 
 
 def _kept_modules(lora: LoraFile, keep: Iterable[str] | None) -> list[LoraModule]:

@@ -148,7 +148,7 @@ def test_render_and_analyze_run_from_a_comfy_folder(
 def test_an_fp8_t5_file_stays_fp8_and_encodes_like_its_values(
     comfy_root: tuple[Path, Any], tmp_path: Path
 ) -> None:
-    from lora_prune.render.loading import _load_t5
+    from lora_prune.render.singlefile import _load_t5
     from lora_prune.render.storage import Fp8Linear
 
     _, original = comfy_root
@@ -177,7 +177,7 @@ def test_an_fp8_t5_file_stays_fp8_and_encodes_like_its_values(
 def test_a_scaled_fp8_t5_file_is_descaled_and_stays_fp8(
     comfy_root: tuple[Path, Any], tmp_path: Path
 ) -> None:
-    from lora_prune.render.loading import _load_t5
+    from lora_prune.render.singlefile import _load_t5
     from lora_prune.render.storage import Fp8Linear
 
     _, original = comfy_root

@@ -49,6 +49,7 @@ from ..verify import (
     verify_slim,
     verify_target,
 )
+from .loading import LoadedModel
 from .session import open_session
 
 Progress = Callable[[int, int], None]
@@ -145,13 +146,44 @@ def auto_slim(
         tried = [full_rank] if max_size is not None else []
         return _within(AutoSlimResult(analysis, auto, slim, tried), max_size)
     tried = [full_rank]
+    best = _search_budget(
+        lora, sha, spec, settings, work_dir, analysis, auto, loaded, max_size - reserve,
+        tried, criterion=criterion, distances=distances,
+    )  # fmt: skip
+    if best is None:
+        raise budget_error(lora, max_size, tried, full_rank)
+    chosen, verification = best
+    slim = _write_resized(lora, sha, chosen, verification, output, force)
+    result = AutoSlimResult(analysis, auto, slim, tried, chosen.rank, chosen.ranks, verification)
+    return _within(result, max_size)
+
+
+def _search_budget(
+    lora: LoraFile,
+    sha: str,
+    spec: ModelSpec,
+    settings: AnalyzeSettings,
+    work_dir: Path,
+    analysis: Analysis,
+    auto: AutoResult,
+    loaded: LoadedModel,
+    budget: int,
+    tried: list[BudgetCandidate],
+    *,
+    criterion: Criterion,
+    distances: Mapping[str, Distance],
+) -> tuple[BudgetCandidate, VerifyResult] | None:
+    """Render each lower-rank candidate under ``budget`` once; the best passing one, if any.
+
+    Every candidate tried is appended to ``tried`` with its share and verdict.
+    """
     best: tuple[BudgetCandidate, VerifyResult] | None = None
     folder = work_dir / "budget"
     folder.mkdir(parents=True, exist_ok=True)
     # The blocks' influence weighs their energy in the per-module allocations.
     weights = {r.block: r.mse for r in analysis.rows_for(analysis.suggestion.mode)}
     spectra = module_spectra(lora, auto.order)
-    plan = plan_budget(lora, auto.order, len(auto.blocks), max_size - reserve, spectra, weights)
+    plan = plan_budget(lora, auto.order, len(auto.blocks), budget, spectra, weights)
     for i, candidate in enumerate(plan):
         name = f"rank{candidate.rank}" if candidate.ranks is None else f"ranks{i}"
         path = folder / f"{name}.safetensors"
@@ -179,9 +211,18 @@ def auto_slim(
         tried.append(candidate)
         if verification.passed and (best is None or _share(candidate) > _share(best[0])):
             best = (candidate, verification)
-    if best is None:
-        raise budget_error(lora, max_size, tried, full_rank)
-    chosen, verification = best
+    return best
+
+
+def _write_resized(
+    lora: LoraFile,
+    sha: str,
+    chosen: BudgetCandidate,
+    verification: VerifyResult,
+    output: Path | None,
+    force: bool,
+) -> SlimResult:
+    """Write the chosen candidate with its verification record; reported like a slim."""
     resized = resize_lora(
         lora,
         output if output is not None else default_output(lora.path),
@@ -205,8 +246,7 @@ def auto_slim(
         tensors_after=len(read_header(resized.output).tensors),
         metadata=resized.metadata,
     )
-    result = AutoSlimResult(analysis, auto, slim, tried, chosen.rank, chosen.ranks, verification)
-    return _within(result, max_size)
+    return slim
 
 
 def _share(candidate: BudgetCandidate) -> float:
