@@ -35,7 +35,7 @@ from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
 from lora_prune.geometry import FLUX1_DEV, TINY
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, shipped_transformer_config
+from lora_prune.render.loading import LoadedModel, shipped_config, shipped_transformer_config
 from lora_prune.render.plain import plain_render
 from lora_prune.render.tiny import _clip_tokenizer, _t5_tokenizer, build_tiny_pipeline
 from lora_prune.settings import ImageSettings
@@ -79,24 +79,13 @@ def full_pipeline(dtype: torch.dtype, device: str) -> Any:
             is_encoder_decoder=False,
         )
     )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=16,
-        sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
+    vae = diffusers.AutoencoderKL.from_config(shipped_config("flux1-vae.json"))
     config = {k: v for k, v in shipped_transformer_config(True).items() if not k.startswith("_")}
     transformer = diffusers.FluxTransformer2DModel(**config)
     pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+            shipped_config("flux1-scheduler.json")
+        ),
         vae=vae,
         text_encoder=clip,
         tokenizer=tokenizer,

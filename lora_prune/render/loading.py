@@ -106,12 +106,18 @@ class LoadedModel:
 # Transformer checkpoints
 
 
-def shipped_transformer_config(guidance: bool) -> dict[str, Any]:
-    """FLUX.1-dev's (``guidance=True``) or FLUX.1-schnell's transformer config."""
-    name = "flux1-dev-transformer.json" if guidance else "flux1-schnell-transformer.json"
+def shipped_config(name: str) -> dict[str, Any]:
+    """A FLUX.1 component config shipped in ``lora_prune/configs`` (a fresh copy)."""
     text = (resources.files("lora_prune") / "configs" / name).read_text(encoding="utf-8")
     config: dict[str, Any] = json.loads(text)
     return config
+
+
+def shipped_transformer_config(guidance: bool) -> dict[str, Any]:
+    """FLUX.1-dev's (``guidance=True``) or FLUX.1-schnell's transformer config."""
+    return shipped_config(
+        "flux1-dev-transformer.json" if guidance else "flux1-schnell-transformer.json"
+    )
 
 
 def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:

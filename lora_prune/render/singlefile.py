@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import math
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +25,13 @@ from ..errors import UnreadableFileError, UsageError
 from ..keys import is_guidance_path
 from ..safetensors_io import SafetensorsHeader, file_sha256, read_header
 from ..settings import ModelSpec
-from .loading import _first_line, _load_transformer_file, _strip_prefix, shipped_transformer_config
+from .loading import (
+    _first_line,
+    _load_transformer_file,
+    _strip_prefix,
+    shipped_config,
+    shipped_transformer_config,
+)
 from .storage import keep_fp8_storage, split_scales, stored_tensor
 from .tiny import TINY_TRANSFORMER_CONFIG
 
@@ -35,12 +39,6 @@ from .tiny import TINY_TRANSFORMER_CONFIG
 diffusers: Any = _diffusers
 
 __all__ = ["single_file_pipeline"]
-
-
-def _shipped(name: str) -> dict[str, Any]:
-    text = (resources.files("lora_prune") / "configs" / name).read_text(encoding="utf-8")
-    config: dict[str, Any] = json.loads(text)
-    return config
 
 
 def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
@@ -150,7 +148,7 @@ def _load_clip(path: Path, dtype: torch.dtype) -> Any:
     header = read_header(path)
     t = {k: v.shape for k, v in header.tensors.items()}
     emb = t["text_model.embeddings.token_embedding.weight"]
-    config = _shipped("clip-l-text.json")
+    config = shipped_config("clip-l-text.json")
     config.pop("architectures", None)
     config.update(
         vocab_size=emb[0],
@@ -176,7 +174,7 @@ def _load_t5(path: Path, dtype: torch.dtype) -> Any:
     t = {k: v.shape for k, v in header.tensors.items()}
     shared = t.get("shared.weight") or t["encoder.embed_tokens.weight"]
     bias = t["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-    config = _shipped("t5-xxl-encoder.json")
+    config = shipped_config("t5-xxl-encoder.json")
     config.pop("architectures", None)
     config.update(
         vocab_size=shared[0],
@@ -222,7 +220,7 @@ def _load_vae(path: Path, dtype: torch.dtype) -> Any:
     level = "encoder.down.{}.block." if ldm else "encoder.down_blocks.{}.resnets."
     levels = count_blocks(list(t), "encoder.down." if ldm else "encoder.down_blocks.")
     channels = [t[level.format(i) + "0.conv1.weight"][0] for i in range(levels)]
-    config = _shipped("flux1-vae.json")
+    config = shipped_config("flux1-vae.json")
     config.update(
         latent_channels=t["decoder.conv_in.weight"][1],
         block_out_channels=channels,
@@ -288,7 +286,7 @@ def single_file_pipeline(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, str]
     transformer, digest = _load_transformer_file(t_path, config, dtype)
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(
-            _shipped("flux1-scheduler.json")
+            shipped_config("flux1-scheduler.json")
         ),
         vae=_load_vae(parts["vae"].path, dtype),
         text_encoder=_load_clip(parts["clip"].path, dtype),
