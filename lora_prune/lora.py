@@ -14,11 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The shape and alpha rules live in .adapters; re-exported for callers that import them here.
-from .adapters import ALPHA_LIMIT as ALPHA_LIMIT
 from .adapters import adapter_of, rank_of, scale_of
-from .adapters import alpha_problem as alpha_problem
-from .adapters import factor_problem as factor_problem
 from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS, sort_blocks
 from .boundedjson import JsonLimitError, loads_bounded
 from .errors import (

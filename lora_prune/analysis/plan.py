@@ -2,9 +2,10 @@
 
 :func:`plan_jobs` lists every render (references and one variant per block
 and mode for every prompt x seed) named by a cache key of everything that
-determines it; :func:`missing_jobs` says which of them are not on disk yet
-(or are damaged, see :mod:`lora_prune.rendercache`) without rendering
-anything, and :func:`render_missing` renders only the batches holding one.
+determines it; :func:`render_missing` checks each cached image against its
+record (see :mod:`lora_prune.rendercache`) and renders only the batches
+holding one that is missing or damaged (this process's share, with a
+:class:`Shard`).
 The manifest records the plan beside the renders for ``analyze --from``.
 """
 
