@@ -42,6 +42,7 @@ from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
 from .blocks import format_block_spec, sort_blocks
 from .errors import UsageError
 from .lora import LoraFile, LoraModule
+from .markers import check_pinned_kept
 from .provenance import (
     RESIZED_RANKS_KEY,
     SOURCE_NAME_KEY,
@@ -77,7 +78,10 @@ __all__ = [
     "factor_svd",
     "module_spectra",
     "resize_lora",
+    "resized_ranks",
     "resized_size",
+    "rotated_factors",
+    "why_kept",
 ]
 
 Array = npt.NDArray[np.float64]
@@ -148,6 +152,20 @@ def factor_svd(up: Array, down: Array) -> tuple[Array, Array, Array, Array, Arra
     return q_up, u, s, vt, q_down
 
 
+def rotated_factors(up: Array, down: Array) -> tuple[Array, Array, Array]:
+    """``(up', down', s)``: the same product ``up' @ down' == up @ down``, in its SVD basis.
+
+    Column i of ``up'`` and row i of ``down'`` carry singular value ``s[i]``
+    (descending), split evenly as ``sqrt(s)`` on each side, so the first k
+    columns and rows are the best rank-k approximation (Eckart-Young): the
+    factors :func:`resize_lora` writes, and what the render engine truncates
+    per image to render rank candidates without writing them.
+    """
+    q_up, u, s, vt, q_down = factor_svd(up, down)
+    root = np.sqrt(s)
+    return (q_up @ u) * root, (root[:, None] * vt) @ q_down.T, s
+
+
 #: Directions of a factor whose squared singular value is below this share of
 #: the largest carry no representable energy (float64 Gram matrices): dropped.
 _GRAM_RTOL = 1e-12
@@ -185,7 +203,7 @@ def choose_rank(s: Array, *, rank: int | None, energy: float | None) -> tuple[in
     return k, min(kept, 1.0)
 
 
-def _why_kept(module: LoraModule) -> str | None:
+def why_kept(module: LoraModule) -> str | None:
     """Why the module is not resized, or None for a plain LoRA module resize can rewrite."""
     adapter = module.adapter
     if adapter != "lora":
@@ -214,17 +232,36 @@ def _module_rank(module: LoraModule, ranks: Mapping[str, int]) -> int | None:
     return ranks.get(module.stem, ranks.get(module.block))
 
 
+def _rank_cap(module: LoraModule) -> int:
+    """The most rank the module's product can have: its SVD has min(r, out, in) values."""
+    up, down = module.tensors["up"].shape, module.tensors["down"].shape
+    return min(down[0], up[0], math.prod(down[1:]))
+
+
 def _new_rank(module: LoraModule, rank: int | Mapping[str, int] | None) -> int | None:
     """The rank ``resize --rank rank`` gives the module; None where it stays as it is."""
     if isinstance(rank, Mapping):
         rank = _module_rank(module, rank)
-    if rank is None or _why_kept(module) is not None:
+    if rank is None or why_kept(module) is not None:
         return None
-    up, down = module.tensors["up"].shape, module.tensors["down"].shape
-    r = down[0]
-    # The SVD of the r x r core has min(r, out, in) values (see factor_svd).
-    k = min(rank, r, up[0], math.prod(down[1:]))
-    return k if k < r else None
+    k = min(rank, _rank_cap(module))
+    return k if k < module.tensors["down"].shape[0] else None
+
+
+def resized_ranks(
+    lora: LoraFile, keep: Iterable[str], rank: int | Mapping[str, int] | None
+) -> dict[str, int]:
+    """Stem -> new rank of every module of the blocks ``keep`` that ``resize --rank rank`` lowers.
+
+    ``rank`` as for :func:`resized_size`; the modules left out keep their stored rank.
+    """
+    keep_set = set(keep)
+    out: dict[str, int] = {}
+    for module in lora.modules.values():
+        k = _new_rank(module, rank) if module.block in keep_set else None
+        if k is not None:
+            out[module.stem] = k
+    return out
 
 
 def resized_size(lora: LoraFile, keep: Iterable[str], rank: int | Mapping[str, int] | None) -> int:
@@ -275,7 +312,7 @@ def module_spectra(lora: LoraFile, keep: Iterable[str]) -> dict[str, ModuleSpect
     out: dict[str, ModuleSpectrum] = {}
     with SafetensorsReader(lora.path, lora.header) as reader:
         for module in lora.modules.values():
-            if module.block not in keep_set or _why_kept(module) is not None:
+            if module.block not in keep_set or why_kept(module) is not None:
                 continue
             up, down = _factors(module, reader)
             s = factor_svd(up, down)[2] * abs(module.scale)
@@ -362,8 +399,10 @@ def _resize_module(
     up_info, down_info = module.tensors["up"], module.tensors["down"]
     r = down_info.shape[0]
     up, down = _factors(module, reader)
-    q_up, u, s, vt, q_down = factor_svd(up, down)
+    rotated_up, rotated_down, s = rotated_factors(up, down)
     k, kept = choose_rank(s, rank=rank, energy=energy)
+    # Past min(r, out, in) the singular values are padding zeros: no bytes for them.
+    k = min(k, _rank_cap(module))
     same = ModuleResize(module.stem, module.block, r, r, 1.0)
     if k >= r:
         return same, None
@@ -380,9 +419,9 @@ def _resize_module(
         absorb = module.scale * k / new_alpha
         start, n = spool.put(raw)
         tensors["alpha"] = (alpha_info.name, alpha_info.dtype, alpha_info.shape, start, n)
-    root = np.sqrt(s[:k] * absorb)
-    new_up = (q_up @ u[:, :k]) * root
-    new_down = (root[:, None] * vt[:k]) @ q_down.T
+    root = math.sqrt(absorb)
+    new_up = rotated_up[:, :k] * root
+    new_down = rotated_down[:k] * root
     for role, values, info in (("up", new_up, up_info), ("down", new_down, down_info)):
         shape = (info.shape[0], k, *info.shape[2:]) if role == "up" else (k, *info.shape[1:])
         start, n = spool.put(_encode(values.reshape(shape), info.dtype))
@@ -575,6 +614,7 @@ def _kept_modules(lora: LoraFile, keep: Iterable[str] | None) -> list[LoraModule
         return list(lora.modules.values())
     keep_set = set(keep)
     check_block_ids(keep_set, "--keep")
+    check_pinned_kept(lora, keep_set)
     kept = [m for m in lora.modules.values() if m.block in keep_set]
     if not kept:
         raise UsageError(
@@ -601,7 +641,7 @@ def _resize_modules(
     for module in modules:
         if chosen is not None and module.block not in chosen:
             continue
-        why = _why_kept(module)
+        why = why_kept(module)
         if why is not None:
             kept_as_is[module.stem] = why
             continue

@@ -29,6 +29,7 @@ from .lora import (
     parse_lora_header,
     read_lora,
 )
+from .markers import check_pinned_kept
 from .provenance import (
     DROPPED_BLOCKS_KEY,
     KEPT_BLOCKS_KEY,
@@ -391,6 +392,7 @@ def slim_lora(
     lora = open_source(source, allow_unknown)
     keep_set = _resolve_keep(lora, keep, drop)
     check_block_ids(keep_set, "--keep")
+    check_pinned_kept(lora, keep_set)
     plan = plan_slim(lora, keep_set)
     if not plan.kept:
         raise UsageError(

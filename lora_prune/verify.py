@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,7 @@ from .blocks import block_order, format_block_spec, sort_blocks
 from .errors import NoEffectError, NotASubsetError, UsageError
 from .fileio import write_json
 from .lora import LoraFile
+from .markers import pinned_blocks
 from .metrics import diff_map
 from .pictures import contact_sheet, heatmap_overlay, label_tile, save_png, side_by_side
 from .provenance import (
@@ -54,12 +55,14 @@ __all__ = [
     "VERIFICATION_KEY",
     "AutoResult",
     "NotASubsetError",
+    "RankRenderer",
     "VerifyResult",
     "auto_keep",
     "auto_keep_ranked",
     "check_subset",
     "reference_renders",
     "verify_candidate",
+    "verify_candidates",
     "verify_slim",
     "verify_target",
 ]
@@ -67,6 +70,27 @@ __all__ = [
 
 #: per (prompt index, seed): the base render, the full render and the full LoRA's effect
 _References = dict[tuple[int, int], tuple[np.ndarray, np.ndarray, dict[str, float]]]
+
+
+class RankRenderer(Protocol):
+    """A :class:`Renderer` that also renders each variant at its own module ranks.
+
+    ``ranks[i]``: module stem -> rank of variant i (the others as stored), as
+    the file :func:`~lora_prune.resize.resize_lora` writes with those ranks;
+    the block engine's renderer in a session opened ``truncatable``.
+    """
+
+    model_id: str
+    versions: Mapping[str, str]
+
+    def __call__(
+        self,
+        variants: Sequence[frozenset[str]],
+        prompt: str,
+        seed: int,
+        settings: AnalyzeSettings,
+        ranks: Sequence[Mapping[str, int] | None] | None = None,
+    ) -> list[np.ndarray]: ...
 
 
 @dataclass
@@ -300,6 +324,58 @@ def verify_candidate(
     return result
 
 
+def verify_candidates(
+    full: LoraFile,
+    full_sha256: str,
+    candidates: Sequence[tuple[Sequence[str], Mapping[str, int]]],
+    settings: AnalyzeSettings,
+    renderer: RankRenderer,
+    references: _References,
+    *,
+    criterion: Criterion = DEFAULT_CRITERION,
+    distances: Mapping[str, Distance] = BASE_DISTANCES,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[VerifyResult]:
+    """:func:`verify_candidate` of many (keep set, module ranks) files without writing them.
+
+    Each candidate is rendered as per-image block masks and rank caps of the
+    full LoRA (``renderer`` on an engine attached ``truncatable``), ``batch_size``
+    candidates per pipeline call, and judged against ``references`` as the
+    written file would be; float rounding of the file's dtype aside, an image
+    is the render of ``resize_lora(full, keep=..., ranks=...)``. ``progress``
+    gets (candidates done, all) after each batch of every image.
+    """
+    results = [
+        _new_result(full, full_sha256, sort_blocks(keep), criterion, settings, renderer)
+        for keep, _ in candidates
+    ]
+    images = len(settings.prompts) * len(settings.seeds)
+    done = 0
+    for p, prompt in enumerate(settings.prompts):
+        for seed in settings.seeds:
+            base, full_img, effect = references[(p, seed)]
+            for start in range(0, len(candidates), batch_size):
+                batch = candidates[start : start + batch_size]
+                imgs = renderer(
+                    [frozenset(keep) for keep, _ in batch],
+                    prompt,
+                    seed,
+                    settings,
+                    ranks=[caps for _, caps in batch],
+                )
+                for result, img in zip(results[start : start + batch_size], imgs, strict=True):
+                    result.images.append(
+                        score_image(
+                            base, full_img, img, p, seed, criterion, distances, effect=effect
+                        )
+                    )
+                done += len(batch)
+                if progress is not None:
+                    progress(done, len(candidates) * images)
+    return results
+
+
 def _new_result(
     full: LoraFile,
     full_sha256: str,
@@ -392,7 +468,10 @@ def auto_keep(
     per-image block masks in batches; with ``stop_at_pass`` the scan stops at
     the batch holding the first passing k, otherwise every k is rendered (the
     full pruning curve). Raises :class:`NoEffectError` when the LoRA shows no
-    measurable effect on some image: no keep set can be proved there.
+    measurable effect on some image: no keep set can be proved there. Blocks
+    holding the marker keys loaders need to read the file at all
+    (:func:`~lora_prune.markers.pinned_blocks`) lead the order and are in every
+    candidate.
 
     Args:
         full: the full LoRA; ``full_sha256`` its file hash.
@@ -412,6 +491,9 @@ def auto_keep(
         slim_lora(full, auto.blocks, output="small.safetensors")
     """
     order = [b for b in order if b in full.blocks]
+    # Loaders ignore the whole file without these blocks' marker keys: in every candidate.
+    pinned = [b for b in sort_blocks(pinned_blocks(full)) if b in order]
+    order = pinned + [b for b in order if b not in pinned]
     if not order:
         raise UsageError(
             "the ranking names none of the LoRA's blocks",
@@ -434,6 +516,7 @@ def auto_keep(
         batch_size=batch_size,
         stop_at_pass=stop_at_pass,
         progress=progress,
+        first=max(1, len(pinned)),
     )
     curve = _curve(order, scores, size, distances)
     if chosen is None:
@@ -512,13 +595,14 @@ def _scan_keep_sets(
     batch_size: int,
     stop_at_pass: bool,
     progress: Callable[[int, int], None] | None,
+    first: int = 1,
 ) -> tuple[dict[int, list[ImageScore]], int | None]:
-    """Scores of the top-k keep sets, batch by batch, and the first passing k (None if none)."""
+    """Scores of the top-k keep sets for k >= ``first``, batch by batch, and the first passing k."""
     n = len(order)
     # The scores of the chosen set are those of the very renders that chose it.
     scores: dict[int, list[ImageScore]] = {0: ref_scores}
     chosen: int | None = None
-    for start in range(1, n + 1, batch_size):
+    for start in range(first, n + 1, batch_size):
         ks = list(range(start, min(start + batch_size, n + 1)))
         for k in ks:
             scores[k] = []

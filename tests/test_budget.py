@@ -156,6 +156,10 @@ def test_a_budget_met_by_a_lower_rank_writes_a_verified_resize(
     assert min(record["worst_kept"].values()) > 0.99
     assert "at full rank" in output and "at rank 2" in output and "at rank 1" in output
     assert "FAIL" not in output
+    # The candidates were rendered as rank caps, unwritten: only the one chosen became a file.
+    assert [p.name for p in (low_rank.with_name("work") / "budget").iterdir()] == [
+        "rank2.safetensors"
+    ]
     verify_and_check(low_rank, out)
 
 
@@ -275,6 +279,7 @@ def test_a_budget_only_per_block_ranks_meet_passes_verify(mixed_rank: Path, tmp_
     tried = [line for line in output.splitlines() if line.startswith("tried ")]
     assert any("at rank 1" in line and line.endswith("FAIL") for line in tried), output
     assert any("double.3@1,single.7@4,final@1" in line and line.endswith("pass") for line in tried)
+    assert len(list((mixed_rank.with_name("work") / "budget").iterdir())) == 1
     record = json.loads(small.metadata[VERIFICATION_KEY])
     assert record["passed"] is True and min(record["worst_kept"].values()) > 0.99
     provenance = json.loads(small.metadata[RESIZED_RANKS_KEY])

@@ -15,6 +15,7 @@ from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
+from lora_prune.resize import resized_ranks
 from lora_prune.settings import ImageSettings
 from lora_prune.testing import SynthSpec, write_synth_lora
 
@@ -39,27 +40,34 @@ def lora_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_compiled_matches_eager_and_switching_does_not_recompile(lora_path: Path) -> None:
+    """Compiled with rank caps (truncatable): blocks and ranks switch by mask values alone."""
     loaded = _loaded()
     lora = read_lora(lora_path)
     variants = [frozenset(), frozenset(BLOCKS), frozenset({"double.0"}), frozenset({"single.1"})]
+    caps = [resized_ranks(lora, BLOCKS, r) for r in (1, 2, 3, 1)]
     with BlockEngine(loaded, lora) as engine:
         eager = engine.render(variants, SETTINGS, batch_size=2, output="float")
+    with BlockEngine(loaded, lora, truncatable=True) as engine:
+        eager_capped = engine.render(variants, SETTINGS, batch_size=2, output="float", ranks=caps)
     torch._dynamo.reset()
     try:
-        with BlockEngine(loaded, lora, compile=True) as engine:
+        with BlockEngine(loaded, lora, compile=True, truncatable=True) as engine:
             first = engine.render(variants, SETTINGS, batch_size=2, output="float")
             torch._dynamo.config.error_on_recompile = True
-            # Other selections, same batch size: new mask values, the same compiled code.
+            # Other selections and ranks, same batch size: new mask values, the same compiled code.
             again = engine.render(variants[::-1], SETTINGS, batch_size=2, output="float")
+            capped = engine.render(variants, SETTINGS, batch_size=2, output="float", ranks=caps)
         blocks = [*loaded.pipe.transformer.transformer_blocks]
         assert all(b._compiled_call_impl is None for b in blocks)  # close() restored eager blocks
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
-    for ref, got in zip(eager + eager[::-1], first + again, strict=True):
+    for ref, got in zip(eager + eager[::-1] + eager_capped, first + again + capped, strict=True):
         assert float(np.abs(ref - got).max()) < 1e-4
-    # The LoRA changes the image: agreement is not two no-LoRA renders agreeing.
-    assert float(np.abs(eager[0] - eager[1]).max()) > 0.01
+    # The caps change the images they apply to (the empty variant has nothing to cap).
+    assert all(
+        float(np.abs(a - b).max()) > 1e-3 for a, b in zip(eager[1:], eager_capped[1:], strict=True)
+    )
 
 
 def test_step_cache_is_refused_by_name(lora_path: Path) -> None:

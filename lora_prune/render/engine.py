@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -46,6 +46,7 @@ from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterErr
 from ..geometry import FLUX1_DEV, TINY
 from ..keys import Target
 from ..lora import LoraFile, LoraModule
+from ..resize import rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
 from ..settings import ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
@@ -58,6 +59,10 @@ __all__ = [
 ]
 
 OutputKind = Literal["uint8", "float"]
+#: Per variant, module stem -> the rank it is rendered at (None or absent: as attached).
+RankCaps = Mapping[str, int] | None
+# Which text encoders a variant switches on, and its rank caps on their modules.
+_TextState = tuple[bool, bool, tuple[tuple[str, int], ...]]
 
 #: How many offending modules an error message names.
 _SHOW = 3
@@ -186,14 +191,32 @@ class BlockEngine:
     the eager blocks. A step cache on the transformer (first-block cache,
     MagCache, FasterCache, ...) is refused with :class:`UsageError`: it would
     replace the very block contributions a sweep measures.
+
+    ``truncatable=True`` attaches every plain LoRA module (those ``resize``
+    rewrites, :func:`lora_prune.resize.why_kept`) in its SVD basis, the same
+    product to float rounding, so that :meth:`render`'s ``ranks`` can render
+    each image at its own ranks: the rank-k truncation is the file
+    ``resize --rank k`` writes (:attr:`ranks` gives each module's full rank).
     """
 
     blocks: list[str]
     attached: int
+    #: truncatable module stem -> the rank it is attached at (empty unless ``truncatable``)
+    ranks: dict[str, int]
 
-    def __init__(self, loaded: LoadedModel, lora: LoraFile, *, compile: bool = False) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        lora: LoraFile,
+        *,
+        compile: bool = False,
+        truncatable: bool = False,
+    ) -> None:
         self.loaded = loaded
         self.lora = lora
+        self.truncatable = truncatable
+        self.ranks = {}
+        self._rank_models: dict[str, str] = {}
         self.pipe: Any = loaded.pipe
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._hooks: dict[str, Hook] = {}
@@ -264,6 +287,14 @@ class BlockEngine:
         self._switches.rows = {b: i for i, b in enumerate(sort_blocks({h.block for h in hooks}))}
         off = torch.zeros(len(self._switches.rows), 1, device=self.pipe._execution_device)
         self._switches.off = self._switches.mask = off
+        # Compiled hooks always find a rank mask (all ones when not capped): a capped
+        # render changes mask values, not which dict entries the traced code reads.
+        device = self.pipe._execution_device
+        self._switches.rank_off = self._switches.rank_masks = {
+            stem: torch.ones(1, r, device=device)
+            for stem, r in self.ranks.items()
+            if self._rank_models[stem] == "transformer"
+        }
         for hook in hooks:
             hook.masked = True
         self._compiled = compile_blocks(transformer)
@@ -508,6 +539,8 @@ class BlockEngine:
         if "down" in t:
             parts.down = read("down").reshape(_shape(module, "down")[0], -1)
             parts.up = read("up").reshape(_shape(module, "up")[0], -1)
+            if self.truncatable and why_kept(module) is None:
+                parts.up, parts.down = self._rotated(module, parts.up, parts.down)
         if "up_bias" in t:
             parts.up_bias = read("up_bias")
         if "hada_w1_a" in t:
@@ -542,6 +575,16 @@ class BlockEngine:
                 w1a, w1b, w2a, w2b = parts.hada
                 parts.hada = (swap_halves(w1a), w1b, swap_halves(w2a), w2b)
         return parts
+
+    def _rotated(
+        self, module: LoraModule, up: torch.Tensor, down: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``up, down`` in their SVD basis (float64 SVD, float32 out), registered as truncatable."""
+        new_up, new_down, _ = rotated_factors(up.double().numpy(), down.double().numpy())
+        assert module.target is not None
+        self.ranks[module.stem] = int(new_down.shape[0])
+        self._rank_models[module.stem] = module.target.model
+        return torch.from_numpy(new_up).float(), torch.from_numpy(new_down).float()
 
     def _add_pieces(
         self, plan: _Plan, device: torch.device, dtype: torch.dtype, parts: _Parts
@@ -684,19 +727,26 @@ class BlockEngine:
                 )
         check_batch_size(batch_size)
 
-    def _text_state(self, variant: frozenset[str]) -> tuple[bool, bool]:
-        return (
+    def _text_state(self, variant: frozenset[str], caps: RankCaps) -> _TextState:
+        clip, t5 = (
             "clip" in variant and "clip" in self.blocks,
             "t5" in variant and "t5" in self.blocks,
         )
+        on = {m for m, flag in (("clip", clip), ("t5", t5)) if flag}
+        text_caps = tuple(
+            sorted((stem, r) for stem, r in (caps or {}).items() if self._rank_models[stem] in on)
+        )
+        return clip, t5, text_caps
 
     def _encode(
-        self, settings: ImageSettings, state: tuple[bool, bool]
+        self, settings: ImageSettings, state: _TextState
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        clip, t5, text_caps = state
         self._switches.selection = {
-            b: None for b, on in zip(TEXT_ENCODER_IDS, state, strict=True) if on
+            b: None for b, on in zip(TEXT_ENCODER_IDS, (clip, t5), strict=True) if on
         }
         self._switches.batch = 1
+        self._switches.rank_masks = self._rank_masks([dict(text_caps)], set(dict(text_caps)))
         try:
             with torch.no_grad():
                 embeds, pooled, _ids = self.pipe.encode_prompt(
@@ -708,6 +758,7 @@ class BlockEngine:
                 )
         finally:
             self._switches.selection = {}
+            self._switches.rank_masks = self._switches.rank_off
         return embeds, pooled
 
     def _latent(self, settings: ImageSettings, dtype: torch.dtype) -> torch.Tensor:
@@ -725,6 +776,51 @@ class BlockEngine:
         )
         return torch.as_tensor(latents)
 
+    def _check_ranks(self, ranks: Sequence[RankCaps] | None, count: int) -> list[dict[str, int]]:
+        """Per variant its rank caps (empty: as attached), checked against the attached modules."""
+        if ranks is None:
+            return [{} for _ in range(count)]
+        if len(ranks) != count:
+            raise UsageError(
+                f"{len(ranks)} rank caps for {count} variants", "ranks", "give one per variant"
+            )
+        if any(ranks) and not self.truncatable:
+            raise UsageError(
+                "rank caps need an engine attached in the SVD basis",
+                self.lora.path,
+                "create the BlockEngine with truncatable=True",
+            )
+        checked: list[dict[str, int]] = []
+        for caps in ranks:
+            out: dict[str, int] = {}
+            for stem, r in (caps or {}).items():
+                if stem not in self.ranks:
+                    raise UsageError(
+                        f"module {stem!r} is no plain low-rank module of the LoRA",
+                        self.lora.path,
+                        "cap only modules that resize can lower (BlockEngine.ranks)",
+                    )
+                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                    raise UsageError(f"rank {r!r} is not an integer >= 1", stem, "give ranks >= 1")
+                if r < self.ranks[stem]:
+                    out[stem] = r
+            checked.append(out)
+        return checked
+
+    def _rank_masks(
+        self, caps: Sequence[Mapping[str, int]], stems: set[str]
+    ) -> dict[str, torch.Tensor]:
+        """Stem -> ``len(caps) x rank`` 0/1 masks keeping each sample's first ``caps[i][stem]``."""
+        device = self.pipe._execution_device
+        masks: dict[str, torch.Tensor] = {}
+        for stem in sorted(stems):
+            full = self.ranks[stem]
+            mask = torch.ones(len(caps), full)
+            for i, cap in enumerate(caps):
+                mask[i, cap.get(stem, full) :] = 0.0
+            masks[stem] = mask.to(device)
+        return masks
+
     def render(
         self,
         variants: Sequence[frozenset[str]],
@@ -733,6 +829,7 @@ class BlockEngine:
         batch_size: int = 8,
         progress: Callable[[int], None] | None = None,
         output: OutputKind = "uint8",
+        ranks: Sequence[RankCaps] | None = None,
     ) -> list[np.ndarray]:
         """One image per variant (a set of active block ids; the empty set = no LoRA).
 
@@ -743,6 +840,10 @@ class BlockEngine:
         far after each batch. ``output="uint8"`` gives ``H x W x 3`` uint8
         (rounded as diffusers' PIL output), ``"float"`` float32 in 0..1.
         Block ids the LoRA lacks are accepted and change nothing.
+
+        ``ranks`` (an engine built ``truncatable``): per variant, module stem ->
+        the rank it renders at, the rest at the rank attached; an image then
+        renders as the file ``resize`` writes with those ranks.
         """
         self._check_open()
         self._check_no_step_cache()
@@ -752,20 +853,27 @@ class BlockEngine:
         wanted = [frozenset(v) for v in variants]
         for variant in wanted:
             self._check_variant(variant)
+        caps = self._check_ranks(ranks, len(wanted))
         if not wanted:
             return []
-        embeddings: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        embeddings: dict[_TextState, tuple[torch.Tensor, torch.Tensor]] = {}
         self._switches.strength = float(settings.strength)
         try:
-            for variant in wanted:
-                state = self._text_state(variant)
+            states = [self._text_state(v, c) for v, c in zip(wanted, caps, strict=True)]
+            for state in states:
                 if state not in embeddings:
                     embeddings[state] = self._encode(settings, state)
             latent = self._latent(settings, next(iter(embeddings.values()))[0].dtype)
             images: list[np.ndarray] = []
             for start in range(0, len(wanted), batch_size):
-                batch = wanted[start : start + batch_size]
-                images.extend(self._render_batch(batch, settings, embeddings, latent, output))
+                stop = start + batch_size
+                batch = [
+                    (v, c, embeddings[s])
+                    for v, c, s in zip(
+                        wanted[start:stop], caps[start:stop], states[start:stop], strict=True
+                    )
+                ]
+                images.extend(self._render_batch(batch, settings, latent, output))
                 if progress is not None:
                     progress(len(images))
             return images
@@ -774,30 +882,35 @@ class BlockEngine:
 
     def _render_batch(
         self,
-        batch: list[frozenset[str]],
+        batch: list[tuple[frozenset[str], dict[str, int], tuple[torch.Tensor, torch.Tensor]]],
         settings: ImageSettings,
-        embeddings: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]],
         latent: torch.Tensor,
         output: OutputKind,
     ) -> list[np.ndarray]:
         size = len(batch)
         device = latent.device
+        variants = [v for v, _, _ in batch]
         selection: dict[str, Selection] = {}
         for block in self.blocks:
             if block in TEXT_ENCODER_IDS:
                 continue  # text-encoder blocks live in the embeddings
-            on = [i for i, variant in enumerate(batch) if block in variant]
+            on = [i for i, variant in enumerate(variants) if block in variant]
             if not on:
                 continue  # no hook of this block does any work in this batch
             selection[block] = (
                 None if len(on) == size else torch.tensor(on, dtype=torch.long, device=device)
             )
-        states = [self._text_state(v) for v in batch]
-        embeds = torch.cat([embeddings[s][0] for s in states], dim=0)
-        pooled = torch.cat([embeddings[s][1] for s in states], dim=0)
+        embeds = torch.cat([e[0] for _, _, e in batch], dim=0)
+        pooled = torch.cat([e[1] for _, _, e in batch], dim=0)
+        caps = [c for _, c, _ in batch]
+        # Eager hooks mask only the modules capped in this batch, compiled ones every module.
+        capped = {s for c in caps for s in c if self._rank_models[s] == "transformer"}
+        self._switches.rank_masks = self._rank_masks(
+            caps, set(self._switches.rank_off) if self._switches.rank_off else capped
+        )
         self._switches.selection = selection
         self._switches.batch = size
-        self._set_mask(batch, self._switches.strength)
+        self._set_mask(variants, self._switches.strength)
         try:
             result = self.pipe(
                 prompt_embeds=embeds,
@@ -814,6 +927,7 @@ class BlockEngine:
         finally:
             self._switches.selection = {}
             self._switches.mask = self._switches.off
+            self._switches.rank_masks = self._switches.rank_off
         arrays = np.asarray(result[0], dtype=np.float32)
         if output == "uint8":
             # diffusers' own PIL conversion, so "uint8" equals output_type="pil" pixel for pixel.

@@ -11,6 +11,12 @@ samples only. Masked hooks (a compiled transformer, ``BlockEngine(compile=True)`
 never branch on the selection: they always compute the delta and multiply it by
 a per-sample scale read from one tensor, so switching blocks changes tensor
 values, not the traced code, and ``torch.compile`` does not recompile.
+
+Rank caps. An engine built ``truncatable`` holds each plain LoRA module in its
+SVD basis (:func:`lora_prune.resize.rotated_factors`), so the first k
+components are the rank-k file ``resize`` would write. A 0/1 mask over the
+rank components, per sample (``Switches.rank_masks``), then renders several
+ranks of one module in one batch: ``up @ (mask * (down @ x))``.
 """
 
 from __future__ import annotations
@@ -190,11 +196,16 @@ class Switches:
     rows: dict[str, int] = field(default_factory=dict)
     mask: torch.Tensor | None = None
     off: torch.Tensor | None = None
+    #: module stem -> ``batch x rank`` 0/1 mask of its rank components (absent: full rank)
+    rank_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the masks outside a render: compiled hooks always find one per truncatable stem
+    rank_off: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Every block off, as outside :meth:`BlockEngine.render`."""
         self.selection, self.strength, self.batch = {}, 1.0, 0
         self.mask = self.off
+        self.rank_masks = self.rank_off
 
 
 class Hook:
@@ -230,15 +241,23 @@ class Hook:
             piece.moved(move)
         self.device = device
 
-    def delta(self, x: torch.Tensor, strength: float) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, strength: float, index: Selection = None) -> torch.Tensor:
+        """The pieces' delta for ``x``, the batch's samples ``index`` (None: all of them)."""
         total: torch.Tensor | None = None
         normed: torch.Tensor | None = None
         for p in self.pieces:
             parts: list[torch.Tensor] = []
             if p.down is not None and p.up is not None:
-                h = x.to(p.down.dtype)
                 # F.linear twice, then the scale: the op order of PEFT's LoRA layer.
-                parts.append(F.linear(F.linear(h, p.down), p.up, p.up_bias) * (p.scale * strength))
+                h = F.linear(x.to(p.down.dtype), p.down)
+                ranks = self.switches.rank_masks.get(p.stem)
+                if ranks is not None:
+                    if index is not None:
+                        ranks = ranks.index_select(0, index)
+                    # (samples, rank) -> (samples, 1, ..., rank) for token and modulation inputs.
+                    shape = (ranks.shape[0], *([1] * (h.dim() - 2)), ranks.shape[1])
+                    h = h * ranks.reshape(shape).to(h.dtype)
+                parts.append(F.linear(h, p.up, p.up_bias) * (p.scale * strength))
             if p.hada is not None:
                 h = x.to(p.hada[0].dtype)
                 parts.append(loha_linear(h, p.hada, p.scale * strength))
@@ -286,7 +305,7 @@ class Hook:
             raise RuntimeError(
                 f"hook on a {self.block} module saw batch {output.shape[0]}, expected {switches.batch}"
             )
-        delta = self.delta(x.index_select(0, index), switches.strength).to(output.dtype)
+        delta = self.delta(x.index_select(0, index), switches.strength, index).to(output.dtype)
         # index_add on the batch dim works for 2-D modulation inputs and 3-D token inputs alike.
         return output.index_add(0, index, delta.expand(index.shape[0], *output.shape[1:]))
 

@@ -32,15 +32,17 @@ def open_session(
     *,
     show_progress: bool = False,
     loaded: LoadedModel | None = None,
+    truncatable: bool = False,
 ) -> Iterator[Session]:
     """Load the model, attach the LoRA, and detach it again on exit.
 
     ``loaded``: a pipeline an earlier (closed) session loaded, to attach another
-    LoRA to without loading the model again.
+    LoRA to without loading the model again. ``truncatable``: attach it so that
+    the renderer takes per-image rank caps (see :class:`BlockEngine`).
     """
     if loaded is None:
         loaded = load_pipeline(spec, show_progress=show_progress)
-    engine = BlockEngine(loaded, lora, compile=spec.compile)
+    engine = BlockEngine(loaded, lora, compile=spec.compile, truncatable=truncatable)
     try:
         renderer = EngineRenderer(engine, loaded, model_defaults(spec.model).max_sequence_length)
         yield Session(loaded, engine, renderer)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..settings import RenderSettings
 from .device import render_versions
-from .engine import BlockEngine
+from .engine import BlockEngine, RankCaps
 from .loading import LoadedModel
 
 
@@ -27,10 +27,17 @@ class EngineRenderer:
         self.versions: Mapping[str, str] = render_versions(loaded.device, loaded.dtype)
 
     def __call__(
-        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: RenderSettings
+        self,
+        variants: Sequence[frozenset[str]],
+        prompt: str,
+        seed: int,
+        settings: RenderSettings,
+        ranks: Sequence[RankCaps] | None = None,
     ) -> list[np.ndarray]:
+        """``ranks``: per variant its rank caps, for a session opened ``truncatable``."""
         return self.engine.render(
             list(variants),
             settings.image(prompt, seed, self.max_sequence_length),
             batch_size=max(1, len(variants)),
+            ranks=ranks,
         )

@@ -25,7 +25,7 @@ from ..blocks import sort_blocks
 from ..budget import BudgetCandidate, budget_error, plan_budget, record_reserve
 from ..errors import LoraPruneError, OutputError
 from ..lora import LoraFile, read_lora
-from ..resize import module_spectra, resize_lora
+from ..resize import module_spectra, resize_lora, resized_ranks
 from ..safetensors_io import file_sha256, read_header
 from ..settings import (
     MODES,
@@ -46,6 +46,7 @@ from ..verify import (
     auto_keep_ranked,
     reference_renders,
     verify_candidate,
+    verify_candidates,
     verify_slim,
     verify_target,
 )
@@ -93,10 +94,11 @@ def auto_slim(
     With ``max_size`` (bytes), the file written must fit it. When that keep set
     does not, per uniform rank (half the LoRA's rank, a quarter, ... 1) the most
     top-ranked blocks that fit are resized, and a few keep sets with per-module
-    ranks water-filled by energy per byte (:func:`~lora_prune.budget.plan_budget`,
-    files in ``work_dir/budget``); each is rendered once against the same base and full
-    renders; the passing one keeping the largest share of the effect is written,
-    with its verification record. None passing raises
+    ranks water-filled by energy per byte (:func:`~lora_prune.budget.plan_budget`);
+    all are rendered in batches as block masks and rank caps of the full LoRA,
+    against the same base and full renders, and the passing one keeping the
+    largest share of the effect is written (to ``work_dir/budget`` first,
+    re-rendered from the file) with the verification record of its own file. None passing raises
     :class:`~lora_prune.errors.BudgetError` with the smallest size found to pass.
     """
     # One read of the LoRA's data: its hash (cache keys, provenance) and the manifest's norms.
@@ -148,7 +150,7 @@ def auto_slim(
     tried = [full_rank]
     best = _search_budget(
         lora, sha, spec, settings, work_dir, analysis, auto, loaded, max_size - reserve,
-        tried, criterion=criterion, distances=distances,
+        tried, criterion=criterion, distances=distances, batch_size=batch_size, progress=progress,
     )  # fmt: skip
     if best is None:
         raise budget_error(lora, max_size, tried, full_rank)
@@ -172,19 +174,48 @@ def _search_budget(
     *,
     criterion: Criterion,
     distances: Mapping[str, Distance],
+    batch_size: int,
+    progress: Progress | None,
 ) -> tuple[BudgetCandidate, VerifyResult] | None:
-    """Render each lower-rank candidate under ``budget`` once; the best passing one, if any.
+    """The best lower-rank candidate under ``budget`` that passes, proved on its own file.
 
-    Every candidate tried is appended to ``tried`` with its share and verdict.
+    Every candidate is rendered without writing it: one engine holds the full
+    LoRA in its SVD basis and renders each candidate's keep set as block masks
+    and its ranks as rank caps, ``batch_size`` candidates per pipeline call.
+    Then the passing candidates, the largest share first, are written to
+    ``work_dir/budget`` and rendered from that file (its stored dtype rounds
+    the factors) until one passes there too: that verification is what the
+    output records. Every candidate is appended to ``tried``; a candidate whose
+    file was rendered carries the file's share and verdict.
     """
-    best: tuple[BudgetCandidate, VerifyResult] | None = None
-    folder = work_dir / "budget"
-    folder.mkdir(parents=True, exist_ok=True)
     # The blocks' influence weighs their energy in the per-module allocations.
     weights = {r.block: r.mse for r in analysis.rows_for(analysis.suggestion.mode)}
     spectra = module_spectra(lora, auto.order)
     plan = plan_budget(lora, auto.order, len(auto.blocks), budget, spectra, weights)
-    for i, candidate in enumerate(plan):
+    if not plan:
+        return None
+    caps = [resized_ranks(lora, c.blocks, c.ranks if c.ranks is not None else c.rank) for c in plan]
+    with open_session(spec, lora, loaded=loaded, truncatable=True) as session:
+        searched = verify_candidates(
+            lora,
+            sha,
+            [(c.blocks, cap) for c, cap in zip(plan, caps, strict=True)],
+            settings,
+            session.renderer,
+            auto.references,
+            criterion=criterion,
+            distances=distances,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    for candidate, verification in zip(plan, searched, strict=True):
+        candidate.kept_share, candidate.passed = verification.kept_share, verification.passed
+    tried.extend(plan)
+    folder = work_dir / "budget"
+    folder.mkdir(parents=True, exist_ok=True)
+    # sorted() is stable: among equal shares the earlier (higher-rank) candidate goes first.
+    for candidate in sorted((c for c in plan if c.passed), key=_share, reverse=True):
+        i = plan.index(candidate)
         name = f"rank{candidate.rank}" if candidate.ranks is None else f"ranks{i}"
         path = folder / f"{name}.safetensors"
         resize_lora(
@@ -208,10 +239,9 @@ def _search_budget(
                 distances=distances,
             )
         candidate.kept_share, candidate.passed = verification.kept_share, verification.passed
-        tried.append(candidate)
-        if verification.passed and (best is None or _share(candidate) > _share(best[0])):
-            best = (candidate, verification)
-    return best
+        if verification.passed:
+            return candidate, verification
+    return None
 
 
 def _write_resized(
