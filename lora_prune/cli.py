@@ -51,7 +51,7 @@ from .errors import (
 from .fileio import not_a_folder, refuse_overwrite
 from .lora import LoraFile, read_lora
 from .pictures import save_png
-from .recipes import recipes_for
+from .recipes import input_ranks, recipes_for
 from .safetensors_io import file_sha256
 from .settings import (
     DEFAULT_BATCH_SIZE,
@@ -632,7 +632,7 @@ def slim(
             )
         if spec is None or not request.prompts:
             raise UsageError("--auto needs --model and --prompt", "command line", "add them")
-        result = _auto_slim(
+        result, lora_file = _auto_slim(
             lora,
             spec,
             request.settings(spec.model, ("loo",)),
@@ -648,15 +648,17 @@ def slim(
     else:
         if max_size is not None:
             raise UsageError("--max-size needs --auto", "--max-size", "add --auto")
+        keep_set, drop_set = _spec(keep, "--keep"), _spec(drop, "--drop")
+        lora_file = read_lora(lora, allow_unknown=allow_unknown)
         result = slim_lora(
-            lora,
-            _spec(keep, "--keep"),
-            drop=_spec(drop, "--drop"),
+            lora_file,
+            keep_set,
+            drop=drop_set,
             output=output,
             force=force,
             allow_unknown=allow_unknown,
         )
-    _print_slim(result)
+    _print_slim(result, lora_file)
 
 
 def _auto_slim(
@@ -672,7 +674,7 @@ def _auto_slim(
     allow_unknown: bool,
     batch_size: int,
     max_size: int | None,
-) -> SlimResult:
+) -> tuple[SlimResult, LoraFile]:
     refuse_overwrite([lora, spec.transformer_file], [output], [work_dir])
     lora_file = read_lora(lora, allow_unknown=allow_unknown)
     _require_render()
@@ -702,7 +704,7 @@ def _auto_slim(
     _print_curve(auto_result.analysis)
     _print_tried(auto_result.tried)
     _print_verification(auto_result.verification or auto_result.auto.verification)
-    return auto_result.slim
+    return auto_result.slim, lora_file
 
 
 def _print_tried(tried: Sequence[object]) -> None:
@@ -715,7 +717,7 @@ def _print_tried(tried: Sequence[object]) -> None:
         )
 
 
-def _print_slim(result: SlimResult) -> None:
+def _print_slim(result: SlimResult, lora: LoraFile) -> None:
     if result.absent:
         click.echo(
             f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
@@ -729,12 +731,12 @@ def _print_slim(result: SlimResult) -> None:
         f"({100 * ratio:.1f}%), {result.tensors_before} -> {result.tensors_after} tensors"
     )
     click.echo(f"wrote    {result.output}")
-    _print_recipes(result.kept_blocks)
+    _print_recipes(result.kept_blocks, input_ranks(lora))
 
 
-def _print_recipes(blocks: Sequence[str]) -> None:
+def _print_recipes(blocks: Sequence[str], ranks: tuple[int, ...] | None) -> None:
     click.echo("\nto retrain only these blocks:")
-    for recipe in recipes_for(blocks):
+    for recipe in recipes_for(blocks, input_ranks=ranks):
         click.echo(f"  {recipe.trainer} ({recipe.where}):")
         for line in recipe.text.split("\n"):
             click.echo(f"    {line}")
@@ -809,7 +811,7 @@ def _print_suggestion(analysis: Analysis) -> None:
         )
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
-    _print_recipes(s.blocks)
+    _print_recipes(s.blocks, analysis.input_ranks)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
