@@ -1265,13 +1265,53 @@ def check(
     sys.exit(result.exit_code)
 
 
+def _block_ranks(value: str) -> list[tuple[str, frozenset[str], int]]:
+    """``--ranks``: its ``SPEC=RANK`` entries as (spec, block ids, rank), in order.
+
+    A SPEC is a block spec as ``--keep`` takes it, so it may hold commas itself
+    (``double.0-2,double.7=32``: the parts before an ``=`` belong to its SPEC).
+    """
+    entries: list[tuple[str, frozenset[str], int]] = []
+    parts: list[str] = []
+    example = "e.g. --ranks double.0-7=32,single=8,input=16"
+    for piece in value.split(","):
+        head, eq, number = piece.partition("=")
+        parts.append(head)
+        if not eq:
+            continue
+        spec = ",".join(parts).strip()
+        parts = []
+        text = number.strip()
+        if not text.isascii() or not text.isdigit() or int(text) < 1:
+            raise UsageError(
+                f"the rank {text!r} of {spec!r} is not an integer >= 1", "--ranks", example
+            )
+        entries.append((spec, _spec(spec, "--ranks") or frozenset(), int(text)))
+    rest = ",".join(parts).strip()
+    if rest or not entries:
+        what = f"{rest!r} has no rank" if rest else "--ranks names no block"
+        raise UsageError(what, "--ranks", f"write SPEC=RANK, {example}")
+    return entries
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
-@click.option("--rank", type=int, help="New rank of every plain LoRA module (>= 1).")
+@click.option(
+    "--rank",
+    type=int,
+    help="New rank of every plain LoRA module (>= 1); with --ranks, of the blocks it does not name.",
+)
 @click.option(
     "--energy",
     type=float,
     help="Per module, the smallest rank keeping this share of its energy, in (0, 1].",
+)
+@click.option(
+    "--ranks",
+    "ranks_spec",
+    metavar="SPEC=R,...",
+    help="Per-block ranks, e.g. double.0-7=32,single=8,input=16 (a later entry overrides an "
+    "earlier one); blocks not named get --rank, or stay as they are without it.",
 )
 @click.option("--blocks", "blocks_spec", metavar="SPEC", help="Resize only these blocks.")
 @lora_output_options(".resized")
@@ -1280,6 +1320,7 @@ def resize(
     lora: Path,
     rank: int | None,
     energy: float | None,
+    ranks_spec: str | None,
     blocks_spec: str | None,
     output: Path | None,
     force: bool,
@@ -1289,20 +1330,47 @@ def resize(
 
     Alpha is rewritten so that every module's scale (alpha / rank) stays; keys
     and dtypes are the input's. LoHa, LoKr, full and other non-plain modules
-    are kept as they are and listed.
+    are kept as they are and listed. --ranks gives blocks their own rank, in
+    block specs as --keep takes them; --blocks limits every rank to its blocks.
 
     \b
     Example: lora-prune resize my_lora.safetensors --rank 16
     Example: lora-prune resize my_lora.safetensors --energy 0.95 --blocks single
+    Example: lora-prune resize my_lora.safetensors --rank 16 --ranks double.0-7=32,single=8
     """
     from .resize import resize_lora
 
+    blocks = _spec(blocks_spec, "--blocks")
+    source: Path | LoraFile = lora
+    ranks: dict[str, int] | None = None
+    if ranks_spec is not None:
+        if energy is not None:
+            raise UsageError(
+                "--ranks and --energy do not combine",
+                "--ranks",
+                "give --ranks with or without --rank",
+            )
+        entries = _block_ranks(ranks_spec)
+        if rank is not None and rank < 1:
+            raise UsageError(
+                f"--rank {rank} is not an integer >= 1", "--rank", "use e.g. --rank 16"
+            )
+        source = read_lora(lora, allow_unknown=allow_unknown)
+        for spec, named, _ in entries:
+            if not named & set(source.blocks):
+                click.echo(f"note: the LoRA has no {spec}; --ranks changes nothing there", err=True)
+        # --rank is the default of the blocks --ranks does not name; a later entry wins.
+        ranks = dict.fromkeys(source.blocks, rank) if rank is not None else {}
+        for _, named, k in entries:
+            ranks.update(dict.fromkeys(named, k))
+        rank = None
     result = resize_lora(
-        lora,
+        source,
         output,
         rank=rank,
         energy=energy,
-        blocks=_spec(blocks_spec, "--blocks"),
+        ranks=ranks,
+        blocks=blocks,
         force=force,
         allow_unknown=allow_unknown,
     )
