@@ -51,7 +51,7 @@ from .errors import (
 from .fileio import not_a_folder, refuse_overwrite
 from .lora import LoraFile, read_lora
 from .pictures import save_png
-from .recipes import recipes_for
+from .recipes import input_ranks, recipes_for
 from .safetensors_io import file_sha256
 from .settings import (
     DEFAULT_BATCH_SIZE,
@@ -632,7 +632,7 @@ def slim(
             )
         if spec is None or not request.prompts:
             raise UsageError("--auto needs --model and --prompt", "command line", "add them")
-        result = _auto_slim(
+        result, lora_file = _auto_slim(
             lora,
             spec,
             request.settings(spec.model, ("loo",)),
@@ -648,15 +648,17 @@ def slim(
     else:
         if max_size is not None:
             raise UsageError("--max-size needs --auto", "--max-size", "add --auto")
+        keep_set, drop_set = _spec(keep, "--keep"), _spec(drop, "--drop")
+        lora_file = read_lora(lora, allow_unknown=allow_unknown)
         result = slim_lora(
-            lora,
-            _spec(keep, "--keep"),
-            drop=_spec(drop, "--drop"),
+            lora_file,
+            keep_set,
+            drop=drop_set,
             output=output,
             force=force,
             allow_unknown=allow_unknown,
         )
-    _print_slim(result)
+    _print_slim(result, lora_file)
 
 
 def _auto_slim(
@@ -672,7 +674,7 @@ def _auto_slim(
     allow_unknown: bool,
     batch_size: int,
     max_size: int | None,
-) -> SlimResult:
+) -> tuple[SlimResult, LoraFile]:
     refuse_overwrite([lora, spec.transformer_file], [output], [work_dir])
     lora_file = read_lora(lora, allow_unknown=allow_unknown)
     _require_render()
@@ -702,7 +704,7 @@ def _auto_slim(
     _print_curve(auto_result.analysis)
     _print_tried(auto_result.tried)
     _print_verification(auto_result.verification or auto_result.auto.verification)
-    return auto_result.slim
+    return auto_result.slim, lora_file
 
 
 def _print_tried(tried: Sequence[object]) -> None:
@@ -715,7 +717,7 @@ def _print_tried(tried: Sequence[object]) -> None:
         )
 
 
-def _print_slim(result: SlimResult) -> None:
+def _print_slim(result: SlimResult, lora: LoraFile) -> None:
     if result.absent:
         click.echo(
             f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
@@ -729,12 +731,12 @@ def _print_slim(result: SlimResult) -> None:
         f"({100 * ratio:.1f}%), {result.tensors_before} -> {result.tensors_after} tensors"
     )
     click.echo(f"wrote    {result.output}")
-    _print_recipes(result.kept_blocks)
+    _print_recipes(result.kept_blocks, input_ranks(lora))
 
 
-def _print_recipes(blocks: Sequence[str]) -> None:
+def _print_recipes(blocks: Sequence[str], ranks: tuple[int, ...] | None) -> None:
     click.echo("\nto retrain only these blocks:")
-    for recipe in recipes_for(blocks):
+    for recipe in recipes_for(blocks, input_ranks=ranks):
         click.echo(f"  {recipe.trainer} ({recipe.where}):")
         for line in recipe.text.split("\n"):
             click.echo(f"    {line}")
@@ -809,7 +811,7 @@ def _print_suggestion(analysis: Analysis) -> None:
         )
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
-    _print_recipes(s.blocks)
+    _print_recipes(s.blocks, analysis.input_ranks)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -1263,13 +1265,53 @@ def check(
     sys.exit(result.exit_code)
 
 
+def _block_ranks(value: str) -> list[tuple[str, frozenset[str], int]]:
+    """``--ranks``: its ``SPEC=RANK`` entries as (spec, block ids, rank), in order.
+
+    A SPEC is a block spec as ``--keep`` takes it, so it may hold commas itself
+    (``double.0-2,double.7=32``: the parts before an ``=`` belong to its SPEC).
+    """
+    entries: list[tuple[str, frozenset[str], int]] = []
+    parts: list[str] = []
+    example = "e.g. --ranks double.0-7=32,single=8,input=16"
+    for piece in value.split(","):
+        head, eq, number = piece.partition("=")
+        parts.append(head)
+        if not eq:
+            continue
+        spec = ",".join(parts).strip()
+        parts = []
+        text = number.strip()
+        if not text.isascii() or not text.isdigit() or int(text) < 1:
+            raise UsageError(
+                f"the rank {text!r} of {spec!r} is not an integer >= 1", "--ranks", example
+            )
+        entries.append((spec, _spec(spec, "--ranks") or frozenset(), int(text)))
+    rest = ",".join(parts).strip()
+    if rest or not entries:
+        what = f"{rest!r} has no rank" if rest else "--ranks names no block"
+        raise UsageError(what, "--ranks", f"write SPEC=RANK, {example}")
+    return entries
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @lora_arg
-@click.option("--rank", type=int, help="New rank of every plain LoRA module (>= 1).")
+@click.option(
+    "--rank",
+    type=int,
+    help="New rank of every plain LoRA module (>= 1); with --ranks, of the blocks it does not name.",
+)
 @click.option(
     "--energy",
     type=float,
     help="Per module, the smallest rank keeping this share of its energy, in (0, 1].",
+)
+@click.option(
+    "--ranks",
+    "ranks_spec",
+    metavar="SPEC=R,...",
+    help="Per-block ranks, e.g. double.0-7=32,single=8,input=16 (a later entry overrides an "
+    "earlier one); blocks not named get --rank, or stay as they are without it.",
 )
 @click.option("--blocks", "blocks_spec", metavar="SPEC", help="Resize only these blocks.")
 @lora_output_options(".resized")
@@ -1278,6 +1320,7 @@ def resize(
     lora: Path,
     rank: int | None,
     energy: float | None,
+    ranks_spec: str | None,
     blocks_spec: str | None,
     output: Path | None,
     force: bool,
@@ -1287,20 +1330,47 @@ def resize(
 
     Alpha is rewritten so that every module's scale (alpha / rank) stays; keys
     and dtypes are the input's. LoHa, LoKr, full and other non-plain modules
-    are kept as they are and listed.
+    are kept as they are and listed. --ranks gives blocks their own rank, in
+    block specs as --keep takes them; --blocks limits every rank to its blocks.
 
     \b
     Example: lora-prune resize my_lora.safetensors --rank 16
     Example: lora-prune resize my_lora.safetensors --energy 0.95 --blocks single
+    Example: lora-prune resize my_lora.safetensors --rank 16 --ranks double.0-7=32,single=8
     """
     from .resize import resize_lora
 
+    blocks = _spec(blocks_spec, "--blocks")
+    source: Path | LoraFile = lora
+    ranks: dict[str, int] | None = None
+    if ranks_spec is not None:
+        if energy is not None:
+            raise UsageError(
+                "--ranks and --energy do not combine",
+                "--ranks",
+                "give --ranks with or without --rank",
+            )
+        entries = _block_ranks(ranks_spec)
+        if rank is not None and rank < 1:
+            raise UsageError(
+                f"--rank {rank} is not an integer >= 1", "--rank", "use e.g. --rank 16"
+            )
+        source = read_lora(lora, allow_unknown=allow_unknown)
+        for spec, named, _ in entries:
+            if not named & set(source.blocks):
+                click.echo(f"note: the LoRA has no {spec}; --ranks changes nothing there", err=True)
+        # --rank is the default of the blocks --ranks does not name; a later entry wins.
+        ranks = dict.fromkeys(source.blocks, rank) if rank is not None else {}
+        for _, named, k in entries:
+            ranks.update(dict.fromkeys(named, k))
+        rank = None
     result = resize_lora(
-        lora,
+        source,
         output,
         rank=rank,
         energy=energy,
-        blocks=_spec(blocks_spec, "--blocks"),
+        ranks=ranks,
+        blocks=blocks,
         force=force,
         allow_unknown=allow_unknown,
     )

@@ -13,7 +13,10 @@ kohya sd-scripts (``networks/lora_flux.py``)
     block of its kind (``networks/lora_flux.py`` ``create_network`` only
     filters a kind whose list is given), so both are always written. Section 6.3:
     ``in_dims=[img_in,time_in,vector_in,guidance_in,txt_in]`` gives the input
-    layers' ranks (0 or absent: not trained). No option reaches the final
+    layers' ranks (0 or absent: not trained; ``create_network`` reads five
+    integers, bracketed or not). The recipe writes the ranks the LoRA itself
+    has on those layers (:func:`input_ranks`), so that the retrained input
+    layers are what the original's were. No option reaches the final
     layer: the LoRA targets only ``DoubleStreamBlock``/``SingleStreamBlock``
     and the five ``in_dims`` layers. Section 6.6: CLIP-L trains unless
     ``--network_train_unet_only``; T5-XXL needs ``train_t5xxl=True`` and CLIP-L
@@ -30,37 +33,70 @@ ai-toolkit (ostris/ai-toolkit)
     (``config/examples/train_lora_flux_24gb.yaml``) says
     ``train_text_encoder: false  # probably won't work with flux``.
 OneTrainer (Nerogar/OneTrainer)
-    ``layer_filter`` (comma-separated), ``layer_filter_preset`` (``custom`` for
-    one's own list) and ``layer_filter_regex`` in the training config
-    (``modules/util/config/TrainConfig.py``; the UI's tooltip in
-    ``modules/ui/BaseTrainingTabView.py``: "Comma-separated list of diffusion
-    layers to train. Regular expressions (if toggled) are supported"). Patterns
-    are matched (``modules/util/ModuleFilter.py``: substring, or ``re.search``)
-    against the transformer's own module names (``transformer_blocks.3.attn.to_q``,
-    ``single_transformer_blocks.7.proj_out``; ``modules/module/LoRAModule.py``).
-    A substring cannot tell ``transformer_blocks.3.`` from
-    ``single_transformer_blocks.3.``, so the recipe uses regular expressions
-    anchored at the name's start. Text encoders: ``text_encoder.train`` (CLIP-L)
-    and ``text_encoder_2.train`` (T5-XXL) (``training_presets/Flux Dev.1/#flux
-    LoRA.json``).
+    The wiki documents the list: its LoRA page, "Layer Preset: Selects which
+    model layers to train. You can choose "custom" and specify your own, comma
+    separated" (read in the copy aklevecz/onetrainer-docs f4e7641,
+    ``src/content/docs/wiki/LoRA.md``), and its "Diffusion Models Overview"
+    page (Jan 2025, read on github-wiki-see.page) gives "a working example of a
+    custom layer set": ``down_blocks.1.attentions.0,down_blocks.1.attentions.1,...``,
+    module-name parts joined by commas. Regular expressions are not in those
+    pages (they came later: pull request #778, opened April 2025), nor in the
+    wiki's Training page (July 2024); ``fetch github:Nerogar/OneTrainer.wiki``
+    found no copy of the wiki's repository, and searching the stored pages for
+    the wiki's layer filter found no newer version (the filter moved to the
+    Training tab in September 2025, pull request #1001). Regular expressions
+    are documented by the UI's tooltips only
+    (``modules/ui/BaseTrainingTabView.py``: "Comma-separated list of diffusion
+    layers to train. Regular expressions (if toggled) are supported"; the
+    Regex toggle: "If enabled, layer filter patterns are interpreted as regular
+    expressions. Otherwise, simple substring matching is used.") and the code:
+    ``layer_filter``, ``layer_filter_preset`` and ``layer_filter_regex`` in the
+    training config (``modules/util/config/TrainConfig.py``), each
+    comma-separated pattern stripped and matched (``modules/util/ModuleFilter.py``:
+    substring, or ``re.search``) against the transformer's own module names
+    (``transformer_blocks.3.attn.to_q``, ``single_transformer_blocks.7.proj_out``;
+    ``modules/module/LoRAModule.py``). A substring cannot tell
+    ``transformer_blocks.3.`` from ``single_transformer_blocks.3.``, so the
+    recipe uses regular expressions anchored at the name's start. Every
+    pattern must match some module: ``LoRAModuleWrapper`` raises "no modules
+    were matched by the custom filter(s)" otherwise, so a keep set without
+    transformer layers sets ``transformer.train`` false instead of a filter
+    that matches nothing. Text encoders: ``text_encoder.train`` (CLIP-L) and
+    ``text_encoder_2.train`` (T5-XXL) (``training_presets/Flux Dev.1/#flux
+    LoRA.json``, which also holds ``transformer.train``).
 
 The documents were read at kohya-ss/sd-scripts 48d368f, ostris/ai-toolkit
-27a03a9 and Nerogar/OneTrainer 23df383. OneTrainer's wiki was not available to
-check; its code and UI tooltips were.
+27a03a9 and Nerogar/OneTrainer 23df383.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS, block_kind, format_block_spec, sort_blocks
 
-__all__ = ["DEFAULT_RANK", "Recipe", "recipes_for"]
+if TYPE_CHECKING:
+    from .lora import LoraFile
 
-#: The rank written into kohya's ``in_dims`` (the rank of its documented example command).
+__all__ = ["DEFAULT_RANK", "Recipe", "input_ranks", "recipes_for"]
+
+#: kohya's ``in_dims`` where no LoRA says better: the ``--network_dim=16`` of the
+#: documented example command (``docs/flux_train_network.md``, section 4).
 DEFAULT_RANK = 16
+
+#: kohya's ``in_dims`` entries in its order (``networks/lora_flux.py``: "img, time,
+#: vector, guidance, txt"), each with the diffusers module it trains (field guide, section 1).
+_IN_DIMS_LAYERS = (
+    ("img_in", "x_embedder"),
+    ("time_in", "time_text_embed.timestep_embedder"),
+    ("vector_in", "time_text_embed.text_embedder"),
+    ("guidance_in", "time_text_embed.guidance_embedder"),
+    ("txt_in", "context_embedder"),
+)
 
 # The diffusers module names of the non-block layers (field guide, section 1).
 _INPUT_MODULES = ("x_embedder", "context_embedder", "time_text_embed")
@@ -97,18 +133,53 @@ def _kohya_selection(blocks: list[str], kind: str, count: int) -> str:
     return ",".join(p.split(".", 1)[1] for p in format_block_spec(chosen).split(","))
 
 
-def _kohya(blocks: list[str], rank: int) -> Recipe:
+def input_ranks(lora: LoraFile) -> tuple[int, ...]:
+    """The ranks for kohya's ``in_dims``: the LoRA's own on FLUX.1's five input layers.
+
+    In kohya's order (img_in, time_in, vector_in, guidance_in, txt_in): the
+    highest rank of the LoRA's modules on each layer (time_in and the others
+    are two Linears each, one ``in_dims`` entry), 0 where the LoRA has no
+    module, so that the retrained input layers are the ones the LoRA had, at
+    its ranks. A layer whose modules have no rank (full diffs), and every
+    layer of a LoRA without input modules, gets the LoRA's most common rank
+    (its network dim), or :data:`DEFAULT_RANK` when nothing has a rank.
+
+    Example::
+
+        recipes_for({"input", "double.7"}, input_ranks=input_ranks(read_lora("my_lora.safetensors")))
+    """
+    ranks = [m.rank for m in lora.modules.values() if m.rank]
+    fallback = Counter(ranks).most_common(1)[0][0] if ranks else DEFAULT_RANK
+    seen = [False] * len(_IN_DIMS_LAYERS)
+    best = [0] * len(_IN_DIMS_LAYERS)
+    for module in lora.modules.values():
+        if module.block != "input" or module.target is None:
+            continue
+        for i, (_, layer) in enumerate(_IN_DIMS_LAYERS):
+            if any(p == layer or p.startswith(layer + ".") for p in module.target.modules):
+                seen[i] = True
+                best[i] = max(best[i], module.rank or 0)
+    if not any(seen):
+        return (fallback,) * len(_IN_DIMS_LAYERS)
+    return tuple(b or (fallback if s else 0) for s, b in zip(seen, best, strict=True))
+
+
+def _kohya(blocks: list[str], in_dims: Sequence[int] | None) -> Recipe:
     args = [
         f"train_double_block_indices={_kohya_selection(blocks, 'double', DOUBLE_BLOCKS)}",
         f"train_single_block_indices={_kohya_selection(blocks, 'single', SINGLE_BLOCKS)}",
     ]
     notes: list[str] = []
     if "input" in blocks:
-        args.append(f"in_dims=[{','.join([str(rank)] * 5)}]")
-        notes.append(
-            f"in_dims gives img_in, time_in, vector_in, guidance_in, txt_in rank {rank}: "
-            "set it to your --network_dim"
-        )
+        dims = list(in_dims) if in_dims is not None else [DEFAULT_RANK] * len(_IN_DIMS_LAYERS)
+        args.append(f"in_dims=[{','.join(str(r) for r in dims)}]")
+        layers = ", ".join(name for name, _ in _IN_DIMS_LAYERS)
+        if in_dims is None:
+            notes.append(
+                f"in_dims gives {layers} rank {DEFAULT_RANK}: set it to your --network_dim"
+            )
+        else:
+            notes.append(f"in_dims gives {layers} the LoRA's ranks there (0: none, not trained)")
     if "t5" in blocks:
         args.append("train_t5xxl=True")
         if "clip" not in blocks:
@@ -172,12 +243,16 @@ def _one_trainer(blocks: list[str]) -> Recipe:
         patterns += [rf"^{m}\b" for m in _INPUT_MODULES]
     if "final" in blocks:
         patterns += [rf"^{m}\b" for m in _FINAL_MODULES]
-    # An empty filter trains every layer; "^$" matches no module name (names are never empty).
-    config: dict[str, object] = {
-        "layer_filter": ",".join(patterns) or "^$",
-        "layer_filter_preset": "custom",
-        "layer_filter_regex": True,
-    }
+    config: dict[str, object] = {}
+    note = ""
+    if patterns:
+        config["layer_filter"] = ",".join(patterns)
+        config["layer_filter_preset"] = "custom"
+        config["layer_filter_regex"] = True
+    else:
+        # An empty filter trains every layer, and one that matches nothing is refused.
+        config["transformer"] = {"train": False}
+        note = "the transformer's LoRA layers are still created and saved, untrained"
     if "clip" in blocks:
         config["text_encoder"] = {"train": True}
     if "t5" in blocks:
@@ -187,23 +262,28 @@ def _one_trainer(blocks: list[str]) -> Recipe:
         "OneTrainer",
         "the training config (JSON), or the Layer Filter field with Regex on",
         "\n".join(line[4:] for line in text.split("\n")),
-        "",
-        "Nerogar/OneTrainer modules/util/config/TrainConfig.py, modules/util/ModuleFilter.py, "
-        "modules/ui/BaseTrainingTabView.py (wiki not checked)",
+        note,
+        "Nerogar/OneTrainer wiki (LoRA: Layer Preset, custom, comma separated); "
+        "modules/util/config/TrainConfig.py, modules/util/ModuleFilter.py, "
+        "modules/module/LoRAModule.py, modules/ui/BaseTrainingTabView.py (the Regex toggle)",
     )
 
 
-def recipes_for(blocks: Iterable[str], *, rank: int = DEFAULT_RANK) -> list[Recipe]:
+def recipes_for(blocks: Iterable[str], *, input_ranks: Sequence[int] | None = None) -> list[Recipe]:
     """The settings that train only ``blocks`` in kohya sd-scripts, ai-toolkit and OneTrainer.
 
     Args:
         blocks: block ids (:mod:`lora_prune.blocks`); ``other`` is ignored.
-        rank: the rank written where a trainer needs one per layer (kohya's ``in_dims``).
+        input_ranks: kohya's five ``in_dims`` (img_in, time_in, vector_in,
+            guidance_in, txt_in), as :func:`input_ranks` reads them from the
+            LoRA; None writes :data:`DEFAULT_RANK` for each.
 
     Example::
 
         for r in recipes_for({"double.7", "single.20"}):
             print(r.trainer, r.text)
     """
+    if input_ranks is not None and len(input_ranks) != len(_IN_DIMS_LAYERS):
+        raise ValueError(f"in_dims has {len(_IN_DIMS_LAYERS)} entries, not {len(input_ranks)}")
     kept = [b for b in sort_blocks(blocks) if block_kind(b) != "other"]
-    return [_kohya(kept, rank), _ai_toolkit(kept), _one_trainer(kept)]
+    return [_kohya(kept, input_ranks), _ai_toolkit(kept), _one_trainer(kept)]

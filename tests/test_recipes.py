@@ -11,19 +11,23 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 
 from lora_prune.blocks import parse_block_spec
 from lora_prune.cli import cli
-from lora_prune.recipes import recipes_for
-from lora_prune.testing import SynthSpec, planted_lora, write_synth_lora
+from lora_prune.lora import read_lora
+from lora_prune.recipes import input_ranks, recipes_for
+from lora_prune.safetensors_io import TensorEntry, write_safetensors
+from lora_prune.testing import SynthSpec, planted_lora, synth_modules, write_synth_lora
 
 KEEP = parse_block_spec("input,double.0-2,double.7,single.5,single.30-37,final")
 
 # kohya-ss/sd-scripts docs/flux_train_network.md 6.4: "train_double_block_indices=0,1,8-12,18"
 # style lists; 6.3: "in_dims=[4,2,2,2,4]" (img_in, time_in, vector_in, guidance_in, txt_in);
-# 6.6: "--network_train_unet_only" trains FLUX.1 only.
+# 6.6: "--network_train_unet_only" trains FLUX.1 only. Without a LoRA to read ranks from, in_dims
+# are the "--network_dim=16" of the example command in section 4.
 KOHYA = (
     "--network_train_unet_only --network_args "
     '"train_double_block_indices=0-2,7" '
@@ -57,9 +61,12 @@ AI_TOOLKIT = """network:
       - "transformer.norm_out"
       - "transformer.proj_out\""""
 
-# Nerogar/OneTrainer modules/util/config/TrainConfig.py: layer_filter (comma-separated),
-# layer_filter_preset ("custom": modules/util/ui/ctk_components.py), layer_filter_regex;
-# modules/util/ModuleFilter.py matches with re.search on names like "transformer_blocks.0.attn.to_q".
+# Nerogar/OneTrainer wiki, LoRA page: "Layer Preset: ... You can choose "custom" and specify
+# your own, comma separated" (copy: aklevecz/onetrainer-docs src/content/docs/wiki/LoRA.md);
+# "Diffusion Models Overview": "down_blocks.1.attentions.0,down_blocks.1.attentions.1,...".
+# The Regex toggle is in the UI's tooltip only (modules/ui/BaseTrainingTabView.py):
+# layer_filter_regex (modules/util/config/TrainConfig.py); modules/util/ModuleFilter.py
+# matches with re.search on names like "transformer_blocks.0.attn.to_q".
 ONE_TRAINER = (
     r'"layer_filter": "^transformer_blocks\\.(0|1|2|7)\\.,'
     r"^single_transformer_blocks\\.(5|30|31|32|33|34|35|36|37)\\.,"
@@ -100,6 +107,8 @@ def test_one_trainer_patterns_select_exactly_the_kept_modules() -> None:
     text = json.loads("{" + recipes_for(KEEP)[2].text + "}")["layer_filter"]
     patterns = [re.compile(p.strip()) for p in text.split(",")]
     chosen = {n for n in NAMES if any(p.search(n) for p in patterns)}
+    # modules/module/LoRAModule.py refuses a filter that matches no module.
+    assert all(any(p.search(n) for n in NAMES) for p in patterns)
     expected = {
         *(f"transformer_blocks.{i}.attn.to_q" for i in (0, 1, 2, 7)),
         *(f"single_transformer_blocks.{i}.proj_out" for i in (5, *range(30, 38))),
@@ -147,7 +156,78 @@ def test_an_empty_keep_set_never_means_train_everything() -> None:
     kohya, ai_toolkit, one_trainer = recipes_for(["clip"])
     assert '"train_double_block_indices=none" "train_single_block_indices=none"' in kohya.text
     assert ai_toolkit.text.endswith("only_if_contains: []")
-    assert json.loads("{" + one_trainer.text + "}")["layer_filter"] == "^$"
+    # OneTrainer: an empty layer_filter trains every layer and one matching nothing raises
+    # (modules/module/LoRAModule.py), so the transformer's training is switched off
+    # (training_presets/Flux Dev.1/#flux LoRA.json: "transformer": {"train": true, ...}).
+    assert one_trainer.text == (
+        '"transformer": {\n    "train": false\n},\n"text_encoder": {\n    "train": true\n}'
+    )
+    assert "untrained" in one_trainer.note
+
+
+def _mixed_rank_lora(path: Path, ranks: dict[str, int]) -> Path:
+    """A kohya LoRA of input and double.0 whose modules have the given ranks (stem -> rank).
+
+    Stems the mapping leaves out are not written; the others are random factors.
+    """
+    rng = np.random.default_rng(3)
+    entries = []
+    for m in synth_modules(SynthSpec(grammar="kohya", blocks=("input", "double.0"))):
+        r = ranks.get(m.stem, ranks.get(m.block))
+        if r is None:
+            continue
+        for suffix, shape in (
+            ("lora_up.weight", (m.out_features, r)),
+            ("lora_down.weight", (r, m.in_features)),
+        ):
+            array = np.ascontiguousarray(rng.standard_normal(shape), dtype="<f4")
+            entries.append(TensorEntry(f"{m.stem}.{suffix}", "F32", array.shape, array.tobytes))
+    write_safetensors(path, entries, {})
+    return path
+
+
+def test_in_dims_are_the_ranks_the_lora_has_on_its_input_layers(tmp_path: Path) -> None:
+    # docs/flux_train_network.md 6.3: "in_dims=[4,2,2,2,4]", one rank per img_in, time_in,
+    # vector_in, guidance_in, txt_in; 0 trains no LoRA there (networks/lora_flux.py skips dim 0).
+    lora = read_lora(
+        _mixed_rank_lora(
+            tmp_path / "mixed.safetensors",
+            {
+                "lora_unet_img_in": 32,
+                "lora_unet_time_in_in_layer": 8,
+                "lora_unet_time_in_out_layer": 12,
+                "lora_unet_vector_in_in_layer": 8,
+                "lora_unet_vector_in_out_layer": 8,
+                "lora_unet_txt_in": 4,
+                "double.0": 6,
+            },  # no guidance_in: a schnell LoRA
+        )
+    )
+    assert input_ranks(lora) == (32, 12, 8, 0, 4)
+    kohya = recipes_for({"input", "double.0"}, input_ranks=input_ranks(lora))[0]
+    assert kohya.text == (
+        "--network_train_unet_only --network_args "
+        '"train_double_block_indices=0" "train_single_block_indices=none" '
+        '"in_dims=[32,12,8,0,4]"'
+    )
+    assert "the LoRA's ranks" in kohya.note
+    # Without input modules: the LoRA's network dim (its most common rank), not kohya's 16.
+    blocks_only = read_lora(_mixed_rank_lora(tmp_path / "b.safetensors", {"double.0": 6}))
+    assert input_ranks(blocks_only) == (6, 6, 6, 6, 6)
+
+
+def test_slim_writes_the_loras_own_input_rank_into_in_dims(tmp_path: Path) -> None:
+    spec = SynthSpec(grammar="kohya", rank=8, blocks=("input", "double.0", "double.1"))
+    lora = write_synth_lora(tmp_path / "r8.safetensors", spec)
+    out = tmp_path / "slim.safetensors"
+    result = CliRunner().invoke(
+        cli, ["slim", str(lora), "--keep", "input,double.1", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        '    --network_train_unet_only --network_args "train_double_block_indices=1" '
+        '"train_single_block_indices=none" "in_dims=[8,8,8,8,8]"\n'
+    ) in result.output
 
 
 def test_slim_prints_the_recipes_of_the_kept_blocks(tmp_path: Path) -> None:
@@ -173,7 +253,8 @@ def test_analyze_writes_and_prints_the_recipes_of_the_suggestion(tmp_path: Path)
     ranking = json.loads((out / "ranking.json").read_text())
     blocks = ranking["suggestion"]["blocks"]
     assert blocks
-    assert ranking["recipes"] == [asdict(r) for r in recipes_for(blocks)]
+    ranks = input_ranks(read_lora(lora))
+    assert ranking["recipes"] == [asdict(r) for r in recipes_for(blocks, input_ranks=ranks)]
     kohya = ranking["recipes"][0]["text"]
     assert "train_double_block_indices=" in kohya and "train_single_block_indices=" in kohya
     tail = result.output.split("suggested keep", 1)[1]

@@ -250,6 +250,67 @@ def test_cli_errors_are_one_line_and_leave_the_input(
     assert not path.with_name("planted.resized.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--ranks", "double=0"], "the rank '0' of 'double' is not an integer >= 1"),
+        (["--ranks", "double=x2"], "the rank 'x2' of 'double' is not an integer >= 1"),
+        (["--ranks", "double=4,single"], "'single' has no rank"),
+        (["--ranks", ""], "--ranks names no block"),
+        (["--ranks", "=4"], "empty block spec, --ranks"),
+        (["--ranks", "bogus=4"], "unknown block 'bogus'"),
+        (["--ranks", "double.99=4"], "double block index 99"),
+        (["--ranks", "double=4", "--energy", "0.9"], "--ranks and --energy do not combine"),
+        (["--rank", "0", "--ranks", "double=4"], "--rank 0 is not an integer >= 1"),
+    ],
+)
+def test_cli_ranks_errors_are_one_line_and_leave_the_input(
+    planted: tuple[Path, dict[str, int]], args: list[str], needle: str
+) -> None:
+    path, _ = planted
+    sha = file_sha256(path)
+    code, out, err = run_cli("resize", str(path), *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert file_sha256(path) == sha
+    assert not path.with_name("planted.resized.safetensors").exists()
+
+
+def _cli_ranks(path: Path, out: Path, *args: str) -> tuple[dict[str, int], str]:
+    """Resize on the command line; the output's rank per block (one per block here) and stderr."""
+    code, stdout, err = run_cli("resize", str(path), *args, "-o", str(out))
+    assert code == 0, stdout + err
+    per_block: dict[str, set[int]] = {}
+    for m in read_lora(out).modules.values():
+        per_block.setdefault(m.block, set()).add(m.tensors["down"].shape[0])
+    assert all(len(r) == 1 for r in per_block.values()), per_block
+    return {b: r.pop() for b, r in per_block.items()}, err
+
+
+def test_cli_ranks_give_blocks_their_own_rank(
+    planted: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, _ = planted  # double.0, single.1 and final, stored rank 8
+    got, err = _cli_ranks(path, tmp_path / "a.st", "--ranks", "double=2,final=3")
+    assert got == {"double.0": 2, "single.1": STORED_RANK, "final": 3} and err == ""
+    # --rank is the default of the blocks --ranks leaves out; the record names the LoRA's blocks.
+    got, _ = _cli_ranks(path, tmp_path / "b.st", "--rank", "1", "--ranks", "single.1=4")
+    assert got == {"double.0": 1, "single.1": 4, "final": 1}
+    record = json.loads(read_header(tmp_path / "b.st").metadata[RESIZED_RANKS_KEY])
+    assert record["ranks"] == {"double.0": 1, "final": 1, "single.1": 4}
+    # A SPEC holds commas as --keep's does; a later entry overrides an earlier one.
+    got, _ = _cli_ranks(path, tmp_path / "c.st", "--ranks", "single,double=4,single.1=6")
+    assert got == {"double.0": 4, "single.1": 6, "final": STORED_RANK}
+    # --blocks limits every rank, --ranks's too.
+    args = ["--rank", "1", "--ranks", "final=2,single=5", "--blocks", "double.0,final"]
+    got, _ = _cli_ranks(path, tmp_path / "d.st", *args)
+    assert got == {"double.0": 1, "single.1": STORED_RANK, "final": 2}
+    # An entry for blocks the LoRA lacks is noted, not refused.
+    got, err = _cli_ranks(path, tmp_path / "e.st", "--ranks", "input=4,double=2")
+    assert got == {"double.0": 2, "single.1": STORED_RANK, "final": STORED_RANK}
+    assert err == "note: the LoRA has no input; --ranks changes nothing there\n"
+
+
 def test_cli_refuses_the_input_as_output_and_prints_what_it_did(
     planted: tuple[Path, dict[str, int]],
 ) -> None:

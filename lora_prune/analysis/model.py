@@ -96,6 +96,8 @@ class Analysis:
     #: the pruning curve, when one was rendered (analyze --curve, slim --auto)
     curve: list[CurvePoint] | None = None
     curve_criterion: Criterion | None = None
+    #: the LoRA's ranks on its input layers, for the recipes (lora_prune.recipes.input_ranks)
+    input_ranks: tuple[int, ...] | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -120,7 +122,9 @@ class Analysis:
             "spearman": self.spearman,
             "suggestion": asdict(self.suggestion),
             # the trainer settings that retrain only the suggested blocks (lora_prune.recipes)
-            "recipes": [asdict(r) for r in recipes_for(self.suggestion.blocks)]
+            "recipes": [
+                asdict(r) for r in recipes_for(self.suggestion.blocks, input_ranks=self.input_ranks)
+            ]
             if self.suggestion.command is not None
             else [],
             "references": self.references,

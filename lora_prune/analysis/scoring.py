@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..lora import LoraFile
 from ..metrics import diff_map, mean_std, mse, spearman, ssim
 from ..pictures import colorize, global_vmax, save_png
+from ..recipes import input_ranks
 from ..rendercache import check_render, damaged, load_render
 from ..safetensors_io import TensorEntry, build_header
 from ..settings import AnalyzeSettings, PictureOptions, check_coverage
@@ -301,6 +302,7 @@ def compute_analysis(
         images=scores.images,
         out_dir=out_dir,
         effects=effects,
+        input_ranks=input_ranks(lora) if lora is not None else None,
     )
     write_pictures(analysis, out_dir, options, image, refs, jobs)
     write_csv(out_dir / "ranking.csv", rows)
