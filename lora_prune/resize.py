@@ -481,7 +481,7 @@ def _peft_changes(lora: LoraFile, ranks: dict[str, int]) -> dict[str, tuple[int,
 def _check_request(rank: int | None, energy: float | None, ranks: Mapping[str, int] | None) -> None:
     if sum(x is not None for x in (rank, energy, ranks)) != 1:
         raise UsageError(
-            "give exactly one of --rank and --energy", None, "see lora-prune resize --help"
+            "give --rank and/or --ranks, or --energy", None, "see lora-prune resize --help"
         )
     if rank is not None and not _is_rank(rank):
         raise UsageError(f"--rank {rank} is not an integer >= 1", "--rank", "use e.g. --rank 16")

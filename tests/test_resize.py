@@ -233,8 +233,8 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         (["--rank", "0"], "--rank 0 is not an integer >= 1"),
         (["--energy", "0"], "--energy 0.0 is not a finite number in (0, 1]"),
         (["--energy", "1.5"], "--energy 1.5"),
-        (["--rank", "2", "--energy", "0.9"], "exactly one of --rank and --energy"),
-        ([], "exactly one of --rank and --energy"),
+        (["--rank", "2", "--energy", "0.9"], "give --rank and/or --ranks, or --energy"),
+        ([], "give --rank and/or --ranks, or --energy"),
         (["--rank", "2", "--blocks", "double.99"], "double block index 99"),
     ],
 )
