@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from lora_prune.analysis.model import BlockRow
+from lora_prune.analysis.scoring import suggest_keep
 from lora_prune.blocks import block_order
 from lora_prune.cli import cli
 from lora_prune.errors import UsageError
@@ -106,3 +108,22 @@ def test_auto_keeps_the_marker_blocks_in_every_candidate(tmp_path: Path) -> None
         assert result.order[: len(pinned)] == pinned
         # Every rendered candidate holds the pinned blocks (k = 0 is the base image).
         assert all(set(pinned) <= set(p.blocks) for p in result.curve if p.k > 0)
+
+
+def test_the_suggested_keep_set_holds_the_marker_blocks(tmp_path: Path) -> None:
+    def row(block: str, mse: float, rank: int) -> BlockRow:
+        return BlockRow(block, "solo", mse, 0.0, 1.0, 0.0, rank, 0, 0, 0.0, rank)
+
+    rows = [row("double.3", 90.0, 1), row("single.0", 6.0, 2), row("input", 4.0, 3)]
+    for grammar, expected in (
+        ("kohya", ["double.3"]),
+        ("bfl-control", ["input", "double.3", "single.0"]),
+    ):
+        lora = read_lora(_lora(tmp_path, grammar))
+        suggestion = suggest_keep(rows, 0.5, lora, {}, lora.path.name)
+        assert suggestion.blocks == expected
+        assert suggestion.coverage == pytest.approx(
+            sum(r.mse for r in rows if r.block in expected) / 100
+        )
+        # What analyze suggests, slim writes.
+        slim_lora(lora, suggestion.blocks, output=tmp_path / f"{grammar}.slim.safetensors")

@@ -236,23 +236,6 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         (["--rank", "2", "--energy", "0.9"], "give --rank and/or --ranks, or --energy"),
         ([], "give --rank and/or --ranks, or --energy"),
         (["--rank", "2", "--blocks", "double.99"], "double block index 99"),
-    ],
-)
-def test_cli_errors_are_one_line_and_leave_the_input(
-    planted: tuple[Path, dict[str, int]], args: list[str], needle: str
-) -> None:
-    path, _ = planted
-    sha = file_sha256(path)
-    code, out, err = run_cli("resize", str(path), *args)
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
-    assert file_sha256(path) == sha
-    assert not path.with_name("planted.resized.safetensors").exists()
-
-
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
         (["--ranks", "double=0"], "the rank '0' of 'double' is not an integer >= 1"),
         (["--ranks", "double=x2"], "the rank 'x2' of 'double' is not an integer >= 1"),
         (["--ranks", "double=4,single"], "'single' has no rank"),
@@ -264,14 +247,14 @@ def test_cli_errors_are_one_line_and_leave_the_input(
         (["--rank", "0", "--ranks", "double=4"], "--rank 0 is not an integer >= 1"),
     ],
 )
-def test_cli_ranks_errors_are_one_line_and_leave_the_input(
+def test_cli_errors_are_one_line_and_leave_the_input(
     planted: tuple[Path, dict[str, int]], args: list[str], needle: str
 ) -> None:
     path, _ = planted
     sha = file_sha256(path)
     code, out, err = run_cli("resize", str(path), *args)
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
     assert file_sha256(path) == sha
     assert not path.with_name("planted.resized.safetensors").exists()
 

@@ -38,6 +38,7 @@ from lora_prune.errors import (
     UsageError,
 )
 from lora_prune.lora import read_lora
+from lora_prune.markers import pinned_blocks
 from lora_prune.safetensors_io import TensorEntry, build_header
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
@@ -123,6 +124,8 @@ def test_slim_keeps_exactly_the_chosen_blocks_byte_for_byte(
     present = set(key_block.values())
     keep = {"double.0", "double.7", "single.3", "single.37", "final"} & present
     assert len(keep) >= 3, "every grammar names some of these blocks"
+    # BFL control and XLabs files load only with their marker blocks (tests/test_markers.py).
+    keep |= set(pinned_blocks(read_lora(src)))
 
     result = slim_lora(src, keep, output=fresh(workdir))
 
@@ -496,10 +499,16 @@ def test_property_keep_and_drop_partition_the_tensors(
     everything = official_tensors(src)
     key_block = blocks_of_keys(spec)
     sides: list[Tensors] = []
+    pinned = set(pinned_blocks(read_lora(src)))
     for kwargs in ({"keep": keep}, {"drop": keep}):
+        kept_blocks = keep if "keep" in kwargs else set(key_block.values()) - keep
         try:
             out = slim_lora(src, **kwargs, output=fresh(workdir)).output  # type: ignore[arg-type]
         except UsageError as exc:
+            if pinned - kept_blocks:
+                # Dropping a marker block is refused before anything else (tests/test_markers.py).
+                assert "marker keys" in str(exc)
+                return
             assert "leaves no tensors" in str(exc)
             sides.append({})
             continue
@@ -519,6 +528,7 @@ def test_property_slim_is_idempotent(
     src = source(spec)
     if not keep & set(present_blocks(spec)):
         keep = keep | {present_blocks(spec)[0]}
+    keep = keep | set(pinned_blocks(read_lora(src)))
     once = slim_lora(src, keep, output=fresh(workdir))
     twice = slim_lora(once.output, keep, output=fresh(workdir))
     assert official_tensors(twice.output) == official_tensors(once.output)

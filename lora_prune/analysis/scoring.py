@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..blocks import block_order, format_block_spec
+from ..blocks import block_order, format_block_spec, sort_blocks
 from ..errors import UsageError
 from ..lora import LoraFile
+from ..markers import pinned_blocks
 from ..metrics import diff_map, mean_std, mse, spearman, ssim
 from ..pictures import colorize, global_vmax, save_png
 from ..recipes import input_ranks
@@ -67,7 +68,10 @@ def suggest_keep(
     bytes_by_block: Mapping[str, int],
     lora_name: str,
 ) -> Suggestion:
-    """The fewest top-ranked blocks whose MSE covers ``coverage_target`` of the total."""
+    """The fewest top-ranked blocks whose MSE covers ``coverage_target`` of the total.
+
+    Blocks holding the marker keys loaders need (:mod:`lora_prune.markers`) are added.
+    """
     mode = rows[0].mode if rows else "solo"
     ranked = sorted(rows, key=lambda r: (r.rank, block_order(r.block)))
     total = sum(r.mse for r in ranked)
@@ -79,6 +83,13 @@ def suggest_keep(
                 break
             chosen.append(row.block)
             covered += row.mse
+    if lora is not None and chosen:
+        # Without their marker keys loaders ignore the whole file: a keep set slim can write.
+        mse = {r.block: r.mse for r in ranked}
+        for block in sort_blocks(pinned_blocks(lora)):
+            if block not in chosen:
+                chosen.append(block)
+                covered += mse.get(block, 0.0)
     bytes_before = sum(bytes_by_block.values())
     if lora is not None and chosen:
         size = keep_size(lora, chosen)
