@@ -54,17 +54,6 @@ TINY_TRANSFORMER_CONFIG: dict[str, object] = {
     "axes_dims_rope": (4, 6, 6),
 }
 
-# FLUX.1-dev's scheduler_config.json values.
-TINY_SCHEDULER_CONFIG: dict[str, object] = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-
 # Bias and norm-scale spread; large enough that no layer is a no-op, small
 # enough that 57 residual blocks do not saturate the image.
 _BIAS_STD = 0.05
@@ -200,7 +189,12 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> An
         transformer = diffusers.FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     modules: list[torch.nn.Module] = [transformer, vae, text_encoder, text_encoder_2]
     _reinitialise(modules, seed, dtype)
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER_CONFIG)
+    # FLUX.1-dev's own scheduler; imported here because loading imports this module.
+    from .loading import shipped_config
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+        shipped_config("flux1-scheduler.json")
+    )
     for module in modules:
         module.eval()
         module.requires_grad_(False)
