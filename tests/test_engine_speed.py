@@ -50,8 +50,10 @@ def test_compiled_matches_eager_and_switching_does_not_recompile(lora_path: Path
     with BlockEngine(loaded, lora, truncatable=True) as engine:
         eager_capped = engine.render(variants, SETTINGS, batch_size=2, output="float", ranks=caps)
     torch._dynamo.reset()
+    hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
     try:
         with BlockEngine(loaded, lora, compile=True, truncatable=True) as engine:
+            assert torch._dynamo.config.skip_nnmodule_hook_guards is False
             first = engine.render(variants, SETTINGS, batch_size=2, output="float")
             torch._dynamo.config.error_on_recompile = True
             # Other selections and ranks, same batch size: new mask values, the same compiled code.
@@ -59,6 +61,8 @@ def test_compiled_matches_eager_and_switching_does_not_recompile(lora_path: Path
             capped = engine.render(variants, SETTINGS, batch_size=2, output="float", ranks=caps)
         blocks = [*loaded.pipe.transformer.transformer_blocks]
         assert all(b._compiled_call_impl is None for b in blocks)  # close() restored eager blocks
+        # ... and dynamo's process-wide hook-guard setting.
+        assert torch._dynamo.config.skip_nnmodule_hook_guards == hook_guards
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()

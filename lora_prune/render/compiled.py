@@ -18,6 +18,10 @@ import torch
 
 __all__ = ["compile_blocks", "step_cache", "uncompile"]
 
+# The compiled block lists still out, and dynamo's hook-guard setting before the first.
+_open_compiles: list[list[torch.nn.Module]] = []
+_saved_hook_guards: list[bool] = []
+
 # diffusers.hooks registry names of hooks that skip or reuse block outputs across steps
 # (diffusers 0.42: first_block_cache, faster_cache, mag_cache, pyramid_attention_broadcast,
 # taylorseer_cache, sea_cache, text_kv_cache, layer_skip).
@@ -62,22 +66,33 @@ def compile_blocks(transformer: torch.nn.Module, **options: Any) -> list[torch.n
     # Dynamo skips guards on module hooks by default, so the code traced for a block
     # without LoRA hooks would be reused for one with hooks (all blocks share one
     # forward): the LoRA would silently vanish from every block after the first step.
+    # The setting is process-wide: uncompile() puts it back once no engine needs it.
+    if not _open_compiles:
+        _saved_hook_guards[:] = [bool(torch._dynamo.config.skip_nnmodule_hook_guards)]
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     repeated = getattr(transformer, "_repeated_blocks", None)
     regional = getattr(transformer, "compile_repeated_blocks", None)
+    blocks: list[torch.nn.Module] = []
     if repeated and callable(regional):
         regional(**options)
-        return [m for m in transformer.modules() if type(m).__name__ in repeated]
-    blocks: list[torch.nn.Module] = []
-    for attr in ("transformer_blocks", "single_transformer_blocks"):
-        blocks.extend(getattr(transformer, attr, None) or [])
-    for block in blocks:
-        block.compile(**options)
+        blocks = [m for m in transformer.modules() if type(m).__name__ in repeated]
+    else:
+        for attr in ("transformer_blocks", "single_transformer_blocks"):
+            blocks.extend(getattr(transformer, attr, None) or [])
+        for block in blocks:
+            block.compile(**options)
+    _open_compiles.append(blocks)
     return blocks
 
 
 def uncompile(blocks: list[torch.nn.Module]) -> None:
-    """Run ``blocks`` eagerly again, as before :func:`compile_blocks`."""
+    """Run ``blocks`` eagerly again, as before :func:`compile_blocks` (and its dynamo setting)."""
     for block in blocks:
         # nn.Module.compile() only sets this; clearing it restores the eager call.
         block._compiled_call_impl = None
+    for i, compiled in enumerate(_open_compiles):
+        if compiled is blocks:
+            del _open_compiles[i]
+            if not _open_compiles and _saved_hook_guards:
+                torch._dynamo.config.skip_nnmodule_hook_guards = _saved_hook_guards.pop()
+            break
