@@ -9,6 +9,7 @@ that changes nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from browser import Browser
 from click.testing import CliRunner
 from PIL import Image
 
-from lora_prune.analysis import AnalyzeSettings
+from lora_prune.analysis import AnalyzeSettings, Renderer, analyze, read_manifest
 from lora_prune.check import load_policy, run_check
 from lora_prune.cli import cli
 from lora_prune.errors import EXIT_NO_EFFECT, NoEffectError
@@ -216,6 +217,50 @@ def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
     code, _, _ = run_cli("analyze", "--from", str(out))
     assert code == 0
     assert json.loads((out / "ranking.json").read_text())["pruning_curve"]["points"] == points
+
+
+class _Counting:
+    """The session's renderer, counting the images it renders (or refusing to render)."""
+
+    def __init__(self, inner: Renderer, allowed: bool = True) -> None:
+        self.inner, self.model_id, self.versions = inner, inner.model_id, inner.versions
+        self.allowed, self.images = allowed, 0
+
+    def __call__(
+        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
+    ) -> list[np.ndarray]:
+        assert self.allowed, "rendered although every image was cached"
+        self.images += len(variants)
+        return self.inner(variants, prompt, seed, settings)
+
+
+def test_the_curve_is_cached_beside_the_sweep_and_checked(planted: Path, tmp_path: Path) -> None:
+    lora, sha = read_lora(planted), file_sha256(planted)
+    settings = AnalyzeSettings(
+        prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2, modes=("loo",)
+    )
+    out = tmp_path / "a"
+    with open_session(ModelSpec(model="tiny"), lora) as session:
+        first = _Counting(session.renderer)
+        one = analyze(lora, sha, settings, out, first, curve=Criterion(), batch_size=16)
+        # The sweep (base, full, one per block) and the curve's k = 1..n.
+        n = len(lora.blocks)
+        assert first.images == (2 + n) + n
+        two = analyze(lora, sha, settings, out, _Counting(session.renderer, allowed=False),
+                      curve=Criterion(), batch_size=16)  # fmt: skip
+        assert one.curve is not None and two.curve is not None
+        assert [p.kept for p in two.curve] == [p.kept for p in one.curve]
+        # A damaged curve image is noticed and rendered again (with its batch).
+        # One file per distinct image: k = n is the full image, k = n - 1 the last block's loo.
+        assert len(list((out / "images").glob("*.png"))) == (2 + n) + n - 2
+        swept = {job["key"] for job in read_manifest(out)["jobs"]}
+        victim = next(p for p in sorted((out / "images").glob("*.png")) if p.stem not in swept)
+        victim.write_bytes(victim.read_bytes()[:-8])
+        third = _Counting(session.renderer)
+        again = analyze(lora, sha, settings, out, third, curve=Criterion(), batch_size=16)
+    assert 0 < third.images <= 16  # the damaged image's batch of the curve, nothing else
+    assert again.curve is not None
+    assert [p.kept for p in again.curve] == [p.kept for p in one.curve]
 
 
 # --- a LoRA that changes nothing ----------------------------------------------

@@ -31,6 +31,7 @@ from .model import Suggestion as Suggestion
 from .outputs import write_results as write_results
 from .plan import MANIFEST as MANIFEST
 from .plan import SCHEMA_VERSION as SCHEMA_VERSION
+from .plan import CachingRenderer as CachingRenderer
 from .plan import Job as Job
 from .plan import Progress as Progress
 from .plan import Renderer as Renderer
@@ -211,7 +212,7 @@ def analyze(
             lora_sha256,
             result,
             settings,
-            renderer,
+            CachingRenderer(renderer, out_dir, lora_sha256),
             criterion=curve,
             distances=distances or BASE_DISTANCES,
             batch_size=batch_size,

@@ -7,6 +7,8 @@ record (see :mod:`lora_prune.rendercache`) and renders only the batches
 holding one that is missing or damaged (this process's share, with a
 :class:`Shard`).
 The manifest records the plan beside the renders for ``analyze --from``.
+:class:`CachingRenderer` keeps renders outside the plan (the pruning curve's
+keep sets) in the same cache, so a rerun renders them only once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..boundedjson import JsonLimitError, loads_bounded
 from ..errors import UnreadableFileError, UsageError
 from ..fileio import read_limited
 from ..lora import LoraFile
-from ..rendercache import check_render, save_render
+from ..rendercache import DamagedRenderError, check_render, load_render, save_render
 from ..settings import AnalyzeSettings
 from ..stats import BlockStats, block_stats
 
@@ -51,7 +53,12 @@ class Job:
 
     @property
     def path(self) -> str:
-        return f"images/{self.key}.png"
+        return image_path(self.key)
+
+
+def image_path(key: str) -> str:
+    """Where the image of a cache key lies, relative to the analysis folder."""
+    return f"images/{key}.png"
 
 
 def _no_wait() -> None:
@@ -270,6 +277,63 @@ def render_missing(
         if progress:
             progress(done, total)
     return stats
+
+
+class CachingRenderer:
+    """A :class:`Renderer` that keeps what it renders in ``out_dir/images``, by cache key.
+
+    For the renders outside the sweep's plan (the pruning curve of ``analyze
+    --curve`` and ``slim --auto``): a call whose images are all cached, each
+    matching its record, renders nothing (the base and full images are the
+    sweep's own); otherwise the whole batch is rendered, as the first run
+    did (an image depends, by a level at most, on its batch companions, and
+    the callers build the same batches every run), and the images missing or
+    damaged are saved. ``rendered`` and ``cached`` count images.
+    """
+
+    def __init__(self, renderer: Renderer, out_dir: Path, lora_sha256: str) -> None:
+        self.inner = renderer
+        self.out_dir = out_dir
+        self.lora_sha256 = lora_sha256
+        self.model_id = renderer.model_id
+        self.versions = renderer.versions
+        self.rendered = 0
+        self.cached = 0
+
+    def __call__(
+        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
+    ) -> list[np.ndarray]:
+        keys = [
+            cache_key(
+                model_id=self.model_id,
+                lora_sha256=self.lora_sha256,
+                blocks=frozenset(v),
+                prompt=prompt,
+                seed=seed,
+                settings=settings,
+                versions=self.versions,
+            )
+            for v in variants
+        ]
+        paths = [self.out_dir / image_path(k) for k in keys]
+        if all(p.exists() for p in paths):
+            try:
+                images = [
+                    load_render(p, k, settings.width, settings.height)
+                    for p, k in zip(paths, keys, strict=True)
+                ]
+            except DamagedRenderError:
+                pass  # rendered again below, and replaced
+            else:
+                self.cached += len(images)
+                return images
+        images = self.inner(variants, prompt, seed, settings)
+        self.rendered += len(images)
+        (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
+        for path, key, image in zip(paths, keys, images, strict=True):
+            if not path.exists() or check_render(path, key, settings.width, settings.height):
+                save_render(image, path, key)
+        return images
 
 
 def build_manifest(

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..analysis import (
     MANIFEST,
     Analysis,
+    CachingRenderer,
     analyze,
     keep_size,
     read_manifest,
@@ -120,7 +121,8 @@ def auto_slim(
             sha,
             analysis,
             settings,
-            session.renderer,
+            # The curve's keep sets are cached beside the sweep: a rerun renders none again.
+            CachingRenderer(session.renderer, work_dir, sha),
             criterion=criterion,
             distances=distances,
             batch_size=batch_size,
