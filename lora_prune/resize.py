@@ -76,6 +76,7 @@ __all__ = [
     "ModuleSpectrum",
     "ResizeResult",
     "factor_svd",
+    "is_rank",
     "module_spectra",
     "resize_lora",
     "resized_ranks",
@@ -483,16 +484,17 @@ def _check_request(rank: int | None, energy: float | None, ranks: Mapping[str, i
         raise UsageError(
             "give --rank and/or --ranks, or --energy", None, "see lora-prune resize --help"
         )
-    if rank is not None and not _is_rank(rank):
+    if rank is not None and not is_rank(rank):
         raise UsageError(f"--rank {rank} is not an integer >= 1", "--rank", "use e.g. --rank 16")
     for name, k in (ranks or {}).items():
-        if not _is_rank(k):
+        if not is_rank(k):
             raise UsageError(f"the rank {k!r} is not an integer >= 1", name, "give ranks >= 1")
     if energy is not None:
         check_number(energy, "--energy", 0.0, 1.0, fix="use e.g. --energy 0.95", lo_open=True)
 
 
-def _is_rank(k: object) -> bool:
+def is_rank(k: object) -> bool:
+    """Whether ``k`` is a rank a module can have: an integer >= 1 (not a bool)."""
     return isinstance(k, int) and not isinstance(k, bool) and k >= 1
 
 

@@ -46,7 +46,7 @@ from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterErr
 from ..geometry import FLUX1_DEV, TINY
 from ..keys import Target
 from ..lora import LoraFile, LoraModule
-from ..resize import rotated_factors, why_kept
+from ..resize import is_rank, rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
 from ..settings import ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
@@ -216,7 +216,6 @@ class BlockEngine:
         self.lora = lora
         self.truncatable = truncatable
         self.ranks = {}
-        self._rank_models: dict[str, str] = {}
         self.pipe: Any = loaded.pipe
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._hooks: dict[str, Hook] = {}
@@ -293,7 +292,7 @@ class BlockEngine:
         self._switches.rank_off = self._switches.rank_masks = {
             stem: torch.ones(1, r, device=device)
             for stem, r in self.ranks.items()
-            if self._rank_models[stem] == "transformer"
+            if self._model_of(stem) == "transformer"
         }
         for hook in hooks:
             hook.masked = True
@@ -581,10 +580,14 @@ class BlockEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``up, down`` in their SVD basis (float64 SVD, float32 out), registered as truncatable."""
         new_up, new_down, _ = rotated_factors(up.double().numpy(), down.double().numpy())
-        assert module.target is not None
         self.ranks[module.stem] = int(new_down.shape[0])
-        self._rank_models[module.stem] = module.target.model
         return torch.from_numpy(new_up).float(), torch.from_numpy(new_down).float()
+
+    def _model_of(self, stem: str) -> str:
+        """The component a truncatable module patches (transformer, clip or t5)."""
+        target = self.lora.modules[stem].target
+        assert target is not None  # attached modules all have one
+        return target.model
 
     def _add_pieces(
         self, plan: _Plan, device: torch.device, dtype: torch.dtype, parts: _Parts
@@ -734,7 +737,7 @@ class BlockEngine:
         )
         on = {m for m, flag in (("clip", clip), ("t5", t5)) if flag}
         text_caps = tuple(
-            sorted((stem, r) for stem, r in (caps or {}).items() if self._rank_models[stem] in on)
+            sorted((stem, r) for stem, r in (caps or {}).items() if self._model_of(stem) in on)
         )
         return clip, t5, text_caps
 
@@ -800,7 +803,7 @@ class BlockEngine:
                         self.lora.path,
                         "cap only modules that resize can lower (BlockEngine.ranks)",
                     )
-                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                if not is_rank(r):
                     raise UsageError(f"rank {r!r} is not an integer >= 1", stem, "give ranks >= 1")
                 if r < self.ranks[stem]:
                     out[stem] = r
@@ -904,10 +907,11 @@ class BlockEngine:
         pooled = torch.cat([e[1] for _, _, e in batch], dim=0)
         caps = [c for _, c, _ in batch]
         # Eager hooks mask only the modules capped in this batch, compiled ones every module.
-        capped = {s for c in caps for s in c if self._rank_models[s] == "transformer"}
-        self._switches.rank_masks = self._rank_masks(
-            caps, set(self._switches.rank_off) if self._switches.rank_off else capped
-        )
+        if self._compiled:
+            stems = set(self._switches.rank_off)
+        else:
+            stems = {s for c in caps for s in c if self._model_of(s) == "transformer"}
+        self._switches.rank_masks = self._rank_masks(caps, stems)
         self._switches.selection = selection
         self._switches.batch = size
         self._set_mask(variants, self._switches.strength)

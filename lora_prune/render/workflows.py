@@ -215,9 +215,9 @@ def _search_budget(
     tried.extend(plan)
     folder = work_dir / "budget"
     folder.mkdir(parents=True, exist_ok=True)
+    passing = [(i, c) for i, c in enumerate(plan) if c.passed]
     # sorted() is stable: among equal shares the earlier (higher-rank) candidate goes first.
-    for candidate in sorted((c for c in plan if c.passed), key=_share, reverse=True):
-        i = plan.index(candidate)
+    for i, candidate in sorted(passing, key=lambda ic: _share(ic[1]), reverse=True):
         name = f"rank{candidate.rank}" if candidate.ranks is None else f"ranks{i}"
         path = folder / f"{name}.safetensors"
         resize_lora(
