@@ -254,7 +254,8 @@ def budget_error(
     lora: LoraFile, budget: int, tried: Sequence[BudgetCandidate], smallest: BudgetCandidate
 ) -> BudgetError:
     """No file under the budget passes: say so, and the smallest size known to pass."""
-    rendered = [c for c in tried if c.passed is not None]
+    # The full-rank keep set (tried first) is no reduced-rank candidate.
+    rendered = [c for c in tried if c.passed is not None and (c.rank, c.ranks) != (None, None)]
     what = (
         f"no keep set under {human_bytes(budget)} passes the verdict "
         f"({len(rendered)} reduced-rank candidate{'s' if len(rendered) != 1 else ''} tried)"

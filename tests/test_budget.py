@@ -174,6 +174,8 @@ def test_an_impossible_budget_names_the_smallest_size_that_passes(
     smallest = keep_size(read_lora(low_rank), sorted(PLANTED))
     assert f"{smallest / 1000:.1f} KB" in errors[0]
     assert "double.3,single.7,final at full rank" in errors[0] and "--max-size" in errors[0]
+    # No reduced rank fits 2 KB: none was rendered, and the message does not count the full rank.
+    assert "no keep set that can pass fits in 2.0 KB" in errors[0], errors[0]
     assert not out.exists()
     code, output = run_cli("slim", str(low_rank), "--keep", "all", "--max-size", "1MB")
     assert code == 2 and "--max-size needs --auto" in output

@@ -213,9 +213,10 @@ def _search_budget(
     for candidate, verification in zip(plan, searched, strict=True):
         candidate.kept_share, candidate.passed = verification.kept_share, verification.passed
     tried.extend(plan)
-    folder = work_dir / "budget"
-    folder.mkdir(parents=True, exist_ok=True)
     passing = [(i, c) for i, c in enumerate(plan) if c.passed]
+    folder = work_dir / "budget"
+    if passing:
+        folder.mkdir(parents=True, exist_ok=True)
     # sorted() is stable: among equal shares the earlier (higher-rank) candidate goes first.
     for i, candidate in sorted(passing, key=lambda ic: _share(ic[1]), reverse=True):
         name = f"rank{candidate.rank}" if candidate.ranks is None else f"ranks{i}"
