@@ -99,6 +99,7 @@ def _rendered(output: str) -> list[int]:
     return [int(n) for n in re.findall(r"rendered (\d+) images", output)]
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_sweep_equals_one_process_and_resumes(tmp_path: Path) -> None:
     lora = planted_lora(tmp_path / "planted.safetensors", {"double.3": 1.0, "single.7": 1.0})
     args = ["analyze", str(lora), "--model", "tiny", "--prompt", "a fox", "--seeds", "0,1"]

@@ -32,7 +32,7 @@ from lora_prune.lora import read_lora
 from lora_prune.render import hooks
 from lora_prune.render.combination import render_combination
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
+from lora_prune.render.loading import LoadedModel
 from lora_prune.render.plain import plain_render as pipe_render
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
 from lora_prune.settings import ImageSettings
@@ -52,12 +52,6 @@ SETTINGS = ImageSettings(
     max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
 )
 TRANSFORMER_BLOCKS = ("input", *DOUBLE_IDS, *SINGLE_IDS, "final")
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    # Pinned: on a GPU machine "tiny" would default to cuda/bf16, where bit-exact checks do not hold.
-    return load_pipeline(ModelSpec("tiny", device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +79,16 @@ def kohya_path(files: Path) -> Path:
 
 
 @pytest.fixture()
-def kohya_engine(loaded: LoadedModel, kohya_path: Path) -> Iterator[BlockEngine]:
-    with BlockEngine(loaded, read_lora(kohya_path)) as engine:
+def kohya_engine(tiny_model: LoadedModel, kohya_path: Path) -> Iterator[BlockEngine]:
+    with BlockEngine(tiny_model, read_lora(kohya_path)) as engine:
         yield engine
 
 
 # --- against diffusers --------------------------------------------------------
 def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(
-    loaded: LoadedModel, files: Path
+    tiny_model: LoadedModel, files: Path
 ) -> None:
-    pipe = loaded.pipe
+    pipe = tiny_model.pipe
     spec = SynthSpec(
         grammar="diffusers",
         blocks=supported_blocks("diffusers"),
@@ -113,7 +107,7 @@ def test_all_blocks_equal_diffusers_peft_and_none_equals_plain(
     assert np.abs(reference - plain).max() > 0.05  # the LoRA does change the image
 
     lora = read_lora(path)
-    with BlockEngine(loaded, lora) as engine:
+    with BlockEngine(tiny_model, lora) as engine:
         assert engine.attached == len(lora.modules)
         assert engine.blocks == ["clip", *TRANSFORMER_BLOCKS]
         none, full = engine.render(
@@ -153,7 +147,7 @@ def _merged_pipeline(pipe: Any, path: Path, blocks: frozenset[str]) -> Any:
 
 
 def test_kohya_fused_and_global_modules_equal_a_merged_reference(
-    loaded: LoadedModel, kohya_path: Path, kohya_engine: BlockEngine
+    tiny_model: LoadedModel, kohya_path: Path, kohya_engine: BlockEngine
 ) -> None:
     variants = [
         frozenset({"input"}),
@@ -163,9 +157,9 @@ def test_kohya_fused_and_global_modules_equal_a_merged_reference(
         frozenset(TRANSFORMER_BLOCKS),
     ]
     images = kohya_engine.render(variants, SETTINGS, output="float")
-    plain = _pipe_render(loaded.pipe)
+    plain = _pipe_render(tiny_model.pipe)
     for variant, image in zip(variants, images, strict=True):
-        reference = _pipe_render(_merged_pipeline(loaded.pipe, kohya_path, variant))
+        reference = _pipe_render(_merged_pipeline(tiny_model.pipe, kohya_path, variant))
         assert np.abs(reference - plain).max() > 1e-3, variant  # the block does something
         assert np.abs(image - reference).max() <= 1e-4, variant
 
@@ -252,7 +246,7 @@ def test_strength_scales_the_delta_linearly(kohya_engine: BlockEngine, kohya_pat
 # --- other adapter types ------------------------------------------------------------
 @pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr", "kohya-diff"])
 def test_materialised_adapters_apply_their_delta(
-    loaded: LoadedModel, files: Path, grammar: str
+    tiny_model: LoadedModel, files: Path, grammar: str
 ) -> None:
     spec = SynthSpec(grammar=grammar, blocks=("double.2",), rank=4, alpha=2.0, seed=5)
     path = write_synth_lora(files / f"{grammar}.safetensors", spec)
@@ -271,9 +265,9 @@ def test_materialised_adapters_apply_their_delta(
         dw = dw * float(t[f"{stem}.alpha"]) / rank
     else:
         dw, bias = t[f"{stem}.diff"], t[f"{stem}.diff_b"]  # full deltas: never scaled by alpha
-    module = loaded.pipe.transformer.get_submodule("transformer_blocks.2.attn.to_out.0")
+    module = tiny_model.pipe.transformer.get_submodule("transformer_blocks.2.attn.to_out.0")
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
-    with BlockEngine(loaded, read_lora(path)) as engine, torch.no_grad():
+    with BlockEngine(tiny_model, read_lora(path)) as engine, torch.no_grad():
         base = module(x)
         with engine.activated(frozenset({"double.2"})):
             delta = module(x) - base
@@ -316,7 +310,7 @@ def _target_deltas(
 
 @pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr"])
 def test_factored_adapters_equal_their_dense_expansion_on_every_target(
-    loaded: LoadedModel, files: Path, grammar: str, monkeypatch: pytest.MonkeyPatch
+    tiny_model: LoadedModel, files: Path, grammar: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(hooks, "LOHA_CHUNK", 100)  # LoHa deltas built 3 rows at a time
     # fused qkv (8 x 12 kron rows: the q/k/v split at 32 cuts kron row blocks), fused linear1,
@@ -325,8 +319,8 @@ def test_factored_adapters_equal_their_dense_expansion_on_every_target(
     spec = SynthSpec(grammar=grammar, blocks=blocks, rank=4, alpha=2.0, seed=6)
     path = write_synth_lora(files / f"every-{grammar}.safetensors", spec)
     t = load_file(str(path))
-    with BlockEngine(loaded, read_lora(path)) as engine:
-        deltas = _target_deltas(engine, loaded.pipe.transformer, t)
+    with BlockEngine(tiny_model, read_lora(path)) as engine:
+        deltas = _target_deltas(engine, tiny_model.pipe.transformer, t)
         stored = sum(a.nbytes for k, a in t.items() if not k.endswith(".alpha"))
         # fp32 model, fp32 file: the factors once each, fused modules' input factors shared
         assert stored <= engine.attached_bytes <= 2 * stored
@@ -339,7 +333,7 @@ def test_factored_adapters_equal_their_dense_expansion_on_every_target(
 
 
 def test_lokr_row_splits_off_the_kron_grid_and_low_rank_w1(
-    loaded: LoadedModel, files: Path
+    tiny_model: LoadedModel, files: Path
 ) -> None:
     """Hand-made LoKr whose fused row splits fall inside rows of w1, w1 as a low-rank pair."""
     rng = np.random.default_rng(4)
@@ -369,8 +363,8 @@ def test_lokr_row_splits_off_the_kron_grid_and_low_rank_w1(
     }
     path = files / "lokr-hand.safetensors"
     save_file(t, str(path))
-    with BlockEngine(loaded, read_lora(path)) as engine:
-        deltas = _target_deltas(engine, loaded.pipe.transformer, t)
+    with BlockEngine(tiny_model, read_lora(path)) as engine:
+        deltas = _target_deltas(engine, tiny_model.pipe.transformer, t)
     assert len(deltas) == 4 + 3 + 1
     for name, delta, expected in deltas:
         assert float(expected.abs().max()) > 1e-3, name
@@ -379,12 +373,12 @@ def test_lokr_row_splits_off_the_kron_grid_and_low_rank_w1(
 
 @pytest.mark.parametrize("grammar", ["lycoris-kohya-loha", "lycoris-kohya-lokr"])
 def test_factored_adapters_batch_equals_one_by_one(
-    loaded: LoadedModel, files: Path, grammar: str
+    tiny_model: LoadedModel, files: Path, grammar: str
 ) -> None:
     blocks = ("input", "double.0", "single.0", "single.1", "final")
     spec = SynthSpec(grammar=grammar, blocks=blocks, rank=4, alpha=4.0, seed=8)
     path = write_synth_lora(files / f"batch-{grammar}.safetensors", spec)
-    with BlockEngine(loaded, read_lora(path)) as engine:
+    with BlockEngine(tiny_model, read_lora(path)) as engine:
         variants = [frozenset(), frozenset(blocks), *(frozenset({b}) for b in blocks)]
         batched = engine.render(variants, SETTINGS, batch_size=len(variants), output="float")
         singles = engine.render(variants, SETTINGS, batch_size=1, output="float")
@@ -393,11 +387,11 @@ def test_factored_adapters_batch_equals_one_by_one(
     assert all(np.abs(img - singles[0]).max() > 1e-3 for img in singles[1:])
 
 
-def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path) -> None:
+def test_control_lora_bias_and_norm_replacement(tiny_model: LoadedModel, files: Path) -> None:
     spec = SynthSpec(grammar="bfl-control", blocks=("input", "double.1"), rank=4, seed=9)
     path = write_synth_lora(files / "control.safetensors", spec)
     t = load_file(str(path))
-    transformer = loaded.pipe.transformer
+    transformer = tiny_model.pipe.transformer
     gen = torch.Generator().manual_seed(2)
     x_img = torch.randn(2, 4, 64, generator=gen)
     x_q = torch.randn(2, 3, 6, 16, generator=gen)
@@ -405,7 +399,7 @@ def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path
     replaced = copy.deepcopy(norm_q)
     with torch.no_grad():
         replaced.weight.copy_(torch.from_numpy(t["double_blocks.1.img_attn.norm.query_norm.scale"]))
-    with BlockEngine(loaded, read_lora(path)) as engine, torch.no_grad():
+    with BlockEngine(tiny_model, read_lora(path)) as engine, torch.no_grad():
         base = transformer.x_embedder(x_img)
         with engine.activated(frozenset({"input", "double.1"})):
             img_delta = transformer.x_embedder(x_img) - base
@@ -425,12 +419,12 @@ def test_control_lora_bias_and_norm_replacement(loaded: LoadedModel, files: Path
 
 
 # --- text encoders --------------------------------------------------------------------
-def test_text_encoder_blocks_toggle_per_image(loaded: LoadedModel, files: Path) -> None:
+def test_text_encoder_blocks_toggle_per_image(tiny_model: LoadedModel, files: Path) -> None:
     spec = SynthSpec(grammar="kohya", blocks=("clip", "t5"), rank=4, alpha=4.0, seed=4)
     path = write_synth_lora(files / "te.safetensors", spec)
     lora = read_lora(path)
-    plain = _pipe_render(loaded.pipe)
-    with BlockEngine(loaded, lora) as engine:
+    plain = _pipe_render(tiny_model.pipe)
+    with BlockEngine(tiny_model, lora) as engine:
         assert engine.blocks == ["clip", "t5"]
         assert engine.attached == len(lora.modules) == 2 * 6 + 2 * 7
         none, clip, t5, both, absent = engine.render(
@@ -452,20 +446,20 @@ def test_text_encoder_blocks_toggle_per_image(loaded: LoadedModel, files: Path) 
 
 
 # --- errors --------------------------------------------------------------------------
-def test_mismatched_widths_name_the_base_model(loaded: LoadedModel, files: Path) -> None:
+def test_mismatched_widths_name_the_base_model(tiny_model: LoadedModel, files: Path) -> None:
     spec = SynthSpec(grammar="kohya", geometry=FLUX1_DEV, blocks=("input", "double.0"), rank=1)
     path = write_synth_lora(files / "dev.safetensors", spec)
     with pytest.raises(ModelMismatchError) as info:
-        BlockEngine(loaded, read_lora(path))
+        BlockEngine(tiny_model, read_lora(path))
     message = str(info.value)
     assert "this LoRA is for FLUX.1 (hidden 3072) but the model has hidden 32" in message
     assert "lora_unet_double_blocks_0_img_attn_proj" in message or "more" in message
     assert "\n" not in message
-    assert _hook_count(loaded.pipe) == 0
+    assert _hook_count(tiny_model.pipe) == 0
     assert info.value.exit_code == 4
 
 
-def test_module_without_target_is_not_dropped(loaded: LoadedModel, files: Path) -> None:
+def test_module_without_target_is_not_dropped(tiny_model: LoadedModel, files: Path) -> None:
     spec = SynthSpec(grammar="kohya", blocks=("double.0",), rank=2)
     path = write_synth_lora(files / "plus.safetensors", spec)
     tensors = load_file(str(path))
@@ -474,7 +468,7 @@ def test_module_without_target_is_not_dropped(loaded: LoadedModel, files: Path) 
     save_file(tensors, str(files / "plus2.safetensors"))
     lora = read_lora(files / "plus2.safetensors", allow_unknown=True)
     with pytest.raises(ModelMismatchError, match="lora_unet_mystery_layer"):
-        BlockEngine(loaded, lora)
+        BlockEngine(tiny_model, lora)
 
 
 def test_sdxl_lora_is_refused_by_the_reader(files: Path) -> None:
@@ -493,7 +487,7 @@ def test_sdxl_lora_is_refused_by_the_reader(files: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".dora_scale", ".lora_magnitude_vector"])
-def test_dora_is_unsupported(loaded: LoadedModel, files: Path, suffix: str) -> None:
+def test_dora_is_unsupported(tiny_model: LoadedModel, files: Path, suffix: str) -> None:
     grammar = "kohya" if suffix == ".dora_scale" else "diffusers"
     path = write_synth_lora(
         files / f"dora-{grammar}.safetensors", SynthSpec(grammar=grammar, blocks=("double.1",))
@@ -504,12 +498,12 @@ def test_dora_is_unsupported(loaded: LoadedModel, files: Path, suffix: str) -> N
     tensors[stem + suffix] = np.ones((1, 32), dtype=np.float32)
     save_file(tensors, str(files / f"dora2-{grammar}.safetensors"))
     with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        BlockEngine(loaded, read_lora(files / f"dora2-{grammar}.safetensors"))
-    assert _hook_count(loaded.pipe) == 0
+        BlockEngine(tiny_model, read_lora(files / f"dora2-{grammar}.safetensors"))
+    assert _hook_count(tiny_model.pipe) == 0
 
 
 def test_text_encoder_weights_that_are_no_linear_are_refused_by_name(
-    loaded: LoadedModel, files: Path
+    tiny_model: LoadedModel, files: Path
 ) -> None:
     path = write_synth_lora(
         files / "te-other.safetensors", SynthSpec(grammar="comfyui", blocks=("double.1",))
@@ -521,21 +515,21 @@ def test_text_encoder_weights_that_are_no_linear_are_refused_by_name(
     lora = read_lora(files / "te-other2.safetensors")
     assert lora.key_blocks[key] == "clip"
     with pytest.raises(UnsupportedAdapterError, match="final_layer_norm is no Linear layer"):
-        BlockEngine(loaded, lora)
-    assert _hook_count(loaded.pipe) == 0
+        BlockEngine(tiny_model, lora)
+    assert _hook_count(tiny_model.pipe) == 0
 
 
 # --- lifetime -------------------------------------------------------------------------
 def test_hooks_only_weights_untouched_and_close_detaches(
-    loaded: LoadedModel, kohya_path: Path
+    tiny_model: LoadedModel, kohya_path: Path
 ) -> None:
-    pipe = loaded.pipe
+    pipe = tiny_model.pipe
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    engine = BlockEngine(loaded, read_lora(kohya_path))
+    engine = BlockEngine(tiny_model, read_lora(kohya_path))
     # fused linear1 lands on 4 modules: more hooks than LoRA modules
     assert _hook_count(pipe) > engine.attached == 19 * 10 + 38 * 3 + 8 + 2
     with pytest.raises(UsageError, match="another render engine"):
-        BlockEngine(loaded, read_lora(kohya_path))
+        BlockEngine(tiny_model, read_lora(kohya_path))
     engine.render([frozenset(engine.blocks)], SETTINGS)
     after = pipe.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -544,7 +538,7 @@ def test_hooks_only_weights_untouched_and_close_detaches(
     assert _hook_count(pipe) == 0
     with pytest.raises(UsageError, match="closed"):
         engine.render([frozenset()], SETTINGS)
-    with BlockEngine(loaded, read_lora(kohya_path)):  # a new engine may attach again
+    with BlockEngine(tiny_model, read_lora(kohya_path)):  # a new engine may attach again
         assert _hook_count(pipe) > 0
     assert _hook_count(pipe) == 0
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from diffusers.hooks import FirstBlockCacheConfig  # type: ignore[attr-defined]
+from diffusers.hooks import FirstBlockCacheConfig
 
 from lora_prune.errors import UsageError
 from lora_prune.lora import read_lora
@@ -39,6 +39,7 @@ def lora_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_and_switching_does_not_recompile(lora_path: Path) -> None:
     """Compiled with rank caps (truncatable): blocks and ranks switch by mask values alone."""
     loaded = _loaded()
@@ -96,7 +97,7 @@ def test_step_cache_is_refused_by_name(lora_path: Path) -> None:
 
 
 def test_step_cache_applied_without_enable_cache_is_named() -> None:
-    from diffusers.hooks import apply_first_block_cache  # type: ignore[attr-defined]
+    from diffusers.hooks import apply_first_block_cache
 
     from lora_prune.render.compiled import step_cache
 

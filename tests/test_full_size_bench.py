@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_full_size_smoke_prints_finite_ratios() -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "full_size.py"), "--smoke", "--naive", "1"],

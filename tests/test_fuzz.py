@@ -296,6 +296,7 @@ def test_seeds_read_cleanly(tmp_path: Path) -> None:
         assert run_target(path) == "ok"
 
 
+@pytest.mark.slow
 @settings(
     derandomize=True,
     max_examples=2500,

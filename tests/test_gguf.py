@@ -37,6 +37,9 @@ from lora_prune.render.loading import LoadedModel, _load_transformer_file
 from lora_prune.render.storage import dense_weight, inspect_transformer_file, weight_shape
 from lora_prune.testing import SynthSpec, write_synth_lora
 
+# Slow (a 0.55 B model each): one worker runs both real-width files, one after the other.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_width")]
+
 torch.set_num_threads(2)  # Q8_0 quantisation and dequantisation dominate; 2 threads halve them
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0

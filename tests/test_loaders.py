@@ -50,7 +50,7 @@ import torch
 from lora_prune.blocks import DOUBLE_BLOCKS, DOUBLE_IDS, SINGLE_BLOCKS, SINGLE_IDS, TEXT_ENCODER_IDS
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
+from lora_prune.render.loading import LoadedModel
 from lora_prune.render.plain import plain_render as pipe_render
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
 from lora_prune.resize import resize_lora
@@ -543,14 +543,9 @@ def test_the_replayed_loaders_reject_what_their_code_rejects() -> None:
     assert loaded_keys(COMFYUI, kohya | unmatched) == kohya
 
 
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return load_pipeline(ModelSpec("tiny", device="cpu", dtype="fp32"))
-
-
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
 def test_diffusers_loads_slim_and_resized_files_and_renders_like_the_engine(
-    loaded: LoadedModel, tmp_path: Path
+    tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
     spec = SynthSpec(
         grammar="diffusers",
@@ -563,7 +558,7 @@ def test_diffusers_loads_slim_and_resized_files_and_renders_like_the_engine(
     src = write_synth_lora(tmp_path / "src.safetensors", spec)
     slim = slim_lora(src, KEEP, output=tmp_path / "slim.safetensors").output
     resized = resize_lora(slim, tmp_path / "resized.safetensors", rank=2).output
-    pipe = loaded.pipe
+    pipe = tiny_model.pipe
     plain = pipe_render(pipe, SETTINGS)
     for path in (slim, resized):
         pipe.load_lora_weights(str(path), adapter_name="check")
@@ -573,6 +568,6 @@ def test_diffusers_loads_slim_and_resized_files_and_renders_like_the_engine(
             pipe.unload_lora_weights()
         assert np.abs(reference - plain).max() > 0.02, path.name  # the LoRA is applied
         lora = read_lora(path)
-        with BlockEngine(loaded, lora) as engine:
+        with BlockEngine(tiny_model, lora) as engine:
             (full,) = engine.render([frozenset(engine.blocks)], SETTINGS, output="float")
         assert np.abs(full - reference).max() <= 1e-5, path.name

@@ -19,7 +19,7 @@ import torch
 from lora_prune.errors import UsageError
 from lora_prune.lora import LoraFile, read_lora
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, ModelSpec, load_pipeline
+from lora_prune.render.loading import LoadedModel
 from lora_prune.render.sweep import EngineRenderer
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH
 from lora_prune.resize import resize_lora, resized_ranks, rotated_factors
@@ -40,18 +40,13 @@ TOLERANCE = 2e-5
 
 
 @pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return load_pipeline(ModelSpec("tiny", device="cpu", dtype="fp32"))
-
-
-@pytest.fixture(scope="module")
 def lora(tmp_path_factory: pytest.TempPathFactory) -> LoraFile:
     spec = SynthSpec(grammar="kohya", blocks=BLOCKS, rank=4, alpha=2.0, seed=5)
     return read_lora(write_synth_lora(tmp_path_factory.mktemp("caps") / "l.safetensors", spec))
 
 
-def _render_file(loaded: LoadedModel, path: Path, blocks: frozenset[str]) -> np.ndarray:
-    with BlockEngine(loaded, read_lora(path)) as engine:
+def _render_file(tiny_model: LoadedModel, path: Path, blocks: frozenset[str]) -> np.ndarray:
+    with BlockEngine(tiny_model, read_lora(path)) as engine:
         (image,) = engine.render([blocks], SETTINGS, output="float")
     return image
 
@@ -69,12 +64,12 @@ def test_rotated_factors_keep_the_product_in_decreasing_components() -> None:
 
 
 def test_truncatable_engine_at_full_rank_renders_as_the_plain_one(
-    loaded: LoadedModel, lora: LoraFile
+    tiny_model: LoadedModel, lora: LoraFile
 ) -> None:
     variants = [frozenset(BLOCKS), frozenset({"double.0", "clip"}), frozenset()]
-    with BlockEngine(loaded, lora) as engine:
+    with BlockEngine(tiny_model, lora) as engine:
         plain = engine.render(variants, SETTINGS, output="float")
-    with BlockEngine(loaded, lora, truncatable=True) as engine:
+    with BlockEngine(tiny_model, lora, truncatable=True) as engine:
         assert set(engine.ranks) == set(lora.modules) and set(engine.ranks.values()) == {4}
         rotated = engine.render(variants, SETTINGS, output="float")
         capped_at_full = engine.render(
@@ -87,7 +82,7 @@ def test_truncatable_engine_at_full_rank_renders_as_the_plain_one(
 
 
 def test_each_image_renders_as_the_resized_file_of_its_caps(
-    loaded: LoadedModel, lora: LoraFile, tmp_path: Path
+    tiny_model: LoadedModel, lora: LoraFile, tmp_path: Path
 ) -> None:
     everything = frozenset(BLOCKS)
     some = frozenset({"double.0", "single.9", "final", "t5"})
@@ -99,7 +94,7 @@ def test_each_image_renders_as_the_resized_file_of_its_caps(
     ]
     caps = [resized_ranks(lora, blocks, rank) for blocks, rank in candidates]
     assert all(caps) and len(set(map(str, caps))) == len(caps)
-    with BlockEngine(loaded, lora, truncatable=True) as engine:
+    with BlockEngine(tiny_model, lora, truncatable=True) as engine:
         # One batch holds every candidate and a full-rank image: each keeps its own caps.
         batch = engine.render(
             [frozenset(BLOCKS), *(b for b, _ in candidates)],
@@ -111,7 +106,7 @@ def test_each_image_renders_as_the_resized_file_of_its_caps(
             engine.render([b], SETTINGS, output="float", ranks=[c])[0]
             for (b, _), c in zip(candidates, caps, strict=True)
         ]
-    full = _render_file(loaded, lora.path, everything)
+    full = _render_file(tiny_model, lora.path, everything)
     assert float(np.abs(batch[0] - full).max()) < TOLERANCE
     for i, (blocks, rank) in enumerate(candidates):
         path = tmp_path / f"c{i}.safetensors"
@@ -120,18 +115,18 @@ def test_each_image_renders_as_the_resized_file_of_its_caps(
         else:
             resize_lora(lora, path, ranks=rank, keep=blocks)
         assert {s: m.rank for s, m in read_lora(path).modules.items() if s in caps[i]} == caps[i]
-        reference = _render_file(loaded, path, blocks)
+        reference = _render_file(tiny_model, path, blocks)
         # The truncation changes the image, and the batch renders it as the file does.
         assert float(np.abs(reference - full).max()) > 1e-3
         assert float(np.abs(batch[1 + i] - reference).max()) < TOLERANCE
         assert float(np.abs(one_by_one[i] - reference).max()) < TOLERANCE
 
 
-def test_rank_caps_are_checked(loaded: LoadedModel, lora: LoraFile) -> None:
+def test_rank_caps_are_checked(tiny_model: LoadedModel, lora: LoraFile) -> None:
     stem = next(iter(lora.modules))
-    with BlockEngine(loaded, lora) as engine, pytest.raises(UsageError, match="truncatable"):
+    with BlockEngine(tiny_model, lora) as engine, pytest.raises(UsageError, match="truncatable"):
         engine.render([frozenset(BLOCKS)], SETTINGS, ranks=[{stem: 1}])
-    with BlockEngine(loaded, lora, truncatable=True) as engine:
+    with BlockEngine(tiny_model, lora, truncatable=True) as engine:
         for ranks, match in (
             ([{stem: 1}, {stem: 1}], "2 rank caps for 1 variants"),
             ([{"lora_unet_nothing": 1}], "no plain low-rank module"),
@@ -162,7 +157,7 @@ class _Counting:
 
 
 def test_candidates_scored_in_batches_as_their_files_score(
-    loaded: LoadedModel, lora: LoraFile, tmp_path: Path
+    tiny_model: LoadedModel, lora: LoraFile, tmp_path: Path
 ) -> None:
     settings = AnalyzeSettings(
         prompts=("a red fox", "a lighthouse"), seeds=(0,), width=32, height=32, steps=2
@@ -170,8 +165,8 @@ def test_candidates_scored_in_batches_as_their_files_score(
     sha = file_sha256(lora.path)
     keep = sorted(BLOCKS)
     candidates = [(keep, resized_ranks(lora, keep, r)) for r in (1, 2, 3)]
-    with BlockEngine(loaded, lora, truncatable=True) as engine:
-        renderer = _Counting(EngineRenderer(engine, loaded, TINY_MAX_SEQUENCE_LENGTH))
+    with BlockEngine(tiny_model, lora, truncatable=True) as engine:
+        renderer = _Counting(EngineRenderer(engine, tiny_model, TINY_MAX_SEQUENCE_LENGTH))
         refs, _ = reference_renders(lora, settings, renderer)
         renderer.calls.clear()
         searched = verify_candidates(lora, sha, candidates, settings, renderer, refs, batch_size=2)
@@ -182,8 +177,8 @@ def test_candidates_scored_in_batches_as_their_files_score(
     for r, result in zip((1, 2, 3), searched, strict=True):
         path = tmp_path / f"r{r}.safetensors"
         resize_lora(lora, path, rank=r, keep=keep)
-        with BlockEngine(loaded, read_lora(path)) as engine:
-            file_renderer = EngineRenderer(engine, loaded, TINY_MAX_SEQUENCE_LENGTH)
+        with BlockEngine(tiny_model, read_lora(path)) as engine:
+            file_renderer = EngineRenderer(engine, tiny_model, TINY_MAX_SEQUENCE_LENGTH)
             proved = verify_candidate(lora, sha, keep, settings, file_renderer, refs)
         assert proved.kept_share is not None and result.kept_share is not None
         assert abs(proved.kept_share - result.kept_share) < 1e-3

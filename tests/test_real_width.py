@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from flux_oracle import dense_delta, kohya_targets
-from real_width_model import build_real_width_transformer, forward, real_width_inputs
+from real_width_model import forward, real_width_inputs
 from safetensors.numpy import load_file
 
 from lora_prune.geometry import FLUX1_DEV
@@ -32,6 +32,9 @@ from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel
 from lora_prune.testing import SynthSpec, expected_scale, write_synth_lora
+
+# Slow (a 0.55 B model each): one worker runs both real-width files, one after the other.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_width")]
 
 torch.set_num_threads(1)
 
@@ -43,8 +46,8 @@ _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.
 
 
 @pytest.fixture(scope="module")
-def transformer() -> torch.nn.Module:
-    return build_real_width_transformer()
+def transformer(real_width_transformer: torch.nn.Module) -> torch.nn.Module:
+    return real_width_transformer
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import PLANTED
 from PIL import Image
 
 import lora_prune.render.workflows
@@ -38,15 +39,9 @@ from lora_prune.verify import VERIFICATION_KEY
 
 torch.set_num_threads(1)
 
-PLANTED = {"double.3": 1.0, "single.7": 1.0, "final": 0.8}
 SMALL = ["--size", "32", "--steps", "2"]
 # Subprocesses pin threads the same way, so that their renders match bit for bit.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return planted_lora(tmp_path_factory.mktemp("planted") / "planted.safetensors", PLANTED)
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -104,6 +99,7 @@ def _analyze_cmd(lora: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_killed_analyze_resumes_with_identical_results(planted: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     done = subprocess.run(

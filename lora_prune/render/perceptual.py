@@ -51,7 +51,7 @@ class PerceptualDistance:
         try:
             from transformers import AutoImageProcessor
 
-            self.processor = AutoImageProcessor.from_pretrained(model)  # type: ignore[no-untyped-call]
+            self.processor = AutoImageProcessor.from_pretrained(model)
         except (OSError, ValueError):
             self.processor = None
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
