@@ -5,7 +5,7 @@ tmp_path. Session-scoped (built once per worker, shared by every file that asks)
 the tiny pipeline, the planted LoRA and the real-width reduced-depth transformer;
 a test must not change them (engines attach hooks and remove them on close).
 Slow tests are collected first so that the workers start on them and the run
-does not end waiting on one long test (tests/README.md).
+does not end waiting on one long test (docs/performance.md, test suite times).
 """
 
 from __future__ import annotations
