@@ -2,18 +2,61 @@
 
 ruff (lint), ruff's formatter and strict mypy are configured in pyproject.toml;
 each must pass over the package, the tests, the benchmarks and the fuzz harness.
+Their verdict is only the same on every machine with the same judges, so the
+versions test-constraints.txt pins are checked first: another release of ruff or
+mypy (or of pytest, a plugin, a stub package) fails here with what to install,
+instead of as a lint or type error nobody's change caused.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = ["lora_prune", "tests", "benchmarks", "fuzz"]
+CONSTRAINTS = ROOT / "test-constraints.txt"
+
+
+def _pins() -> dict[str, str]:
+    """Distribution -> the exact version test-constraints.txt pins."""
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{line!r}: test-constraints.txt pins exact versions"
+            pins[req.name] = spec.version
+    return pins
+
+
+def _unpinned_judges() -> list[str]:
+    wrong = []
+    for name, pinned in _pins().items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = "not installed"
+        if installed != pinned:
+            wrong.append(f"{name} {installed} (pinned {pinned})")
+    return wrong
+
+
+def test_the_judges_are_the_pinned_versions() -> None:
+    wrong = _unpinned_judges()
+    assert not wrong, (
+        f"error: the judges differ from test-constraints.txt: {', '.join(wrong)}; "
+        "install with pip install -e '.[render,test]' -c test-constraints.txt"
+    )
+
+
+def test_constraints_pin_the_code_checkers() -> None:
+    assert {"ruff", "mypy", "pytest", "pytest-xdist", "hypothesis"} <= set(_pins())
 
 
 @pytest.mark.parametrize(
@@ -26,6 +69,8 @@ TREES = ["lora_prune", "tests", "benchmarks", "fuzz"]
     ids=["ruff-check", "ruff-format", "mypy-strict"],
 )
 def test_code_checks_pass(command: list[str]) -> None:
+    if _unpinned_judges():
+        pytest.fail("other judges than test-constraints.txt pins (see the test above)")
     done = subprocess.run(
         [sys.executable, "-m", *command],
         cwd=ROOT,
