@@ -37,7 +37,7 @@ from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel, shipped_config, shipped_transformer_config
 from lora_prune.render.plain import plain_render
-from lora_prune.render.tiny import _clip_tokenizer, _t5_tokenizer, build_tiny_pipeline
+from lora_prune.render.tiny import build_tiny_pipeline, tiny_tokenizers
 from lora_prune.settings import ImageSettings
 from lora_prune.testing import SynthSpec, write_synth_lora
 
@@ -49,7 +49,7 @@ TRANSFORMER_BLOCKS = ("input", *DOUBLE_IDS, *SINGLE_IDS, "final")
 
 def full_pipeline(dtype: torch.dtype, device: str) -> Any:
     """FLUX.1-dev's transformer and VAE at full size, 1-layer text encoders of real width."""
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = tiny_tokenizers()
     clip = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(
             vocab_size=len(tokenizer),

@@ -626,8 +626,10 @@ def encode_array(values: npt.ArrayLike, dtype: str) -> bytes:
     if dtype == "F16":
         return x.astype("<f2").tobytes()
     if dtype == "BF16":
+        # uint64 constants: numpy < 2 promotes uint64 with a Python int to float64.
         bits = x.view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        one, sixteen = np.uint64(1), np.uint64(16)
+        rounded = (bits + np.uint64(0x7FFF) + ((bits >> sixteen) & one)) >> sixteen
         return rounded.astype("<u2").tobytes()
     if dtype in ("F8_E4M3", "F8_E5M2"):
         return _encode_fp8(x, dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
 import sys
@@ -472,6 +473,28 @@ def test_require_render_names_the_missing_module(monkeypatch: pytest.MonkeyPatch
     message = str(err.value)
     assert "diffusers" in message and "pip install 'lora-prune[render]'" in message
     assert "torch" in message and "\n" not in message
+    assert err.value.exit_code == 5
+
+
+def test_a_package_that_refuses_to_import_is_not_called_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.import_module
+
+    def refusing(name: str, package: str | None = None) -> object:
+        if name == "diffusers":
+            # What diffusers 0.35 raises beside an older peft.
+            raise ImportError("peft>=0.17.0 is required for a normal functioning of this module,\n"
+                              " but found peft==0.15.0.")  # fmt: skip
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", refusing)
+    with pytest.raises(MissingDependencyError) as err:
+        require_render()
+    message = str(err.value)
+    assert "not installed" not in message and "\n" not in message
+    assert "diffusers, which is installed but failed to import (peft>=0.17.0 is required" in message
+    assert "found peft==0.15.0.)" in message and "pip check" in message
     assert err.value.exit_code == 5
 
 

@@ -23,6 +23,30 @@ _FIX = (
 )
 
 
+_CONFLICT_FIX = (
+    "pip check names the installed versions that conflict; "
+    "pip install -U 'lora-prune[render]' installs ones that fit"
+)
+
+
+def _import_failure(name: str, exc: ImportError) -> MissingDependencyError:
+    """What failed: the package itself is missing, a module it needs is, or it refused
+    to import (diffusers checks the versions of peft and others it finds)."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing is None and isinstance(exc, ModuleNotFoundError):
+        missing = name
+    if missing is not None:
+        if missing.split(".")[0] == name:
+            return MissingDependencyError(
+                f"rendering needs {name}, which is not installed", name, _FIX
+            )
+        what = f"rendering needs {name}, which failed to import (missing {missing})"
+        return MissingDependencyError(what, name, _FIX)
+    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+    what = f"rendering needs {name}, which is installed but failed to import ({reason})"
+    return MissingDependencyError(what, name, _CONFLICT_FIX)
+
+
 def require_render(modules: Sequence[str] = RENDER_MODULES) -> None:
     """Import the render dependencies (or only ``modules`` of them) or raise :class:`MissingDependencyError`.
 
@@ -36,13 +60,7 @@ def require_render(modules: Sequence[str] = RENDER_MODULES) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            missing = exc.name or name
-            what = (
-                f"rendering needs {name}, which is not installed"
-                if missing.split(".")[0] == name
-                else f"rendering needs {name}, which failed to import (missing {missing})"
-            )
-            raise MissingDependencyError(what, name, _FIX) from exc
+            raise _import_failure(name, exc) from exc
     if "transformers" not in modules:
         return
     # transformers warns at import time about optional image backends (torchvision)

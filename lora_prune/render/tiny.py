@@ -15,13 +15,17 @@ prompt and the seed, and every block changes them.
 
 from __future__ import annotations
 
+import json
 import math
 import string
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import diffusers as _diffusers
 import torch
 import transformers as _transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS
 
@@ -76,26 +80,56 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def _clip_tokenizer() -> Any:
+# Both tokenizers are written as files and read back with from_pretrained, the
+# one constructor that transformers 4 (files only) and 5 (in-memory vocab) share,
+# and the way render/singlefile reads ComfyUI's copies of the real ones.
+
+
+def _clip_tokenizer(folder: Path) -> Any:
     # Byte-level vocab without merges: every byte of every prompt has an id, so
     # different prompts always get different ids (no <unk> collapse).
     chars = list(_byte_to_unicode().values())
     vocab: dict[str, int] = {}
     for piece in [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]:
         vocab[piece] = len(vocab)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LENGTH)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return transformers.CLIPTokenizer.from_pretrained(
+        str(folder), local_files_only=True, model_max_length=_CLIP_MAX_LENGTH
+    )
 
 
-def _t5_tokenizer() -> Any:
+def _t5_tokenizer(folder: Path) -> Any:
     # T5's id layout (<pad>=0, </s>=1, <unk>=2) then word-initial and inner
     # characters, so a prompt segments into characters and stays distinguishable.
     visible = [c for c in string.printable if not c.isspace()]
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + c, -3.0) for c in visible]
     pieces += [(c, -3.0) for c in visible]
-    return transformers.T5TokenizerFast(
-        vocab=pieces, extra_ids=0, model_max_length=TINY_MAX_SEQUENCE_LENGTH
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
     )
+    backend.save(str(folder / "tokenizer.json"))
+    return transformers.T5TokenizerFast.from_pretrained(
+        str(folder),
+        local_files_only=True,
+        model_max_length=TINY_MAX_SEQUENCE_LENGTH,
+        extra_ids=0,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_tokenizers() -> tuple[Any, Any]:
+    """The tiny model's CLIP and T5 tokenizers (byte- and character-level toys)."""
+    with tempfile.TemporaryDirectory(prefix="lora-prune-tiny-") as folder:
+        (Path(folder) / "clip").mkdir()
+        (Path(folder) / "t5").mkdir()
+        return _clip_tokenizer(Path(folder) / "clip"), _t5_tokenizer(Path(folder) / "t5")
 
 
 def _reinitialise(modules: list[torch.nn.Module], seed: int, dtype: torch.dtype) -> None:
@@ -132,8 +166,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> An
     ``num_inference_steps=TINY_STEPS`` and
     ``max_sequence_length=TINY_MAX_SEQUENCE_LENGTH``.
     """
-    tokenizer = _clip_tokenizer()
-    tokenizer_2 = _t5_tokenizer()
+    tokenizer, tokenizer_2 = tiny_tokenizers()
     # Module constructors draw from the global generator; fork it so building a
     # pipeline does not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):

@@ -184,7 +184,11 @@ def _number(x: float) -> str:
 
 
 def _peft_config(spec: SynthSpec) -> dict[str, Any]:
-    """diffusers' packed PEFT config: each model's LoraConfig fields under its prefix."""
+    """diffusers' packed PEFT config: each model's LoraConfig fields under its prefix.
+
+    As ``LoraConfig.to_dict()`` writes them, the empty patterns included (diffusers
+    0.35 fails on a config without ``rank_pattern``).
+    """
     modules = synth_modules(spec)
     config: dict[str, Any] = {}
     for model, prefix in (("transformer", "transformer."), ("clip", "text_encoder.")):
@@ -192,22 +196,21 @@ def _peft_config(spec: SynthSpec) -> dict[str, Any]:
         if not mine:
             continue
         targets = sorted({_peft_target(m.stem, prefix) for m in mine})
-        config.update(
-            {
-                f"{model if model == 'transformer' else 'text_encoder'}.{k}": v
-                for k, v in {
-                    "r": spec.rank,
-                    "lora_alpha": spec.alpha,
-                    "target_modules": targets,
-                    "lora_dropout": 0.0,
-                    "bias": "none",
-                    "use_dora": False,
-                    "use_rslora": False,
-                    "init_lora_weights": True,
-                    "peft_type": "LORA",
-                }.items()
-            }
-        )
+        fields: dict[str, Any] = {
+            "r": spec.rank,
+            "lora_alpha": spec.alpha,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "target_modules": targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_dora": False,
+            "use_rslora": False,
+            "init_lora_weights": True,
+            "peft_type": "LORA",
+        }
+        name = "transformer" if model == "transformer" else "text_encoder"
+        config.update({f"{name}.{k}": v for k, v in fields.items()})
     return config
 
 
