@@ -34,8 +34,9 @@ from safetensors.torch import load_file
 from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
 from lora_prune.geometry import FLUX1_DEV, TINY
 from lora_prune.lora import read_lora
+from lora_prune.render.checkpoints import shipped_config, shipped_transformer_config
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, shipped_config, shipped_transformer_config
+from lora_prune.render.loading import LoadedModel
 from lora_prune.render.plain import plain_render
 from lora_prune.render.tiny import build_tiny_pipeline, tiny_tokenizers
 from lora_prune.settings import ImageSettings

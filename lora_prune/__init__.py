@@ -22,11 +22,10 @@ Example::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .blocks import BLOCK_IDS, format_block_spec, parse_block_spec
 from .errors import (
     BlockIndexError,

@@ -38,7 +38,7 @@ from .blocks import format_block_spec, sort_blocks
 from .errors import BudgetError
 from .lora import LoraFile
 from .resize import ModuleSpectrum, resized_size
-from .stats import human_bytes
+from .units import human_bytes
 
 __all__ = [
     "NEGLIGIBLE",

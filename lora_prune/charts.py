@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from .blocks import block_kind, short_label
 from .pictures import RGB, _Font, _font, _line_height, _text_width
-from .stats import human_bytes
+from .units import human_bytes
 
 CATEGORY_COLORS: dict[str, RGB] = {
     "double": (47, 110, 196),

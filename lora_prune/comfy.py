@@ -27,6 +27,7 @@ from .errors import LoraPruneError, UnreadableFileError, UsageError
 from .keys import GUIDANCE_PREFIXES
 from .memoryplan import PlanChoice, choose_plan, estimate_seconds_per_image
 from .safetensors_io import SafetensorsHeader, read_header
+from .settings import DEFAULT_SIZE, DEFAULT_STEPS
 
 __all__ = [
     "COMPONENTS",
@@ -638,8 +639,8 @@ def diagnose(
     tokenizer_folder: Path | None = None,
     dtype: str | None = None,
     gpu: tuple[int, int] | None = None,
-    steps: int = 20,
-    size: int = 768,
+    steps: int = DEFAULT_STEPS,
+    size: int = DEFAULT_SIZE,
 ) -> Diagnosis:
     """Find the files and say what ``--memory auto`` would do with them on ``gpu`` (free, total)."""
     models = find_models(comfy, overrides, tokenizer_folder)

@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -172,6 +174,30 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_DEFERRED = frozenset(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block (POSIX main thread; elsewhere a no-op).
+
+    A held signal is delivered, and its Python handler runs, when the block ends.
+    """
+    if (
+        not hasattr(signal, "pthread_sigmask")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def atomic_output(
     dest: str | Path, check: Callable[[Path], None] | None = None, *, what: str = "output"
@@ -185,7 +211,10 @@ def atomic_output(
     dest_path = Path(dest)
     tmp: Path | None = None
     try:
-        tmp, fd = create_temp(dest_path)
+        # A Ctrl-C or TERM between the temp's creation and this assignment would
+        # leave it behind unnoticed: the signals wait until ``tmp`` names it.
+        with _signals_deferred():
+            tmp, fd = create_temp(dest_path)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

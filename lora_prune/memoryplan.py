@@ -1,7 +1,9 @@
 """How a FLUX.1 pipeline lives on a card (``--memory``), and rough peak/time estimates.
 
 Torch-free pure functions, so ``doctor`` and tests can ask what ``auto`` would
-do for any card. The plans, from fastest to smallest:
+do for any card: callers pass the free device memory in (``doctor`` asks
+:func:`lora_prune.render.deps.free_gpu_bytes`, the loader its own device). The
+plans, from fastest to smallest:
 
 - ``full``: every component on the device.
 - ``offload``: diffusers' model CPU offload; one component at a time on the
@@ -25,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .settings import MEMORY_PLANS
+from .settings import DEFAULT_SIZE, DEFAULT_STEPS, MEMORY_PLANS
 
 __all__ = [
     "MEMORY_PLANS",
@@ -98,7 +100,11 @@ def choose_plan(free_bytes: int | None, sizes: Mapping[str, int]) -> PlanChoice:
 
 
 def estimate_seconds_per_image(
-    plan: str, transformer_params: int, steps: int = 20, width: int = 768, height: int = 768
+    plan: str,
+    transformer_params: int,
+    steps: int = DEFAULT_STEPS,
+    width: int = DEFAULT_SIZE,
+    height: int = DEFAULT_SIZE,
 ) -> float:
     """A rough seconds-per-image on a 3090 Ti-class card: the anchor scaled linearly.
 
@@ -112,20 +118,3 @@ def estimate_seconds_per_image(
         * (transformer_params / ANCHOR_TRANSFORMER_PARAMS)
         * PLAN_SLOWDOWN[plan]
     )
-
-
-def free_gpu_bytes() -> tuple[int, int] | None:
-    """(free, total) bytes of the first CUDA device, or None without torch or a GPU.
-
-    Imports torch only when the render extra is installed, and only for this.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return int(free), int(total)

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import UsageError
 from .fileio import atomic_write_bytes
 from .metrics import diff_map
+from .settings import COLORMAP_NAMES, DEFAULT_CMAP, DEFAULT_OPACITY
 
 RGB: TypeAlias = tuple[int, int, int]
 _Font: TypeAlias = "ImageFont.FreeTypeFont | ImageFont.ImageFont"
@@ -84,15 +85,17 @@ _INFERNO = _poly(
     ]
 )
 
-COLORMAPS: dict[str, np.ndarray] = {
-    "jet": _lut(_jet),
-    "turbo": _lut(_TURBO),
-    "inferno": _lut(_INFERNO),
-    "gray": _lut(lambda t: np.stack([t, t, t], axis=-1)),
+_CURVES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "jet": _jet,
+    "turbo": _TURBO,
+    "inferno": _INFERNO,
+    "gray": lambda t: np.stack([t, t, t], axis=-1),
 }
-"""Colour maps as 256 x 3 uint8 lookup tables, index 0 = no change, 255 = most change."""
 
-DEFAULT_CMAP = "jet"
+# The names a user may give are the settings' (they validate --cmap without Pillow);
+# a name there without a curve here fails on import, not on first use.
+COLORMAPS: dict[str, np.ndarray] = {name: _lut(_CURVES[name]) for name in COLORMAP_NAMES}
+"""Colour maps as 256 x 3 uint8 lookup tables, index 0 = no change, 255 = most change."""
 
 
 def _cmap_table(cmap: str) -> np.ndarray:
@@ -125,7 +128,7 @@ def heatmap_overlay(
     image: np.ndarray,
     diff: np.ndarray,
     vmax: float,
-    opacity: float = 0.6,
+    opacity: float = DEFAULT_OPACITY,
     cmap: str = DEFAULT_CMAP,
 ) -> np.ndarray:
     """Alpha-blend :func:`colorize` of ``diff`` over ``image`` (``opacity`` = heatmap weight)."""

@@ -34,9 +34,10 @@ from urllib.parse import quote
 from .blocks import block_kind, block_order
 from .charts import CATEGORY_COLORS
 from .fileio import atomic_write_bytes
-from .pictures import COLORMAPS, DEFAULT_CMAP
+from .pictures import COLORMAPS
 from .report_assets import CSS, JS
-from .stats import human_bytes
+from .settings import DEFAULT_CMAP, DEFAULT_OPACITY
+from .units import human_bytes
 
 REPORT_NAME = "report.html"
 
@@ -47,7 +48,6 @@ _MODE_INFO: dict[str, tuple[str, str]] = {
 }
 _REFERENCE_TEXT = {"base": "base (no LoRA)", "full": "full LoRA"}
 
-_DEFAULT_OPACITY = 0.6
 _MISSING = "\u2013"  # en dash for values that were not measured
 
 
@@ -584,7 +584,7 @@ def _gallery_controls(
     controls = [
         "<label><input type='checkbox' id='heatmap-toggle' checked> heatmap</label>",
         "<label>opacity <input type='range' id='heatmap-opacity' min='0' max='1' step='0.05' "
-        f"value='{_DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{_DEFAULT_OPACITY:.2f}</output></label>",
+        f"value='{DEFAULT_OPACITY}'> <output id='heatmap-opacity-value'>{DEFAULT_OPACITY:.2f}</output></label>",
     ]
     if len(gallery_modes) > 1:
         options = "".join(f"<option value='{_e(m)}'>{_e(m)}</option>" for m in gallery_modes)
@@ -699,7 +699,7 @@ def render_report(analysis: Mapping[str, Any]) -> str:
         if present
     )
     tool = analysis.get("tool") or {}
-    css = CSS % {"opacity": _DEFAULT_OPACITY}
+    css = CSS % {"opacity": DEFAULT_OPACITY}
     # Renders of the tiny test model are blown up several times: keep their pixels sharp.
     body_tag = "<body class='small-renders'>" if width and width <= 128 else "<body>"
     return (

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
-from .blocks import format_block_spec, sort_blocks
+from .blocks import format_block_spec, parse_block_spec, sort_blocks
 from .errors import UsageError
 from .lora import LoraFile, LoraModule
 from .markers import check_pinned_kept
@@ -127,10 +127,65 @@ class ResizeResult:
     bytes_before: int
     bytes_after: int
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the entries of ``block_ranks`` that name none of the LoRA's blocks (they changed nothing)
+    unmatched: tuple[str, ...] = ()
 
     @property
     def resized(self) -> list[ModuleResize]:
         return [m for m in self.modules if m.changed]
+
+
+@dataclass(frozen=True)
+class BlockRanks:
+    """Ranks per block, as ``resize --ranks`` gives them: ``SPEC=RANK`` entries, in order.
+
+    A SPEC is a block spec as ``slim --keep`` takes it, so it may hold commas itself
+    (``double.0-2,double.7=32``: the parts before an ``=`` belong to its SPEC); a
+    later entry overrides an earlier one.
+    """
+
+    #: (spec as written, its block ids, rank)
+    entries: tuple[tuple[str, frozenset[str], int], ...]
+
+    @classmethod
+    def parse(cls, text: str, option: str = "--ranks") -> BlockRanks:
+        entries: list[tuple[str, frozenset[str], int]] = []
+        parts: list[str] = []
+        example = f"e.g. {option} double.0-7=32,single=8,input=16"
+        for piece in text.split(","):
+            head, eq, number = piece.partition("=")
+            parts.append(head)
+            if not eq:
+                continue
+            spec = ",".join(parts).strip()
+            parts = []
+            digits = number.strip()
+            if not digits.isascii() or not digits.isdigit() or not is_rank(int(digits)):
+                raise UsageError(
+                    f"the rank {digits!r} of {spec!r} is not an integer >= 1", option, example
+                )
+            try:
+                blocks = parse_block_spec(spec)
+            except UsageError as exc:
+                raise UsageError(exc.what, option, exc.fix) from exc
+            entries.append((spec, blocks, int(digits)))
+        rest = ",".join(parts).strip()
+        if rest or not entries:
+            what = f"{rest!r} has no rank" if rest else f"{option} names no block"
+            raise UsageError(what, option, f"write SPEC=RANK, {example}")
+        return cls(tuple(entries))
+
+    def mapping(self, lora: LoraFile, default: int | None = None) -> dict[str, int]:
+        """Block id -> rank: ``default`` for the LoRA's blocks no entry names (None: as stored)."""
+        ranks = dict.fromkeys(lora.blocks, default) if default is not None else {}
+        for _, blocks, k in self.entries:
+            ranks.update(dict.fromkeys(blocks, k))
+        return ranks
+
+    def unmatched(self, lora: LoraFile) -> tuple[str, ...]:
+        """The entries' specs that name none of ``lora``'s blocks."""
+        have = set(lora.blocks)
+        return tuple(spec for spec, blocks, _ in self.entries if not blocks & have)
 
 
 def factor_svd(up: Array, down: Array) -> tuple[Array, Array, Array, Array, Array]:
@@ -505,6 +560,7 @@ def resize_lora(
     rank: int | None = None,
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
+    block_ranks: BlockRanks | None = None,
     blocks: Iterable[str] | None = None,
     keep: Iterable[str] | None = None,
     force: bool = False,
@@ -529,6 +585,8 @@ def resize_lora(
         energy: the share of each module's energy to keep, in (0, 1].
         ranks: module stem or block id -> rank, as ``slim --auto --max-size``
             allocates them (:func:`~lora_prune.budget.allocate_ranks`).
+        block_ranks: ranks per block as ``--ranks`` gives them; ``rank`` is then the
+            rank of the blocks it does not name (None: they stay as stored).
         blocks: block ids to resize (e.g. from :func:`~lora_prune.blocks.parse_block_spec`);
             None resizes every block.
         keep: block ids to keep, the others are left out as ``slim --keep`` does
@@ -544,8 +602,19 @@ def resize_lora(
         result = resize_lora("my_lora.safetensors", "r16.safetensors", rank=16)
         print(len(result.resized), result.bytes_after, result.kept_as_is)
     """
-    _check_request(rank, energy, ranks)
+    if block_ranks is None:
+        _check_request(rank, energy, ranks)
+    elif energy is not None or ranks is not None:
+        raise UsageError(
+            "--ranks and --energy do not combine", "--ranks", "give --ranks with or without --rank"
+        )
+    elif rank is not None:
+        _check_request(rank, None, None)
     lora = open_source(source, allow_unknown)
+    unmatched: tuple[str, ...] = ()
+    if block_ranks is not None:
+        # --rank is the default of the blocks --ranks does not name.
+        ranks, rank, unmatched = block_ranks.mapping(lora, rank), None, block_ranks.unmatched(lora)
     chosen = set(blocks) if blocks is not None else None
     if chosen is not None:
         check_block_ids(chosen, "--blocks")
@@ -582,6 +651,7 @@ def resize_lora(
         bytes_before=lora.header.file_size,
         bytes_after=out_path.stat().st_size,
         metadata=metadata,
+        unmatched=unmatched,
     )
 
 

@@ -12,6 +12,8 @@ the render modules import from here, never the other way round.
 - :class:`ImageSettings`: one image of it, as the engine renders it.
 - :class:`RenderRequest`: the options as typed, before the model's defaults
   (:func:`model_defaults`) fill in size and steps.
+- :func:`settings_to_json`, :func:`settings_from_json`: a sweep's settings as
+  manifests and reports store them.
 - :class:`ModelSpec`, :class:`PictureOptions`: which model, how pictures look.
 - :func:`check_coverage`, :func:`check_batch_size`: the sweep's other numbers.
 """
@@ -19,13 +21,13 @@ the render modules import from here, never the other way round.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from .check.policy import parse_size
 from .errors import UsageError
-from .pictures import COLORMAPS
+from .units import parse_size
 
 #: The built-in offline test model: renders at 64 px in 4 steps with 32 tokens.
 TINY_MODEL_ID = "tiny"
@@ -34,6 +36,9 @@ TINY_STEPS = 4
 TINY_MAX_SEQUENCE_LENGTH = 32
 
 MODES = ("solo", "loo")
+#: FLUX.1-dev's render defaults here: the size and step count of the original workflow.
+DEFAULT_SIZE = 768
+DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_STRENGTH = 1.0
 DEFAULT_BATCH_SIZE = 8
@@ -57,9 +62,16 @@ MIN_SHEET_PIXELS = 1_000_000
 MAX_SHEET_PIXELS = 178_000_000
 MAX_TILE_SCALE = 64
 HEATMAP_SCALES = ("global", "per-image")
+#: The colour maps a heatmap may use (lora_prune.pictures holds their tables).
+COLORMAP_NAMES = ("jet", "turbo", "inferno", "gray")
+DEFAULT_CMAP = COLORMAP_NAMES[0]
+#: How strongly a heatmap covers its render in the contact sheet and the report.
+DEFAULT_OPACITY = 0.6
 SHEET_ORDERS = ("block", "rank")
 #: dtype names ModelSpec accepts (render.loading maps them to torch dtypes).
 DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "half")
+#: The compute dtypes as the command line offers them (the first spelling of each above).
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 #: How the pipeline lives on a card (lora_prune.memoryplan documents each and ``auto``'s rule).
 MEMORY_PLANS = ("auto", "full", "offload", "group-offload", "sequential")
 
@@ -169,7 +181,7 @@ def model_defaults(model: str) -> ModelDefaults:
     """FLUX.1-dev's defaults for real models, the tiny model's for tests and demos."""
     if model == TINY_MODEL_ID:
         return ModelDefaults(TINY_RESOLUTION, TINY_STEPS, TINY_MAX_SEQUENCE_LENGTH)
-    return ModelDefaults(768, 20, MAX_SEQUENCE_LENGTH)
+    return ModelDefaults(DEFAULT_SIZE, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -183,9 +195,9 @@ class ImageSettings:
 
     prompt: str
     seed: int = 0
-    width: int = 768
-    height: int = 768
-    steps: int = 20
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
+    steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     strength: float = DEFAULT_STRENGTH
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
@@ -207,9 +219,9 @@ class RenderSettings:
 
     prompts: tuple[str, ...]
     seeds: tuple[int, ...] = (0,)
-    width: int = 768
-    height: int = 768
-    steps: int = 20
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
+    steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     strength: float = DEFAULT_STRENGTH
     modes: tuple[str, ...] = ("solo",)
@@ -244,6 +256,25 @@ class RenderSettings:
 AnalyzeSettings = RenderSettings
 
 
+def settings_to_json(settings: AnalyzeSettings) -> dict[str, Any]:
+    """Settings as stored in manifests and reports (lists for tuples)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+
+
+def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
+    """Settings as stored in a manifest (lists for tuples)."""
+    return AnalyzeSettings(
+        prompts=tuple(doc["prompts"]),
+        seeds=tuple(int(s) for s in doc["seeds"]),
+        width=int(doc["width"]),
+        height=int(doc["height"]),
+        steps=int(doc["steps"]),
+        guidance=float(doc["guidance"]),
+        strength=float(doc["strength"]),
+        modes=tuple(doc["modes"]),
+    )
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     """The render options as given on the command line; None = the model's default.
@@ -264,7 +295,7 @@ class RenderRequest:
     def __post_init__(self) -> None:
         for seed in self.seeds:
             check_seed(seed)
-        side = self.size if self.size is not None else 768
+        side = self.size if self.size is not None else DEFAULT_SIZE
         check_size(
             self.width if self.width is not None else side,
             self.height if self.height is not None else side,
@@ -361,17 +392,17 @@ class ModelSpec:
 class PictureOptions:
     """How the analysis draws its heatmaps and contact sheets (no effect on the numbers)."""
 
-    heatmap_scale: str = "global"  # or "per-image"
-    cmap: str = "jet"
-    opacity: float = 0.6
-    sheet_order: str = "block"  # or "rank"
+    heatmap_scale: str = HEATMAP_SCALES[0]
+    cmap: str = DEFAULT_CMAP
+    opacity: float = DEFAULT_OPACITY
+    sheet_order: str = SHEET_ORDERS[0]
     sheet_max_pixels: int | None = 40_000_000
     tile_scale: int = 0  # 0 = automatic: small renders are upscaled so labels stay legible
 
     def __post_init__(self) -> None:
         for option, value, choices in (
             ("--heatmap-scale", self.heatmap_scale, HEATMAP_SCALES),
-            ("--cmap", self.cmap, tuple(COLORMAPS)),
+            ("--cmap", self.cmap, COLORMAP_NAMES),
             ("--sheet-order", self.sheet_order, SHEET_ORDERS),
         ):
             if value not in choices:

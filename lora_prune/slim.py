@@ -11,12 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
 from .boundedjson import JsonLimitError, loads_bounded
 from .errors import OutputError, OutputExistsError, UsageError
@@ -121,6 +121,17 @@ def plan_slim(lora: LoraFile, keep: Iterable[str]) -> SlimPlan:
         dropped_blocks=sort_blocks(m.block for m in dropped),
         absent=sort_blocks(keep_set - present - {OTHER}),
     )
+
+
+def keep_size(lora: LoraFile, blocks: Sequence[str]) -> int:
+    """The size of the file ``slim --keep blocks`` would write (header included)."""
+    if not blocks:
+        return 0
+    plan = plan_slim(lora, blocks)
+    # The header lists every kept tensor; slim adds a few provenance keys on top.
+    entries = [TensorEntry(t.name, t.dtype, t.shape, bytes) for t in plan.kept_tensors]
+    header, _ = build_header(entries, lora.metadata)
+    return plan.kept_bytes + len(header)
 
 
 def _resolve_keep(

@@ -257,15 +257,6 @@ class LoraReport:
         }
 
 
-def human_bytes(n: float) -> str:
-    """Decimal units, as file managers and model hubs show sizes: ``152.3 MB``."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
 SORT_KEYS = ("block", "size", "norm")
 
 

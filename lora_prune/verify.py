@@ -17,11 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .analysis import Analysis, AnalyzeSettings, Renderer, keep_size, settings_to_json
+from ._version import __version__
 from .blocks import block_order, format_block_spec, sort_blocks
 from .errors import NoEffectError, NotASubsetError, UsageError
-from .fileio import write_json
+from .fileio import refuse_overwrite, write_json
 from .lora import LoraFile
 from .markers import pinned_blocks
 from .metrics import diff_map
@@ -34,6 +33,9 @@ from .provenance import (
     check_subset,
     resized_source,
 )
+from .renderer import Renderer
+from .settings import DEFAULT_BATCH_SIZE, AnalyzeSettings, settings_to_json
+from .slim import keep_size
 from .verdict import (
     BASE_DISTANCES,
     DEFAULT_CRITERION,
@@ -56,6 +58,8 @@ __all__ = [
     "AutoResult",
     "NotASubsetError",
     "RankRenderer",
+    "RankedBlock",
+    "Ranking",
     "VerifyResult",
     "auto_keep",
     "auto_keep_ranked",
@@ -91,6 +95,24 @@ class RankRenderer(Protocol):
         settings: AnalyzeSettings,
         ranks: Sequence[Mapping[str, int] | None] | None = None,
     ) -> list[np.ndarray]: ...
+
+
+class RankedBlock(Protocol):
+    """A row of a ranking: the block it ranks (an analysis' :class:`~lora_prune.analysis.BlockRow`)."""
+
+    @property
+    def block(self) -> str: ...
+
+
+class Ranking(Protocol):
+    """Blocks ranked per mode, most important first: what :func:`auto_keep_ranked` reads.
+
+    :class:`~lora_prune.analysis.Analysis` is one. Spelled as a protocol because
+    the analysis renders its pruning curve with this module, so this module
+    cannot import it back.
+    """
+
+    def rows_for(self, mode: str) -> Sequence[RankedBlock]: ...
 
 
 @dataclass
@@ -230,6 +252,7 @@ def verify_slim(
         distances: the image distances the verdict uses.
         slim_path: the slim file, recorded in the result.
         out_dir: where to write ``verify.png`` and ``verify.json``; None writes nothing.
+            A folder that is or holds the full or the slim file is refused first.
         scale: upscale factor of the picture's tiles.
         candidate: renders the file under test instead of ``full``'s kept blocks,
             for a file that is no subset of ``full`` (a resized LoRA): a renderer
@@ -243,6 +266,7 @@ def verify_slim(
             result = verify_slim(full, file_sha256(full.path), kept, settings, session.renderer)
         print(result.passed, result.worst_kept)
     """
+    refuse_overwrite([full.path, slim_path], folders=[out_dir])
     kept = frozenset(keep)
     all_blocks = frozenset(full.blocks)
     result = _new_result(
@@ -334,7 +358,7 @@ def verify_candidates(
     *,
     criterion: Criterion = DEFAULT_CRITERION,
     distances: Mapping[str, Distance] = BASE_DISTANCES,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[VerifyResult]:
     """:func:`verify_candidate` of many (keep set, module ranks) files without writing them.
@@ -457,7 +481,7 @@ def auto_keep(
     *,
     criterion: Criterion = DEFAULT_CRITERION,
     distances: Mapping[str, Distance] = BASE_DISTANCES,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     stop_at_pass: bool = True,
     size_of: Callable[[Sequence[str]], int] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -531,7 +555,7 @@ def auto_keep(
 def auto_keep_ranked(
     full: LoraFile,
     full_sha256: str,
-    analysis: Analysis,
+    analysis: Ranking,
     settings: AnalyzeSettings,
     renderer: Renderer,
     *,

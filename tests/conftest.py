@@ -1,9 +1,10 @@
 """Shared test fixtures and the suite's scheduling.
 
 Function-scoped: synthetic LoRA files and hand-made safetensors files, in
-tmp_path. Session-scoped (built once per worker, shared by every file that asks):
-the tiny pipeline, the planted LoRA and the real-width reduced-depth transformer;
-a test must not change them (engines attach hooks and remove them on close).
+tmp_path (:func:`write_tensors` writes the latter anywhere, for scoped fixtures).
+Session-scoped (built once per worker, shared by every file that asks): the tiny
+pipeline, the planted LoRA and the real-width reduced-depth transformer; a test
+must not change them (engines attach hooks and remove them on close).
 Slow tests are collected first so that the workers start on them and the run
 does not end waiting on one long test (docs/performance.md, test suite times).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +31,17 @@ if TYPE_CHECKING:  # the core's tests must import without the render extra's tor
 PLANTED = {"double.3": 1.0, "single.7": 1.0, "final": 0.8}
 
 SynthFile = Callable[..., Path]
-TensorFile = Callable[..., Path]
+
+
+class TensorFile(Protocol):
+    """The ``tensor_file`` fixture's writer."""
+
+    def __call__(
+        self,
+        tensors: Mapping[str, npt.ArrayLike],
+        metadata: Mapping[str, str] | None = None,
+        name: str = "tensors.safetensors",
+    ) -> Path: ...
 
 
 @pytest.fixture
@@ -43,11 +54,29 @@ def synth_file(tmp_path: Path) -> SynthFile:
     return make
 
 
+def write_tensors(
+    path: Path, tensors: Mapping[str, npt.ArrayLike], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as F32 with the project's writer, creating ``path``'s folders.
+
+    For files no generator makes: other base models, unknown keys, odd shapes, planted
+    ranks. Each tensor keeps its shape, a 0-d alpha too, as kohya stores it.
+    A plain function, so module- and session-scoped fixtures write with it as well.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for key, value in tensors.items():
+        # Not ascontiguousarray: it makes a 0-d array 1-d. tobytes() is C order anyway.
+        array = np.asarray(value, dtype="<f4")
+        entries.append(TensorEntry(key, "F32", tuple(array.shape), array.tobytes))
+    return write_safetensors(path, entries, metadata)
+
+
 @pytest.fixture
 def tensor_file(tmp_path: Path) -> TensorFile:
-    """``tensor_file(tensors, metadata=None, name="tensors.safetensors")`` writes F32 tensors.
+    """``tensor_file(tensors, metadata=None, name="tensors.safetensors")``: :func:`write_tensors`.
 
-    For files no generator makes: other base models, unknown keys, odd shapes.
+    ``name`` is relative to tmp_path and may name sub-folders ("loras/a.safetensors").
     """
 
     def make(
@@ -55,11 +84,7 @@ def tensor_file(tmp_path: Path) -> TensorFile:
         metadata: Mapping[str, str] | None = None,
         name: str = "tensors.safetensors",
     ) -> Path:
-        entries = []
-        for key, value in tensors.items():
-            array = np.ascontiguousarray(value, dtype="<f4")
-            entries.append(TensorEntry(key, "F32", tuple(array.shape), array.tobytes))
-        return write_safetensors(tmp_path / name, entries, metadata)
+        return write_tensors(tmp_path / name, tensors, metadata)
 
     return make
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TensorFile
 
 from lora_prune import errors, verify
 from lora_prune.adapters import bias_rows, delta_io, factor_pairs, factor_problem, missing_factor
@@ -14,7 +15,7 @@ from lora_prune.keys import is_guidance_path
 from lora_prune.lora import LoraModule, read_lora
 from lora_prune.pickles import is_pickle_name, sniff_pickle
 from lora_prune.provenance import check_subset, subset_differences
-from lora_prune.safetensors_io import TensorEntry, TensorInfo, read_header, write_safetensors
+from lora_prune.safetensors_io import TensorInfo, read_header
 
 
 def module(**shapes: tuple[int, ...]) -> LoraModule:
@@ -72,36 +73,27 @@ def test_pickle_names_and_bytes(tmp_path: Path) -> None:
     assert sniff_pickle(raw) is None
 
 
-def write(path: Path, tensors: dict[str, np.ndarray]) -> Path:
-    entries = []
-    for key, value in tensors.items():
-        array = np.ascontiguousarray(value, dtype="<f4")
-        entries.append(TensorEntry(key, "F32", tuple(array.shape), array.tobytes))
-    write_safetensors(path, entries, None)
-    return path
-
-
 PROJ = "lora_unet_double_blocks_0_img_attn_proj"
 OTHER = "lora_unet_double_blocks_1_img_attn_proj"
 
 
-def test_subset_differences_names_each_fault(tmp_path: Path) -> None:
-    full = write(
-        tmp_path / "full.safetensors",
+def test_subset_differences_names_each_fault(tensor_file: TensorFile) -> None:
+    full = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{PROJ}.lora_up.weight": np.ones((32, 4)),
             f"{OTHER}.lora_down.weight": np.ones((4, 32)),
         },
+        name="full.safetensors",
     )
-    slim = write(
-        tmp_path / "slim.safetensors",
+    slim = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{PROJ}.lora_up.weight": np.full((32, 4), 2.0),
             f"{OTHER}.lora_down.weight": np.ones((2, 64)),
             f"{OTHER}.lora_up.weight": np.ones((32, 4)),
         },
+        name="slim.safetensors",
     )
     diffs = subset_differences(slim, read_header(slim), full, read_header(full))
     assert [(d.name, d.fault) for d in diffs] == [
@@ -113,14 +105,14 @@ def test_subset_differences_names_each_fault(tmp_path: Path) -> None:
     assert subset_differences(full, read_header(full), full, read_header(full)) == []
 
 
-def test_check_subset_raises_not_a_subset_from_the_error_tree(tmp_path: Path) -> None:
+def test_check_subset_raises_not_a_subset_from_the_error_tree(tensor_file: TensorFile) -> None:
     tensors = {
         f"{PROJ}.lora_down.weight": np.ones((4, 32)),
         f"{PROJ}.lora_up.weight": np.ones((32, 4)),
     }
-    full = read_lora(write(tmp_path / "full.safetensors", tensors))
+    full = read_lora(tensor_file(tensors, name="full.safetensors"))
     tensors[f"{PROJ}.lora_up.weight"] = np.zeros((32, 4))
-    slim = read_lora(write(tmp_path / "slim.safetensors", tensors))
+    slim = read_lora(tensor_file(tensors, name="slim.safetensors"))
     with pytest.raises(NotASubsetError) as info:
         check_subset(full, slim)
     assert info.value.what == "tensor values differ from the full file"

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from lora_prune import cli as cli_module
+import lora_prune.render.runs
 from lora_prune.analysis import (
     AnalyzeSettings,
     Job,
@@ -434,8 +434,8 @@ def test_analyze_prints_one_note_for_damaged_renders(
     def fake_session(spec: object, lora_file: LoraFile) -> Iterator[SimpleNamespace]:
         yield SimpleNamespace(renderer=FakeRenderer(PLANTED))
 
-    # The CLI's one seam to the render stack: everything above it runs for real.
-    monkeypatch.setattr(cli_module, "_session", fake_session)
+    # The sweep's one seam to the render stack: everything above it runs for real.
+    monkeypatch.setattr(lora_prune.render.runs, "_session", fake_session)
     out = tmp_path / "out"
     args = ["analyze", str(lora.path), "--model", "fake", "--prompt", "a fox", "--size", "32"]
     args += ["--steps", "2", "--out", str(out)]

@@ -9,96 +9,83 @@ ranks meet a budget between that allocation's size and uniform rank 2's.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import Result
+from clitools import run_cli
+from conftest import PLANTED, write_tensors
 
-from lora_prune.analysis import keep_size
 from lora_prune.budget import allocate_ranks, budget_ranks, plan_budget, record_reserve
-from lora_prune.cli import cli
 from lora_prune.lora import LoraFile, read_lora
 from lora_prune.provenance import RESIZED_RANKS_KEY, SOURCE_SHA_KEY, VERIFICATION_KEY
 from lora_prune.resize import ModuleSpectrum, module_spectra, resize_lora, resized_size
-from lora_prune.safetensors_io import SafetensorsReader, TensorEntry, file_sha256, write_safetensors
+from lora_prune.safetensors_io import SafetensorsReader, file_sha256
 from lora_prune.settings import check_max_size
-from lora_prune.testing import planted_lora
+from lora_prune.slim import keep_size
 
 torch.set_num_threads(1)
 
-PLANTED = {"double.3": 1.0, "single.7": 1.0, "final": 0.8}
 RENDER = ["--model", "tiny", "--prompt", "a red fox", "--seeds", "0,1", "--size", "32"]
 RENDER += ["--steps", "2", "--min-ssim", "0.999"]
 IMAGES = 2
 
 
-def _planted(folder: Path, full_rank: frozenset[str]) -> Path:
-    """The planted LoRA with the up factor's columns made equal (products of rank 1)
-    in every block but ``full_rank``."""
-    source = planted_lora(folder / "rank4.safetensors", PLANTED, rank=4)
+def _planted(source: Path, folder: Path, full_rank: frozenset[str]) -> Path:
+    """The planted LoRA ``source`` with the up factor's columns made equal (products of
+    rank 1) in every block but ``full_rank``."""
     lora = read_lora(source)
     block_of = {t.name: m.block for m in lora.modules.values() for t in m.tensors.values()}
-    entries = []
+    tensors: dict[str, npt.NDArray[np.float32]] = {}
     with SafetensorsReader(source, lora.header) as reader:
         for info in sorted(lora.header.tensors.values(), key=lambda t: t.begin):
             array = reader.read_array(info.name).astype("<f4")
             if info.name.endswith("lora_up.weight") and block_of[info.name] not in full_rank:
                 array = np.repeat(array[:, :1], array.shape[1], axis=1)
-            data = np.ascontiguousarray(array).tobytes()
-            entries.append(
-                TensorEntry(info.name, "F32", info.shape, functools.partial(bytes, data))
-            )
-    path = folder / "planted.safetensors"
-    write_safetensors(path, entries, dict(lora.metadata))
-    return path
+            tensors[info.name] = array
+    return write_tensors(folder / "planted.safetensors", tensors, dict(lora.metadata))
 
 
 @pytest.fixture(scope="module")
-def low_rank(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def low_rank(planted: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The planted LoRA with products of rank 1 everywhere."""
-    return _planted(tmp_path_factory.mktemp("budget"), frozenset())
+    return _planted(planted, tmp_path_factory.mktemp("budget"), frozenset())
 
 
 @pytest.fixture(scope="module")
-def mixed_rank(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mixed_rank(planted: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """single.7's products keep their full rank 4; double.3's and final's have rank 1."""
-    return _planted(tmp_path_factory.mktemp("mixed"), frozenset({"single.7"}))
+    return _planted(planted, tmp_path_factory.mktemp("mixed"), frozenset({"single.7"}))
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.output
-
-
-def auto(lora: Path, out: Path, max_size: str) -> tuple[int, str]:
+def auto(lora: Path, out: Path, max_size: str) -> Result:
     work = lora.with_name("work")  # shared: the ranking renders once for all tests
     return run_cli(
-        "slim", str(lora), "--auto", *RENDER, "--max-size", max_size, "-o", str(out),
-        "--work-dir", str(work),
-    )  # fmt: skip
+        "slim", lora, "--auto", *RENDER, "--max-size", max_size, "-o", out, "--work-dir", work
+    )
 
 
 def within_budget(lora: Path, out: Path, budget: int) -> tuple[LoraFile, str]:
     """``slim --auto --max-size budget``: the file written (under the budget, every planted block)."""
-    code, output = auto(lora, out, str(budget))
-    assert code == 0, output
+    result = auto(lora, out, str(budget))
+    assert result.exit_code == 0, result.output
     assert out.stat().st_size <= budget
     small = read_lora(out)
     assert set(PLANTED) <= set(small.blocks)
-    return small, output
+    return small, result.output
 
 
 def verify_and_check(full: Path, out: Path) -> None:
-    code, output = run_cli("verify", str(full), str(out), *RENDER)
-    assert code == 0, output
+    verified = run_cli("verify", full, out, *RENDER)
+    assert verified.exit_code == 0, verified.output
     policy = out.with_name("policy.toml")
     policy.write_text("require_verified = true\n")
-    code, output = run_cli("check", str(out), str(full), "--policy", str(policy))
-    assert code == 0 and "PASS" in output, output
+    checked = run_cli("check", out, full, "--policy", policy)
+    assert checked.exit_code == 0 and "PASS" in checked.output, checked.output
 
 
 def test_sizes_and_ranks_are_planned_from_shapes(low_rank: Path, tmp_path: Path) -> None:
@@ -107,8 +94,7 @@ def test_sizes_and_ranks_are_planned_from_shapes(low_rank: Path, tmp_path: Path)
     keep = sorted(PLANTED)
     # At the stored rank the size is that of the slim; the factors halve with the rank.
     assert resized_size(lora, keep, None) == keep_size(lora, keep)
-    code, _ = run_cli("resize", str(low_rank), "--rank", "2", "-o", str(tmp_path / "r2.st"))
-    assert code == 0
+    assert run_cli("resize", low_rank, "--rank", "2", "-o", tmp_path / "r2.st").exit_code == 0
     r2 = read_lora(tmp_path / "r2.st")
     # The tensors are as planned; the resize's provenance fits in the reserve.
     planned = resized_size(lora, lora.blocks, 2)
@@ -125,8 +111,9 @@ def test_sizes_and_ranks_are_planned_from_shapes(low_rank: Path, tmp_path: Path)
 
 def test_a_budget_the_keep_set_fits_is_plain_auto(low_rank: Path, tmp_path: Path) -> None:
     out = tmp_path / "auto.safetensors"
-    code, output = auto(low_rank, out, "100MB")
-    assert code == 0, output
+    result = auto(low_rank, out, "100MB")
+    output = result.output
+    assert result.exit_code == 0, output
     slim = read_lora(out)
     assert set(slim.blocks) == set(PLANTED)
     assert out.stat().st_size <= 100_000_000
@@ -167,8 +154,9 @@ def test_an_impossible_budget_names_the_smallest_size_that_passes(
     low_rank: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "none.safetensors"
-    code, output = auto(low_rank, out, "2KB")
-    assert code == 1, output
+    result = auto(low_rank, out, "2KB")
+    output = result.output
+    assert result.exit_code == 1, output
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1
     smallest = keep_size(read_lora(low_rank), sorted(PLANTED))
@@ -177,8 +165,8 @@ def test_an_impossible_budget_names_the_smallest_size_that_passes(
     # No reduced rank fits 2 KB: none was rendered, and the message does not count the full rank.
     assert "no keep set that can pass fits in 2.0 KB" in errors[0], errors[0]
     assert not out.exists()
-    code, output = run_cli("slim", str(low_rank), "--keep", "all", "--max-size", "1MB")
-    assert code == 2 and "--max-size needs --auto" in output
+    result = run_cli("slim", low_rank, "--keep", "all", "--max-size", "1MB")
+    assert result.exit_code == 2 and "--max-size needs --auto" in result.output
 
 
 def spectrum(
@@ -261,8 +249,8 @@ def test_a_rank_mapping_resizes_per_block_and_per_module(mixed_rank: Path, tmp_p
     kept = {m.stem: m.energy_kept for m in result.modules}
     assert min(kept[s] for s in kept if s.startswith("lora_unet_double")) > 1 - 1e-9
     assert max(kept[s] for s in stems) < 0.999
-    code, output = run_cli("resize", str(mixed_rank), "--rank", "0", "-o", str(tmp_path / "x"))
-    assert code == 2 and "--rank 0" in output
+    refused = run_cli("resize", mixed_rank, "--rank", "0", "-o", tmp_path / "x")
+    assert refused.exit_code == 2 and "--rank 0" in refused.output
 
 
 def test_a_budget_only_per_block_ranks_meet_passes_verify(mixed_rank: Path, tmp_path: Path) -> None:

@@ -17,13 +17,13 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from conftest import TensorFile, write_tensors
 from hostile import make_hostile_corpus
 
 from lora_prune.check import (
@@ -44,7 +44,7 @@ from lora_prune.check import (
     run_check,
 )
 from lora_prune.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREADABLE, UnsafeFileError, UsageError
-from lora_prune.safetensors_io import TensorEntry, file_sha256, read_header, write_safetensors
+from lora_prune.safetensors_io import file_sha256, read_header
 from lora_prune.slim import slim_lora
 from lora_prune.testing import GRAMMARS, SynthSpec, write_synth_lora
 
@@ -57,18 +57,6 @@ SDXL_KEYS = (
 )
 NAN_KEY = "lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight"
 PROJ = "lora_unet_double_blocks_0_img_attn_proj"
-
-
-def write_tensors(
-    path: Path, tensors: Mapping[str, npt.ArrayLike], metadata: Mapping[str, str] | None = None
-) -> Path:
-    """F32 tensors with the project's writer (for files the generator cannot make)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for key, value in tensors.items():
-        array = np.ascontiguousarray(value, dtype="<f4")
-        entries.append(TensorEntry(key, "F32", tuple(array.shape), array.tobytes))
-    return write_safetensors(path, entries, metadata)
 
 
 def synth(path: Path, **kwargs: object) -> Path:
@@ -332,15 +320,15 @@ def test_inf_named_by_key_in_f16(tmp_path: Path) -> None:
     assert f.dtypes == {"F16": f.tensors}
 
 
-def test_rank_mismatch_named_by_key(tmp_path: Path) -> None:
+def test_rank_mismatch_named_by_key(tensor_file: TensorFile) -> None:
     rng = np.random.default_rng(0)
-    path = write_tensors(
-        tmp_path / "rank.safetensors",
+    path = tensor_file(
         {
             f"{PROJ}.lora_down.weight": rng.normal(size=(4, 32)),
             f"{PROJ}.lora_up.weight": rng.normal(size=(32, 8)),
             f"{PROJ}.alpha": np.array(4.0),
         },
+        name="rank.safetensors",
     )
     (f,) = run_check([path]).files
     assert f.status == "fail"
@@ -351,14 +339,14 @@ def test_rank_mismatch_named_by_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.0, -4.0, float("inf")])
-def test_bad_alpha(tmp_path: Path, alpha: float) -> None:
-    path = write_tensors(
-        tmp_path / "alpha.safetensors",
+def test_bad_alpha(tensor_file: TensorFile, alpha: float) -> None:
+    path = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{PROJ}.lora_up.weight": np.ones((32, 4)),
             f"{PROJ}.alpha": np.array(alpha),
         },
+        name="alpha.safetensors",
     )
     (f,) = run_check([path]).files
     codes = {(x.code, x.key) for x in f.errors}
@@ -367,15 +355,15 @@ def test_bad_alpha(tmp_path: Path, alpha: float) -> None:
     assert (("nonfinite", f"{PROJ}.alpha") in codes) == (alpha == float("inf"))
 
 
-def test_missing_factor_and_mixed_ranks(tmp_path: Path) -> None:
+def test_missing_factor_and_mixed_ranks(tensor_file: TensorFile) -> None:
     other = "lora_unet_double_blocks_1_img_attn_proj"
-    path = write_tensors(
-        tmp_path / "half.safetensors",
+    path = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{other}.lora_down.weight": np.ones((8, 32)),
             f"{other}.lora_up.weight": np.ones((32, 8)),
         },
+        name="half.safetensors",
     )
     (f,) = run_check([path]).files
     assert [(x.code, x.key) for x in f.errors] == [("missing_factor", f"{PROJ}.lora_down.weight")]
@@ -384,14 +372,14 @@ def test_missing_factor_and_mixed_ranks(tmp_path: Path) -> None:
     assert f.alphas == {}
 
 
-def test_unknown_keys_are_named_and_the_rest_still_checked(tmp_path: Path) -> None:
-    with_unknown = write_tensors(
-        tmp_path / "unknown.safetensors",
+def test_unknown_keys_are_named_and_the_rest_still_checked(tensor_file: TensorFile) -> None:
+    with_unknown = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{PROJ}.lora_up.weight": np.full((32, 4), np.nan),
             "my_custom_embedding.weight": np.ones(3),
         },
+        name="unknown.safetensors",
     )
     (f,) = run_check([with_unknown]).files
     codes = [(x.code, x.key) for x in f.errors]
@@ -487,11 +475,9 @@ def test_github_escaping() -> None:
     )
 
 
-def test_outputs_survive_hostile_names_and_keys(tmp_path: Path) -> None:
+def test_outputs_survive_hostile_names_and_keys(tensor_file: TensorFile, tmp_path: Path) -> None:
     key = "evil\x01key\n<&>\"'"
-    path = write_tensors(
-        tmp_path / "a,b:c%.safetensors", {key: np.array([np.nan, 1.0], dtype=np.float32)}
-    )
+    path = tensor_file({key: np.array([np.nan, 1.0], dtype=np.float32)}, name="a,b:c%.safetensors")
     result = run_check([tmp_path])
     (f,) = result.files
     assert ("nonfinite", key) in [(x.code, x.key) for x in f.errors]
@@ -880,29 +866,29 @@ def test_folder_that_cannot_be_listed(tmp_path: Path, monkeypatch: pytest.Monkey
     assert result.exit_code == EXIT_UNREADABLE
 
 
-def test_tucker_mid_of_another_rank_chains_through_mid(tmp_path: Path) -> None:
+def test_tucker_mid_of_another_rank_chains_through_mid(tensor_file: TensorFile) -> None:
     # up [32, 2] @ mid [2, 4] @ down [4, 32] multiplies: up and down need not share a rank.
-    path = write_tensors(
-        tmp_path / "mid.safetensors",
+    path = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{PROJ}.lora_mid.weight": np.ones((2, 4)),
             f"{PROJ}.lora_up.weight": np.ones((32, 2)),
         },
+        name="mid.safetensors",
     )
     (f,) = run_check([path]).files
     assert [x.code for x in f.errors] == []
     assert f.status == "pass"
 
 
-def test_tucker_mid_that_does_not_fit_down_is_a_rank_mismatch(tmp_path: Path) -> None:
-    path = write_tensors(
-        tmp_path / "mid.safetensors",
+def test_tucker_mid_that_does_not_fit_down_is_a_rank_mismatch(tensor_file: TensorFile) -> None:
+    path = tensor_file(
         {
             f"{PROJ}.lora_down.weight": np.ones((4, 32)),
             f"{PROJ}.lora_mid.weight": np.ones((2, 3)),
             f"{PROJ}.lora_up.weight": np.ones((32, 2)),
         },
+        name="mid.safetensors",
     )
     (f,) = run_check([path]).files
     (finding,) = f.errors

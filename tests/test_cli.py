@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-from click.testing import CliRunner, Result
+from click.testing import Result
+from clitools import run_cli
 from hostile import Corpus, make_hostile_corpus
 
 from lora_prune import fileio
-from lora_prune.cli import cli
 from lora_prune.testing import (
     SynthSpec,
     supported_blocks,
@@ -53,12 +53,8 @@ def metadata_of(path: Path) -> dict[str, str]:
     return meta or {}
 
 
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 def inspect_json(path: Path, *extra: str) -> dict[str, Any]:
-    result = run("inspect", path, "--json", *extra)
+    result = run_cli("inspect", path, "--json", *extra)
     assert result.exit_code == 0, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
@@ -190,7 +186,7 @@ def summary(stdout: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(INSPECT_SPECS))
 def test_inspect_prints_summary_and_one_row_per_block(name: str, files: dict[str, Path]) -> None:
     spec, fmt = INSPECT_SPECS[name]
-    result = run("inspect", files[name])
+    result = run_cli("inspect", files[name])
     assert result.exit_code == 0 and result.stderr == ""
     info = summary(result.stdout)
     assert info["format"] == fmt
@@ -277,7 +273,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_inspect_sort_orders_the_rows(planted: Path) -> None:
-    by_block = [r[0] for r in table_rows(run("inspect", planted).stdout)]
+    by_block = [r[0] for r in table_rows(run_cli("inspect", planted).stdout)]
     assert by_block == [
         "input",
         "double.2",
@@ -289,7 +285,7 @@ def test_inspect_sort_orders_the_rows(planted: Path) -> None:
     ]
 
     want = expected_lora_norms(PLANTED)
-    by_norm = [r[0] for r in table_rows(run("inspect", planted, "--sort", "norm").stdout)]
+    by_norm = [r[0] for r in table_rows(run_cli("inspect", planted, "--sort", "norm").stdout)]
     # Planted strengths set the order; zero-strength blocks follow in model order.
     assert by_norm == sorted(want, key=lambda b: (-want[b], ORDER[b]))
     assert by_norm[0] == "double.3" and by_norm[-3:] == ["input", "double.2", "single.11"]
@@ -300,10 +296,10 @@ def test_inspect_sort_orders_the_rows(planted: Path) -> None:
     sizes = [b["bytes"] for b in by_size]
     assert sizes == sorted(sizes, reverse=True)
     assert [b["block"] for b in by_size] == [
-        r[0] for r in table_rows(run("inspect", planted, "--sort", "size").stdout)
+        r[0] for r in table_rows(run_cli("inspect", planted, "--sort", "size").stdout)
     ]
     assert by_size[0]["block"] == "double.2"  # a double block is the biggest; ties in model order
-    assert run("inspect", planted, "--sort", "sideways").exit_code == 2
+    assert run_cli("inspect", planted, "--sort", "sideways").exit_code == 2
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +326,7 @@ def test_console_script_inspects_several_grammars(
         assert doc == inspect_json(files[name], "--sort", "size")
         assert doc["format"] == INSPECT_SPECS[name][1]
     proc = script(console_script, "inspect", files["comfyui"])
-    assert proc.returncode == 0 and proc.stdout == run("inspect", files["comfyui"]).stdout
+    assert proc.returncode == 0 and proc.stdout == run_cli("inspect", files["comfyui"]).stdout
 
 
 def test_console_script_slims_and_reports_errors(
@@ -411,11 +407,11 @@ def test_slim_keep_and_drop_understand_every_spec_form(
 ) -> None:
     spec, keep = SPEC_CASES[case]
     kept_out, dropped_out = tmp_path / "kept.safetensors", tmp_path / "dropped.safetensors"
-    assert run("slim", full, "--keep", spec, "-o", kept_out).exit_code == 0
+    assert run_cli("slim", full, "--keep", spec, "-o", kept_out).exit_code == 0
     kept = [b["block"] for b in inspect_json(kept_out)["blocks"]]
     assert kept == sorted(keep, key=ORDER.__getitem__)
     if keep != set(EVERY):
-        assert run("slim", full, "--drop", spec, "-o", dropped_out).exit_code == 0
+        assert run_cli("slim", full, "--drop", spec, "-o", dropped_out).exit_code == 0
         dropped = [b["block"] for b in inspect_json(dropped_out)["blocks"]]
         assert dropped == sorted(set(EVERY) - keep, key=ORDER.__getitem__)
         assert (
@@ -423,7 +419,7 @@ def test_slim_keep_and_drop_understand_every_spec_form(
             == official_tensors(full).keys()
         )
     else:
-        result = run("slim", full, "--drop", spec, "-o", dropped_out)
+        result = run_cli("slim", full, "--drop", spec, "-o", dropped_out)
         assert_one_error_line(result, 2, "leaves no tensors")
         assert not dropped_out.exists()
 
@@ -431,7 +427,7 @@ def test_slim_keep_and_drop_understand_every_spec_form(
 def test_slim_writes_beside_the_input_and_reports_sizes(full: Path, tmp_path: Path) -> None:
     src = tmp_path / "my lora.safetensors"
     shutil.copyfile(full, src)
-    result = run("slim", src, "--keep", "double.7,single.7-20")
+    result = run_cli("slim", src, "--keep", "double.7,single.7-20")
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "my lora.slim.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -456,7 +452,7 @@ def test_slim_writes_beside_the_input_and_reports_sizes(full: Path, tmp_path: Pa
 
 
 def test_slim_notes_blocks_the_lora_lacks(files: dict[str, Path], tmp_path: Path) -> None:
-    result = run(
+    result = run_cli(
         "slim", files["loha"], "--keep", "double.3,double.4", "-o", tmp_path / "o.safetensors"
     )
     assert result.exit_code == 0
@@ -493,13 +489,13 @@ def test_slim_never_writes_over_its_input(lone: Path, force: bool) -> None:
     targets = same_file_targets(lone)
     before = snapshot(lone.parent)
     for name, target in targets.items():
-        result = run(
+        result = run_cli(
             "slim", lone, "--keep", "double", "-o", target, *(["--force"] if force else [])
         )
         assert_one_error_line(result, 2, "would replace the input")
         assert snapshot(lone.parent) == before, name
     # ... and not when the input is named through a link and the output is the real file.
-    result = run("slim", targets["symlink"], "--keep", "double", "-o", lone, "--force")
+    result = run_cli("slim", targets["symlink"], "--keep", "double", "-o", lone, "--force")
     assert_one_error_line(result, 2, "would replace the input")
     assert snapshot(lone.parent) == before
 
@@ -508,11 +504,11 @@ def test_slim_refuses_an_existing_output_unless_forced(lone: Path) -> None:
     out = lone.with_name("out.safetensors")
     out.write_bytes(b"precious")
     before = snapshot(lone.parent)
-    result = run("slim", lone, "--keep", "double.0", "-o", out)
+    result = run_cli("slim", lone, "--keep", "double.0", "-o", out)
     assert_one_error_line(result, 2, "the output exists", "out.safetensors", "--force")
     assert snapshot(lone.parent) == before
 
-    result = run("slim", lone, "--keep", "double.0", "-o", out, "--force")
+    result = run_cli("slim", lone, "--keep", "double.0", "-o", out, "--force")
     assert result.exit_code == 0, result.stderr
     assert [b["block"] for b in inspect_json(out)["blocks"]] == ["double.0"]
     assert lone.read_bytes() == before[lone.name][0]
@@ -520,7 +516,7 @@ def test_slim_refuses_an_existing_output_unless_forced(lone: Path) -> None:
 
 
 def test_slim_output_folder_problems_are_usage_errors(lone: Path) -> None:
-    result = run(
+    result = run_cli(
         "slim", lone, "--keep", "double.0", "-o", lone.parent / "missing" / "o.safetensors"
     )
     assert_one_error_line(result, 2, "does not exist")
@@ -529,7 +525,7 @@ def test_slim_output_folder_problems_are_usage_errors(lone: Path) -> None:
 def test_slim_output_that_is_a_folder_is_one_error_line(lone: Path) -> None:
     folder = lone.parent / "a folder"
     folder.mkdir()
-    result = run("slim", lone, "--keep", "double.0", "-o", folder)
+    result = run_cli("slim", lone, "--keep", "double.0", "-o", folder)
     assert_one_error_line(result, 2, "the output is a folder", "a folder")
     assert list(folder.iterdir()) == []
 
@@ -559,7 +555,7 @@ def test_slim_that_cannot_rename_leaves_no_temp_file(
 
     monkeypatch.setattr(fileio, "os", _OsProxy(replace=no_space))
     before = snapshot(lone.parent)
-    result = run("slim", lone, "--keep", "double.0", "-o", existing_output, "--force")
+    result = run_cli("slim", lone, "--keep", "double.0", "-o", existing_output, "--force")
     assert_one_error_line(result, 6, "No space left on device", "out.safetensors")
     assert snapshot(lone.parent) == before
 
@@ -572,7 +568,7 @@ def test_slim_interrupted_while_writing_leaves_no_temp_file(
 
     monkeypatch.setattr(fileio, "os", _OsProxy(fsync=interrupt))
     before = snapshot(lone.parent)
-    result = run("slim", lone, "--keep", "double.0", "-o", existing_output, "--force")
+    result = run_cli("slim", lone, "--keep", "double.0", "-o", existing_output, "--force")
     assert_one_error_line(result, 130, "interrupted")
     assert snapshot(lone.parent) == before
 
@@ -591,7 +587,7 @@ def test_slim_output_that_reads_back_wrong_is_not_kept(
 
     monkeypatch.setattr(fileio, "os", _OsProxy(fsync=corrupting_fsync))
     before = snapshot(lone.parent)
-    result = run("slim", lone, "--keep", "double.0-3", "-o", existing_output, "--force")
+    result = run_cli("slim", lone, "--keep", "double.0-3", "-o", existing_output, "--force")
     assert_one_error_line(result, 6, "does not read back identical")
     assert snapshot(lone.parent) == before
 
@@ -624,7 +620,7 @@ def test_hostile_files_give_exit_3_and_one_error_line(
     args: list[str | Path] = (
         ["--keep", "all", "-o", tmp_path / "o.safetensors"] if command == "slim" else []
     )
-    result = run(command, path, *args)
+    result = run_cli(command, path, *args)
     assert_one_error_line(result, 3, fragment, path.name)
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
@@ -653,7 +649,9 @@ FLUX_KEY = "lora_unet_double_blocks_0_img_attn_proj"
 def test_other_base_models_and_unknown_keys_give_exit_4(tmp_path: Path) -> None:
     sdxl = write_f32(tmp_path / "sdxl.safetensors", SDXL)
     for command in (["inspect"], ["slim", "--keep", "all"]):
-        assert_one_error_line(run(*command[:1], sdxl, *command[1:]), 4, "SDXL", "sdxl.safetensors")
+        assert_one_error_line(
+            run_cli(*command[:1], sdxl, *command[1:]), 4, "SDXL", "sdxl.safetensors"
+        )
 
     flux2 = write_f32(
         tmp_path / "flux2.safetensors",
@@ -662,7 +660,7 @@ def test_other_base_models_and_unknown_keys_give_exit_4(tmp_path: Path) -> None:
             "lora_unet_single_blocks_45_linear1.lora_up.weight": (32, 4),
         },
     )
-    assert_one_error_line(run("inspect", flux2), 4, "FLUX.2", "flux2.safetensors")
+    assert_one_error_line(run_cli("inspect", flux2), 4, "FLUX.2", "flux2.safetensors")
 
     mixed = write_f32(
         tmp_path / "mixed.safetensors",
@@ -674,9 +672,9 @@ def test_other_base_models_and_unknown_keys_give_exit_4(tmp_path: Path) -> None:
         },
     )
     assert_one_error_line(
-        run("inspect", mixed), 4, "2 keys match no FLUX.1 LoRA format", "--allow-unknown"
+        run_cli("inspect", mixed), 4, "2 keys match no FLUX.1 LoRA format", "--allow-unknown"
     )
-    assert_one_error_line(run("slim", mixed, "--keep", "double.0"), 4, "--allow-unknown")
+    assert_one_error_line(run_cli("slim", mixed, "--keep", "double.0"), 4, "--allow-unknown")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "flux2.safetensors",
         "mixed.safetensors",
@@ -700,11 +698,11 @@ def test_allow_unknown_reports_and_keeps_block_other(tmp_path: Path) -> None:
     rows = {b["block"]: b for b in doc["blocks"]}
     assert list(rows) == ["double.0", "single.3", "other"]
     assert (rows["other"]["tensors"], rows["other"]["params"], rows["other"]["norm"]) == (2, 7, 0.0)
-    text = run("inspect", mixed, "--allow-unknown").stdout
+    text = run_cli("inspect", mixed, "--allow-unknown").stdout
     assert [r[0] for r in table_rows(text)] == ["double.0", "single.3", "other"]
 
     out = tmp_path / "out.safetensors"
-    result = run("slim", mixed, "--allow-unknown", "--drop", "single.3", "-o", out)
+    result = run_cli("slim", mixed, "--allow-unknown", "--drop", "single.3", "-o", out)
     assert result.exit_code == 0, result.stderr
     assert set(official_tensors(out)) == {
         f"{FLUX_KEY}.lora_down.weight",
@@ -724,7 +722,7 @@ def test_keep_all_keeps_every_tensor_also_unknown_ones(tmp_path: Path) -> None:
         },
     )
     out = tmp_path / "out.safetensors"
-    result = run("slim", mixed, "--allow-unknown", "--keep", "all", "-o", out)
+    result = run_cli("slim", mixed, "--allow-unknown", "--keep", "all", "-o", out)
     assert result.exit_code == 0, result.stderr
     assert official_tensors(out) == official_tensors(mixed)
 
@@ -745,7 +743,7 @@ BAD_SPECS = {
 @pytest.mark.parametrize("option", ["--keep", "--drop"])
 def test_bad_block_specs_give_exit_2(case: str, option: str, full: Path, tmp_path: Path) -> None:
     spec, fragment = BAD_SPECS[case]
-    result = run("slim", full, option, spec, "-o", tmp_path / "o.safetensors")
+    result = run_cli("slim", full, option, spec, "-o", tmp_path / "o.safetensors")
     assert_one_error_line(result, 2, fragment)
     assert list(tmp_path.iterdir()) == []
 
@@ -753,9 +751,9 @@ def test_bad_block_specs_give_exit_2(case: str, option: str, full: Path, tmp_pat
 def test_keep_and_drop_together_or_neither_give_exit_2(full: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.safetensors"
     assert_one_error_line(
-        run("slim", full, "--keep", "double", "--drop", "single", "-o", out), 2, "exactly one"
+        run_cli("slim", full, "--keep", "double", "--drop", "single", "-o", out), 2, "exactly one"
     )
-    assert_one_error_line(run("slim", full, "-o", out), 2, "exactly one")
+    assert_one_error_line(run_cli("slim", full, "-o", out), 2, "exactly one")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -768,7 +766,7 @@ def test_inspect_json_is_strict_json_even_for_nan_weights(tmp_path: Path) -> Non
         },
         str(path),
     )
-    result = run("inspect", path, "--json")
+    result = run_cli("inspect", path, "--json")
     assert result.exit_code == 0
 
     def refuse(name: str) -> None:

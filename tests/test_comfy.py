@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from clitools import run_cli
 
-from lora_prune.cli import cli
 from lora_prune.comfy import _parse_simple_yaml, find_models, identify, parse_extra_model_paths
 from lora_prune.errors import UsageError
 from lora_prune.memoryplan import WORKING_BYTES, choose_plan, plan_peak_bytes
@@ -197,12 +196,12 @@ def test_memory_option_is_validated_and_offload_is_its_alias() -> None:
     with pytest.raises(UsageError, match="--offload contradicts --memory full"):
         ModelSpec("m", offload=True, memory="full")
     assert ModelSpec("m", comfy=Path("x")).uses_single_files
-    result = CliRunner().invoke(cli, ["render", "x", "--model", "tiny", "--memory", "lots"])
+    result = run_cli("render", "x", "--model", "tiny", "--memory", "lots")
     assert result.exit_code == 2
 
 
 def test_doctor_prints_files_plan_and_estimates(comfy: Path) -> None:
-    result = CliRunner().invoke(cli, ["doctor", "--comfy", str(comfy)], catch_exceptions=False)
+    result = run_cli("doctor", "--comfy", comfy)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     t_line = next(x for x in lines if x.startswith("transformer "))
@@ -218,7 +217,7 @@ def test_doctor_prints_files_plan_and_estimates(comfy: Path) -> None:
 
 def test_doctor_missing_component_is_one_error_line(comfy: Path) -> None:
     (comfy / "models" / "vae" / "ae.safetensors").unlink()
-    result = CliRunner().invoke(cli, ["doctor", "--comfy", str(comfy)])
+    result = run_cli("doctor", "--comfy", comfy)
     assert result.exit_code == 2
     errors = [x for x in result.output.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "no usable vae file found" in errors[0]

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import torch
 import transformers as _transformers
-from click.testing import CliRunner
+from clitools import run_cli
 from safetensors.torch import save_file
 from test_render_loading import to_bfl
 
-from lora_prune.cli import cli
 from lora_prune.render.loading import load_pipeline
 from lora_prune.render.plain import plain_render
 from lora_prune.render.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
@@ -129,12 +128,10 @@ def test_render_and_analyze_run_from_a_comfy_folder(
     lora = planted_lora(tmp_path / "planted.safetensors", {"double.3": 1.0, "single.7": 1.0})
     common = ["--comfy", str(root), "--prompt", "a fox", "--size", "32", "--steps", "2"]
     out = tmp_path / "combo.png"
-    render = CliRunner().invoke(
-        cli, ["render", str(lora), *common, "--blocks", "double.3", "-o", str(out)]
-    )
+    render = run_cli("render", lora, *common, "--blocks", "double.3", "-o", out)
     assert render.exit_code == 0, render.output
     assert out.stat().st_size > 0
-    analyze = CliRunner().invoke(cli, ["analyze", str(lora), *common, "--out", str(tmp_path / "a")])
+    analyze = run_cli("analyze", lora, *common, "--out", tmp_path / "a")
     assert analyze.exit_code == 0, analyze.output
     ranking = json.loads((tmp_path / "a" / "ranking.json").read_text(encoding="utf-8"))
     top = {r["block"] for r in ranking["rows"] if r["mode"] == "solo"}

@@ -30,7 +30,6 @@ PACKAGE = ROOT / "lora_prune"
 DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}
 #: Imported by the core only lazily, where installed, with a fallback when not.
 OPTIONAL_IN_CORE = {
-    "torch": "memoryplan: a GPU's free memory, when the render extra is there",
     "yaml": "comfy: extra_model_paths.yaml beyond the plain subset it parses itself",
     "gguf": "comfy: GGUF transformers' tensors (without it, a one-line reason)",
 }

@@ -33,8 +33,9 @@ from lora_prune.errors import UsageError
 from lora_prune.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
-from lora_prune.render.loading import LoadedModel, _load_transformer_file
+from lora_prune.render.loading import LoadedModel
 from lora_prune.render.storage import dense_weight, inspect_transformer_file, weight_shape
+from lora_prune.render.transformerfile import load_transformer_file
 from lora_prune.testing import SynthSpec, write_synth_lora
 
 # Slow (a 0.55 B model each): one worker runs both real-width files, one after the other.
@@ -124,7 +125,7 @@ def reference(
 
 @pytest.fixture(scope="module")
 def quantised(reference: Reference) -> Any:
-    model, _ = _load_transformer_file(reference.path, real_width_config(), torch.float32)
+    model, _ = load_transformer_file(reference.path, real_width_config(), torch.float32)
     return model
 
 
@@ -203,7 +204,7 @@ def test_gguf_file_with_other_block_counts_than_its_config_is_refused(
     gguf_file = reference.path
     # No base folder: the shipped FLUX.1-dev config has 19 + 38 blocks, the file 1 + 1.
     with pytest.raises(UsageError) as info:
-        _load_transformer_file(gguf_file, None, torch.float32)
+        load_transformer_file(gguf_file, None, torch.float32)
     assert str(info.value) == (
         "GGUF transformer has 1 double and 1 single blocks, its config 19 and 38, "
         f"{gguf_file}, use a complete FLUX.1-dev/schnell GGUF transformer of the model "

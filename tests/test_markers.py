@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clitools import run_cli
 
 from lora_prune.analysis.model import BlockRow
 from lora_prune.analysis.scoring import suggest_keep
 from lora_prune.blocks import block_order
-from lora_prune.cli import cli
 from lora_prune.errors import UsageError
 from lora_prune.lora import read_lora
 from lora_prune.markers import MARKER_SETS, pinned_blocks
@@ -72,9 +71,7 @@ def test_slim_and_resize_refuse_to_drop_a_marker_block(tmp_path: Path) -> None:
     written = slim_lora(lora, ["input", "double.0", "single.0"], output=tmp_path / "ok.st")
     assert control.keys <= read_lora(written.output).header.tensors.keys()
     # The CLI ends in one error line and the usage exit code.
-    result = CliRunner().invoke(
-        cli, ["slim", str(path), "--keep", "double.0-3", "-o", str(tmp_path / "c.st")]
-    )
+    result = run_cli("slim", path, "--keep", "double.0-3", "-o", tmp_path / "c.st")
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert result.exit_code == 2 and len(errors) == 1, result.output
     assert "keep input,single.0 too" in errors[0]

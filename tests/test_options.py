@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from test_cli import assert_one_error_line, run
+from clitools import run_cli
+from test_cli import assert_one_error_line
 
-from lora_prune.cli import cli
 from lora_prune.errors import UsageError
 from lora_prune.settings import (
     MIN_SHEET_PIXELS,
@@ -164,7 +163,7 @@ def test_bad_command_lines_give_one_error_line(
     cases = _cases(lora, earlier, tmp_path)[command]
     assert len(cases) >= 3
     for args, code, fragment in cases:
-        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        result = run_cli(*args)
         line = assert_one_error_line(result, code, fragment)
         assert result.stdout == "", (args, result.stdout)
         if code == 2:
@@ -174,28 +173,28 @@ def test_bad_command_lines_give_one_error_line(
 
 
 def test_click_usage_errors_name_the_command_help(lora: Path) -> None:
-    line = assert_one_error_line(run("analyze", lora, "--sise", "64"), 2, "--sise")
+    line = assert_one_error_line(run_cli("analyze", lora, "--sise", "64"), 2, "--sise")
     assert line.endswith("see 'lora-prune analyze --help'"), line
-    line = assert_one_error_line(run("nonsense"), 2, "nonsense")
+    line = assert_one_error_line(run_cli("nonsense"), 2, "nonsense")
     assert line.endswith("see 'lora-prune --help'"), line
 
 
 def test_help_and_version_still_exit_0() -> None:
-    assert run("--help").exit_code == 0
-    assert run("analyze", "--help").exit_code == 0
-    version = run("--version")
+    assert run_cli("--help").exit_code == 0
+    assert run_cli("analyze", "--help").exit_code == 0
+    version = run_cli("--version")
     assert version.exit_code == 0 and "lora-prune, version" in version.stdout
 
 
 def test_analyze_from_refuses_coverage_7(earlier: Path) -> None:
     # It used to exit 0 and print "target 700%".
-    result = run("analyze", "--from", earlier, "--coverage", "7")
+    result = run_cli("analyze", "--from", earlier, "--coverage", "7")
     assert_one_error_line(result, 2, "coverage 7.0 is not in (0, 1]", "--coverage")
 
 
 def test_sheet_max_pixels_100_is_one_error_line(lora: Path) -> None:
     # It used to end in a ValueError traceback after the renders.
-    result = run("analyze", lora, *RENDER, "--sheet-max-pixels", "100")
+    result = run_cli("analyze", lora, *RENDER, "--sheet-max-pixels", "100")
     assert_one_error_line(result, 2, "--sheet-max-pixels 100", f"{MIN_SHEET_PIXELS:,}")
 
 
@@ -215,7 +214,7 @@ def test_a_folder_where_a_file_is_needed_is_exit_3_everywhere(
     args: list[str], lora: Path, tmp_path: Path
 ) -> None:
     values = {"dir": str(tmp_path), "lora": str(lora), "out": str(tmp_path / "o.png")}
-    result = run(*(a.format(**values) for a in args))
+    result = run_cli(*(a.format(**values) for a in args))
     assert_one_error_line(result, 3, "is a folder, not a file", str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
@@ -227,7 +226,7 @@ def test_render_never_writes_over_its_input_lora(lora: Path, tmp_path: Path) -> 
     link.symlink_to(copy)
     before = copy.read_bytes()
     for target in (copy, link, tmp_path / "." / copy.name):
-        result = run("render", copy, *RENDER, "--blocks", "all", "-o", target, "--force")
+        result = run_cli("render", copy, *RENDER, "--blocks", "all", "-o", target, "--force")
         assert_one_error_line(result, 2, "would replace the input")
         assert copy.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "mine.safetensors"]
@@ -241,7 +240,7 @@ def test_verify_and_analyze_output_folders_never_hold_an_input(lora: Path) -> No
         ["slim", lora, "--auto", *RENDER, "--work-dir", lora.parent],
     ]
     for args in cases:
-        assert_one_error_line(run(*args), 2, "the output folder holds an input")
+        assert_one_error_line(run_cli(*args), 2, "the output folder holds an input")
     assert lora.read_bytes() == before
 
 

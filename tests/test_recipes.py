@@ -12,14 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
-from click.testing import CliRunner
+from clitools import run_cli
+from conftest import write_tensors
 
 from lora_prune.blocks import parse_block_spec
-from lora_prune.cli import cli
 from lora_prune.lora import read_lora
 from lora_prune.recipes import input_ranks, recipes_for
-from lora_prune.safetensors_io import TensorEntry, write_safetensors
 from lora_prune.testing import SynthSpec, planted_lora, synth_modules, write_synth_lora
 
 KEEP = parse_block_spec("input,double.0-2,double.7,single.5,single.30-37,final")
@@ -171,19 +171,14 @@ def _mixed_rank_lora(path: Path, ranks: dict[str, int]) -> Path:
     Stems the mapping leaves out are not written; the others are random factors.
     """
     rng = np.random.default_rng(3)
-    entries = []
+    tensors: dict[str, npt.NDArray[np.float64]] = {}
     for m in synth_modules(SynthSpec(grammar="kohya", blocks=("input", "double.0"))):
         r = ranks.get(m.stem, ranks.get(m.block))
         if r is None:
             continue
-        for suffix, shape in (
-            ("lora_up.weight", (m.out_features, r)),
-            ("lora_down.weight", (r, m.in_features)),
-        ):
-            array = np.ascontiguousarray(rng.standard_normal(shape), dtype="<f4")
-            entries.append(TensorEntry(f"{m.stem}.{suffix}", "F32", array.shape, array.tobytes))
-    write_safetensors(path, entries, {})
-    return path
+        tensors[f"{m.stem}.lora_up.weight"] = rng.standard_normal((m.out_features, r))
+        tensors[f"{m.stem}.lora_down.weight"] = rng.standard_normal((r, m.in_features))
+    return write_tensors(path, tensors, {})
 
 
 def test_in_dims_are_the_ranks_the_lora_has_on_its_input_layers(tmp_path: Path) -> None:
@@ -220,9 +215,7 @@ def test_slim_writes_the_loras_own_input_rank_into_in_dims(tmp_path: Path) -> No
     spec = SynthSpec(grammar="kohya", rank=8, blocks=("input", "double.0", "double.1"))
     lora = write_synth_lora(tmp_path / "r8.safetensors", spec)
     out = tmp_path / "slim.safetensors"
-    result = CliRunner().invoke(
-        cli, ["slim", str(lora), "--keep", "input,double.1", "-o", str(out)]
-    )
+    result = run_cli("slim", lora, "--keep", "input,double.1", "-o", out)
     assert result.exit_code == 0, result.output
     assert (
         '    --network_train_unet_only --network_args "train_double_block_indices=1" '
@@ -233,9 +226,7 @@ def test_slim_writes_the_loras_own_input_rank_into_in_dims(tmp_path: Path) -> No
 def test_slim_prints_the_recipes_of_the_kept_blocks(tmp_path: Path) -> None:
     lora = write_synth_lora(tmp_path / "k.safetensors", SynthSpec(grammar="kohya", rank=4))
     out = tmp_path / "slim.safetensors"
-    result = CliRunner().invoke(
-        cli, ["slim", str(lora), "--keep", "double.0-2,double.7", "-o", str(out)]
-    )
+    result = run_cli("slim", lora, "--keep", "double.0-2,double.7", "-o", out)
     assert result.exit_code == 0, result.output
     assert "to retrain only these blocks:" in result.output
     for recipe in recipes_for(parse_block_spec("double.0-2,double.7")):
@@ -248,7 +239,7 @@ def test_analyze_writes_and_prints_the_recipes_of_the_suggestion(tmp_path: Path)
     lora = planted_lora(tmp_path / "p.safetensors", {"double.3": 1.0, "single.7": 1.0})
     out = tmp_path / "out"
     args = ["analyze", str(lora), "--model", "tiny", "--prompt", "a fox", "--size", "32"]
-    result = CliRunner().invoke(cli, [*args, "--steps", "2", "--out", str(out)])
+    result = run_cli(*args, "--steps", "2", "--out", out)
     assert result.exit_code == 0, result.output
     ranking = json.loads((out / "ranking.json").read_text())
     blocks = ranking["suggestion"]["blocks"]

@@ -15,42 +15,34 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-from click.testing import CliRunner
+from clitools import run_cli
+from conftest import write_tensors
 
-from lora_prune.cli import cli
 from lora_prune.lora import LoraFile, LoraModule, read_lora
 from lora_prune.provenance import MODEL_HASH_KEY, RESIZED_RANKS_KEY, SOURCE_SHA_KEY
 from lora_prune.resize import resize_lora
-from lora_prune.safetensors_io import (
-    SafetensorsReader,
-    TensorEntry,
-    file_sha256,
-    read_header,
-    write_safetensors,
-)
+from lora_prune.safetensors_io import SafetensorsReader, file_sha256, read_header
 from lora_prune.testing import SynthSpec, synth_modules, write_synth_lora
 
 STORED_RANK = 8
 BLOCKS = ("double.0", "single.1", "final")
 
 
-def planted_ranks(path: Path, *, dtype: str = "F32", alpha: float = 4.0) -> dict[str, int]:
+def planted_ranks(path: Path, *, alpha: float = 4.0) -> dict[str, int]:
     """A kohya LoRA whose module i has product rank 1 + i % 6 at stored rank 8; stem -> rank."""
     modules = synth_modules(SynthSpec(grammar="kohya", blocks=BLOCKS, rank=STORED_RANK))
     rng = np.random.default_rng(7)
-    entries: list[TensorEntry] = []
+    tensors: dict[str, npt.NDArray[np.float64]] = {}
     planted: dict[str, int] = {}
     for i, m in enumerate(modules):
         k = 1 + i % 6
         planted[m.stem] = k
         up = rng.standard_normal((m.out_features, k)) @ rng.standard_normal((k, STORED_RANK))
         down = rng.standard_normal((STORED_RANK, m.in_features)) / math.sqrt(m.in_features)
-        for suffix, value in (("lora_up.weight", up), ("lora_down.weight", down)):
-            array = np.ascontiguousarray(value, dtype="<f4")
-            entries.append(TensorEntry(f"{m.stem}.{suffix}", "F32", array.shape, array.tobytes))
-        a = np.asarray(alpha, dtype="<f4")
-        entries.append(TensorEntry(f"{m.stem}.alpha", "F32", (), a.tobytes))
-    write_safetensors(path, entries, {"ss_network_dim": "8", "sshs_model_hash": "0" * 64})
+        tensors[f"{m.stem}.lora_up.weight"] = up
+        tensors[f"{m.stem}.lora_down.weight"] = down
+        tensors[f"{m.stem}.alpha"] = np.asarray(alpha)
+    write_tensors(path, tensors, {"ss_network_dim": "8", "sshs_model_hash": "0" * 64})
     return planted
 
 
@@ -222,11 +214,6 @@ def test_peft_metadata_gets_rank_and_alpha_patterns(tmp_path: Path) -> None:
         assert module.scale == pytest.approx(before.modules[stem].scale, rel=1e-6)
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -252,8 +239,9 @@ def test_cli_errors_are_one_line_and_leave_the_input(
 ) -> None:
     path, _ = planted
     sha = file_sha256(path)
-    code, out, err = run_cli("resize", str(path), *args)
-    assert code == 2 and out == ""
+    result = run_cli("resize", path, *args)
+    err = result.stderr
+    assert result.exit_code == 2 and result.stdout == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
     assert file_sha256(path) == sha
     assert not path.with_name("planted.resized.safetensors").exists()
@@ -261,13 +249,13 @@ def test_cli_errors_are_one_line_and_leave_the_input(
 
 def _cli_ranks(path: Path, out: Path, *args: str) -> tuple[dict[str, int], str]:
     """Resize on the command line; the output's rank per block (one per block here) and stderr."""
-    code, stdout, err = run_cli("resize", str(path), *args, "-o", str(out))
-    assert code == 0, stdout + err
+    result = run_cli("resize", path, *args, "-o", out)
+    assert result.exit_code == 0, result.output
     per_block: dict[str, set[int]] = {}
     for m in read_lora(out).modules.values():
         per_block.setdefault(m.block, set()).add(m.tensors["down"].shape[0])
     assert all(len(r) == 1 for r in per_block.values()), per_block
-    return {b: r.pop() for b, r in per_block.items()}, err
+    return {b: r.pop() for b, r in per_block.items()}, result.stderr
 
 
 def test_cli_ranks_give_blocks_their_own_rank(
@@ -299,21 +287,23 @@ def test_cli_refuses_the_input_as_output_and_prints_what_it_did(
 ) -> None:
     path, _ = planted
     sha = file_sha256(path)
-    code, _, err = run_cli("resize", str(path), "--rank", "2", "-o", str(path), "--force")
-    assert code != 0 and err.startswith("error: the output would replace the input")
+    refused = run_cli("resize", path, "--rank", "2", "-o", path, "--force")
+    assert refused.exit_code != 0
+    assert refused.stderr.startswith("error: the output would replace the input")
     assert file_sha256(path) == sha
-    code, out, _ = run_cli("resize", str(path), "--rank", "2")
-    assert code == 0, out
-    assert "resized  " in out and path.with_name("planted.resized.safetensors").exists()
+    result = run_cli("resize", path, "--rank", "2")
+    assert result.exit_code == 0, result.stdout
+    assert "resized  " in result.stdout
+    assert path.with_name("planted.resized.safetensors").exists()
 
 
 def test_cli_names_the_modules_kept_as_they_are(tmp_path: Path) -> None:
     spec = SynthSpec(grammar="lycoris-kohya-loha", blocks=("final",))
     path = write_synth_lora(tmp_path / "loha.safetensors", spec)
-    code, out, _ = run_cli("resize", str(path), "--rank", "1")
-    assert code == 0, out
+    result = run_cli("resize", path, "--rank", "1")
+    assert result.exit_code == 0, result.stdout
     stems = read_lora(path).modules
-    assert all(f"kept as is  {stem}: loha adapter" in out for stem in stems)
+    assert all(f"kept as is  {stem}: loha adapter" in result.stdout for stem in stems)
 
 
 def test_a_resized_file_renders_like_the_original(tmp_path: Path) -> None:

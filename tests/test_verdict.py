@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import torch
 from browser import Browser
-from click.testing import CliRunner
+from clitools import run_cli
 from PIL import Image
 
 from lora_prune.analysis import AnalyzeSettings, Renderer, analyze, read_manifest
 from lora_prune.check import load_policy, run_check
-from lora_prune.cli import cli
 from lora_prune.errors import EXIT_NO_EFFECT, NoEffectError
 from lora_prune.lora import read_lora
 from lora_prune.provenance import VERIFICATION_KEY, VerificationRecord
-from lora_prune.render.loading import ModelSpec
+from lora_prune.render.loading import LoadedModel, ModelSpec
 from lora_prune.render.session import open_session
 from lora_prune.safetensors_io import file_sha256
 from lora_prune.slim import slim_lora
@@ -35,20 +34,17 @@ from lora_prune.verify import auto_keep, verify_slim
 
 torch.set_num_threads(1)
 
-PLANTED = {"final": 1.0, "double.3": 0.5, "single.7": 0.25}
+#: Not conftest's PLANTED: shares that differ, so that dropping the strongest block fails.
+UNEQUAL = {"final": 1.0, "double.3": 0.5, "single.7": 0.25}
 SMALL = ["--size", "32", "--steps", "2"]
 RENDER = ["--model", "tiny", "--prompt", "a red fox", "--seed", "0", *SMALL]
 SETTINGS = AnalyzeSettings(prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2)
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return planted_lora(tmp_path_factory.mktemp("verdict") / "planted.safetensors", PLANTED)
+def unequal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The planted LoRA of :data:`UNEQUAL` (conftest's ``planted`` has two equal blocks)."""
+    return planted_lora(tmp_path_factory.mktemp("verdict") / "planted.safetensors", UNEQUAL)
 
 
 @pytest.fixture(scope="module")
@@ -102,42 +98,42 @@ def test_absolute_ssim_floor_is_optional_and_extra() -> None:
 
 
 # --- the tiny model: known, unequal shares ------------------------------------
-def test_verify_fails_a_slim_without_the_strongest_block(planted: Path, tmp_path: Path) -> None:
-    slim = slim_lora(planted, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
-    code, out, _ = run_cli(
-        "verify", str(planted), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
+def test_verify_fails_a_slim_without_the_strongest_block(unequal: Path, tmp_path: Path) -> None:
+    slim = slim_lora(unequal, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
+    result = run_cli(
+        "verify", str(unequal), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
     )
-    assert code == 1, out
+    assert result.exit_code == 1, result.stdout
     report = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert report["criterion"] == "kept_share" and report["min_kept"] == 0.9
     assert report["passed"] is False and report["kept_share"] < 0.5
-    assert "FAIL" in out and "worst share of the effect kept" in out
+    assert "FAIL" in result.stdout and "worst share of the effect kept" in result.stdout
 
 
-def test_verify_passes_the_full_keep_set(planted: Path, tmp_path: Path) -> None:
-    slim = slim_lora(planted, list(PLANTED), output=tmp_path / "all.safetensors")
-    code, out, _ = run_cli(
-        "verify", str(planted), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
+def test_verify_passes_the_full_keep_set(unequal: Path, tmp_path: Path) -> None:
+    slim = slim_lora(unequal, list(UNEQUAL), output=tmp_path / "all.safetensors")
+    result = run_cli(
+        "verify", str(unequal), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
     )
-    assert code == 0, out
+    assert result.exit_code == 0, result.stdout
     assert json.loads((tmp_path / "v" / "verify.json").read_text())["kept_share"] == 1.0
 
 
-def test_empty_keep_set_fails(planted: Path) -> None:
-    lora = read_lora(planted)
-    with open_session(ModelSpec(model="tiny"), lora) as session:
-        result = verify_slim(lora, file_sha256(planted), [], SETTINGS, session.renderer)
+def test_empty_keep_set_fails(unequal: Path, tiny_model: LoadedModel) -> None:
+    lora = read_lora(unequal)
+    with open_session(ModelSpec(model="tiny"), lora, loaded=tiny_model) as session:
+        result = verify_slim(lora, file_sha256(unequal), [], SETTINGS, session.renderer)
     assert not result.passed and result.kept_share == 0.0
 
 
 def test_slim_auto_keeps_only_blocks_that_carry_effect_and_passes(
-    planted: Path, tmp_path: Path
+    unequal: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "auto.safetensors"
     work = tmp_path / "work"
-    code, stdout, _ = run_cli(
+    result = run_cli(
         "slim",
-        str(planted),
+        str(unequal),
         "--auto",
         *RENDER,
         "-o",
@@ -147,41 +143,41 @@ def test_slim_auto_keeps_only_blocks_that_carry_effect_and_passes(
         "--batch-size",
         "16",
     )
-    assert code == 0, stdout
+    assert result.exit_code == 0, result.stdout
     kept = set(read_lora(out).blocks)
-    assert kept and kept <= set(PLANTED)
+    assert kept and kept <= set(UNEQUAL)
     assert "final" in kept
     record = VerificationRecord.parse(read_lora(out).metadata[VERIFICATION_KEY])
     assert isinstance(record, VerificationRecord)
     assert record.passed and record.criterion == "kept_share" and record.min_kept == 0.9
     assert record.kept_share is not None and record.kept_share >= 0.9
     assert record.images and set(record.images[0]["kept"]) == {"mse", "ssim"}
-    assert "worst share of the effect kept" in stdout
+    assert "worst share of the effect kept" in result.stdout
     # The curve of every k rendered, from 0% (no block) to 100% (all blocks).
     ranking = json.loads((work / "ranking.json").read_text())
     points = ranking["pruning_curve"]["points"]
     assert points[0]["k"] == 0 and points[0]["kept"] == {"mse": 0.0, "ssim": 0.0}
-    assert points[-1]["k"] == len(read_lora(planted).blocks)
+    assert points[-1]["k"] == len(read_lora(unequal).blocks)
     assert points[-1]["kept"] == {"mse": 1.0, "ssim": 1.0}
     assert Image.open(work / "pruning_curve.png").size == (1000, 520)
     # ... and the verified slim passes check against a policy demanding 90%, not 99.99%.
     policy = tmp_path / "p.toml"
     policy.write_text("require_verified = true\nmin_kept = 0.9\n")
-    assert run_check([out, planted], load_policy(policy)).exit_code == 0
+    assert run_check([out, unequal], load_policy(policy)).exit_code == 0
     policy.write_text("require_verified = true\nmin_kept = 0.9999\n")
-    strict = run_check([out, planted], load_policy(policy))
+    strict = run_check([out, unequal], load_policy(policy))
     assert strict.exit_code == 1
     codes = {f.code for f in strict.files[0].findings} | {f.code for f in strict.files[1].findings}
     assert "verification_too_weak" in codes
 
 
 def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
-    planted: Path, tmp_path: Path
+    unequal: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "a"
-    code, stdout, _ = run_cli(
+    result = run_cli(
         "analyze",
-        str(planted),
+        str(unequal),
         *RENDER,
         "--mode",
         "loo",
@@ -191,16 +187,16 @@ def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
         "--batch-size",
         "32",
     )
-    assert code == 0, stdout
+    assert result.exit_code == 0, result.stdout
     ranking = json.loads((out / "ranking.json").read_text())
     points = ranking["pruning_curve"]["points"]
-    n = len(read_lora(planted).blocks)
+    n = len(read_lora(unequal).blocks)
     assert [p["k"] for p in points] == list(range(n + 1))
     assert points[0]["kept"]["mse"] == 0.0 and points[-1]["kept"]["mse"] == 1.0
     assert points[-1]["bytes"] > points[1]["bytes"] > 0
     suggestion = ranking["suggestion"]
     assert suggestion["criterion"] == "kept_share"
-    assert set(suggestion["blocks"]) <= set(PLANTED)
+    assert set(suggestion["blocks"]) <= set(UNEQUAL)
     assert min(suggestion["kept"].values()) >= 0.9
     assert ranking["effects"][0]["measurable"] is True and ranking["effects"][0]["mse"] > 100
     html = (out / "report.html").read_text()
@@ -214,8 +210,8 @@ def test_analyze_curve_starts_at_zero_ends_at_all_and_suggests_a_passing_set(
         first = page.evaluate("document.querySelector('#curve-table tbody tr').innerText")
         assert first.split("\t")[:3] == ["0", "0.0%", "0.0%"]
     # --from keeps the stored curve.
-    code, _, _ = run_cli("analyze", "--from", str(out))
-    assert code == 0
+    result = run_cli("analyze", "--from", str(out))
+    assert result.exit_code == 0
     assert json.loads((out / "ranking.json").read_text())["pruning_curve"]["points"] == points
 
 
@@ -234,13 +230,15 @@ class _Counting:
         return self.inner(variants, prompt, seed, settings)
 
 
-def test_the_curve_is_cached_beside_the_sweep_and_checked(planted: Path, tmp_path: Path) -> None:
-    lora, sha = read_lora(planted), file_sha256(planted)
+def test_the_curve_is_cached_beside_the_sweep_and_checked(
+    unequal: Path, tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    lora, sha = read_lora(unequal), file_sha256(unequal)
     settings = AnalyzeSettings(
         prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2, modes=("loo",)
     )
     out = tmp_path / "a"
-    with open_session(ModelSpec(model="tiny"), lora) as session:
+    with open_session(ModelSpec(model="tiny"), lora, loaded=tiny_model) as session:
         first = _Counting(session.renderer)
         one = analyze(lora, sha, settings, out, first, curve=Criterion(), batch_size=16)
         # The sweep (base, full, one per block) and the curve's k = 1..n.
@@ -266,16 +264,14 @@ def test_the_curve_is_cached_beside_the_sweep_and_checked(planted: Path, tmp_pat
 # --- a LoRA that changes nothing ----------------------------------------------
 def test_no_effect_is_a_named_error_never_a_pass(inert: Path, tmp_path: Path) -> None:
     slim = slim_lora(inert, ["double.3"], output=tmp_path / "s.safetensors")
-    code, _, err = run_cli(
-        "verify", str(inert), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
-    )
-    assert code == EXIT_NO_EFFECT == 7
-    line = err.strip().splitlines()[-1]
+    result = run_cli("verify", str(inert), str(slim.output), *RENDER, "--out", str(tmp_path / "v"))
+    assert result.exit_code == EXIT_NO_EFFECT == 7
+    line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(
         "error: the LoRA has no measurable effect on prompt 0 ('a red fox') seed 0"
     )
     assert "trigger words" in line
-    code, _, err = run_cli(
+    result = run_cli(
         "slim",
         str(inert),
         "--auto",
@@ -285,25 +281,28 @@ def test_no_effect_is_a_named_error_never_a_pass(inert: Path, tmp_path: Path) ->
         "--work-dir",
         str(tmp_path / "w"),
     )
-    assert code == 7 and "no measurable effect" in err
+    assert result.exit_code == 7 and "no measurable effect" in result.stderr
     assert not (tmp_path / "a.st").exists()
-    code, _, err = run_cli("analyze", str(inert), *RENDER, "--out", str(tmp_path / "an"))
-    assert code == 0
-    assert "warning: the LoRA has no measurable effect on prompt 0" in err
+    result = run_cli("analyze", str(inert), *RENDER, "--out", str(tmp_path / "an"))
+    assert result.exit_code == 0
+    assert "warning: the LoRA has no measurable effect on prompt 0" in result.stderr
     ranking = json.loads((tmp_path / "an" / "ranking.json").read_text())
     assert ranking["effects"][0]["measurable"] is False and ranking["warnings"]
 
 
-def test_auto_keep_raises_no_effect(inert: Path) -> None:
+def test_auto_keep_raises_no_effect(inert: Path, tiny_model: LoadedModel) -> None:
     lora = read_lora(inert)
-    with open_session(ModelSpec(model="tiny"), lora) as session, pytest.raises(NoEffectError):
+    with (
+        open_session(ModelSpec(model="tiny"), lora, loaded=tiny_model) as session,
+        pytest.raises(NoEffectError),
+    ):
         auto_keep(lora, file_sha256(inert), ["double.3"], SETTINGS, session.renderer)
 
 
 def test_seed_is_accepted_wherever_seeds_is() -> None:
     for command in ("render", "analyze", "verify", "slim", "check"):
-        code, out, _ = run_cli(command, "--help")
-        assert code == 0 and "--seed" in out, command
+        result = run_cli(command, "--help")
+        assert result.exit_code == 0 and "--seed" in result.stdout, command
 
 
 # --- the optional perceptual distance ----------------------------------------
@@ -326,7 +325,7 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_perceptual_distance_joins_the_verdict(
-    planted: Path, encoder: Path, tmp_path: Path
+    unequal: Path, encoder: Path, tmp_path: Path
 ) -> None:
     from lora_prune.render.perceptual import PerceptualDistance
 
@@ -335,10 +334,10 @@ def test_perceptual_distance_joins_the_verdict(
     a = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     b = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     assert d(a, a) == 0.0 and 0.0 < d(a, b) <= 2.0
-    slim = slim_lora(planted, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
-    code, out, _ = run_cli(
+    slim = slim_lora(unequal, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
+    result = run_cli(
         "verify",
-        str(planted),
+        str(unequal),
         str(slim.output),
         *RENDER,
         "--perceptual",
@@ -346,11 +345,11 @@ def test_perceptual_distance_joins_the_verdict(
         "--out",
         str(tmp_path / "v"),
     )
-    assert code == 1, out
+    assert result.exit_code == 1, result.stdout
     image = json.loads((tmp_path / "v" / "verify.json").read_text())["images"][0]
     assert set(image["kept"]) == {"mse", "ssim", "perceptual"}
     assert image["effect"]["perceptual"] > 0
-    code, _, err = run_cli(
-        "verify", str(planted), str(slim.output), *RENDER, "--perceptual", str(tmp_path / "missing")
+    result = run_cli(
+        "verify", str(unequal), str(slim.output), *RENDER, "--perceptual", str(tmp_path / "missing")
     )
-    assert code == 2 and err.startswith("error: cannot load image encoder")
+    assert result.exit_code == 2 and result.stderr.startswith("error: cannot load image encoder")

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import Result
+from clitools import run_cli
 from conftest import PLANTED
 from PIL import Image
 
 import lora_prune.render.workflows
 import lora_prune.slim
 from lora_prune.analysis import AnalyzeSettings, analyze, batches, plan_jobs, read_manifest
-from lora_prune.cli import cli
 from lora_prune.lora import LoraFile, read_lora
-from lora_prune.render.loading import ModelSpec
+from lora_prune.render.loading import LoadedModel, ModelSpec
 from lora_prune.render.session import open_session
 from lora_prune.render.workflows import run_demo
 from lora_prune.safetensors_io import file_sha256
@@ -40,21 +40,21 @@ from lora_prune.verify import VERIFICATION_KEY
 torch.set_num_threads(1)
 
 SMALL = ["--size", "32", "--steps", "2"]
+#: Two prompts, two seeds: the four images per variant that analyze, verify and slim --auto see.
+RENDER = ["--model", "tiny", "--prompt", "a red fox", "--prompt", "a lighthouse", "--seeds", "0,1"]
+RENDER += SMALL
 # Subprocesses pin threads the same way, so that their renders match bit for bit.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.output
-
-
-def test_analyze_ranks_exactly_the_planted_blocks_first(planted: Path, tmp_path: Path) -> None:
+def test_analyze_ranks_exactly_the_planted_blocks_first(
+    planted: Path, tiny_model: LoadedModel, tmp_path: Path
+) -> None:
     lora = read_lora(planted)
     settings = AnalyzeSettings(
         prompts=("a red fox",), seeds=(0,), width=32, height=32, steps=2, modes=("solo", "loo")
     )
-    with open_session(ModelSpec(model="tiny"), lora) as session:
+    with open_session(ModelSpec(model="tiny"), lora, loaded=tiny_model) as session:
         result = analyze(
             lora, file_sha256(planted), settings, tmp_path / "out", session.renderer, batch_size=16
         )
@@ -81,15 +81,7 @@ def _analyze_cmd(lora: Path, out: Path) -> list[str]:
         "lora_prune.cli",
         "analyze",
         str(lora),
-        "--model",
-        "tiny",
-        "--prompt",
-        "a red fox",
-        "--prompt",
-        "a lighthouse",
-        "--seeds",
-        "0,1",
-        *SMALL,
+        *RENDER,
         "--mode",
         "both",
         "--batch-size",
@@ -182,8 +174,8 @@ def test_fully_cached_rerun_loads_no_model(planted: Path, tmp_path: Path) -> Non
     out = tmp_path / "out"
     args = ["analyze", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL]
     args += ["--out", str(out)]
-    code, output = run_cli(*args)
-    assert code == 0, output
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
     first = {n: (out / n).read_bytes() for n in ("ranking.json", "ranking.csv", "report.html")}
     again = _run_watching_diffusers(args)
     assert again.returncode == 0, again.stderr
@@ -201,56 +193,36 @@ def test_fully_cached_rerun_loads_no_model(planted: Path, tmp_path: Path) -> Non
 
 def test_analyze_from_dir_needs_no_model(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = run_cli(
+    result = run_cli(
         "analyze", str(planted), "--model", "tiny", "--prompt", "a fox", *SMALL, "--out", str(out)
     )
-    assert code == 0, output
+    assert result.exit_code == 0, result.output
     before = json.loads((out / "ranking.json").read_text())
-    code, output = run_cli("analyze", "--from", str(out), "--heatmap-scale", "per-image")
-    assert code == 0, output
+    result = run_cli("analyze", "--from", str(out), "--heatmap-scale", "per-image")
+    assert result.exit_code == 0, result.output
     after = json.loads((out / "ranking.json").read_text())
     assert after["rows"] == before["rows"]
     assert after["settings"]["heatmap_scale"] == "per-image"
-    assert "suggested keep" in output and "lora-prune slim" in output
+    assert "suggested keep" in result.output and "lora-prune slim" in result.output
 
 
 def test_render_writes_side_by_side_with_scores(planted: Path, tmp_path: Path) -> None:
     out = tmp_path / "combo.png"
-    code, output = run_cli(
-        "render",
-        str(planted),
-        "--model",
-        "tiny",
-        "--prompt",
-        "a fox",
-        *SMALL,
-        "--blocks",
-        "double.3",
-        "-o",
-        str(out),
-    )
-    assert code == 0, output
+
+    def render(blocks: str, *extra: str) -> Result:
+        common = ["--model", "tiny", "--prompt", "a fox", *SMALL]
+        return run_cli("render", planted, *common, "--blocks", blocks, "-o", out, *extra)
+
+    result = render("double.3")
+    assert result.exit_code == 0, result.output
     image = Image.open(out)
     assert image.width >= 4 * 32  # base | full | chosen | heatmap
-    mse_base = float(re.search(r"vs no LoRA\s+MSE\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    mse_full = float(re.search(r"vs full LoRA MSE\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    mse_base = float(re.search(r"vs no LoRA\s+MSE\s+([\d.]+)", result.output).group(1))  # type: ignore[union-attr]
+    mse_full = float(re.search(r"vs full LoRA MSE\s+([\d.]+)", result.output).group(1))  # type: ignore[union-attr]
     assert mse_base > 0 and mse_full > 0
-    code, output = run_cli(
-        "render",
-        str(planted),
-        "--model",
-        "tiny",
-        "--prompt",
-        "a fox",
-        *SMALL,
-        "--blocks",
-        "double.0",
-        "-o",
-        str(out),
-        "--force",
-    )
-    assert code == 0
-    assert re.search(r"vs no LoRA\s+MSE\s+0\.00\s+SSIM 1\.0000", output), output
+    result = render("double.0", "--force")
+    assert result.exit_code == 0
+    assert re.search(r"vs no LoRA\s+MSE\s+0\.00\s+SSIM 1\.0000", result.output), result.output
 
 
 def test_verify_passes_true_blocks_and_fails_a_dropped_planted_block(
@@ -258,27 +230,16 @@ def test_verify_passes_true_blocks_and_fails_a_dropped_planted_block(
 ) -> None:
     good = slim_lora(planted, set(PLANTED), output=tmp_path / "good.safetensors").output
     bad = slim_lora(planted, {"double.3", "final"}, output=tmp_path / "bad.safetensors").output
-    args = [
-        "--model",
-        "tiny",
-        "--prompt",
-        "a red fox",
-        "--prompt",
-        "a lighthouse",
-        "--seeds",
-        "0,1",
-        *SMALL,
-    ]
-    code, output = run_cli("verify", str(planted), str(good), *args, "--out", str(tmp_path / "v1"))
-    assert code == 0, output
+    result = run_cli("verify", str(planted), str(good), *RENDER, "--out", str(tmp_path / "v1"))
+    assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "v1" / "verify.json").read_text())
     assert report["passed"] is True and len(report["images"]) == 4
     assert all(i["ssim"] == 1.0 and i["mse"] == 0.0 for i in report["images"])
     assert report["kept_share"] == 1.0
     assert Image.open(tmp_path / "v1" / "verify.png").height >= 4 * 32
 
-    code, output = run_cli("verify", str(planted), str(bad), *args, "--out", str(tmp_path / "v2"))
-    assert code == 1, output
+    result = run_cli("verify", str(planted), str(bad), *RENDER, "--out", str(tmp_path / "v2"))
+    assert result.exit_code == 1, result.output
     report = json.loads((tmp_path / "v2" / "verify.json").read_text())
     assert report["passed"] is False and report["worst_ssim"] < 0.95
     assert 0 < report["kept_share"] < 1
@@ -287,12 +248,10 @@ def test_verify_passes_true_blocks_and_fails_a_dropped_planted_block(
 def test_verify_refuses_a_file_that_is_not_a_block_subset(planted: Path, tmp_path: Path) -> None:
     other = planted_lora(tmp_path / "other.safetensors", {"double.3": 1.0}, seed=5)
     slim = slim_lora(other, {"double.3"}, output=tmp_path / "other.slim.safetensors").output
-    code, output = run_cli(
-        "verify", str(planted), str(slim), "--model", "tiny", "--prompt", "a", *SMALL
-    )
-    assert code == 4
-    assert output.startswith("error: tensor values differ from the full file")
-    assert "double_blocks_3" in output
+    result = run_cli("verify", str(planted), str(slim), "--model", "tiny", "--prompt", "a", *SMALL)
+    assert result.exit_code == 4
+    assert result.output.startswith("error: tensor values differ from the full file")
+    assert "double_blocks_3" in result.output
 
 
 def test_slim_auto_keeps_exactly_the_planted_blocks(
@@ -314,40 +273,24 @@ def test_slim_auto_keeps_exactly_the_planted_blocks(
         monkeypatch.setattr(module, "file_sha256", counting_sha256)
     monkeypatch.setattr(lora_prune.render.workflows, "block_stats_and_sha256", counting_stats)
     # A strict threshold: dropping any planted block must fail it, keeping them all gives 1.0.
-    code, output = run_cli(
-        "slim",
-        str(planted),
-        "--auto",
-        "--model",
-        "tiny",
-        "--prompt",
-        "a red fox",
-        "--prompt",
-        "a lighthouse",
-        "--seeds",
-        "0,1",
-        *SMALL,
-        "--min-ssim",
-        "0.999",
-        "-o",
-        str(out),
-        "--work-dir",
-        str(tmp_path / "work"),
+    work = tmp_path / "work"
+    result = run_cli(
+        "slim", planted, "--auto", *RENDER, "--min-ssim", "0.999", "-o", out, "--work-dir", work
     )
-    assert code == 0, output
+    assert result.exit_code == 0, result.output
     assert hashed == [planted]
     slim = read_lora(out)
     assert set(slim.blocks) == set(PLANTED)
     verification = json.loads(slim.metadata[VERIFICATION_KEY])
     assert verification["passed"] is True and verification["worst_ssim"] == 1.0
     assert verification["full_sha256"] == file_sha256(planted)
-    assert "kept     double.3,single.7,final" in output
+    assert "kept     double.3,single.7,final" in result.output
 
     # The verified slim passes check with a policy that demands verification.
     policy = tmp_path / "policy.toml"
     policy.write_text("require_verified = true\n")
-    code, output = run_cli("check", str(out), str(planted), "--policy", str(policy))
-    assert "PASS" in output
+    result = run_cli("check", str(out), str(planted), "--policy", str(policy))
+    assert "PASS" in result.output
 
 
 def test_demo_finds_the_planted_blocks_and_verifies(tmp_path: Path) -> None:
@@ -382,22 +325,14 @@ def test_slim_auto_in_an_analyze_folder_keeps_its_solo_ranking(
 ) -> None:
     work = tmp_path / "work"
     common = ["--model", "tiny", "--prompt", "a red fox", *SMALL]
-    code, output = run_cli("analyze", str(planted), *common, "--mode", "solo", "--out", str(work))
-    assert code == 0, output
+    result = run_cli("analyze", str(planted), *common, "--mode", "solo", "--out", str(work))
+    assert result.exit_code == 0, result.output
     solo_images = {p.name for p in (work / "images").glob("*.png")}
-    code, output = run_cli(
-        "slim",
-        str(planted),
-        "--auto",
-        *common,
-        "--min-ssim",
-        "0.999",
-        "-o",
-        str(tmp_path / "auto.safetensors"),
-        "--work-dir",
-        str(work),
+    out = tmp_path / "auto.safetensors"
+    result = run_cli(
+        "slim", planted, "--auto", *common, "--min-ssim", "0.999", "-o", out, "--work-dir", work
     )
-    assert code == 0, output
+    assert result.exit_code == 0, result.output
     ranking = json.loads((work / "ranking.json").read_text())
     assert {r["mode"] for r in ranking["rows"]} == {"solo", "loo"}
     assert ranking["settings"]["modes"] == ["solo", "loo"]

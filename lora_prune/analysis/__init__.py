@@ -14,13 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_json
+from ..fileio import refuse_overwrite, write_json
 from ..lora import LoraFile
+from ..renderer import Renderer as Renderer
+from ..settings import DEFAULT_BATCH_SIZE, DEFAULT_COVERAGE, check_batch_size, check_coverage
 from ..settings import AnalyzeSettings as AnalyzeSettings
 from ..settings import PictureOptions as PictureOptions
-from ..settings import check_batch_size, check_coverage
 from ..stats import BlockStats
 from ..verdict import BASE_DISTANCES, Criterion, Distance
+from ..verify import auto_keep_ranked
 from .curve import CURVE_FILE as CURVE_FILE
 from .curve import read_curve as read_curve
 from .curve import set_curve as set_curve
@@ -34,7 +36,6 @@ from .plan import SCHEMA_VERSION as SCHEMA_VERSION
 from .plan import CachingRenderer as CachingRenderer
 from .plan import Job as Job
 from .plan import Progress as Progress
-from .plan import Renderer as Renderer
 from .plan import RenderStats as RenderStats
 from .plan import Shard as Shard
 from .plan import batches as batches
@@ -43,10 +44,8 @@ from .plan import cache_key as cache_key
 from .plan import plan_jobs as plan_jobs
 from .plan import read_manifest as read_manifest
 from .plan import render_missing as render_missing
-from .plan import settings_from_json as settings_from_json
-from .plan import settings_to_json as settings_to_json
+from .scoring import analyze_from as analyze_from
 from .scoring import compute_analysis as compute_analysis
-from .scoring import keep_size as keep_size
 from .scoring import suggest_keep as suggest_keep
 
 
@@ -93,6 +92,7 @@ def _render_plan(
     shard: Shard | None,
 ) -> tuple[RenderStats, dict[str, Any]]:
     """Write the sweep's manifest and render this process's share of what is missing."""
+    refuse_overwrite([lora.path], folders=[out_dir])
     jobs, manifest = _write_plan(lora, lora_sha256, settings, out_dir, renderer, stats)
     renders = render_missing(
         jobs,
@@ -113,7 +113,7 @@ def render_sweep(
     out_dir: Path,
     renderer: Renderer,
     *,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
     stats: list[BlockStats] | None = None,
     shard: Shard | None = None,
@@ -148,8 +148,8 @@ def analyze(
     out_dir: Path,
     renderer: Renderer,
     *,
-    batch_size: int = 8,
-    coverage: float = 0.9,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    coverage: float = DEFAULT_COVERAGE,
     options: PictureOptions = PictureOptions(),
     progress: Progress | None = None,
     curve: Criterion | None = None,
@@ -169,7 +169,8 @@ def analyze(
         settings: prompts, seeds, size, steps, guidance, strength and modes
             (``solo``: one block on; ``loo``: one block off).
         out_dir: where the renders, ``manifest.json``, ``ranking.json``/``.csv``,
-            heatmaps and ``report.html`` go; earlier renders there are reused.
+            heatmaps and ``report.html`` go; earlier renders there are reused. A
+            folder that is or holds the LoRA's file is refused before anything is written.
         renderer: renders a batch of block variants (the render extra's
             session renderer, or any :class:`Renderer`).
         batch_size: variants per renderer call.
@@ -204,9 +205,6 @@ def analyze(
     result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
     result.renders = renders
     if curve is not None and not result.warnings:
-        # Imported here: verify builds on this module.
-        from ..verify import auto_keep_ranked
-
         auto = auto_keep_ranked(
             lora,
             lora_sha256,

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..provenance import CRITERION, FORMULA
 from ..recipes import recipes_for
-from ..settings import AnalyzeSettings
+from ..settings import AnalyzeSettings, settings_to_json
 from ..verdict import NOISE_MSE, Criterion, CurvePoint
-from .plan import RenderStats, settings_to_json
+from .plan import RenderStats
 
 
 @dataclass(frozen=True)

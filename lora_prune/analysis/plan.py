@@ -16,20 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..blocks import block_order
 from ..boundedjson import JsonLimitError, loads_bounded
 from ..errors import UnreadableFileError, UsageError
 from ..fileio import read_limited
 from ..lora import LoraFile
 from ..rendercache import DamagedRenderError, check_render, load_render, save_render
-from ..settings import AnalyzeSettings
+from ..renderer import Renderer
+from ..settings import AnalyzeSettings, settings_to_json
 from ..stats import BlockStats, block_stats
 
 T = TypeVar("T")
@@ -94,37 +95,7 @@ class Shard:
         return list(items[self.index :: self.count])
 
 
-class Renderer(Protocol):
-    """Renders variants (sets of active blocks) for one prompt and seed."""
-
-    model_id: str
-    versions: Mapping[str, str]
-
-    def __call__(
-        self, variants: Sequence[frozenset[str]], prompt: str, seed: int, settings: AnalyzeSettings
-    ) -> list[np.ndarray]: ...
-
-
 Progress = Callable[[int, int], None]
-
-
-def settings_to_json(settings: AnalyzeSettings) -> dict[str, Any]:
-    """Settings as stored in manifests and reports (lists for tuples)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
-
-
-def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
-    """Settings as stored in a manifest (lists for tuples)."""
-    return AnalyzeSettings(
-        prompts=tuple(doc["prompts"]),
-        seeds=tuple(int(s) for s in doc["seeds"]),
-        width=int(doc["width"]),
-        height=int(doc["height"]),
-        steps=int(doc["steps"]),
-        guidance=float(doc["guidance"]),
-        strength=float(doc["strength"]),
-        modes=tuple(doc["modes"]),
-    )
 
 
 def cache_key(

@@ -20,20 +20,25 @@ import numpy as np
 
 from ..blocks import block_order, format_block_spec, sort_blocks
 from ..errors import UsageError
-from ..lora import LoraFile
+from ..lora import LoraFile, read_lora
 from ..markers import pinned_blocks
 from ..metrics import diff_map, mean_std, mse, spearman, ssim
 from ..pictures import colorize, global_vmax, save_png
 from ..recipes import input_ranks
 from ..rendercache import check_render, damaged, load_render
-from ..safetensors_io import TensorEntry, build_header
-from ..settings import AnalyzeSettings, PictureOptions, check_coverage
-from ..slim import plan_slim
+from ..settings import (
+    DEFAULT_COVERAGE,
+    AnalyzeSettings,
+    PictureOptions,
+    check_coverage,
+    settings_from_json,
+)
+from ..slim import keep_size
 from ..verdict import effect_is_measurable, effect_of
 from .curve import attach_curve, read_curve
 from .model import Analysis, AnalysisSettings, BlockRow, Suggestion
 from .outputs import write_csv, write_pictures, write_results
-from .plan import Job, settings_from_json
+from .plan import Job, read_manifest
 
 RefKey = tuple[str, int, int]
 
@@ -48,17 +53,6 @@ def _ranks(values: Sequence[float]) -> list[int]:
         else:
             ranks[i] = position + 1
     return ranks
-
-
-def keep_size(lora: LoraFile, blocks: Sequence[str]) -> int:
-    """The size of the file ``slim --keep blocks`` would write (header included)."""
-    if not blocks:
-        return 0
-    plan = plan_slim(lora, blocks)
-    # The header lists every kept tensor; slim adds a few provenance keys on top.
-    entries = [TensorEntry(t.name, t.dtype, t.shape, bytes) for t in plan.kept_tensors]
-    header, _ = build_header(entries, lora.metadata)
-    return plan.kept_bytes + len(header)
 
 
 def suggest_keep(
@@ -266,11 +260,25 @@ def _references_and_effects(
     return references, effects
 
 
+def analyze_from(
+    out_dir: Path, *, coverage: float = DEFAULT_COVERAGE, options: PictureOptions = PictureOptions()
+) -> Analysis:
+    """``analyze --from``: an earlier run's analysis recomputed from its folder; nothing renders.
+
+    The LoRA is read again where the manifest says it was, when it is still there
+    (the suggestion's sizes and retraining recipes come from it).
+    """
+    manifest = read_manifest(out_dir)
+    lora_path = Path(manifest["lora"]["path"])
+    lora = read_lora(lora_path) if lora_path.exists() else None
+    return compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
+
+
 def compute_analysis(
     manifest: Mapping[str, Any],
     out_dir: Path,
     *,
-    coverage: float = 0.9,
+    coverage: float = DEFAULT_COVERAGE,
     options: PictureOptions = PictureOptions(),
     lora: LoraFile | None = None,
 ) -> Analysis:

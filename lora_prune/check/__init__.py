@@ -21,6 +21,7 @@ content and the policy's rules), :mod:`.slims` (slim provenance), :mod:`.run`
 from __future__ import annotations
 
 from ..pickles import PICKLE_SUFFIXES
+from ..units import parse_size
 from .model import CheckResult, FileResult, Finding, Reverify, VerifyOutcome
 from .outputs import (
     FORMATS,
@@ -32,7 +33,7 @@ from .outputs import (
     render_junit,
     render_text,
 )
-from .policy import POLICY_KEYS, Policy, SlimPair, load_policy, parse_policy, parse_size
+from .policy import POLICY_KEYS, Policy, SlimPair, load_policy, parse_policy
 from .run import run_check
 
 __all__ = [

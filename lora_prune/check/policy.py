@@ -7,7 +7,6 @@ the file and key.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ from typing import Any
 
 from ..blocks import parse_block_spec
 from ..errors import BlockSpecError, MissingDependencyError, UsageError
+from ..units import parse_size
 
-__all__ = ["POLICY_KEYS", "Policy", "SlimPair", "load_policy", "parse_policy", "parse_size"]
+__all__ = ["POLICY_KEYS", "Policy", "SlimPair", "load_policy", "parse_policy"]
 
 
 @dataclass(frozen=True)
@@ -60,38 +60,6 @@ POLICY_KEYS: tuple[str, ...] = (
     "slim",
 )
 _SLIM_KEYS = ("file", "full")
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-_SIZE_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_size(text: str, where: str = "max_size") -> int:
-    """Bytes of a human size: ``"50MB"`` (10^6), ``"1.5 GiB"`` (2^30), ``"1200"`` (bytes)."""
-    m = _SIZE_RE.match(text)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _SIZE_UNITS:
-        raise UsageError(
-            f"cannot read size {text!r}",
-            where,
-            "write a number with an optional unit: B, KB, MB, GB, TB (powers of 1000) "
-            'or KiB, MiB, GiB, TiB (powers of 1024), e.g. "50MB"',
-        )
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
 
 def _toml_loads(text: str, path: Path) -> dict[str, Any]:

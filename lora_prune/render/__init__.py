@@ -13,14 +13,8 @@ from typing import TYPE_CHECKING, Any
 from .deps import require_render
 
 if TYPE_CHECKING:
-    from .loading import (
-        LoadedModel,
-        ModelSpec,
-        convert_transformer_checkpoint,
-        load_pipeline,
-        resolve_device_dtype,
-        shipped_transformer_config,
-    )
+    from .checkpoints import shipped_transformer_config
+    from .loading import LoadedModel, ModelSpec, load_pipeline, resolve_device_dtype
     from .tiny import (
         TINY_MAX_SEQUENCE_LENGTH,
         TINY_MODEL_ID,
@@ -28,14 +22,15 @@ if TYPE_CHECKING:
         TINY_STEPS,
         build_tiny_pipeline,
     )
+    from .transformerfile import convert_transformer_checkpoint
 
 _LAZY: dict[str, str] = {
     "LoadedModel": "loading",
     "ModelSpec": "loading",
-    "convert_transformer_checkpoint": "loading",
+    "convert_transformer_checkpoint": "transformerfile",
     "load_pipeline": "loading",
     "resolve_device_dtype": "loading",
-    "shipped_transformer_config": "loading",
+    "shipped_transformer_config": "checkpoints",
     "TINY_MAX_SEQUENCE_LENGTH": "tiny",
     "TINY_MODEL_ID": "tiny",
     "TINY_RESOLUTION": "tiny",

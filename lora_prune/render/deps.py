@@ -1,14 +1,16 @@
-"""Check that the ``render`` extra (torch, diffusers, transformers) can be imported.
+"""The ``render`` extra (torch, diffusers, transformers) as seen from code that runs without it.
 
 Render modules import torch at module level; callers that must work without the
 extra (the CLI) call :func:`require_render` before importing them, so that a
 missing package becomes a one-line :class:`MissingDependencyError` instead of a
-traceback.
+traceback. :func:`free_gpu_bytes` answers ``doctor``'s one question of torch
+(None where it is not installed). This module imports torch only inside that call.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Sequence
 
 from ..errors import MissingDependencyError
@@ -67,3 +69,15 @@ def require_render(modules: Sequence[str] = RENDER_MODULES) -> None:
     # that FLUX never uses; a CLI run should show our output, not that.
     transformers = importlib.import_module("transformers")
     transformers.logging.set_verbosity_error()
+
+
+def free_gpu_bytes() -> tuple[int, int] | None:
+    """(free, total) bytes of the first CUDA device, or None without torch or a GPU."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)

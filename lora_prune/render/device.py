@@ -12,7 +12,7 @@ import importlib.metadata
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UsageError
 from ..settings import TINY_MODEL_ID, ModelSpec
 

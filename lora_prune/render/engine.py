@@ -48,7 +48,7 @@ from ..keys import Target
 from ..lora import LoraFile, LoraModule
 from ..resize import is_rank, rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
-from ..settings import ImageSettings, check_batch_size
+from ..settings import DEFAULT_BATCH_SIZE, ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
 from .hooks import Hook, Kron, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
@@ -829,7 +829,7 @@ class BlockEngine:
         variants: Sequence[frozenset[str]],
         settings: ImageSettings,
         *,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
         output: OutputKind = "uint8",
         ranks: Sequence[RankCaps] | None = None,

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..analysis import Renderer
+from ..renderer import Renderer
 from ..settings import ModelSpec, RenderSettings
 from .device import predicted_identity
 
@@ -55,7 +55,7 @@ class _LazyRenderer:
 
 @contextmanager
 def lazy_renderer(spec: ModelSpec, opener: Opener) -> Iterator[Renderer]:
-    """A :class:`~lora_prune.analysis.Renderer` for ``spec`` whose session ``opener()`` opens on first use.
+    """A :class:`~lora_prune.renderer.Renderer` for ``spec`` whose session ``opener()`` opens on first use.
 
     The session (when opened) is closed when the block ends.
     """

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..verdict import BASE_DISTANCES, Distance
 
 # ImageNet statistics, as DINOv2's and most encoders' processors use, for models
 # saved without a preprocessor config.
@@ -96,3 +97,10 @@ class PerceptualDistance:
         if denom == 0.0:
             return 0.0
         return float(max(0.0, 1.0 - float(np.dot(ea, eb)) / denom))
+
+
+def verdict_distances(perceptual: str | None, device: str | None) -> dict[str, Distance]:
+    """The verdict's distances: MSE and 1-SSIM, and ``perceptual``'s model when given."""
+    if perceptual is None:
+        return dict(BASE_DISTANCES)
+    return {**BASE_DISTANCES, "perceptual": PerceptualDistance(perceptual, device or "cpu")}

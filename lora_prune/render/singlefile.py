@@ -25,15 +25,10 @@ from ..errors import UnreadableFileError, UsageError
 from ..keys import is_guidance_path
 from ..safetensors_io import SafetensorsHeader, file_sha256, read_header
 from ..settings import ModelSpec
-from .loading import (
-    _first_line,
-    _load_transformer_file,
-    _strip_prefix,
-    shipped_config,
-    shipped_transformer_config,
-)
+from .checkpoints import first_line, shipped_config, shipped_transformer_config, strip_prefix
 from .storage import keep_fp8_storage, split_scales, stored_tensor
 from .tiny import TINY_TRANSFORMER_CONFIG
+from .transformerfile import load_transformer_file
 
 # Partly typed library (untyped constructors and classmethods): used as Any.
 diffusers: Any = _diffusers
@@ -43,7 +38,7 @@ __all__ = ["single_file_pipeline"]
 
 def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
     """FLUX.1's transformer config with the widths and depths this file has."""
-    prefix, keys = _strip_prefix(list(header.tensors))
+    prefix, keys = strip_prefix(list(header.tensors))
     paths = [k[len(prefix) :] for k in keys]
     shape = {p: header.tensors[k].shape for k, p in zip(keys, paths, strict=True)}
     bfl = "double_blocks.0.img_attn.qkv.weight" in shape
@@ -112,7 +107,7 @@ def _read_tensors(
             return {k: cast(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (safe_open)
     except Exception as exc:  # safetensors/torch errors at the file boundary
         raise UnreadableFileError(
-            f"cannot read ({type(exc).__name__}: {_first_line(exc)})", path, "download it again"
+            f"cannot read ({type(exc).__name__}: {first_line(exc)})", path, "download it again"
         ) from exc
 
 
@@ -283,7 +278,7 @@ def single_file_pipeline(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, str]
     config = (
         None if parts["transformer"].naming == "gguf" else _transformer_config(read_header(t_path))
     )
-    transformer, digest = _load_transformer_file(t_path, config, dtype)
+    transformer, digest = load_transformer_file(t_path, config, dtype)
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(
             shipped_config("flux1-scheduler.json")

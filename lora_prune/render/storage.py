@@ -52,6 +52,7 @@ from ..comfy import count_blocks
 from ..errors import MissingDependencyError, UnreadableFileError, UsageError
 from ..keys import transformer_target
 from ..safetensors_io import read_header
+from .checkpoints import first_line, shipped_transformer_config, strip_prefix
 
 __all__ = [
     "GGUF_MAGIC",
@@ -330,13 +331,11 @@ def load_gguf_transformer(
 
     diffusers: Any = _diffusers  # untyped library
 
-    from .loading import _first_line, _strip_prefix, shipped_transformer_config
-
     try:
         names = [t.name for t in gguf.GGUFReader(str(path)).tensors]
     except Exception as exc:  # gguf's parser errors at the file boundary
         raise UnreadableFileError(
-            f"cannot read GGUF transformer ({type(exc).__name__}: {_first_line(exc)})",
+            f"cannot read GGUF transformer ({type(exc).__name__}: {first_line(exc)})",
             path,
             "check that it is a complete FLUX.1 transformer .gguf",
         ) from exc
@@ -348,7 +347,7 @@ def load_gguf_transformer(
         config = shipped_transformer_config(guidance)
     # diffusers leaves a config's blocks that the file lacks on the meta device
     # and then fails with "Cannot copy out of meta tensor"; say what is wrong.
-    prefix, inner = _strip_prefix(names)
+    prefix, inner = strip_prefix(names)
     paths = [n[len(prefix) :] for n in inner]
     bfl = any(p.startswith("double_blocks.") for p in paths)
     depth = (
@@ -376,7 +375,7 @@ def load_gguf_transformer(
             )
     except Exception as exc:  # diffusers/gguf errors at the load boundary
         raise UnreadableFileError(
-            f"cannot load GGUF transformer ({type(exc).__name__}: {_first_line(exc)})",
+            f"cannot load GGUF transformer ({type(exc).__name__}: {first_line(exc)})",
             path,
             "use a FLUX.1-dev/schnell GGUF transformer (as made by city96's ComfyUI-GGUF tools)",
         ) from exc

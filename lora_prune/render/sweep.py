@@ -1,4 +1,4 @@
-"""The analyze sweep's renderer: :class:`lora_prune.analysis.Renderer` on the block engine."""
+"""The analyze sweep's renderer: :class:`lora_prune.renderer.Renderer` on the block engine."""
 
 from __future__ import annotations
 

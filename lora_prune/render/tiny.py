@@ -35,6 +35,7 @@ from ..settings import TINY_MAX_SEQUENCE_LENGTH as TINY_MAX_SEQUENCE_LENGTH
 from ..settings import TINY_MODEL_ID as TINY_MODEL_ID
 from ..settings import TINY_RESOLUTION as TINY_RESOLUTION
 from ..settings import TINY_STEPS as TINY_STEPS
+from .checkpoints import shipped_config
 
 # Both libraries are only partly typed (untyped constructors, lazily exported
 # names), so they are used as Any here instead of scattering type: ignores.
@@ -222,9 +223,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> An
         transformer = diffusers.FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     modules: list[torch.nn.Module] = [transformer, vae, text_encoder, text_encoder_2]
     _reinitialise(modules, seed, dtype)
-    # FLUX.1-dev's own scheduler; imported here because loading imports this module.
-    from .loading import shipped_config
-
+    # FLUX.1-dev's own scheduler.
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
         shipped_config("flux1-scheduler.json")
     )

@@ -1,12 +1,14 @@
-"""Multi-step jobs that render: ``slim --auto`` and the embedded ``demo``.
+"""The jobs that render, from files to results: ``render``, ``verify``, ``slim --auto``,
+``demo`` and ``check --model``'s re-verification (``analyze``'s is :mod:`.runs`).
 
-Each opens one session on the full LoRA and chains the library verbs
-(analyze -> rank -> choose blocks -> slim -> verify); the CLI only prints the
-dataclasses they return.
+Each refuses to write over an input before it writes anything, opens its
+sessions and chains the library verbs (analyze -> rank -> choose blocks -> slim
+-> verify); the CLI only prints the dataclasses they return.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,29 +19,32 @@ from ..analysis import (
     Analysis,
     CachingRenderer,
     analyze,
-    keep_size,
     read_manifest,
     set_curve,
-    settings_from_json,
 )
 from ..blocks import sort_blocks
 from ..budget import BudgetCandidate, budget_error, plan_budget, record_reserve
-from ..errors import LoraPruneError, OutputError
+from ..errors import LoraPruneError, OutputError, OutputExistsError
+from ..fileio import refuse_overwrite
 from ..lora import LoraFile, read_lora
+from ..pictures import save_png
 from ..resize import module_spectra, resize_lora, resized_ranks
 from ..safetensors_io import file_sha256, read_header
 from ..settings import (
+    DEFAULT_BATCH_SIZE,
     MODES,
     TINY_MODEL_ID,
     AnalyzeSettings,
     ModelSpec,
     PictureOptions,
     RenderRequest,
+    RenderSettings,
+    settings_from_json,
 )
-from ..slim import SlimResult, default_output, slim_lora
+from ..slim import SlimResult, default_output, keep_size, slim_lora
 from ..stats import block_stats_and_sha256
 from ..testing import planted_lora
-from ..verdict import BASE_DISTANCES, DEFAULT_CRITERION, Criterion, Distance
+from ..verdict import DEFAULT_CRITERION, Criterion, Distance
 from ..verify import (
     VERIFICATION_KEY,
     AutoResult,
@@ -51,10 +56,79 @@ from ..verify import (
     verify_slim,
     verify_target,
 )
+from .combination import CombinationResult, render_combination
 from .loading import LoadedModel
+from .perceptual import verdict_distances
 from .session import open_session
 
 Progress = Callable[[int, int], None]
+
+
+def render_blocks(
+    lora_path: Path,
+    spec: ModelSpec,
+    settings: RenderSettings,
+    blocks: frozenset[str],
+    output: Path,
+    *,
+    force: bool = False,
+) -> CombinationResult:
+    """Render ``blocks`` of the LoRA beside no LoRA and the full LoRA; write the picture.
+
+    The first prompt and seed of ``settings``; blocks the LoRA does not have are
+    left out (the result's ``blocks`` are those rendered).
+    """
+    model_file = None if spec.model == TINY_MODEL_ID else Path(spec.model)
+    refuse_overwrite([lora_path, spec.transformer_file, model_file], [output])
+    if output.exists() and not force:
+        raise OutputExistsError("the output exists", output, "pass --force to replace it")
+    lora = read_lora(lora_path)
+    chosen = blocks & set(lora.blocks)
+    with open_session(spec, lora) as session:
+        image = settings.image(
+            settings.prompts[0], settings.seeds[0], session.renderer.max_sequence_length
+        )
+        result = render_combination(session.engine, chosen, image)
+    save_png(result.picture, output)
+    return result
+
+
+def verify_files(
+    full_path: Path,
+    slim_path: Path,
+    spec: ModelSpec,
+    settings: RenderSettings,
+    out_dir: Path,
+    *,
+    criterion: Criterion = DEFAULT_CRITERION,
+    perceptual: str | None = None,
+) -> VerifyResult:
+    """``verify``: render the slim file against its full file and judge it; write the proof.
+
+    A block subset renders as block masks of the full LoRA; a resized file (from
+    ``slim --auto --max-size``) as itself, beside the full LoRA.
+    """
+    refuse_overwrite([full_path, slim_path, spec.transformer_file], folders=[out_dir])
+    full, slim = read_lora(full_path), read_lora(slim_path)
+    sha = file_sha256(full_path)
+    kept, resized = verify_target(full, sha, slim)
+    with (
+        open_session(spec, full) as session,
+        open_session(spec, slim) if resized else contextlib.nullcontext() as candidate,
+    ):
+        return verify_slim(
+            full,
+            sha,
+            kept,
+            settings,
+            session.renderer,
+            criterion=criterion,
+            distances=verdict_distances(perceptual, spec.device),
+            slim_path=slim_path,
+            out_dir=out_dir,
+            scale=max(1, 256 // settings.width),
+            candidate=candidate.renderer if candidate is not None else None,
+        )
 
 
 @dataclass
@@ -79,10 +153,10 @@ def auto_slim(
     work_dir: Path,
     *,
     criterion: Criterion = DEFAULT_CRITERION,
-    distances: Mapping[str, Distance] = BASE_DISTANCES,
+    perceptual: str | None = None,
     output: Path | None = None,
     force: bool = False,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
     max_size: int | None = None,
 ) -> AutoSlimResult:
@@ -101,7 +175,12 @@ def auto_slim(
     largest share of the effect is written (to ``work_dir/budget`` first,
     re-rendered from the file) with the verification record of its own file. None passing raises
     :class:`~lora_prune.errors.BudgetError` with the smallest size found to pass.
+
+    ``perceptual`` (a transformers image encoder) adds its distance to the verdict.
+    Refuses, before anything is written, an ``output`` or ``work_dir`` that would hit an input.
     """
+    refuse_overwrite([lora.path, spec.transformer_file], [output], [work_dir])
+    distances = verdict_distances(perceptual, spec.device)
     # One read of the LoRA's data: its hash (cache keys, provenance) and the manifest's norms.
     stats, sha = block_stats_and_sha256(lora)
     settings = _keep_earlier_modes(settings, work_dir)

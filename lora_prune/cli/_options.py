@@ -1,0 +1,360 @@
+"""The options more than one command shares, and how their values become settings.
+
+Each option is declared here once; its default and its checks come from the
+settings type it fills (:mod:`lora_prune.settings`, :mod:`lora_prune.verdict`),
+which :func:`gather` builds when the command starts, before a file is read or a
+model loaded. A command module only adds the options that are its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+
+from ..blocks import parse_block_spec
+from ..errors import UsageError
+from ..fileio import not_a_folder
+from ..settings import (
+    COLORMAP_NAMES,
+    COMPUTE_DTYPES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STRENGTH,
+    HEATMAP_SCALES,
+    MEMORY_PLANS,
+    MIN_SHEET_PIXELS,
+    SHEET_ORDERS,
+    TINY_MODEL_ID,
+    ModelSpec,
+    PictureOptions,
+    RenderRequest,
+    check_batch_size,
+    model_defaults,
+    parse_seeds,
+)
+from ..verdict import DEFAULT_MIN_KEPT, Criterion
+
+F = TypeVar("F", bound=Callable[..., Any])
+Callback = Callable[[click.Context, click.Parameter, Any], Any]
+
+
+def checked(check: Callable[[Any], Any]) -> Callback:
+    """A click callback that runs a check of :mod:`lora_prune.settings` on a given value."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return callback
+
+
+def file_argument(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    # A folder where a file is needed is the same exit-3 error for every command
+    # (what read_lora says), checked before any other work.
+    if value is not None:
+        not_a_folder(value)
+    return value
+
+
+def gather(
+    options: Sequence[Callable[[Any], Any]], build: Callable[[dict[str, Any]], None]
+) -> Callable[[F], F]:
+    """Add ``options``; ``build`` replaces their raw values with the typed object the command gets.
+
+    The object is built, and so checked, when the command starts: before it reads
+    a file or loads a model.
+    """
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(**kw: Any) -> Any:
+            build(kw)
+            return f(**kw)
+
+        for option in reversed(options):
+            command = option(command)
+        return cast(F, command)
+
+    return decorate
+
+
+def block_spec(value: str | None, option: str) -> frozenset[str] | None:
+    """A block spec option's blocks (None when not given); errors name ``option``."""
+    if value is None:
+        return None
+    try:
+        return parse_block_spec(value)
+    except UsageError as exc:
+        raise UsageError(exc.what, option, exc.fix) from exc
+
+
+def need_spec(spec: ModelSpec | None) -> ModelSpec:
+    if spec is None:  # click enforces --model where it is required
+        raise UsageError("no model given", "--model", "add --model")
+    return spec
+
+
+def beside(path: Path, suffix: str) -> Path:
+    """``<stem><suffix>`` beside ``path`` (the default output folders)."""
+    return path.with_name(path.name.removesuffix(".safetensors") + suffix)
+
+
+lora_arg = click.argument("lora", type=click.Path(path_type=Path), callback=file_argument)
+allow_unknown_opt = click.option(
+    "--allow-unknown",
+    is_flag=True,
+    help="Report keys that match no FLUX.1 format as block 'other'.",
+)
+seeds_opt = click.option(
+    "--seeds",
+    "--seed",
+    "seeds",
+    default="0",
+    show_default=True,
+    callback=checked(parse_seeds),
+    help="Comma-separated seeds (--seed S for one).",
+)
+batch_size_opt = click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    callback=checked(check_batch_size),
+    help="Images per pipeline call.",
+)
+dtype_opt = click.option(
+    "--dtype",
+    type=click.Choice(COMPUTE_DTYPES),
+    help="Compute dtype [default: bf16 on GPUs, fp32 on cpu].",
+)
+perceptual_opt = click.option(
+    "--perceptual",
+    metavar="MODEL",
+    help="Add a perceptual distance to the verdict: 1 - cosine of the pooled embeddings of a "
+    "transformers image encoder (DINOv2 or CLIP vision; local folder or hub id).",
+)
+
+
+def lora_output_options(suffix: str) -> Callable[[F], F]:
+    """``-o/--output`` and ``--force`` of the commands that write a LoRA file."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--force", is_flag=True, help="Replace an existing output (never the input)."
+        )(f)
+        return click.option(
+            "-o",
+            "--output",
+            type=click.Path(path_type=Path),
+            help=f"Output file [default: <stem>{suffix}.safetensors beside the input].",
+        )(f)
+
+    return decorate
+
+
+# --- the model and what to render -------------------------------------------------
+def _build_render(kw: dict[str, Any]) -> None:
+    model = kw.pop("model")
+    where = (kw.pop("transformer_file"), kw.pop("device"), kw.pop("dtype"), kw.pop("offload"))
+    compile_blocks = kw.pop("compile")
+    files = {k: kw.pop(k) for k in ("comfy", "clip_file", "t5_file", "vae_file", "memory")}
+    if model is None and files["comfy"] is not None:
+        model = str(files["comfy"])  # tokenizers come from the ComfyUI install
+    kw["spec"] = (
+        None if model is None else ModelSpec(model, *where, compile=compile_blocks, **files)
+    )
+    kw["request"] = RenderRequest(
+        prompts=tuple(kw.pop("prompts")),
+        seeds=kw.pop("seeds"),
+        **{k: kw.pop(k) for k in ("size", "width", "height", "steps", "guidance", "strength")},
+    )
+
+
+def _model_callback(required: bool) -> Callback:
+    """--model is required unless --comfy names every component."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        # Options given on the command line are processed first, so a given
+        # --comfy is in ctx.params by now.
+        if value is None and required and ctx.params.get("comfy") is None:
+            raise click.MissingParameter(ctx=ctx, param=param)
+        return value
+
+    return callback
+
+
+def _file_option(name: str, dest: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        name, dest, type=click.Path(path_type=Path), callback=file_argument, help=what
+    )
+
+
+def model_file_options() -> list[Callable[[F], F]]:
+    """--comfy and the single-file options, shared by the render commands and doctor."""
+    return [
+        click.option(
+            "--comfy",
+            type=click.Path(path_type=Path),
+            help="A ComfyUI folder (or its models/): every component is found there by its "
+            "contents (extra_model_paths.yaml honoured).",
+        ),
+        _file_option(
+            "--transformer",
+            "transformer_file",
+            "Single-file FLUX.1 transformer (.safetensors, ComfyUI/BFL naming) "
+            "to use with the rest of --model, or instead of the one --comfy finds.",
+        ),
+        _file_option(
+            "--clip", "clip_file", "Single-file CLIP-L text encoder (clip_l.safetensors)."
+        ),
+        _file_option("--t5", "t5_file", "Single-file T5-XXL encoder (t5xxl_fp16.safetensors)."),
+        _file_option("--vae", "vae_file", "Single-file FLUX.1 VAE (ae.safetensors)."),
+    ]
+
+
+def _defaults_text(field: str) -> str:
+    """``[default: 768; 64 for tiny]``: the model defaults of ``field``, from settings."""
+    real, tiny = model_defaults(""), model_defaults(TINY_MODEL_ID)
+    return f"[default: {getattr(real, field)}; {getattr(tiny, field)} for tiny]"
+
+
+def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
+    """Model and render options, passed as ``spec`` (None without --model) and ``request``."""
+    return gather(
+        [
+            click.option(
+                "--model",
+                "model",
+                metavar="M",
+                callback=_model_callback(required),
+                help=f"{when}'tiny' (built-in test model), a local diffusers FLUX.1 "
+                "folder, or a hub id (with --comfy: only where tokenizers may come from).",
+            ),
+            *model_file_options(),
+            click.option("--device", help="cuda, mps or cpu [default: best available]."),
+            dtype_opt,
+            click.option(
+                "--memory",
+                type=click.Choice(MEMORY_PLANS),
+                default=ModelSpec.memory,
+                show_default=True,
+                help="How the pipeline lives on the card (see 'lora-prune doctor').",
+            ),
+            click.option("--offload", is_flag=True, help="Same as --memory offload."),
+            click.option(
+                "--compile",
+                is_flag=True,
+                help="torch.compile the transformer blocks (slow first batch, faster after).",
+            ),
+            click.option(
+                "--prompt",
+                "prompts",
+                multiple=True,
+                required=required,
+                help=f"{when}Prompt (repeatable).",
+            ),
+            seeds_opt,
+            click.option("--size", type=int, help=f"Square size {_defaults_text('size')}."),
+            click.option("--width", type=int, help="Width (overrides --size)."),
+            click.option("--height", type=int, help="Height (overrides --size)."),
+            click.option("--steps", type=int, help=f"Denoising steps {_defaults_text('steps')}."),
+            click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True),
+            click.option(
+                "--strength",
+                type=float,
+                default=DEFAULT_STRENGTH,
+                show_default=True,
+                help="LoRA strength; multiplies the weight delta once.",
+            ),
+        ],
+        _build_render,
+    )
+
+
+# --- the verdict -------------------------------------------------------------------
+VERDICT_HELP = """\b
+Verdict: for every image (prompt x seed) and distance d (MSE on 8-bit RGB,
+1 - SSIM), the LoRA's effect is E = d(base, full), the slim's residual
+R = d(slim, full), and the share of the effect kept is 1 - R / E. A slim
+passes when every image keeps at least --min-kept for every distance (and
+reaches --min-ssim, when given). An image where MSE(base, full) <= 1 (one
+8-bit level RMS: render noise) proves nothing: exit 7, use prompts where
+the LoRA shows, such as its trigger words."""
+
+
+def _build_criterion(kw: dict[str, Any]) -> None:
+    kw["criterion"] = Criterion(min_kept=kw.pop("min_kept"), min_ssim=kw.pop("min_ssim"))
+
+
+def verdict_options(when: str = "") -> Callable[[F], F]:
+    """--min-kept and --min-ssim, passed as ``criterion`` (:mod:`lora_prune.verdict`)."""
+    return gather(
+        [
+            click.option(
+                "--min-kept",
+                type=float,
+                default=DEFAULT_MIN_KEPT,
+                show_default=True,
+                help=f"{when}Share of the LoRA's effect (1 - d(slim, full) / "
+                "d(base, full)) every image must keep, for MSE and 1-SSIM.",
+            ),
+            click.option(
+                "--min-ssim",
+                type=float,
+                default=None,
+                help=f"{when}Also require SSIM(slim, full) >= this on every image [default: off].",
+            ),
+        ],
+        _build_criterion,
+    )
+
+
+# --- pictures ----------------------------------------------------------------------
+def _build_pictures(kw: dict[str, Any]) -> None:
+    names = ("heatmap_scale", "cmap", "opacity", "sheet_order", "sheet_max_pixels")
+    kw["options"] = PictureOptions(**{k: kw.pop(k) for k in names})
+
+
+picture_options = gather(
+    [
+        click.option(
+            "--heatmap-scale",
+            type=click.Choice(HEATMAP_SCALES),
+            default=PictureOptions.heatmap_scale,
+            show_default=True,
+            help="One scale for all heatmaps (comparable), or each its own.",
+        ),
+        click.option(
+            "--cmap",
+            type=click.Choice(COLORMAP_NAMES),
+            default=PictureOptions.cmap,
+            show_default=True,
+            help="Heatmap colour map (blue = no change, red = most).",
+        ),
+        click.option(
+            "--opacity",
+            type=click.FloatRange(0, 1),
+            default=PictureOptions.opacity,
+            show_default=True,
+            help="Heatmap opacity in the contact sheet.",
+        ),
+        click.option(
+            "--sheet-order",
+            type=click.Choice(SHEET_ORDERS),
+            default=PictureOptions.sheet_order,
+            show_default=True,
+        ),
+        click.option(
+            "--sheet-max-pixels",
+            type=int,
+            default=PictureOptions.sheet_max_pixels,
+            show_default=True,
+            help=f"Shrink the contact sheet to at most this many pixels "
+            f"(at least {MIN_SHEET_PIXELS:,}).",
+        ),
+    ],
+    _build_pictures,
+)
