@@ -30,6 +30,7 @@ from .blocks import BLOCK_IDS, format_block_spec, parse_block_spec
 from .errors import (
     BlockIndexError,
     BlockSpecError,
+    BudgetError,
     CorruptFileError,
     IncompleteFileError,
     LoraPruneError,
@@ -88,6 +89,7 @@ __all__ = [
     "BlockIndexError",
     "BlockSpecError",
     "BlockStats",
+    "BudgetError",
     "CheckResult",
     "CorruptFileError",
     "Criterion",

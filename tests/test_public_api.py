@@ -152,3 +152,15 @@ def test_submodule_all_names_exist(module_name: str) -> None:
     missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert missing == []
     assert len(set(module.__all__)) == len(module.__all__)
+
+
+def test_the_whole_exception_tree_is_exported_from_the_root() -> None:
+    # The package docstring promises every error a user can cause at the top level.
+    import lora_prune.errors as errors
+
+    tree = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, lora_prune.LoraPruneError)
+    }
+    assert tree <= set(lora_prune.__all__), sorted(tree - set(lora_prune.__all__))

@@ -19,6 +19,7 @@ from ..settings import (
 )
 from ..verdict import Criterion
 from ._app import EXIT_CODES_HELP
+from ._model_options import render_options
 from ._options import (
     batch_size_opt,
     beside,
@@ -26,7 +27,6 @@ from ._options import (
     file_argument,
     perceptual_opt,
     picture_options,
-    render_options,
     verdict_options,
 )
 from ._printers import ProgressBar, print_analysis, print_renders

@@ -11,7 +11,8 @@ from ..render.deps import free_gpu_bytes
 from ..settings import DEFAULT_SIZE, DEFAULT_STEPS
 from ..units import human_bytes
 from ._app import EXIT_CODES_HELP
-from ._options import dtype_opt, gather, model_file_options
+from ._model_options import model_file_options
+from ._options import dtype_opt, gather
 
 
 @click.command(epilog=EXIT_CODES_HELP)

@@ -10,7 +10,8 @@ from ..blocks import format_block_spec
 from ..render import require_render
 from ..settings import ModelSpec, RenderRequest
 from ._app import EXIT_CODES_HELP
-from ._options import block_spec, lora_arg, need_spec, render_options
+from ._model_options import render_options
+from ._options import block_spec, lora_arg, need_spec
 
 
 @click.command(epilog=EXIT_CODES_HELP)

@@ -13,6 +13,7 @@ from ..settings import ModelSpec, RenderRequest, check_max_size
 from ..slim import slim_lora
 from ..verdict import Criterion
 from ._app import EXIT_CODES_HELP
+from ._model_options import render_options
 from ._options import (
     allow_unknown_opt,
     batch_size_opt,
@@ -22,7 +23,6 @@ from ._options import (
     lora_arg,
     lora_output_options,
     perceptual_opt,
-    render_options,
     verdict_options,
 )
 from ._printers import (

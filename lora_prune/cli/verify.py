@@ -12,13 +12,13 @@ from ..render import require_render
 from ..settings import ModelSpec, RenderRequest
 from ..verdict import Criterion
 from ._app import EXIT_CODES_HELP
+from ._model_options import render_options
 from ._options import (
     VERDICT_HELP,
     beside,
     file_argument,
     need_spec,
     perceptual_opt,
-    render_options,
     verdict_options,
 )
 from ._printers import print_verification
