@@ -307,7 +307,7 @@ def _sum_blocks(lora: LoraFile, norms: dict[str, float]) -> list[BlockStats]:
     return out
 
 
-def inspect_lora(lora: LoraFile, *, sort: str = "block") -> LoraReport:
+def inspect_lora(lora: LoraFile, *, sort: str = SORT_KEYS[0]) -> LoraReport:
     """Summarise a LoRA: format, dtypes, ranks, alphas, metadata and per-block stats.
 
     Args:

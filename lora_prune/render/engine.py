@@ -48,7 +48,7 @@ from ..keys import Target
 from ..lora import LoraFile, LoraModule
 from ..resize import is_rank, rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
-from ..settings import DEFAULT_BATCH_SIZE, ImageSettings, check_batch_size
+from ..settings import DEFAULT_BATCH_SIZE, DEFAULT_STRENGTH, ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
 from .hooks import Hook, Kron, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
@@ -701,7 +701,9 @@ class BlockEngine:
             )
 
     @contextlib.contextmanager
-    def activated(self, blocks: frozenset[str], strength: float = 1.0) -> Iterator[None]:
+    def activated(
+        self, blocks: frozenset[str], strength: float = DEFAULT_STRENGTH
+    ) -> Iterator[None]:
         """Switch ``blocks`` on for every sample of whatever runs inside the block.
 
         For calling the pipeline (or one of its modules) yourself; :meth:`render`

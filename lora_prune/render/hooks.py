@@ -28,6 +28,8 @@ from typing import Any, TypeAlias
 import torch
 import torch.nn.functional as F
 
+from ..settings import DEFAULT_STRENGTH
+
 __all__ = [
     "LOHA_CHUNK",
     "Hook",
@@ -191,7 +193,7 @@ class Switches:
     """
 
     selection: dict[str, Selection] = field(default_factory=dict)
-    strength: float = 1.0
+    strength: float = DEFAULT_STRENGTH
     batch: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     mask: torch.Tensor | None = None
