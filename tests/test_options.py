@@ -116,7 +116,7 @@ def _cases(lora: Path, earlier: Path, tmp: Path) -> dict[str, list[tuple[list[st
             (["analyze", "--from", str(earlier), "--sheet-max-pixels", "100"], 2, "pixels"),
             (["analyze", "--from", str(earlier), "--sheet-max-pixels", "-1"], 2, "pixels"),
             (["analyze", "--from", str(earlier), "--opacity", "nan"], 2, "--opacity"),
-            (["analyze", "--from", str(earlier), "--opacity", "2"], 2, "'--opacity'"),
+            (["analyze", "--from", str(earlier), "--opacity", "2"], 2, "--opacity 2.0 is not"),
             (["analyze", "--from", str(earlier), "--min-kept", "-1"], 2, "--min-kept"),
             (["analyze", "--from", str(lora)], 2, "'--from'"),
             ([*analyze, "--mode", "sideways"], 2, "'--mode'"),

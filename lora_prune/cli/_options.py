@@ -211,10 +211,10 @@ picture_options = gather(
         ),
         click.option(
             "--opacity",
-            type=click.FloatRange(0, 1),
+            type=float,
             default=PictureOptions.opacity,
             show_default=True,
-            help="Heatmap opacity in the contact sheet.",
+            help="Heatmap opacity in the contact sheet, from 0 to 1.",
         ),
         click.option(
             "--sheet-order",
