@@ -175,8 +175,17 @@ def _parse_vector(values: list[str], spec: str) -> frozenset[str]:
     addressed: set[str] = set()
     keep: set[str] = set()
     for value, blocks in zip(values, layout, strict=True):
+        if float(value) not in (0.0, 1.0):
+            # A weight between would be a strength, which slim does not apply: keeping
+            # the block in full without a word would not be what the vector says.
+            raise BlockSpecError(
+                f"block weight {value} is neither 0 nor 1",
+                f"block spec {spec!r}",
+                "write 0 (drop) or 1 (keep) for each block: lora-prune keeps or drops whole "
+                "blocks, it does not scale them",
+            )
         addressed.update(blocks)
-        if float(value) != 0.0:
+        if float(value) == 1.0:
             keep.update(blocks)
     # Blocks a layout does not address (e.g. input/final in the 57-value one) are kept:
     # a vector only ever says which of its blocks to switch off.
@@ -189,8 +198,9 @@ def parse_block_spec(spec: str) -> frozenset[str]:
 
     Accepted: ``double.0-5,double.7,single.10-20,input``; the groups ``double``,
     ``single``, ``te`` (``clip`` + ``t5``) and ``all``; a block-weight vector of
-    57, 58, 61 or 19 comma-separated numbers (non-zero = keep, blocks the layout
-    does not name are kept); kohya's ``train_double_block_indices=0,1,8-12``
+    57, 58, 61 or 19 comma-separated weights, each 0 (drop) or 1 (keep), blocks
+    the layout does not name being kept (the 57-value one names no ``input`` and
+    ``final``, none names the text encoders but 61); kohya's ``train_double_block_indices=0,1,8-12``
     (optionally with ``train_single_block_indices=...``).
 
     Args:
@@ -209,6 +219,8 @@ def parse_block_spec(spec: str) -> frozenset[str]:
     if _KOHYA_RE.search(text):
         return _parse_kohya(text)
     tokens = [t.strip() for t in re.split(r"[,\s]+", text) if t.strip()]
+    if not tokens:  # only separators, e.g. ",,"
+        raise BlockSpecError("empty block spec", f"block spec {spec!r}", "name at least one block")
     if len(tokens) > 1 and all(_NUMBER_RE.match(t) for t in tokens):
         return _parse_vector(tokens, spec)
     out: set[str] = set()

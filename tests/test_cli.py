@@ -773,3 +773,14 @@ def test_inspect_json_is_strict_json_even_for_nan_weights(tmp_path: Path) -> Non
         raise ValueError(f"{name} is not JSON")
 
     json.loads(result.stdout, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["inspect", "slim", "render", "analyze", "verify", "demo", "check", "resize", "doctor"],
+)
+def test_a_help_that_points_below_has_what_it_points_to(command: str) -> None:
+    shown = run_cli(command, "--help").output
+    if "see Verdict below" in shown:
+        below = shown[shown.index("see Verdict below") :]
+        assert "Verdict: for every image" in below, command

@@ -93,11 +93,13 @@ def _cases(lora: Path, earlier: Path, tmp: Path) -> dict[str, list[tuple[list[st
             (["slim", str(lora), "--keep", "all", "-o", str(lora), "--force"], 2, "replace"),
             ([*slim_auto, "--batch-size", "-1"], 2, "--batch-size"),
             ([*slim_auto, "--work-dir", str(lora)], 2, "'--work-dir'"),
+            (["slim", str(lora), "--drop", ",,"], 2, "empty block spec, --drop"),
         ],
         "render": [
             (["render", str(lora), *RENDER, "-o", out], 2, "Missing option '--blocks'"),
             (["render", folder, *RENDER, "--blocks", "all", "-o", out], 3, "is a folder"),
             ([*render[:-2], "-o", folder], 2, "'-o'"),
+            (["render", str(lora), *RENDER, "--blocks", ",,", "-o", out], 2, "empty block spec"),
             (
                 [*render, "--transformer", folder],
                 3,
@@ -119,6 +121,14 @@ def _cases(lora: Path, earlier: Path, tmp: Path) -> dict[str, list[tuple[list[st
             (["analyze", "--from", str(earlier), "--opacity", "2"], 2, "--opacity 2.0 is not"),
             (["analyze", "--from", str(earlier), "--min-kept", "-1"], 2, "--min-kept"),
             (["analyze", "--from", str(lora)], 2, "'--from'"),
+            # --from recomputes with the earlier run's own LoRA, model and renders.
+            (["analyze", str(lora), "--from", str(earlier)], 2, "; LORA cannot apply"),
+            (
+                ["analyze", "--from", str(earlier), "--model", "tiny", "--steps", "3"],
+                2,
+                "; --model, --steps cannot apply",
+            ),
+            (["analyze", "--from", str(earlier), "--curve"], 2, "; --curve cannot apply"),
             ([*analyze, "--mode", "sideways"], 2, "'--mode'"),
             ([*analyze, "--curve", "--min-ssim", "2"], 2, "--min-ssim"),
             ([*analyze, "--out", str(lora)], 2, "'--out'"),

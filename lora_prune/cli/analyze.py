@@ -104,6 +104,7 @@ def analyze(
     (one process per GPU, each renders a share; see docs/performance.md).
     """
     if from_dir is not None:
+        _refuse_what_from_cannot_honour()
         print_analysis(analyze_from(from_dir, coverage=coverage, options=options))
         return
     if lora is None or spec is None or not request.prompts:
@@ -132,3 +133,26 @@ def analyze(
     print_renders(run.renders, run.seconds, run.shard)
     if run.analysis is not None:  # None in a helper process: the main one reports
         print_analysis(run.analysis)
+
+
+#: What ``--from`` recomputes with: the earlier run's renders, scored and drawn anew.
+_WITH_FROM = {"from_dir", "coverage", "heatmap_scale", "cmap", "opacity", "sheet_order"}
+_WITH_FROM |= {"sheet_max_pixels"}
+
+
+def _refuse_what_from_cannot_honour() -> None:
+    """A LORA, a model or render options beside ``--from`` would be silently ignored."""
+    ctx = click.get_current_context()
+    given = [
+        param.opts[0] if param.opts[0].startswith("-") else param.human_readable_name
+        for param in ctx.command.params
+        if param.name not in _WITH_FROM
+        and ctx.get_parameter_source(param.name or "") == click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise UsageError(
+            f"--from recomputes an earlier run with its own LoRA, model and renders; "
+            f"{', '.join(given)} cannot apply",
+            "--from",
+            "drop them, or run analyze without --from to render anew",
+        )

@@ -15,6 +15,7 @@ from ..verdict import Criterion
 from ._app import EXIT_CODES_HELP
 from ._model_options import render_options
 from ._options import (
+    VERDICT_HELP,
     allow_unknown_opt,
     batch_size_opt,
     beside,
@@ -34,7 +35,7 @@ from ._printers import (
 )
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=VERDICT_HELP + "\n\n" + EXIT_CODES_HELP)
 @lora_arg
 @click.option("--keep", metavar="SPEC", help="Blocks to keep, e.g. double.0-5,single.10-20,input.")
 @click.option("--drop", metavar="SPEC", help="Blocks to drop (all others are kept).")
