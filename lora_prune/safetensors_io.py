@@ -234,6 +234,13 @@ def sniff_head(head: bytes, path: Path) -> None:
             path,
             "the link gave a web page: download the file itself",
         )
+    text_start = _text_start(head)
+    if text_start is not None:
+        raise NotSafetensorsError(
+            f"a text file, not a safetensors file (it begins {text_start!r})",
+            path,
+            "this is not the LoRA's weights: download the .safetensors file itself",
+        )
     # A pickle starts with PROTO (0x80) and a protocol number. A safetensors file
     # whose header length happens to start with the same two bytes (e.g. 640) has
     # its JSON `{` at byte 8, which a pickle never has there.
@@ -244,6 +251,27 @@ def sniff_head(head: bytes, path: Path) -> None:
             path,
             "lora-prune never unpickles files: get the .safetensors version of this LoRA",
         )
+
+
+def _text_start(head: bytes) -> str | None:
+    """The first line of ``head`` when it is text (UTF-8, printable), else None.
+
+    A safetensors file starts with its header's length, 8 little-endian bytes
+    that hold NULs for any length below 2**56: text there is never a header.
+    """
+    sample = head[:512]
+    if len(sample) < 8 or b"\x00" in sample[:8]:
+        return None
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(sample) - 3:  # not merely a character cut at the end
+            return None
+        text = sample[: exc.start].decode("utf-8")
+    if not all(c.isprintable() or c in "\t\n\r" for c in text):
+        return None
+    first = text.lstrip("\ufeff").strip().split("\n", 1)[0].strip()
+    return first[:40] + ("..." if len(first) > 40 else "")
 
 
 class _DuplicateKeyError(Exception):  # not ValueError: loads_bounded wraps those

@@ -126,6 +126,18 @@ def make_hostile_corpus(dir: Path) -> Corpus:
         "web page (HTML)",
     )
     put("html_tag", b"<HTML><BODY>404 Not Found</BODY></HTML>", NotSafetensorsError, "web page")
+    put(
+        "text_readme",
+        b"# My LoRA\n\nTrigger word: sks. Trained 2000 steps at rank 16.\n",
+        NotSafetensorsError,
+        "a text file, not a safetensors file (it begins '# My LoRA')",
+    )
+    put(
+        "json_config",
+        b'{\n  "_class_name": "FluxTransformer2DModel",\n  "num_layers": 19\n}\n',
+        NotSafetensorsError,
+        "a text file, not a safetensors file",
+    )
     put("empty", b"", NotSafetensorsError, "empty file")
     put("tiny", b"\x10\x00\x00", IncompleteFileError, "incomplete download: 3 of at least 8 bytes")
 

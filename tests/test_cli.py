@@ -362,7 +362,7 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def vector(on: set[str], layout: list[list[str]]) -> str:
-    return ",".join("0.8" if any(b in on for b in group) else "0" for group in layout)
+    return ",".join("1" if any(b in on for b in group) else "0" for group in layout)
 
 
 LAYOUT_57 = [[b] for b in DOUBLES + SINGLES]

@@ -327,6 +327,7 @@ def corpus(
 
 HOSTILE_NAMES = [
     "torch_zip", "raw_pickle", "raw_pickle_p2", "lfs_pointer", "html_doctype", "html_tag",
+    "text_readme", "json_config",
     "empty", "tiny", "truncated_header", "truncated_data", "header_too_big", "bad_json",
     "not_brace", "not_utf8", "duplicate_key", "bad_dtype", "negative_shape", "bool_in_shape",
     "overlap", "size_mismatch", "beyond_data", "bad_metadata", "missing", "directory",
