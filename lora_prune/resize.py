@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
 from .blocks import format_block_spec, parse_block_spec, sort_blocks
-from .errors import UsageError
+from .errors import UnsupportedAdapterError, UsageError
 from .lora import LoraFile, LoraModule
 from .markers import check_pinned_kept
 from .provenance import (
@@ -567,6 +567,7 @@ def resize_lora(
     allow_unknown: bool = False,
     extra_metadata: Mapping[str, str] | None = None,
     source_sha256: str | None = None,
+    allow_unchanged: bool = False,
 ) -> ResizeResult:
     """Write a LoRA whose plain LoRA modules have a lower rank: exact SVD, truncated.
 
@@ -596,6 +597,10 @@ def resize_lora(
         allow_unknown: as for :func:`~lora_prune.lora.read_lora`.
         extra_metadata: more ``__metadata__`` entries (e.g. a verification record).
         source_sha256: the source file's sha256 when the caller hashed it already.
+        allow_unchanged: write the (byte-identical) copy even when no module's rank
+            changes; by default that is an error saying why (no plain module:
+            :class:`~lora_prune.errors.UnsupportedAdapterError`; every rank at or below
+            the one asked for: :class:`~lora_prune.errors.UsageError`) and nothing is written.
 
     Example::
 
@@ -627,6 +632,8 @@ def resize_lora(
         results, kept_as_is, rewrites = _resize_modules(
             kept, chosen, reader, spool, rank=ranks if ranks is not None else rank, energy=energy
         )
+        if keep is None and not allow_unchanged:
+            _refuse_nothing_to_do(lora, results, kept_as_is, rank, energy)
         entries = _entries(kept, reader, spool, rewrites)
         ss_meta = _ss_metadata(lora, kept, results, rewrites)
         settings = _settings_record(
@@ -652,6 +659,36 @@ def resize_lora(
         bytes_after=out_path.stat().st_size,
         metadata=metadata,
         unmatched=unmatched,
+    )
+
+
+def _refuse_nothing_to_do(
+    lora: LoraFile,
+    results: list[ModuleResize],
+    kept_as_is: Mapping[str, str],
+    rank: int | None,
+    energy: float | None,
+) -> None:
+    """A resize that would change no module writes no copy: it says why instead."""
+    if any(m.changed for m in results):
+        return
+    if not results:
+        raise UnsupportedAdapterError(
+            f"nothing to resize: none of the {len(kept_as_is)} modules is a plain low-rank "
+            "LoRA module (resize lowers the rank of up/down factor pairs)",
+            lora.path,
+            "slim drops whole blocks of any adapter type; LoHa/LoKr/full modules keep their size",
+        )
+    highest = max(m.rank_before for m in results)
+    asked = (
+        f"--rank {rank}" if rank is not None else "--energy" if energy is not None else "--ranks"
+    )
+    raise UsageError(
+        f"nothing to resize: {asked} changes no module (the highest rank is {highest})",
+        lora.path,
+        f"give a rank below {highest}"
+        if rank is not None
+        else "ask for less energy or lower ranks",
     )
 
 

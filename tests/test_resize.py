@@ -17,7 +17,9 @@ import numpy.typing as npt
 import pytest
 from clitools import run_cli
 from conftest import write_tensors
+from safetensors.numpy import load_file
 
+from lora_prune.errors import UnsupportedAdapterError, UsageError
 from lora_prune.lora import LoraFile, LoraModule, read_lora
 from lora_prune.provenance import MODEL_HASH_KEY, RESIZED_RANKS_KEY, SOURCE_SHA_KEY
 from lora_prune.resize import resize_lora
@@ -81,7 +83,10 @@ def test_rank_at_or_above_the_stored_rank_keeps_every_byte(
     planted: tuple[Path, dict[str, int]], tmp_path: Path
 ) -> None:
     path, _ = planted
-    result = resize_lora(path, tmp_path / "out.safetensors", rank=STORED_RANK)
+    with pytest.raises(UsageError, match=f"--rank {STORED_RANK} changes no module"):
+        resize_lora(path, tmp_path / "out.safetensors", rank=STORED_RANK)
+    assert not (tmp_path / "out.safetensors").exists()
+    result = resize_lora(path, tmp_path / "out.safetensors", rank=STORED_RANK, allow_unchanged=True)
     assert result.resized == []
     a, b = read_header(path), read_header(result.output)
     with SafetensorsReader(path) as ra, SafetensorsReader(result.output) as rb:
@@ -157,7 +162,9 @@ def test_modules_that_are_not_plain_low_rank_are_kept_and_named(
     grammar: str, tmp_path: Path
 ) -> None:
     path = write_synth_lora(tmp_path / "in.safetensors", SynthSpec(grammar=grammar, blocks=BLOCKS))
-    result = resize_lora(path, tmp_path / "out.safetensors", rank=1)
+    with pytest.raises(UnsupportedAdapterError, match="nothing to resize"):
+        resize_lora(path, tmp_path / "out.safetensors", rank=1)
+    result = resize_lora(path, tmp_path / "out.safetensors", rank=1, allow_unchanged=True)
     lora = read_lora(path)
     assert set(result.kept_as_is) == set(lora.modules) and result.modules == []
     assert all("adapter" in why or "delta" in why for why in result.kept_as_is.values())
@@ -297,13 +304,37 @@ def test_cli_refuses_the_input_as_output_and_prints_what_it_did(
     assert path.with_name("planted.resized.safetensors").exists()
 
 
-def test_cli_names_the_modules_kept_as_they_are(tmp_path: Path) -> None:
-    spec = SynthSpec(grammar="lycoris-kohya-loha", blocks=("final",))
-    path = write_synth_lora(tmp_path / "loha.safetensors", spec)
-    result = run_cli("resize", path, "--rank", "1")
-    assert result.exit_code == 0, result.stdout
-    stems = read_lora(path).modules
-    assert all(f"kept as is  {stem}: loha adapter" in result.stdout for stem in stems)
+def test_cli_groups_the_modules_kept_as_they_are_by_reason(tmp_path: Path) -> None:
+    plain = write_synth_lora(tmp_path / "a.st", SynthSpec(grammar="kohya", blocks=("double.0",)))
+    loha_spec = SynthSpec(grammar="lycoris-kohya-loha", blocks=("single.0", "single.1", "final"))
+    loha = write_synth_lora(tmp_path / "b.st", loha_spec)
+    mixed = write_tensors(tmp_path / "mixed.safetensors", {**load_file(plain), **load_file(loha)})
+    result = run_cli("resize", mixed, "--rank", "1", "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.output
+    stems = [m.stem for m in read_lora(loha).modules.values()]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("kept as is")]
+    assert lines == [
+        f"kept as is  {len(stems)} modules (loha adapter): {', '.join(stems[:3])} "
+        f"and {len(stems) - 3} more"
+    ]
+
+
+def test_a_resize_that_changes_nothing_writes_nothing_and_says_why(tmp_path: Path) -> None:
+    loha = write_synth_lora(
+        tmp_path / "loha.safetensors", SynthSpec(grammar="lycoris-kohya-loha", blocks=("final",))
+    )
+    result = run_cli("resize", loha, "--rank", "1")
+    assert result.exit_code == 4, result.output
+    assert result.stderr.startswith("error: nothing to resize: none of the ")
+    assert "plain low-rank" in result.stderr and result.stderr.count("\n") == 1
+    plain = write_synth_lora(
+        tmp_path / "plain.safetensors", SynthSpec(grammar="kohya", blocks=("double.0",), rank=4)
+    )
+    result = run_cli("resize", plain, "--rank", "32")
+    assert result.exit_code == 2, result.output
+    assert "nothing to resize: --rank 32 changes no module (the highest rank is 4)" in result.stderr
+    assert "give a rank below 4" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loha.safetensors", "plain.safetensors"]
 
 
 def test_a_resized_file_renders_like_the_original(tmp_path: Path) -> None:

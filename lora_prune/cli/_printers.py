@@ -260,3 +260,14 @@ def print_curve(analysis: Analysis) -> None:
             f"  {human_bytes(p.bytes):>10}  {'pass' if p.passed else '-'}{mark}"
         )
     click.echo(f"curve    {analysis.out_dir / 'pruning_curve.png'}")
+
+
+def print_kept_as_is(kept: dict[str, str], shown: int = 3) -> None:
+    """The modules a resize left as they were, one line per reason (not one per module)."""
+    by_reason: dict[str, list[str]] = {}
+    for stem, why in kept.items():
+        by_reason.setdefault(why, []).append(stem)
+    for why, stems in by_reason.items():
+        more = f" and {len(stems) - shown} more" if len(stems) > shown else ""
+        noun = "module" if len(stems) == 1 else "modules"
+        click.echo(f"kept as is  {len(stems)} {noun} ({why}): {', '.join(stems[:shown])}{more}")

@@ -10,6 +10,7 @@ from ..resize import BlockRanks, resize_lora
 from ..units import human_bytes
 from ._app import EXIT_CODES_HELP
 from ._options import allow_unknown_opt, block_spec, lora_arg, lora_output_options
+from ._printers import print_kept_as_is
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -68,8 +69,7 @@ def resize(
     )
     for spec in result.unmatched:
         click.echo(f"note: the LoRA has no {spec}; --ranks changes nothing there", err=True)
-    for stem, why in result.kept_as_is.items():
-        click.echo(f"kept as is  {stem}: {why}")
+    print_kept_as_is(result.kept_as_is)
     before = sum(m.rank_before for m in result.modules)
     after = sum(m.rank_after for m in result.modules)
     worst = min((m.energy_kept for m in result.modules), default=1.0)
