@@ -537,6 +537,39 @@ def _given(kind: str, path: Path, transformer: Component | None) -> Component:
     return replace(found, reason=f"given by {OPTIONS[kind]}; {found.reason}")
 
 
+def _none_found(
+    kind: str,
+    comfy: Path | None,
+    searched: tuple[Path, ...],
+    considered: list[Component],
+    skipped: list[tuple[Path, str]],
+    chosen: Mapping[str, Component],
+) -> UsageError:
+    """Why no ``kind`` file is there: nothing to search, or the files searched and why not them."""
+    if comfy is None:
+        return UsageError(
+            f"no {kind} file given and no ComfyUI folder to search",
+            OPTIONS[kind],
+            f"pass --comfy ~/ComfyUI (its files are found by their contents) or {OPTIONS[kind]} FILE",
+        )
+    inside = [p for p, _ in skipped if any(p.is_relative_to(f) for f in searched)]
+    why_not = [f"{p.name}: {why}" for p, why in skipped if p in inside]
+    why_not += [
+        f"{c.path.name}: {_fits(c, chosen.get('transformer'))}"
+        for c in considered
+        if c.kind == kind and _fits(c, chosen.get("transformer"))
+    ]
+    shown = "; ".join(why_not[:3]) + (f"; and {len(why_not) - 3} more" if len(why_not) > 3 else "")
+    where = ", ".join(str(f) for f in searched)
+    if not searched:
+        what = f"no {kind} folder in this ComfyUI install"
+    elif shown:
+        what = f"no usable {kind} file found (searched {where}; not used: {shown})"
+    else:
+        what = f"no usable {kind} file found (searched {where}: no model files there)"
+    return UsageError(what, comfy, f"put {_WANTED[kind]} or pass {OPTIONS[kind]} FILE")
+
+
 def find_models(
     comfy: Path | None,
     overrides: Mapping[str, Path | None] | None = None,
@@ -569,12 +602,7 @@ def find_models(
             key=_rank,
         )
         if not fitting:
-            where = ", ".join(str(f) for f in folders[kind]) or "no folder searched"
-            raise UsageError(
-                f"no usable {kind} file found (searched {where})",
-                comfy if comfy is not None else OPTIONS[kind],
-                f"put {_WANTED[kind]} or pass {OPTIONS[kind]} FILE",
-            )
+            raise _none_found(kind, comfy, folders[kind], considered, skipped, chosen)
         best = fitting[0]
         why = best.reason
         if kind != "transformer" and "transformer" in chosen:

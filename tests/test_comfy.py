@@ -18,6 +18,7 @@ from lora_prune.errors import UsageError
 from lora_prune.memoryplan import WORKING_BYTES, choose_plan, plan_peak_bytes
 from lora_prune.safetensors_io import TensorEntry, write_safetensors
 from lora_prune.settings import ModelSpec
+from lora_prune.testing import planted_lora
 
 GIB = 2**30
 
@@ -137,6 +138,27 @@ def test_missing_component_names_what_to_provide(comfy: Path) -> None:
     message = str(err.value)
     assert message.startswith("no usable vae file found (searched ")
     assert "ae.safetensors" in message and "--vae FILE" in message
+
+
+def test_doctor_without_a_folder_or_files_asks_for_comfy() -> None:
+    result = run_cli("doctor")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: no transformer file given and no ComfyUI folder to search, --transformer, "
+        "pass --comfy ~/ComfyUI (its files are found by their contents) or --transformer FILE"
+    )
+
+
+def test_a_lora_where_the_transformer_belongs_is_named_with_why(comfy: Path) -> None:
+    transformers = comfy / "models" / "diffusion_models"
+    (comfy / "models" / "unet" / "flux1-schnell.safetensors").unlink()
+    (transformers / "flux1-dev.safetensors").unlink()
+    planted_lora(transformers / "flux1-dev.safetensors", {"double.3": 1.0})
+    with pytest.raises(UsageError) as err:
+        find_models(comfy)
+    message = str(err.value)
+    assert message.startswith("no usable transformer file found (searched ")
+    assert "; not used: flux1-dev.safetensors: a LoRA, not a model)" in message
 
 
 def test_missing_tokenizer_names_the_file(comfy: Path) -> None:
