@@ -192,8 +192,7 @@ def _prompt_text(prompts: Sequence[Any], index: object) -> str:
 
 
 def _prompt_label(index: object) -> str:
-    if isinstance(index, int) and not isinstance(index, bool):
-        return f"prompt {index + 1}"
+    # Counted from 0, as the CLI, the PNGs and the image file names count them.
     return f"prompt {index}"
 
 
@@ -213,7 +212,7 @@ def _modes(settings: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> li
 def _settings_section(settings: Mapping[str, Any], analysis: Mapping[str, Any]) -> str:
     prompts = list(settings.get("prompts") or [])
     prompt_items = "".join(
-        f"<li><span class='muted'>{i + 1}.</span> {_e(p)}</li>" for i, p in enumerate(prompts)
+        f"<li><span class='muted'>{i}.</span> {_e(p)}</li>" for i, p in enumerate(prompts)
     )
     seeds = ", ".join(str(s) for s in settings.get("seeds") or [])
     modes = []

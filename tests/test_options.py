@@ -149,6 +149,12 @@ def _cases(lora: Path, earlier: Path, tmp: Path) -> dict[str, list[tuple[list[st
             (["check", str(lora), "--format", "xml"], 2, "'--format'"),
             (["check", str(lora), "--policy", folder], 3, "is a folder, not a file"),
             (["check", str(lora), "--model", "tiny"], 2, "--model needs --prompt"),
+            (
+                ["check", str(lora), "--model", "tiny", "--prompt", "a", "--steps", "0"],
+                2,
+                "--steps",
+            ),
+            (["check", str(lora), "--model", "tiny", "--prompt", "a", "--size", "17"], 2, "16"),
             (["check", str(lora), "--bogus"], 2, "--bogus"),
         ],
         "demo": [

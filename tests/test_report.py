@@ -551,7 +551,8 @@ def test_browser_gallery_selectors(page: Browser) -> None:
     caption = page.evaluate(
         "document.querySelector('.gallery-group:not([hidden]) .group-caption').textContent"
     )
-    assert "prompt 2" in caption and "a dog" in caption
+    # Counted from 0, as p1-s1 in the file names and the CLI.
+    assert "prompt 1" in caption and "a dog" in caption
     # The colour scale shown is the one of the mode on screen.
     assert caption.endswith("0406.2")
 

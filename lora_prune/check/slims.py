@@ -192,8 +192,8 @@ def _read_record(
             Finding(
                 "error",
                 "not_verified",
-                f"slim file has no {VERIFICATION_KEY} record: run lora-prune verify "
-                "(or slim --auto) to prove it renders like the full file",
+                f"slim file has no {VERIFICATION_KEY} record: slim --auto writes files with "
+                "it (verify proves a file without changing it), or check --model re-renders it",
                 VERIFICATION_KEY,
             )
         ]
@@ -203,7 +203,8 @@ def _read_record(
             Finding(
                 "error",
                 "bad_verification",
-                f"{VERIFICATION_KEY} {parsed}: run lora-prune verify again",
+                f"{VERIFICATION_KEY} {parsed}: write the slim file again with slim --auto, "
+                "or check --model to re-render it",
                 VERIFICATION_KEY,
             )
         ]

@@ -90,6 +90,10 @@ def _defaults_text(field: str) -> str:
     return f"[default: {getattr(real, field)}; {getattr(tiny, field)} for tiny]"
 
 
+size_opt = click.option("--size", type=int, help=f"Square size {_defaults_text('size')}.")
+steps_opt = click.option("--steps", type=int, help=f"Denoising steps {_defaults_text('steps')}.")
+
+
 def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]:
     """Model and render options, passed as ``spec`` (None without --model) and ``request``."""
     return gather(
@@ -126,10 +130,10 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
                 help=f"{when}Prompt (repeatable).",
             ),
             seeds_opt,
-            click.option("--size", type=int, help=f"Square size {_defaults_text('size')}."),
+            size_opt,
             click.option("--width", type=int, help="Width (overrides --size)."),
             click.option("--height", type=int, help="Height (overrides --size)."),
-            click.option("--steps", type=int, help=f"Denoising steps {_defaults_text('steps')}."),
+            steps_opt,
             click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True),
             click.option(
                 "--strength",

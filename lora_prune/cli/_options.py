@@ -207,7 +207,8 @@ picture_options = gather(
             type=click.Choice(COLORMAP_NAMES),
             default=PictureOptions.cmap,
             show_default=True,
-            help="Heatmap colour map (blue = no change, red = most).",
+            help="Heatmap colour map, from no change to the most: jet blue to red, turbo dark "
+            "through green to red, inferno black to yellow, gray black to white.",
         ),
         click.option(
             "--opacity",

@@ -14,6 +14,7 @@ from ..render import require_render
 from ..settings import ModelSpec, RenderRequest
 from ..verdict import Criterion
 from ._app import CHECK_EXIT_HELP
+from ._model_options import size_opt, steps_opt
 from ._options import file_argument, seeds_opt, verdict_options
 
 
@@ -34,6 +35,8 @@ from ._options import file_argument, seeds_opt, verdict_options
 )
 @click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
 @seeds_opt
+@size_opt
+@steps_opt
 @verdict_options("With --model: ")
 def check(
     paths: tuple[Path, ...],
@@ -42,6 +45,8 @@ def check(
     model: str | None,
     prompts: tuple[str, ...],
     seeds: tuple[int, ...],
+    size: int | None,
+    steps: int | None,
     criterion: Criterion,
 ) -> None:
     """Check LoRA files for CI: integrity, FLUX format, finite values, ranks/alphas, policy.
@@ -55,7 +60,8 @@ def check(
     if model is not None:
         if not prompts:
             raise UsageError("--model needs --prompt", "check", "add --prompt")
-        settings = RenderRequest(prompts=prompts, seeds=seeds).settings(model)
+        request = RenderRequest(prompts=prompts, seeds=seeds, size=size, steps=steps)
+        settings = request.settings(model)
         require_render()
         from ..render.workflows import make_reverify
 
