@@ -372,6 +372,20 @@ def test_missing_factor_and_mixed_ranks(tensor_file: TensorFile) -> None:
     assert f.alphas == {}
 
 
+def test_a_file_of_unknown_keys_alone_is_not_a_lora_once(tensor_file: TensorFile) -> None:
+    path = tensor_file({"model.layers.0.weight": np.ones((4, 4)), "model.norm.bias": np.ones(4)})
+    result = run_check([path])
+    (f,) = result.files
+    assert [x.code for x in f.errors] == ["not_a_lora"]
+    assert (
+        "none of its 2 keys is a FLUX.1 LoRA key (e.g. 'model.layers.0.weight')"
+        in f.errors[0].message
+    )
+    assert f.format is None and f.base_model is None
+    text = render(result, "text")
+    assert "empty" not in text and "FLUX.1," not in text.splitlines()[1]
+
+
 def test_unknown_keys_are_named_and_the_rest_still_checked(tensor_file: TensorFile) -> None:
     with_unknown = tensor_file(
         {
