@@ -22,15 +22,18 @@ from lora_prune.errors import (
     UnsafeFileError,
     UsageError,
 )
+from lora_prune.lora import read_lora
 from lora_prune.render import loading, tiny
 from lora_prune.render.deps import require_render
 from lora_prune.render.loading import (
+    LoadedModel,
     ModelSpec,
     convert_transformer_checkpoint,
     load_pipeline,
     resolve_device_dtype,
     shipped_transformer_config,
 )
+from lora_prune.render.session import open_session
 from lora_prune.render.tiny import (
     TINY_MAX_SEQUENCE_LENGTH,
     TINY_RESOLUTION,
@@ -506,3 +509,23 @@ def test_render_package_reexports_lazily() -> None:
     assert render_pkg.TINY_MODEL_ID == tiny.TINY_MODEL_ID == "tiny"
     with pytest.raises(AttributeError):
         _ = render_pkg.no_such_name
+
+
+def test_a_cpu_session_renders_with_the_models_threads_and_gives_them_back(
+    tiny_model: LoadedModel, planted: Path
+) -> None:
+    lora = read_lora(planted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # The tiny model's default: one thread (small matrices, and a busy machine).
+        with open_session(ModelSpec(model="tiny"), lora, loaded=tiny_model):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with open_session(ModelSpec(model="tiny", threads=3), lora, loaded=tiny_model):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UsageError, match=r"--threads 0 is not in 1\.\.1024"):
+        ModelSpec(model="tiny", threads=0)

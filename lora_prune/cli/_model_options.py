@@ -29,11 +29,14 @@ def _build_render(kw: dict[str, Any]) -> None:
     model = kw.pop("model")
     where = (kw.pop("transformer_file"), kw.pop("device"), kw.pop("dtype"), kw.pop("offload"))
     compile_blocks = kw.pop("compile")
+    threads = kw.pop("threads")
     files = {k: kw.pop(k) for k in ("comfy", "clip_file", "t5_file", "vae_file", "memory")}
     if model is None and files["comfy"] is not None:
         model = str(files["comfy"])  # tokenizers come from the ComfyUI install
     kw["spec"] = (
-        None if model is None else ModelSpec(model, *where, compile=compile_blocks, **files)
+        None
+        if model is None
+        else ModelSpec(model, *where, compile=compile_blocks, threads=threads, **files)
     )
     kw["request"] = RenderRequest(
         prompts=tuple(kw.pop("prompts")),
@@ -117,6 +120,12 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
                 help="How the pipeline lives on the card (see 'lora-prune doctor').",
             ),
             click.option("--offload", is_flag=True, help="Same as --memory offload."),
+            click.option(
+                "--threads",
+                type=int,
+                help="torch's CPU threads when rendering on a CPU [default: 1 for tiny, whose "
+                "small matrices gain nothing from more; torch's choice otherwise].",
+            ),
             click.option(
                 "--compile",
                 is_flag=True,

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from ..lora import LoraFile
 from ..settings import model_defaults
 from .engine import BlockEngine
@@ -36,15 +38,24 @@ def open_session(
 ) -> Iterator[Session]:
     """Load the model, attach the LoRA, and detach it again on exit.
 
+    On a CPU, torch renders with ``spec.threads`` threads (or the model's default)
+    for the session, and with as many as before after it.
+
     ``loaded``: a pipeline an earlier (closed) session loaded, to attach another
     LoRA to without loading the model again. ``truncatable``: attach it so that
     the renderer takes per-image rank caps (see :class:`BlockEngine`).
     """
     if loaded is None:
         loaded = load_pipeline(spec, show_progress=show_progress)
+    defaults = model_defaults(spec.model)
+    threads = spec.threads or defaults.cpu_threads
+    before = torch.get_num_threads()
+    if threads is not None and loaded.device.type == "cpu":
+        torch.set_num_threads(threads)
     engine = BlockEngine(loaded, lora, compile=spec.compile, truncatable=truncatable)
     try:
-        renderer = EngineRenderer(engine, loaded, model_defaults(spec.model).max_sequence_length)
+        renderer = EngineRenderer(engine, loaded, defaults.max_sequence_length)
         yield Session(loaded, engine, renderer)
     finally:
         engine.close()
+        torch.set_num_threads(before)
