@@ -30,7 +30,9 @@ from lora_prune.analysis import (
     compute_analysis,
     plan_jobs,
     read_manifest,
+    suggest_keep,
 )
+from lora_prune.analysis.scoring import _rank_rows
 from lora_prune.blocks import block_order
 from lora_prune.cli import cli
 from lora_prune.errors import UsageError
@@ -441,9 +443,32 @@ def test_analyze_prints_one_note_for_damaged_renders(
     args += ["--steps", "2", "--out", str(out)]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
-    assert "note:" not in first.output
+    assert "damaged" not in first.output
+    # Every block but the planted ones carries no weight: said once, not ranked among them.
+    zero = len(lora.blocks) - len(PLANTED)
+    assert f"note: {zero} blocks carry no weight (norm 0): ranked last and never kept: " in (
+        first.output
+    )
     _truncate(out), _wrong_size(out), _other_content(out)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
-    notes = [line for line in again.output.splitlines() if line.startswith("note:")]
+    notes = [line for line in again.output.splitlines() if "damaged" in line]
     assert notes == ["note: 3 cached images were damaged or had no record and rendered again"]
+
+
+def test_a_block_without_weight_ranks_last_and_is_never_kept() -> None:
+    info = {
+        "double.0": {"norm": 0.0, "params": 10, "bytes": 40},  # zero delta, noisy render
+        "double.1": {"norm": 2.0, "params": 10, "bytes": 40},
+        "single.0": {"norm": 1.0, "params": 10, "bytes": 40},
+    }
+    per = {
+        ("loo", "double.0"): [(9.0, 0.9)],
+        ("loo", "double.1"): [(4.0, 0.95)],
+        ("loo", "single.0"): [(1.0, 0.99)],
+    }
+    rows, _ = _rank_rows(["loo"], info, per)
+    rank = {r.block: r.rank for r in rows}
+    assert rank == {"double.1": 1, "single.0": 2, "double.0": 3}
+    suggestion = suggest_keep(rows, 0.99, None, {b: 40 for b in info}, "x.safetensors")
+    assert "double.0" not in suggestion.blocks and suggestion.blocks == ["double.1", "single.0"]

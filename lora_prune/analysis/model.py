@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..blocks import block_order, format_block_spec
 from ..provenance import CRITERION, FORMULA
 from ..recipes import recipes_for
 from ..settings import AnalyzeSettings, settings_to_json
@@ -100,6 +101,22 @@ class Analysis:
     input_ranks: tuple[int, ...] | None = None
 
     @property
+    def zero_blocks(self) -> list[str]:
+        """Blocks whose delta is exactly zero (weight norm 0): ranked last, never kept."""
+        return sorted({r.block for r in self.rows if r.norm == 0}, key=block_order)
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of the ranking should know that is not a warning."""
+        zero = self.zero_blocks
+        if not zero:
+            return []
+        return [
+            f"{len(zero)} block{'s carry' if len(zero) != 1 else ' carries'} no weight (norm 0): "
+            f"ranked last and never kept: {format_block_spec(zero)}"
+        ]
+
+    @property
     def warnings(self) -> list[str]:
         """Images on which the LoRA shows (next to) no effect: nothing can be verified there."""
         prompts = self.settings.render.prompts
@@ -134,6 +151,7 @@ class Analysis:
             "effects": self.effects,
             "noise_floor_mse": NOISE_MSE,
             "warnings": self.warnings,
+            "notes": self.notes,
             "pruning_curve": None
             if self.curve is None
             else {

@@ -11,6 +11,7 @@ be coloured (holding all maps instead would grow with the sweep).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ def suggest_keep(
     Blocks holding the marker keys loaders need (:mod:`lora_prune.markers`) are added.
     """
     mode = rows[0].mode if rows else "solo"
-    ranked = sorted(rows, key=lambda r: (r.rank, block_order(r.block)))
+    ranked = sorted((r for r in rows if r.norm > 0), key=lambda r: (r.rank, block_order(r.block)))
     total = sum(r.mse for r in ranked)
     chosen: list[str] = []
     covered = 0.0
@@ -211,7 +212,9 @@ def _rank_rows(
         mses = [mean_std([v[0] for v in per[(mode, b)]]) for b in mode_blocks]
         ssims = [mean_std([v[1] for v in per[(mode, b)]]) for b in mode_blocks]
         norms = [float(block_info[b]["norm"]) for b in mode_blocks]
-        ranks = _ranks([m.mean for m in mses])
+        # A block whose delta is exactly zero changes nothing, whatever render noise says:
+        # it ranks last (tied) and is never kept.
+        ranks = _ranks([m.mean if n > 0 else -math.inf for m, n in zip(mses, norms, strict=True)])
         norm_ranks = _ranks(norms)
         for b, m, s, r, nr, n in zip(
             mode_blocks, mses, ssims, ranks, norm_ranks, norms, strict=True

@@ -245,6 +245,8 @@ def print_effects(analysis: Analysis) -> None:
         )
     for warning in analysis.warnings:
         click.echo(f"warning: {warning}", err=True)
+    for note in analysis.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def print_curve(analysis: Analysis) -> None:

@@ -271,8 +271,11 @@ def _search_budget(
     """
     # The blocks' influence weighs their energy in the per-module allocations.
     weights = {r.block: r.mse for r in analysis.rows_for(analysis.suggestion.mode)}
-    spectra = module_spectra(lora, auto.order)
-    plan = plan_budget(lora, auto.order, len(auto.blocks), budget, spectra, weights)
+    # A block whose delta is exactly zero is no candidate, however many blocks a budget fits.
+    zero = set(analysis.zero_blocks)
+    order = [b for b in auto.order if b not in zero]
+    spectra = module_spectra(lora, order)
+    plan = plan_budget(lora, order, len(auto.blocks), budget, spectra, weights)
     if not plan:
         return None
     caps = [resized_ranks(lora, c.blocks, c.ranks if c.ranks is not None else c.rank) for c in plan]
