@@ -215,7 +215,7 @@ def test_slim_writes_the_loras_own_input_rank_into_in_dims(tmp_path: Path) -> No
     spec = SynthSpec(grammar="kohya", rank=8, blocks=("input", "double.0", "double.1"))
     lora = write_synth_lora(tmp_path / "r8.safetensors", spec)
     out = tmp_path / "slim.safetensors"
-    result = run_cli("slim", lora, "--keep", "input,double.1", "-o", out)
+    result = run_cli("slim", lora, "--keep", "input,double.1", "-o", out, "--recipes")
     assert result.exit_code == 0, result.output
     assert (
         '    --network_train_unet_only --network_args "train_double_block_indices=1" '
@@ -226,7 +226,14 @@ def test_slim_writes_the_loras_own_input_rank_into_in_dims(tmp_path: Path) -> No
 def test_slim_prints_the_recipes_of_the_kept_blocks(tmp_path: Path) -> None:
     lora = write_synth_lora(tmp_path / "k.safetensors", SynthSpec(grammar="kohya", rank=4))
     out = tmp_path / "slim.safetensors"
-    result = run_cli("slim", lora, "--keep", "double.0-2,double.7", "-o", out)
+    quiet = run_cli("slim", lora, "--keep", "double.0-2,double.7", "-o", out)
+    assert quiet.exit_code == 0, quiet.output
+    # Without --recipes, one line says where they are, not 10-60 lines of settings.
+    assert "to retrain only these blocks:" not in quiet.output
+    assert quiet.output.splitlines()[-1].startswith("retrain  --recipes prints the kohya")
+    result = run_cli(
+        "slim", lora, "--keep", "double.0-2,double.7", "-o", out, "--force", "--recipes"
+    )
     assert result.exit_code == 0, result.output
     assert "to retrain only these blocks:" in result.output
     for recipe in recipes_for(parse_block_spec("double.0-2,double.7")):
@@ -249,4 +256,7 @@ def test_analyze_writes_and_prints_the_recipes_of_the_suggestion(tmp_path: Path)
     kohya = ranking["recipes"][0]["text"]
     assert "train_double_block_indices=" in kohya and "train_single_block_indices=" in kohya
     tail = result.output.split("suggested keep", 1)[1]
-    assert kohya in tail
+    assert kohya not in tail and "ranking.json ('recipes'), the report, or --recipes" in tail
+    again = run_cli("analyze", "--from", out, "--recipes")
+    assert again.exit_code == 0, again.output
+    assert kohya in again.output.split("suggested keep", 1)[1]

@@ -124,6 +124,11 @@ dtype_opt = click.option(
     type=click.Choice(COMPUTE_DTYPES),
     help="Compute dtype [default: bf16 on GPUs, fp32 on cpu].",
 )
+recipes_opt = click.option(
+    "--recipes",
+    is_flag=True,
+    help="Print the kohya, ai-toolkit and OneTrainer settings that retrain only the kept blocks.",
+)
 perceptual_opt = click.option(
     "--perceptual",
     metavar="MODEL",

@@ -118,7 +118,7 @@ def print_tried(tried: Sequence[object]) -> None:
         )
 
 
-def print_slim(result: SlimResult, lora: LoraFile) -> None:
+def print_slim(result: SlimResult, lora: LoraFile, *, recipes: bool = False) -> None:
     if result.absent:
         click.echo(
             f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
@@ -132,7 +132,15 @@ def print_slim(result: SlimResult, lora: LoraFile) -> None:
         f"({100 * ratio:.1f}%), {result.tensors_before} -> {result.tensors_after} tensors"
     )
     click.echo(f"wrote    {result.output}")
-    print_recipes(result.kept_blocks, input_ranks(lora))
+    if recipes:
+        print_recipes(result.kept_blocks, input_ranks(lora))
+    else:
+        click.echo(_RECIPES_HINT)
+
+
+_RECIPES_HINT = (
+    "retrain  --recipes prints the kohya, ai-toolkit and OneTrainer settings for these blocks"
+)
 
 
 def print_recipes(blocks: Sequence[str], ranks: tuple[int, ...] | None) -> None:
@@ -169,7 +177,7 @@ def print_ranking(analysis: Analysis, limit: int = 15, planted: Sequence[str] = 
             click.echo(f"Spearman (render rank vs weight-norm rank): {rho:.3f}")
 
 
-def print_suggestion(analysis: Analysis) -> None:
+def print_suggestion(analysis: Analysis, *, recipes: bool = False) -> None:
     s = analysis.suggestion
     if s.command is None:
         click.echo("\nno block changes the image: nothing to keep")
@@ -186,15 +194,21 @@ def print_suggestion(analysis: Analysis) -> None:
         )
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
-    print_recipes(s.blocks, analysis.input_ranks)
+    if recipes:
+        print_recipes(s.blocks, analysis.input_ranks)
+    else:
+        click.echo(
+            "retrain  the settings that train only these blocks: ranking.json ('recipes'), "
+            "the report, or --recipes"
+        )
 
 
-def print_analysis(analysis: Analysis) -> None:
+def print_analysis(analysis: Analysis, *, recipes: bool = False) -> None:
     """What ``analyze`` prints of a finished analysis: rankings, effects, curve, suggestion."""
     print_ranking(analysis)
     print_effects(analysis)
     print_curve(analysis)
-    print_suggestion(analysis)
+    print_suggestion(analysis, recipes=recipes)
     click.echo(f"\nreport   {analysis.out_dir / 'report.html'}")
 
 

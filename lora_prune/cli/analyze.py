@@ -27,6 +27,7 @@ from ._options import (
     file_argument,
     perceptual_opt,
     picture_options,
+    recipes_opt,
     verdict_options,
 )
 from ._printers import ProgressBar, print_analysis, print_renders
@@ -73,6 +74,7 @@ BOTH = "both"
 )
 @verdict_options("With --curve: ")
 @perceptual_opt
+@recipes_opt
 @picture_options
 def analyze(
     lora: Path | None,
@@ -86,6 +88,7 @@ def analyze(
     curve: bool,
     criterion: Criterion,
     perceptual: str | None,
+    recipes: bool,
     options: PictureOptions,
 ) -> None:
     """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
@@ -105,7 +108,7 @@ def analyze(
     """
     if from_dir is not None:
         _refuse_what_from_cannot_honour()
-        print_analysis(analyze_from(from_dir, coverage=coverage, options=options))
+        print_analysis(analyze_from(from_dir, coverage=coverage, options=options), recipes=recipes)
         return
     if lora is None or spec is None or not request.prompts:
         raise UsageError(
@@ -132,11 +135,11 @@ def analyze(
         )
     print_renders(run.renders, run.seconds, run.shard)
     if run.analysis is not None:  # None in a helper process: the main one reports
-        print_analysis(run.analysis)
+        print_analysis(run.analysis, recipes=recipes)
 
 
 #: What ``--from`` recomputes with: the earlier run's renders, scored and drawn anew.
-_WITH_FROM = {"from_dir", "coverage", "heatmap_scale", "cmap", "opacity", "sheet_order"}
+_WITH_FROM = {"from_dir", "coverage", "recipes", "heatmap_scale", "cmap", "opacity", "sheet_order"}
 _WITH_FROM |= {"sheet_max_pixels"}
 
 

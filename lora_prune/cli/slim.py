@@ -24,6 +24,7 @@ from ._options import (
     lora_arg,
     lora_output_options,
     perceptual_opt,
+    recipes_opt,
     verdict_options,
 )
 from ._printers import (
@@ -49,6 +50,7 @@ from ._printers import (
 @render_options(required=False, when="With --auto: ")
 @verdict_options("With --auto: ")
 @perceptual_opt
+@recipes_opt
 @batch_size_opt
 @click.option(
     "--work-dir",
@@ -75,6 +77,7 @@ def slim(
     request: RenderRequest,
     criterion: Criterion,
     perceptual: str | None,
+    recipes: bool,
     batch_size: int,
     work_dir: Path | None,
     max_size: int | None,
@@ -108,7 +111,7 @@ def slim(
             force=force,
             allow_unknown=allow_unknown,
         )
-        print_slim(result, lora_file)
+        print_slim(result, lora_file, recipes=recipes)
         return
     if keep or drop:
         raise UsageError("--auto chooses the blocks itself", "--keep/--drop", "drop them or --auto")
@@ -140,4 +143,4 @@ def slim(
     print_curve(done.analysis)
     print_tried(done.tried)
     print_verification(done.verification or done.auto.verification)
-    print_slim(done.slim, lora_file)
+    print_slim(done.slim, lora_file, recipes=recipes)
