@@ -198,8 +198,8 @@ def print_suggestion(analysis: Analysis, *, recipes: bool = False) -> None:
         print_recipes(s.blocks, analysis.input_ranks)
     else:
         click.echo(
-            "retrain  the settings that train only these blocks: ranking.json ('recipes'), "
-            "the report, or --recipes"
+            "retrain  the settings that train only these blocks: ranking.json ('recipes') "
+            "or --recipes"
         )
 
 
