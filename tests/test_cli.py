@@ -9,6 +9,7 @@ the library under test.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -786,3 +787,15 @@ def test_a_help_that_points_below_has_what_it_points_to(command: str) -> None:
     if "see Verdict below" in shown:
         below = shown[shown.index("see Verdict below") :]
         assert "Verdict: for every image" in below, command
+
+
+def test_progress_is_not_written_into_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_prune.cli._printers import ProgressBar
+
+    log = io.StringIO()  # no terminal, as a log file or a CI job's output is not
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = ProgressBar("ranking blocks")
+    for i in range(3):
+        bar(i, 2 if i < 2 else 5)  # a second phase would open a second bar on a terminal
+    bar.close()
+    assert bar.bar is None and log.getvalue() == ""

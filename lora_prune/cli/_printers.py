@@ -74,14 +74,21 @@ def print_report(report: LoraReport) -> None:
 
 
 class ProgressBar:
-    """A click progress bar fed by the library's (done, total) callbacks."""
+    """A click progress bar fed by the library's (done, total) callbacks.
+
+    Only on a terminal: in a log, click would write the label again for every
+    phase (ranking, then the pruning curve) and the summary lines say the rest.
+    """
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.bar: Any = None
         self.done = 0
+        self.shown = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.shown:
+            return
         if self.bar is not None and (done < self.done or total != self.bar.length):
             self.close()  # a new phase (ranking, then the pruning curve) starts a new bar
         if self.bar is None:
