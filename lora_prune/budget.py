@@ -31,7 +31,7 @@ every block and module at least at that rank (it cannot keep less).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .blocks import format_block_spec, sort_blocks
@@ -88,13 +88,16 @@ class BudgetCandidate:
         return ",".join(parts)
 
 
-def record_reserve(lora: LoraFile, images: int) -> int:
-    """Bytes to keep free for the metadata written with the file (provenance, verification).
+def record_reserve(lora: LoraFile, images: int, blocks: Iterable[str] | None = None) -> int:
+    """Bytes to keep free for the metadata written with a resized file (provenance, verification).
 
-    Generous on purpose: the per-module ranks of a resize name every module once,
-    the verification record holds a few shares per image.
+    Generous on purpose: the per-module ranks of a resize name each module it keeps
+    once (those of ``blocks``; None: every module), the verification record holds
+    a few shares per image.
     """
-    return 2048 + 384 * images + sum(len(stem) + 16 for stem in lora.modules)
+    kept = None if blocks is None else set(blocks)
+    stems = [m.stem for m in lora.modules.values() if kept is None or m.block in kept]
+    return 2048 + 384 * images + sum(len(stem) + 16 for stem in stems)
 
 
 def budget_ranks(lora: LoraFile) -> list[int]:

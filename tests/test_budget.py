@@ -122,13 +122,33 @@ def test_a_budget_the_keep_set_fits_is_plain_auto(low_rank: Path, tmp_path: Path
     verify_and_check(low_rank, out)
 
 
+def test_a_budget_the_full_rank_file_fits_with_its_record_is_met_at_full_rank(
+    low_rank: Path, tmp_path: Path
+) -> None:
+    # The size of the file plain --auto writes, verification record and provenance included.
+    plain = tmp_path / "plain.safetensors"
+    done = auto(low_rank, plain, "100MB")
+    assert done.exit_code == 0, done.output
+    exact = plain.stat().st_size
+    # A reserve counted over every module of the source would not fit it: the file does.
+    assert (
+        keep_size(read_lora(low_rank), sorted(PLANTED))
+        + record_reserve(read_lora(low_rank), IMAGES)
+        > exact
+    )
+    out = tmp_path / "exact.safetensors"
+    _, output = within_budget(low_rank, out, exact)
+    assert out.read_bytes() == plain.read_bytes()
+    assert "at rank" not in output and "at full rank" in output
+
+
 def test_a_budget_met_by_a_lower_rank_writes_a_verified_resize(
     low_rank: Path, tmp_path: Path
 ) -> None:
     lora = read_lora(low_rank)
     keep = sorted(PLANTED)
     full, half = keep_size(lora, keep), resized_size(lora, keep, 2)
-    budget = record_reserve(lora, IMAGES) + (full + half) // 2
+    budget = record_reserve(lora, IMAGES, keep) + (full + half) // 2
     assert half < full
     out = tmp_path / "budget.safetensors"
     small, output = within_budget(low_rank, out, budget)
@@ -260,7 +280,7 @@ def test_a_budget_only_per_block_ranks_meet_passes_verify(mixed_rank: Path, tmp_
     allocation = {s: 4 if m.block == "single.7" else 1 for s, m in spectra.items()}
     needed, uniform2 = resized_size(lora, keep, allocation), resized_size(lora, keep, 2)
     assert needed < uniform2 < keep_size(lora, keep)
-    budget = record_reserve(lora, IMAGES) + (needed + uniform2) // 2
+    budget = record_reserve(lora, IMAGES, keep) + (needed + uniform2) // 2
     out = tmp_path / "mixed.safetensors"
     small, output = within_budget(mixed_rank, out, budget)
     ranks = {m.block: m.rank for m in small.modules.values() if m.block in PLANTED}

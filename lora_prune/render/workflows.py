@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -216,22 +216,21 @@ def auto_slim(
         auto.verification.kept_share,
         auto.verification.passed,
     )
-    reserve = record_reserve(lora, len(settings.prompts) * len(settings.seeds))
-    if max_size is None or full_rank.bytes + reserve <= max_size:
+    record = {VERIFICATION_KEY: auto.verification.metadata_value()}
+    if max_size is None or _slim_size(lora, auto.blocks, record, sha, work_dir) <= max_size:
         slim = slim_lora(
-            lora,
-            auto.blocks,
-            output=output,
-            force=force,
-            extra_metadata={VERIFICATION_KEY: auto.verification.metadata_value()},
-            source_sha256=sha,
+            lora, auto.blocks, output=output, force=force, extra_metadata=record, source_sha256=sha
         )
         tried = [full_rank] if max_size is not None else []
         return _within(AutoSlimResult(analysis, auto, slim, tried), max_size)
     tried = [full_rank]
+    zero = set(analysis.zero_blocks)
+    pool = [b for b in auto.order if b not in zero]
+    reserve = record_reserve(lora, len(settings.prompts) * len(settings.seeds), pool)
     best = _search_budget(
         lora, sha, spec, settings, work_dir, analysis, auto, loaded, max_size - reserve,
-        tried, criterion=criterion, distances=distances, batch_size=batch_size, progress=progress,
+        tried, pool, criterion=criterion, distances=distances, batch_size=batch_size,
+        progress=progress,
     )  # fmt: skip
     if best is None:
         raise budget_error(lora, max_size, tried, full_rank)
@@ -252,6 +251,7 @@ def _search_budget(
     loaded: LoadedModel,
     budget: int,
     tried: list[BudgetCandidate],
+    order: list[str],
     *,
     criterion: Criterion,
     distances: Mapping[str, Distance],
@@ -267,13 +267,11 @@ def _search_budget(
     ``work_dir/budget`` and rendered from that file (its stored dtype rounds
     the factors) until one passes there too: that verification is what the
     output records. Every candidate is appended to ``tried``; a candidate whose
-    file was rendered carries the file's share and verdict.
+    file was rendered carries the file's share and verdict. ``order``: the ranked
+    blocks candidates take from (a block whose delta is exactly zero is none of them).
     """
     # The blocks' influence weighs their energy in the per-module allocations.
     weights = {r.block: r.mse for r in analysis.rows_for(analysis.suggestion.mode)}
-    # A block whose delta is exactly zero is no candidate, however many blocks a budget fits.
-    zero = set(analysis.zero_blocks)
-    order = [b for b in auto.order if b not in zero]
     spectra = module_spectra(lora, order)
     plan = plan_budget(lora, order, len(auto.blocks), budget, spectra, weights)
     if not plan:
@@ -362,6 +360,23 @@ def _write_resized(
         metadata=resized.metadata,
     )
     return slim
+
+
+def _slim_size(
+    lora: LoraFile, blocks: Sequence[str], record: Mapping[str, str], sha: str, work_dir: Path
+) -> int:
+    """The size of the slim file with its verification record, as written: measured, not estimated."""
+    trial = work_dir / "budget" / "full-rank.trial.safetensors"
+    trial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = slim_lora(
+            lora, blocks, output=trial, force=True, extra_metadata=record, source_sha256=sha
+        )
+        return written.bytes_after
+    finally:
+        trial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            trial.parent.rmdir()  # only when empty: earlier candidates stay
 
 
 def _share(candidate: BudgetCandidate) -> float:
