@@ -109,7 +109,8 @@ def test_auto_keeps_the_marker_blocks_in_every_candidate(tmp_path: Path) -> None
 
 def test_the_suggested_keep_set_holds_the_marker_blocks(tmp_path: Path) -> None:
     def row(block: str, mse: float, rank: int) -> BlockRow:
-        return BlockRow(block, "solo", mse, 0.0, 1.0, 0.0, rank, 0, 0, 0.0, rank)
+        # norm 1: a block that carries weight (one of norm 0 is never suggested)
+        return BlockRow(block, "solo", mse, 0.0, 1.0, 0.0, rank, 0, 0, 1.0, rank)
 
     rows = [row("double.3", 90.0, 1), row("single.0", 6.0, 2), row("input", 4.0, 3)]
     for grammar, expected in (
