@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..comfy import diagnose
+from ..memoryplan import WORKING_BYTES
 from ..render.deps import free_gpu_bytes
 from ..settings import DEFAULT_SIZE, DEFAULT_STEPS
 from ..units import human_bytes
@@ -73,7 +74,12 @@ def doctor(
         else f"gpu         {gpu[0] / 2**30:.1f} GiB free of {gpu[1] / 2**30:.1f} GiB"
     )
     click.echo(f"plan        --memory auto -> {found.plan.plan} ({found.plan.reason})")
-    click.echo(f"peak        ~{found.plan.peak_bytes / 2**30:.1f} GiB (estimate)")
+    working = WORKING_BYTES / 2**30
+    click.echo(
+        f"peak        ~{found.plan.peak_bytes / 2**30:.1f} GiB (estimate: the weights the plan "
+        f"keeps on the card plus a fixed {working:.1f} GiB for activations, latents and the "
+        "CUDA context)"
+    )
     if found.seconds_per_image is None:
         click.echo("time        not estimated on a CPU (hours per image at FLUX.1's size)")
     else:
