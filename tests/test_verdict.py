@@ -9,6 +9,7 @@ that changes nothing.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -353,3 +354,27 @@ def test_perceptual_distance_joins_the_verdict(
         "verify", str(unequal), str(slim.output), *RENDER, "--perceptual", str(tmp_path / "missing")
     )
     assert result.exit_code == 2 and result.stderr.startswith("error: cannot load image encoder")
+
+
+def test_the_curves_renders_are_counted_with_the_sweeps(unequal: Path, tmp_path: Path) -> None:
+    def counts(output: str) -> tuple[int, int, int]:
+        m = re.search(r"rendered (\d+) images \((\d+) cached of (\d+)\)", output)
+        assert m, output
+        return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+    plain = run_cli("analyze", unequal, *RENDER, "--mode", "loo", "--out", tmp_path / "a")
+    assert plain.exit_code == 0, plain.output
+    swept, _, _ = counts(plain.output)
+    args = ["analyze", unequal, *RENDER, "--mode", "loo", "--curve", "--out", tmp_path / "b"]
+    first = run_cli(*args)
+    assert first.exit_code == 0, first.output
+    rendered, cached, planned = counts(first.output)
+    # Every k of the curve but the two it knows by definition (none, all) is a render of its own.
+    points = json.loads((tmp_path / "b" / "pruning_curve.json").read_text())["points"]
+    rendered_points = sum(1 for p in points if p.get("rendered") is not False)
+    # Each rendered k is one more image here (one prompt, one seed), with the references the
+    # verdict compares against; keep sets the sweep rendered already come from the cache.
+    assert rendered + cached == planned >= swept + rendered_points
+    assert cached > 0
+    again = run_cli(*args)
+    assert counts(again.output) == (0, planned, planned)

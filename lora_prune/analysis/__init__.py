@@ -11,6 +11,7 @@ and the report (:mod:`.outputs`). Torch-free: the renderer is passed in (see
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -205,16 +206,24 @@ def analyze(
     result = compute_analysis(manifest, out_dir, coverage=coverage, options=options, lora=lora)
     result.renders = renders
     if curve is not None and not result.warnings:
+        caching = CachingRenderer(renderer, out_dir, lora_sha256)
         auto = auto_keep_ranked(
             lora,
             lora_sha256,
             result,
             settings,
-            CachingRenderer(renderer, out_dir, lora_sha256),
+            caching,
             criterion=curve,
             distances=distances or BASE_DISTANCES,
             batch_size=batch_size,
             stop_at_pass=False,
         )
         set_curve(result, auto.curve, curve, lora=lora)
+        # The curve's keep sets are renders of this run too: counted with the sweep's.
+        result.renders = replace(
+            renders,
+            planned=renders.planned + caching.rendered + caching.cached,
+            rendered=renders.rendered + caching.rendered,
+            cached=renders.cached + caching.cached,
+        )
     return result
