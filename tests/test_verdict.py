@@ -365,7 +365,8 @@ def test_the_curves_renders_are_counted_with_the_sweeps(unequal: Path, tmp_path:
     plain = run_cli("analyze", unequal, *RENDER, "--mode", "loo", "--out", tmp_path / "a")
     assert plain.exit_code == 0, plain.output
     swept, _, _ = counts(plain.output)
-    args = ["analyze", unequal, *RENDER, "--mode", "loo", "--curve", "--out", tmp_path / "b"]
+    args: list[str | Path] = ["analyze", unequal, *RENDER, "--mode", "loo", "--curve"]
+    args += ["--out", tmp_path / "b"]
     first = run_cli(*args)
     assert first.exit_code == 0, first.output
     rendered, cached, planned = counts(first.output)
