@@ -256,7 +256,10 @@ def test_analyze_writes_and_prints_the_recipes_of_the_suggestion(tmp_path: Path)
     kohya = ranking["recipes"][0]["text"]
     assert "train_double_block_indices=" in kohya and "train_single_block_indices=" in kohya
     tail = result.output.split("suggested keep", 1)[1]
-    assert kohya not in tail and "ranking.json ('recipes') or --recipes" in tail
+    assert (
+        kohya not in tail
+        and "are in ranking.json ('recipes'); analyze --recipes prints them" in tail
+    )
     again = run_cli("analyze", "--from", out, "--recipes")
     assert again.exit_code == 0, again.output
     assert kohya in again.output.split("suggested keep", 1)[1]

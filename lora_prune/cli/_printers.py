@@ -205,8 +205,8 @@ def print_suggestion(analysis: Analysis, *, recipes: bool = False) -> None:
         print_recipes(s.blocks, analysis.input_ranks)
     else:
         click.echo(
-            "retrain  the settings that train only these blocks: ranking.json ('recipes') "
-            "or --recipes"
+            "retrain  the settings that train only these blocks are in ranking.json "
+            "('recipes'); analyze --recipes prints them"
         )
 
 
