@@ -28,6 +28,7 @@ __all__ = [
     "block_order",
     "block_vector",
     "format_block_spec",
+    "implied_blocks",
     "parse_block_spec",
     "short_label",
     "sort_blocks",
@@ -193,6 +194,29 @@ def _parse_vector(values: list[str], spec: str) -> frozenset[str]:
     return frozenset(keep)
 
 
+def _tokens(text: str) -> list[str]:
+    return [t.strip() for t in re.split(r"[,\s]+", text) if t.strip()]
+
+
+def _is_vector(tokens: list[str]) -> bool:
+    return len(tokens) > 1 and all(_NUMBER_RE.match(t) for t in tokens)
+
+
+def implied_blocks(spec: str) -> frozenset[str]:
+    """The blocks ``spec`` keeps without naming each, whose absence from a LoRA is no news.
+
+    Every block for a block-weight vector or kohya's indices (they address every
+    block of their layout, and keep the rest), the members of the groups it names
+    (``double``, ``single``, ``te``, ``all``); none of the ids and ranges it names one
+    by one. The spec is assumed valid (:func:`parse_block_spec` it first).
+    """
+    text = spec.strip()
+    tokens = _tokens(text)
+    if _KOHYA_RE.search(text) or _is_vector(tokens):
+        return frozenset(BLOCK_IDS)
+    return frozenset(b for t in tokens if t.lower() in GROUPS for b in GROUPS[t.lower()])
+
+
 def parse_block_spec(spec: str) -> frozenset[str]:
     """Parse a block spec into a set of block ids.
 
@@ -218,10 +242,10 @@ def parse_block_spec(spec: str) -> frozenset[str]:
         raise BlockSpecError("empty block spec", "--keep/--drop", "name at least one block")
     if _KOHYA_RE.search(text):
         return _parse_kohya(text)
-    tokens = [t.strip() for t in re.split(r"[,\s]+", text) if t.strip()]
+    tokens = _tokens(text)
     if not tokens:  # only separators, e.g. ",,"
         raise BlockSpecError("empty block spec", f"block spec {spec!r}", "name at least one block")
-    if len(tokens) > 1 and all(_NUMBER_RE.match(t) for t in tokens):
+    if _is_vector(tokens):
         return _parse_vector(tokens, spec)
     out: set[str] = set()
     for token in tokens:

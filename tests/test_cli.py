@@ -29,6 +29,7 @@ from clitools import run_cli
 from hostile import Corpus, make_hostile_corpus
 
 from lora_prune import fileio
+from lora_prune.lora import read_lora
 from lora_prune.testing import (
     SynthSpec,
     supported_blocks,
@@ -460,6 +461,26 @@ def test_slim_notes_blocks_the_lora_lacks(files: dict[str, Path], tmp_path: Path
     )
     assert result.exit_code == 0
     assert result.stderr == "note: the LoRA has no double.4; nothing to keep there\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "note"),
+    [
+        ("all", ""),
+        ("double,single", ""),
+        (",".join(["1"] * 57), ""),  # keeps input, final and the text encoders unnamed
+        ("train_double_block_indices=0-18", ""),
+        ("clip,double.3", "note: the LoRA has no clip; nothing to keep there\n"),
+    ],
+    ids=["all", "groups", "vector_57", "kohya", "named"],
+)
+def test_slim_notes_only_the_absent_blocks_the_user_named(
+    files: dict[str, Path], tmp_path: Path, spec: str, note: str
+) -> None:
+    assert "clip" not in read_lora(files["loha"]).blocks
+    result = run_cli("slim", files["loha"], "--keep", spec, "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == note
 
 
 # --- slim: output safety -------------------------------------------------------------------

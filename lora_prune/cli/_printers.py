@@ -125,10 +125,18 @@ def print_tried(tried: Sequence[object]) -> None:
         )
 
 
-def print_slim(result: SlimResult, lora: LoraFile, *, recipes: bool = False) -> None:
-    if result.absent:
+def print_slim(
+    result: SlimResult,
+    lora: LoraFile,
+    *,
+    recipes: bool = False,
+    implied: frozenset[str] = frozenset(),
+) -> None:
+    """``implied``: blocks the spec kept without naming them, whose absence is not noted."""
+    absent = [b for b in result.absent if b not in implied]
+    if absent:
         click.echo(
-            f"note: the LoRA has no {format_block_spec(result.absent)}; nothing to keep there",
+            f"note: the LoRA has no {format_block_spec(absent)}; nothing to keep there",
             err=True,
         )
     click.echo(f"kept     {format_block_spec(result.kept_blocks)}")

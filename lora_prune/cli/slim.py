@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..blocks import implied_blocks
 from ..errors import BudgetError, UsageError
 from ..lora import read_lora
 from ..render import require_render
@@ -111,7 +112,8 @@ def slim(
             force=force,
             allow_unknown=allow_unknown,
         )
-        print_slim(result, lora_file, recipes=recipes)
+        implied = implied_blocks(keep) if keep is not None else frozenset()
+        print_slim(result, lora_file, recipes=recipes, implied=implied)
         return
     if keep or drop:
         raise UsageError("--auto chooses the blocks itself", "--keep/--drop", "drop them or --auto")
