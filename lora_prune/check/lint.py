@@ -234,6 +234,23 @@ def _read_parsed(path: Path, result: FileResult) -> LoraFile | None:
         if not exc.keys:
             result.findings.append(finding_from(exc, path))
             return None
+        try:
+            lora = read_lora(path, allow_unknown=True)
+        except UnsupportedLoraError:
+            lora = None
+        if lora is not None and all(b == OTHER for b in lora.blocks):
+            # Every key unknown: a model checkpoint or another file, not a LoRA of any
+            # format; one finding says so instead of one per key.
+            result.findings.append(
+                Finding(
+                    "error",
+                    "not_a_lora",
+                    f"none of its {len(lora.header.tensors)} keys is a FLUX.1 LoRA key (e.g. "
+                    f"{exc.keys[0]!r}): not a LoRA, perhaps a model checkpoint",
+                    exc.keys[0],
+                )
+            )
+            return None
         # One finding per key shown (annotations point at keys); the summary only for the rest.
         for key in exc.keys[:SHOW_KEYS]:
             result.findings.append(
@@ -244,10 +261,7 @@ def _read_parsed(path: Path, result: FileResult) -> LoraFile | None:
             result.findings.append(
                 Finding("error", "unknown_keys", f"and {rest} more keys that match no format")
             )
-        try:
-            return read_lora(path, allow_unknown=True)
-        except UnsupportedLoraError:
-            return None
+        return lora
     except UnsupportedLoraError as exc:
         result.findings.append(finding_from(exc, path))
         return None
@@ -264,23 +278,6 @@ def check_safetensors(path: Path) -> tuple[FileResult, SafetensorsHeader | None,
     result.dtypes = dict(sorted(Counter(t.dtype for t in header.tensors.values()).items()))
     try:
         lora = _read_parsed(path, result)
-        if lora is not None and all(b == OTHER for b in lora.blocks):
-            # Every key unknown: a model checkpoint or another file, not a LoRA of any format;
-            # one finding says so instead of one per key.
-            result.findings = [
-                f for f in result.findings if f.code not in ("unknown_key", "unknown_keys")
-            ]
-            first = next(iter(header.tensors), "")
-            result.findings.append(
-                Finding(
-                    "error",
-                    "not_a_lora",
-                    f"none of its {len(header.tensors)} keys is a FLUX.1 LoRA key (e.g. "
-                    f"{first!r}): not a LoRA, perhaps a model checkpoint",
-                    first or None,
-                )
-            )
-            lora = None
         if lora is not None:
             result.format = lora.format
             result.blocks = [b for b in lora.blocks if b != OTHER]
