@@ -49,13 +49,22 @@ def open_session(
         loaded = load_pipeline(spec, show_progress=show_progress)
     defaults = model_defaults(spec.model)
     threads = spec.threads or defaults.cpu_threads
+    with _cpu_threads(threads if loaded.device.type == "cpu" else None):
+        engine = BlockEngine(loaded, lora, compile=spec.compile, truncatable=truncatable)
+        try:
+            renderer = EngineRenderer(engine, loaded, defaults.max_sequence_length)
+            yield Session(loaded, engine, renderer)
+        finally:
+            engine.close()
+
+
+@contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` for the block (None: left as they are)."""
     before = torch.get_num_threads()
-    if threads is not None and loaded.device.type == "cpu":
+    if threads is not None:
         torch.set_num_threads(threads)
-    engine = BlockEngine(loaded, lora, compile=spec.compile, truncatable=truncatable)
     try:
-        renderer = EngineRenderer(engine, loaded, defaults.max_sequence_length)
-        yield Session(loaded, engine, renderer)
+        yield
     finally:
-        engine.close()
         torch.set_num_threads(before)
