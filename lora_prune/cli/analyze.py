@@ -139,8 +139,16 @@ def analyze(
 
 
 #: What ``--from`` recomputes with: the earlier run's renders, scored and drawn anew.
-_WITH_FROM = {"from_dir", "coverage", "recipes", "heatmap_scale", "cmap", "opacity", "sheet_order"}
-_WITH_FROM |= {"sheet_max_pixels"}
+_WITH_FROM = {
+    "from_dir",
+    "coverage",
+    "recipes",
+    "heatmap_scale",
+    "cmap",
+    "opacity",
+    "sheet_order",
+    "sheet_max_pixels",
+}
 
 
 def _refuse_what_from_cannot_honour() -> None:
