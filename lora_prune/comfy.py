@@ -552,12 +552,14 @@ def _none_found(
             OPTIONS[kind],
             f"pass --comfy ~/ComfyUI (its files are found by their contents) or {OPTIONS[kind]} FILE",
         )
-    inside = [p for p, _ in skipped if any(p.is_relative_to(f) for f in searched)]
-    why_not = [f"{p.name}: {why}" for p, why in skipped if p in inside]
+    why_not = [
+        f"{p.name}: {why}" for p, why in skipped if any(p.is_relative_to(f) for f in searched)
+    ]
+    # Every considered file of this kind failed _fits (none fitted): its reason says why.
     why_not += [
         f"{c.path.name}: {_fits(c, chosen.get('transformer'))}"
         for c in considered
-        if c.kind == kind and _fits(c, chosen.get("transformer"))
+        if c.kind == kind
     ]
     shown = "; ".join(why_not[:3]) + (f"; and {len(why_not) - 3} more" if len(why_not) > 3 else "")
     where = ", ".join(str(f) for f in searched)
