@@ -34,9 +34,7 @@ _CONFLICT_FIX = (
 def _import_failure(name: str, exc: ImportError) -> MissingDependencyError:
     """What failed: the package itself is missing, a module it needs is, or it refused
     to import (diffusers checks the versions of peft and others it finds)."""
-    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
-    if missing is None and isinstance(exc, ModuleNotFoundError):
-        missing = name
+    missing = (exc.name or name) if isinstance(exc, ModuleNotFoundError) else None
     if missing is not None:
         if missing.split(".")[0] == name:
             return MissingDependencyError(
