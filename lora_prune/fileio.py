@@ -19,9 +19,7 @@ import hashlib
 import json
 import os
 import secrets
-import signal
 import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -132,8 +130,8 @@ def _sweep_once(folder: Path) -> None:
         sweep_stale_temps(folder)
 
 
-def create_temp(dest: Path) -> tuple[Path, int]:
-    """Create a new, empty temp file beside ``dest``; returns its path and a write fd.
+def temp_paths(dest: Path) -> Iterator[Path]:
+    """Fresh temp-file names beside ``dest``, to be tried in turn with :func:`open_new`.
 
     The name (:func:`temp_name`) starts with a dot, carries this host's tag and
     this process's pid and ends in ``.tmp``, so that a leftover is recognisable
@@ -142,19 +140,22 @@ def create_temp(dest: Path) -> tuple[Path, int]:
     renamed within one folder to be atomic).
     """
     _sweep_once(dest.parent)
-    # os.open with 0o666 lets the umask decide the final permissions, as for any
-    # new file; mkstemp would leave the output readable by its owner only.
     for _ in range(100):
-        tmp = dest.with_name(
+        yield dest.with_name(
             temp_name(dest.name, os.getpid(), secrets.token_hex(_TOKEN_CHARS // 2))
         )
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        return tmp, fd
     raise FileExistsError(errno.EEXIST, "could not create a unique temp file", str(dest))
+
+
+def open_new(path: Path) -> int | None:
+    """A write fd on a new, empty file at ``path``; None when ``path`` exists."""
+    # os.open with 0o666 lets the umask decide the final permissions, as for any
+    # new file; mkstemp would leave the output readable by its owner only.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        return None
 
 
 def fsync_dir(folder: Path) -> None:
@@ -174,30 +175,6 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-_DEFERRED = frozenset(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)
-)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block (POSIX main thread; elsewhere a no-op).
-
-    A held signal is delivered, and its Python handler runs, when the block ends.
-    """
-    if (
-        not hasattr(signal, "pthread_sigmask")
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 @contextlib.contextmanager
 def atomic_output(
     dest: str | Path, check: Callable[[Path], None] | None = None, *, what: str = "output"
@@ -211,10 +188,18 @@ def atomic_output(
     dest_path = Path(dest)
     tmp: Path | None = None
     try:
-        # A Ctrl-C or TERM between the temp's creation and this assignment would
-        # leave it behind unnoticed: the signals wait until ``tmp`` names it.
-        with _signals_deferred():
-            tmp, fd = create_temp(dest_path)
+        # ``tmp`` names each candidate before it is created: a Ctrl-C or TERM
+        # right after the open must find the name to remove. Holding the signals
+        # back instead would not do: the kernel hands a process-wide TERM to any
+        # thread that does not block it (BLAS pools, torch), and Python runs the
+        # handler in the main thread at once. A candidate that already existed
+        # carries this pid and a random token: only a stale temp of ours.
+        fd: int | None = None
+        for tmp in temp_paths(dest_path):
+            fd = open_new(tmp)
+            if fd is not None:
+                break
+        assert fd is not None  # temp_paths raises when every name is taken
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -110,6 +110,33 @@ def test_every_atomic_write_sweeps_its_folder_once(
     assert stale.exists()
 
 
+def test_an_interrupt_right_after_the_temp_is_created_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process-wide TERM can be taken by any thread (BLAS, torch), so its handler
+    # may run in the main thread just after the open returns, before the caller
+    # holds the fd: the name must already be known then.
+    real_open_new = fileio.open_new
+    opened: list[Path] = []
+
+    def open_then_interrupted(path: Path) -> int | None:
+        fd = real_open_new(path)
+        assert fd is not None
+        os.close(fd)  # the process would be on its way out; the test lives on
+        opened.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "open_new", open_then_interrupted)
+    dest = tmp_path / "out.safetensors"
+    with pytest.raises(KeyboardInterrupt), fileio.atomic_output(dest) as f:
+        f.write(b"never")
+    assert len(opened) == 1 and fileio.temp_owner(opened[0].name) == (
+        fileio.HOST_TAG,
+        os.getpid(),
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def big_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("big") / "big.safetensors"
