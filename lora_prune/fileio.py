@@ -199,7 +199,8 @@ def atomic_output(
             fd = open_new(tmp)
             if fd is not None:
                 break
-        assert fd is not None  # temp_paths raises when every name is taken
+        # temp_paths raises when every name is taken: the loop ends on a new file.
+        assert fd is not None and tmp is not None
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
