@@ -1,19 +1,30 @@
 """The charts of ``analyze``'s outputs: the block-influence bar chart and the pruning curve.
 
-Drawn with Pillow alone, with :mod:`.pictures`' fonts.
+Drawn with matplotlib (the ``render`` extra) on its Agg canvas through the
+object API: no pyplot, so no global figure state and no GUI backend. The
+``*_figure`` functions return the :class:`~matplotlib.figure.Figure` (tests read
+its data: which mode, which statistic, the axis ranges); the ``*_chart``
+functions return it drawn as a Pillow image for :func:`.pictures.save_png`.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .blocks import block_kind, short_label
-from .pictures import RGB, _Font, _font, _line_height, _text_width
-from .units import human_bytes
+from .errors import MissingDependencyError
+from .pictures import RGB
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 CATEGORY_COLORS: dict[str, RGB] = {
     "double": (47, 110, 196),
@@ -28,6 +39,19 @@ _CATEGORY_LEGEND = {
     "other": "input / final / text encoders",
 }
 
+#: What each mode's bars measure, as the panel titles say it.
+MODE_TITLES = {
+    "solo": "solo: each block alone vs no LoRA",
+    "loo": "leave-one-out: the full LoRA without the block vs the full LoRA",
+}
+
+_DPI = 100
+_KEEP_EDGE = "black"
+#: The curve's colour per distance; the verdict's threshold is red.
+_SERIES_COLORS = {"mse": "#1f77b4", "ssim": "#2ca02c"}
+_SERIES_STYLES = {"mse": ("o", "-"), "ssim": ("s", "--")}
+_THRESHOLD_COLOR = "#c82828"
+
 
 def _chart_category(block: str) -> str:
     """Colour group of a block id: ``double``, ``single`` or ``other``."""
@@ -35,317 +59,376 @@ def _chart_category(block: str) -> str:
     return kind if kind in ("double", "single") else "other"
 
 
-def _fmt(value: float) -> str:
-    """Axis numbers: whole numbers from 1000 up (MSE runs to 65025), 4 significant digits below."""
-    if value == 0.0:
-        return "0"
-    if abs(value) >= 1000:
-        return f"{value:.0f}"
-    if abs(value) < 0.001:
-        return f"{value:.2e}"
-    return f"{value:.4g}"
+def _hex(rgb: RGB) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-_CHART_BG: RGB = (255, 255, 255)
-_AXIS: RGB = (60, 60, 60)
-_GRID: RGB = (225, 225, 225)
-_TEXT: RGB = (30, 30, 30)
+def _new_figure(width: int, height: int) -> Figure:
+    """An Agg-backed figure of ``width`` x ``height`` pixels."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the charts need matplotlib, which is not installed",
+            "matplotlib",
+            "install the render extra: pip install 'lora-prune[render]'",
+        ) from exc
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _draw_rotated(
-    image: Image.Image, center: tuple[int, int], text: str, font: _Font, fill: RGB
-) -> None:
-    """Text rotated 90 degrees (reading upwards), centred on ``center``."""
-    w = math.ceil(_text_width(font, text)) + 2
-    h = _line_height(font) + 2
-    mask = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(mask).text((1, 0), text, font=font, fill=255)
-    mask = mask.rotate(90, expand=True)
-    x = center[0] - mask.width // 2
-    y = center[1] - mask.height // 2
-    image.paste(Image.new("RGB", mask.size, fill), (x, y), mask)
+def figure_image(fig: Figure) -> Image.Image:
+    """``fig`` drawn at its own size, as an RGB Pillow image."""
+    buf = io.BytesIO()
+    # No "Software" text chunk: the same chart gives the same bytes with any matplotlib.
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return img.convert("RGB")
 
 
-def _draw_panel(
-    chart: Image.Image,
-    box: tuple[int, int, int, int],
+# ---------------------------------------------------------------------------
+# Block influence
+
+
+@dataclass(frozen=True)
+class ModeInfluence:
+    """One mode's bars: per block (in the chart's block order), the mean over the images."""
+
+    mode: str
+    mse: Sequence[float]
+    one_minus_ssim: Sequence[float]
+
+
+def _peak(values: np.ndarray, labels: Sequence[str]) -> str:
+    finite = np.where(np.isfinite(values), values, -np.inf)
+    if not np.isfinite(finite).any():
+        return "no data"
+    i = int(np.argmax(finite))
+    if finite[i] <= 0.0:
+        return "all 0"
+    return f"max {values[i]:.4g} at {labels[i]}"
+
+
+def _bar_panel(
+    ax: Axes,
     values: np.ndarray,
-    colours: list[RGB],
-    labels: list[str],
+    colours: Sequence[str],
+    keep: Sequence[bool],
+    labels: Sequence[str],
     title: str,
-    axis_title: str,
-    font: _Font,
+    ylabel: str,
 ) -> None:
-    """One bar panel in ``box`` (left, top, right, bottom of the plot area)."""
-    draw = ImageDraw.Draw(chart)
-    left, top, right, bottom = box
-    finite = values[np.isfinite(values)]
-    vmax = float(finite.max()) if finite.size else 0.0
-    axis_max = vmax if vmax > 0.0 else 1.0
-    line_h = _line_height(font)
-
-    # Grid and y tick labels at quarters of the axis maximum.
-    widest = 0.0
-    for q in range(5):
-        y = round(bottom - (bottom - top) * q / 4)
-        draw.line([(left, y), (right, y)], fill=_GRID if q else _AXIS, width=1)
-        label = _fmt(axis_max * q / 4) if vmax > 0.0 or q == 0 else ""
-        tw = _text_width(font, label)
-        widest = max(widest, tw)
-        draw.text((left - 6 - tw, y - line_h // 2), label, font=font, fill=_TEXT)
-    draw.line([(left, top), (left, bottom)], fill=_AXIS, width=1)
-
-    if values.size:
-        peak_i = int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf)))
-        peak = f"max {_fmt(vmax)} ({labels[peak_i]})" if vmax > 0.0 else "all 0"
-        if not finite.size:
-            peak = "no data"
-    else:
-        peak = "no data"
-    draw.text((left, top - line_h - 6), f"{title}  -  {peak}", font=font, fill=_TEXT)
-    title_x = max(line_h // 2 + 2, round(left - 12 - widest - line_h / 2))
-    _draw_rotated(chart, (title_x, (top + bottom) // 2), axis_title, font, _TEXT)
-
-    n = values.size
-    slot = (right - left) / max(1, n)
-    bar_w = max(1.0, min(48.0, slot * 0.72))
-    prev_kind: RGB | None = None
-    for i, (value, colour) in enumerate(zip(values, colours, strict=True)):
-        x_mid = left + slot * (i + 0.5)
-        if prev_kind is not None and colour != prev_kind:
-            xs = round(left + slot * i)
-            draw.line([(xs, top), (xs, bottom)], fill=(190, 190, 190), width=1)
-        prev_kind = colour
-        if not np.isfinite(value) or value <= 0.0:
-            continue
-        # Any positive value gets at least a 1 px bar so "tiny" reads apart from "none".
-        y = min(round(bottom - (bottom - top) * min(1.0, value / axis_max)), bottom - 1)
-        draw.rectangle(
-            (round(x_mid - bar_w / 2), y, round(x_mid + bar_w / 2) - 1, bottom - 1),
-            fill=colour,
-        )
-
-
-def _draw_title_and_legend(
-    draw: ImageDraw.ImageDraw, kinds: list[str], left: int, right: int, font: _Font
-) -> int:
-    """The influence chart's title and colour legend; returns the legend's y."""
-    title_font = _font(17)
-    line_h = _line_height(font)
-    # Title and legend share the first line when both fit; else the legend gets its own.
-    chart_title = "Block influence (blocks in model order)"
-    present = [k for k in CATEGORY_COLORS if k in kinds]
-    swatch = line_h
-    legend_w = sum(
-        swatch + 6 + math.ceil(_text_width(font, _CATEGORY_LEGEND[k])) + 18 for k in present
+    x = np.arange(values.size)
+    shown = np.where(np.isfinite(values), np.maximum(values, 0.0), 0.0)
+    ax.bar(
+        x,
+        shown,
+        width=0.75,
+        color=colours,
+        edgecolor=[_KEEP_EDGE if k else "none" for k in keep],
+        linewidth=[1.6 if k else 0.0 for k in keep],
     )
-    title_w = _text_width(title_font, chart_title)
-    legend_y = 16 if left + title_w + 24 + legend_w <= right else 16 + line_h + 12
-    draw.text((left, 12), chart_title, font=title_font, fill=_TEXT)
-    x = right
-    for kind in reversed(present):
-        text = _CATEGORY_LEGEND[kind]
-        x -= math.ceil(_text_width(font, text))
-        draw.text((x, legend_y), text, font=font, fill=_TEXT)
-        x -= swatch + 6
-        draw.rectangle(
-            (x, legend_y + 1, x + swatch - 1, legend_y + swatch), fill=CATEGORY_COLORS[kind]
+    top = float(shown.max()) if shown.size else 0.0
+    # Headroom: the tallest bar ends below the frame, not on it.
+    ax.set_ylim(0.0, top * 1.12 if top > 0.0 else 1.0)
+    ax.set_xlim(-0.75, values.size - 0.25)
+    ax.set_title(f"{title}  ({_peak(values, labels)})", loc="left", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", color="#e0e0e0", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def influence_figure(
+    blocks: Sequence[str],
+    modes: Sequence[ModeInfluence],
+    *,
+    images: int,
+    keep: Sequence[str] = (),
+    keep_mode: str | None = None,
+    title: str = "Block influence",
+    width: int = 1400,
+) -> Figure:
+    """Bars of each block's influence, blocks in the given (model) order.
+
+    Two panels per mode share the x axis: MSE vs the mode's reference and
+    1 - SSIM, each the mean over ``images`` renders and scaled to its own
+    maximum (named in the panel's title with its block). Double blocks, single
+    blocks and the rest get distinct colours; the blocks of ``keep`` (the
+    suggested keep set, chosen from ``keep_mode``) are outlined. NaN draws no bar.
+    """
+    n = len(blocks)
+    if n == 0:
+        raise ValueError("influence_figure needs at least one block")
+    if not modes:
+        raise ValueError("influence_figure needs at least one mode")
+    for m in modes:
+        if len(m.mse) != n or len(m.one_minus_ssim) != n:
+            raise ValueError(
+                f"influence_figure got {n} blocks but {len(m.mse)} MSE and "
+                f"{len(m.one_minus_ssim)} SSIM values for {m.mode}"
+            )
+    if width < 400:
+        raise ValueError(f"influence_figure needs at least 400 px, got {width}")
+
+    kinds = [_chart_category(b) for b in blocks]
+    labels = [short_label(b) for b in blocks]
+    colours = [_hex(CATEGORY_COLORS[k]) for k in kinds]
+    kept = set(keep)
+    outlined = [b in kept for b in blocks]
+    panels = 2 * len(modes)
+    fig = _new_figure(width, 110 + 230 * panels)
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    per = "image" if images == 1 else f"{images} images"
+    for i, m in enumerate(modes):
+        what = MODE_TITLES.get(m.mode, m.mode)
+        _bar_panel(
+            axes[2 * i],
+            np.asarray(m.mse, dtype=np.float64),
+            colours,
+            outlined,
+            labels,
+            f"{what}: MSE (8-bit, 0-65025), mean over {per}",
+            "MSE",
         )
-        x -= 18
+        _bar_panel(
+            axes[2 * i + 1],
+            np.asarray(m.one_minus_ssim, dtype=np.float64),
+            colours,
+            outlined,
+            labels,
+            f"{what}: 1 - SSIM, mean over {per}",
+            "1 - SSIM",
+        )
+    # A thin line where the block kind changes (double -> single -> rest).
+    for ax in axes:
+        for j in range(1, n):
+            if kinds[j] != kinds[j - 1]:
+                ax.axvline(j - 0.5, color="#bbbbbb", linewidth=0.8)
+    bottom = axes[-1]
+    bottom.set_xticks(np.arange(n), labels, rotation=90, fontsize=8 if n > 30 else 9)
+    bottom.set_xlabel("block (model order)")
 
-    return legend_y
+    from matplotlib.patches import Patch
 
-
-def _draw_block_labels(
-    chart: Image.Image,
-    labels: list[str],
-    lower: tuple[int, int, int, int],
-    slot: float,
-    label_font: _Font,
-    font: _Font,
-    height: int,
-) -> None:
-    """The block labels and the x axis title under the lower panel."""
-    draw = ImageDraw.Draw(chart)
-    left, right = lower[0], lower[2]
-    x_title_h = _line_height(font) + 8
-    # x labels under the lower panel, rotated so 61 of them fit.
-    label_top = lower[3] + 6
-    for i, label in enumerate(labels):
-        x_mid = round(left + slot * (i + 0.5))
-        draw.line([(x_mid, lower[3]), (x_mid, lower[3] + 3)], fill=_AXIS)
-        lw = math.ceil(_text_width(label_font, label))
-        _draw_rotated(chart, (x_mid, label_top + lw // 2 + 1), label, label_font, _TEXT)
-    x_title = "block"
-    draw.text(
-        ((left + right - _text_width(font, x_title)) / 2, height - x_title_h),
-        x_title,
-        font=font,
-        fill=_TEXT,
-    )
+    handles = [
+        Patch(facecolor=_hex(CATEGORY_COLORS[k]), label=_CATEGORY_LEGEND[k])
+        for k in CATEGORY_COLORS
+        if k in kinds
+    ]
+    if kept:
+        source = f" (from {keep_mode})" if keep_mode else ""
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor=_KEEP_EDGE,
+                linewidth=1.6,
+                label=f"in the suggested keep set{source}",
+            )
+        )
+    fig.legend(handles=handles, loc="outside upper right", ncols=len(handles), frameon=False)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=13)
+    return fig
 
 
 def influence_chart(
     blocks: Sequence[str],
-    mse: Sequence[float],
-    one_minus_ssim: Sequence[float],
+    modes: Sequence[ModeInfluence],
+    *,
+    images: int,
+    keep: Sequence[str] = (),
+    keep_mode: str | None = None,
+    title: str = "Block influence",
     width: int = 1400,
-    height: int = 600,
 ) -> Image.Image:
-    """Bar chart of each block's influence, blocks in the given (model) order.
-
-    Two stacked panels share the x axis: MSE vs the reference render (top) and
-    1 - SSIM (bottom), each scaled to its own maximum, which is printed with the
-    block that reaches it. Double blocks, single blocks and everything else
-    (input, final layer, text encoders) get distinct colours; x labels are
-    abbreviated (``d7``, ``s20``, ``in``, ``fin``). NaN values draw no bar.
-    """
-    n = len(blocks)
-    if n == 0:
-        raise ValueError("influence_chart needs at least one block")
-    if len(mse) != n or len(one_minus_ssim) != n:
-        raise ValueError(
-            f"influence_chart got {n} blocks, {len(mse)} MSE and {len(one_minus_ssim)} SSIM values"
+    """:func:`influence_figure`, drawn."""
+    return figure_image(
+        influence_figure(
+            blocks, modes, images=images, keep=keep, keep_mode=keep_mode, title=title, width=width
         )
-    if width < 400 or height < 300:
-        raise ValueError(f"influence_chart needs at least 400x300 px, got {width}x{height}")
-
-    kinds = [_chart_category(b) for b in blocks]
-    labels = [short_label(b) for b in blocks]
-    colours = [CATEGORY_COLORS[kind] for kind in kinds]
-
-    chart = Image.new("RGB", (width, height), _CHART_BG)
-    draw = ImageDraw.Draw(chart)
-    font = _font(13)
-    line_h = _line_height(font)
-
-    left, right = 90, width - 20
-    slot = (right - left) / n
-    label_font = _font(max(8, min(13, int(slot * 0.75))))
-    label_len = max(_text_width(label_font, s) for s in labels)
-    x_title_h = line_h + 8
-    label_area = math.ceil(label_len) + 10
-    plot_bottom = height - x_title_h - label_area
-    legend_y = _draw_title_and_legend(draw, kinds, left, right, font)
-
-    top = legend_y + 28 + line_h + 8
-    panel_gap = line_h + 18
-    panel_h = (plot_bottom - top - panel_gap) // 2
-    if panel_h < 40:
-        raise ValueError(f"influence_chart: {width}x{height} px leaves no room for the bars")
-
-    mse_vals = np.asarray(mse, dtype=np.float64)
-    ssim_vals = np.asarray(one_minus_ssim, dtype=np.float64)
-    upper = (left, top, right, top + panel_h)
-    lower = (left, top + panel_h + panel_gap, right, top + 2 * panel_h + panel_gap)
-    _draw_panel(
-        chart, upper, mse_vals, colours, labels, "MSE vs reference (8-bit, 0..65025)", "MSE", font
     )
-    _draw_panel(chart, lower, ssim_vals, colours, labels, "1 - SSIM vs reference", "1 - SSIM", font)
-
-    _draw_block_labels(chart, labels, lower, slot, label_font, font, height)
-    return chart
 
 
-def _draw_series(
-    draw: ImageDraw.ImageDraw,
+# ---------------------------------------------------------------------------
+# Pruning curve
+
+
+def _positions(ks: Sequence[int]) -> tuple[list[float], list[tuple[float, int, int]]]:
+    """x positions of ``ks`` (sorted): one unit per k, a short gap where ks were skipped.
+
+    Returns the positions and, for each gap, its middle and the first and last
+    k it leaves out. An axis linear in k would squeeze k = 0..8 into the left
+    edge when the last point is k = 59.
+    """
+    positions: list[float] = []
+    gaps: list[tuple[float, int, int]] = []
+    x = 0.0
+    for i, k in enumerate(ks):
+        if i:
+            step = k - ks[i - 1]
+            if step > 2:
+                gaps.append((x + 0.75, ks[i - 1] + 1, k - 1))
+                x += 1.5
+            else:
+                x += step
+        positions.append(x)
+    return positions, gaps
+
+
+def _size_unit(peak: float) -> tuple[float, str]:
+    # The unit of human_bytes for the largest size, so the ticks are round numbers of it.
+    for factor, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if peak >= factor:
+            return factor, unit
+    return 1.0, "B"
+
+
+def pruning_curve_figure(
     ks: Sequence[int],
-    kept: Mapping[str, Sequence[float]],
-    x_of: Callable[[float], float],
-    y_of: Callable[[float], float],
-    left: int,
-    font: _Font,
-) -> None:
-    """The pruning curve's kept-share lines, one per distance, and their legend."""
-    line_h = _line_height(font)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189)]
-    legend_x = left
-    for (name, values), colour in zip(kept.items(), colours, strict=False):
-        points = [(x_of(k), y_of(v)) for k, v in zip(ks, values, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        label = f"{name} kept (mean over images)"
-        draw.rectangle(
-            (legend_x, 14 + line_h + 6, legend_x + line_h, 14 + 2 * line_h + 6), fill=colour
-        )
-        draw.text((legend_x + line_h + 6, 14 + line_h + 6), label, font=font, fill=_TEXT)
-        legend_x += line_h + 24 + math.ceil(_text_width(font, label))
-    draw.text((legend_x, 14 + line_h + 6), "grey bars: file size", font=font, fill=(120, 120, 120))
-
-
-def pruning_curve_chart(
-    ks: Sequence[int],
-    kept: Mapping[str, Sequence[float]],
+    worst: Mapping[str, Sequence[float]],
+    mean: Mapping[str, Sequence[float]],
     sizes: Sequence[int],
     *,
     min_kept: float | None = None,
     chosen: int | None = None,
+    ranking: str | None = None,
     width: int = 1000,
-    height: int = 520,
-) -> Image.Image:
-    """Share of the LoRA's effect kept by the top-k blocks, with each keep set's size.
+    height: int = 560,
+) -> Figure:
+    """The share of the LoRA's effect kept by the top-k blocks, and each keep set's size.
 
-    One line per distance (mean kept share over the images, 0..100%), the
-    file size of each keep set as grey bars on a second scale, the verdict's
-    threshold as a dashed line and the chosen k marked.
+    Per distance, the worst image's kept share (what the verdict judges, solid
+    line) and the mean over the images (dotted); the verdict's threshold
+    ``min_kept`` as a labelled line, the ``chosen`` k marked and named in the
+    legend, the file size of each keep set as grey bars on the right axis. Only
+    the rendered ks are plotted, one unit apart; skipped ranges are a labelled gap.
     """
-    if not ks or any(len(v) != len(ks) for v in kept.values()) or len(sizes) != len(ks):
-        raise ValueError("pruning_curve_chart needs one value per k for every series")
-    chart = Image.new("RGB", (width, height), _CHART_BG)
-    draw = ImageDraw.Draw(chart)
-    font = _font(13)
-    title_font = _font(17)
-    line_h = _line_height(font)
-    left, right, top, bottom = 70, width - 80, 20 + 2 * line_h + 16, height - 2 * line_h - 24
-    draw.text(
-        (left, 12),
-        "Pruning curve: share of the LoRA's effect kept by the top-k blocks",
-        font=title_font,
-        fill=_TEXT,
-    )
-    k_max = max(max(ks), 1)
-    size_max = max(max(sizes), 1)
+    order = sorted(range(len(ks)), key=lambda i: ks[i])
+    n = len(ks)
+    series = [*worst.values(), *mean.values()]
+    if not ks or len(sizes) != n or any(len(v) != n for v in series):
+        raise ValueError("pruning_curve_figure needs one value per k for every series")
+    k_sorted = [ks[i] for i in order]
+    xs, gaps = _positions(k_sorted)
 
-    def x_of(k: float) -> float:
-        return left + (right - left) * k / k_max
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    def y_of(share: float) -> float:
-        return bottom - (bottom - top) * min(max(share, 0.0), 1.0)
+    fig = _new_figure(width, height)
+    ax = fig.add_subplot()
+    sizes_ax = ax.twinx()
+    # The shares over the size bars: the share axis is drawn last, with a clear patch.
+    ax.set_zorder(sizes_ax.get_zorder() + 1)
+    ax.patch.set_visible(False)
 
-    bar_w = max(1.0, (right - left) / (k_max + 1) * 0.6)
-    for k, size in zip(ks, sizes, strict=True):
-        h = (bottom - top) * size / size_max
-        draw.rectangle(
-            (x_of(k) - bar_w / 2, bottom - h, x_of(k) + bar_w / 2, bottom), fill=(215, 215, 215)
+    factor, unit = _size_unit(float(max(sizes)))
+    sized = [sizes[i] / factor for i in order]
+    sizes_ax.bar(xs, sized, width=0.6, color="#d9d9d9", label="file size (right axis)")
+    sizes_ax.set_ylim(0.0, max(sized) * 1.08 if max(sized) > 0 else 1.0)
+    sizes_ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    sizes_ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:g} {unit}")
+    sizes_ax.set_ylabel("keep set's file size", color="#707070")
+    sizes_ax.tick_params(axis="y", colors="#707070")
+
+    for name, values in worst.items():
+        marker, style = _SERIES_STYLES.get(name, ("^", "-."))
+        colour = _SERIES_COLORS.get(name, "#9467bd")
+        shown = [values[i] for i in order]
+        ax.plot(
+            xs,
+            shown,
+            linestyle=style,
+            marker=marker,
+            color=colour,
+            linewidth=2.0,
+            markersize=7 if marker == "o" else 5,
+            label=f"{name.upper()} kept, worst image",
         )
-    draw.line([(left, top), (left, bottom), (right, bottom), (right, top)], fill=_AXIS)
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = y_of(tick)
-        draw.line([(left - 4, y), (left, y)], fill=_AXIS)
-        text = f"{100 * tick:.0f}%"
-        draw.text((left - 8 - _text_width(font, text), y - line_h / 2), text, font=font, fill=_TEXT)
-        size_text = human_bytes(int(size_max * tick))
-        draw.text((right + 6, y - line_h / 2), size_text, font=font, fill=(120, 120, 120))
+        if name in mean:
+            ax.plot(
+                xs,
+                [mean[name][i] for i in order],
+                linestyle=":",
+                color=colour,
+                linewidth=1.2,
+                label=f"{name.upper()} kept, mean over images",
+            )
     if min_kept is not None:
-        y = y_of(min_kept)
-        for x0 in range(left, right, 12):
-            draw.line([(x0, y), (min(x0 + 6, right), y)], fill=(200, 40, 40))
-    _draw_series(draw, ks, kept, x_of, y_of, left, font)
-    if chosen is not None:
-        x = x_of(chosen)
-        draw.line([(x, top), (x, bottom)], fill=(200, 40, 40))
-        draw.text((x + 4, top + 2), f"chosen: top {chosen}", font=font, fill=(200, 40, 40))
-    step = max(1, math.ceil(k_max / 20))
-    for k in range(0, k_max + 1, step):
-        text = str(k)
-        draw.text((x_of(k) - _text_width(font, text) / 2, bottom + 4), text, font=font, fill=_TEXT)
-    x_title = "k = number of top-ranked blocks kept"
-    draw.text(
-        ((left + right - _text_width(font, x_title)) / 2, height - line_h - 8),
-        x_title,
-        font=font,
-        fill=_TEXT,
+        ax.axhline(
+            min_kept,
+            color=_THRESHOLD_COLOR,
+            linestyle="--",
+            linewidth=1.2,
+            label=f"verdict threshold: {100 * min_kept:.0f}% on every image",
+        )
+    if chosen is not None and chosen in k_sorted:
+        ax.axvline(
+            xs[k_sorted.index(chosen)],
+            color=_THRESHOLD_COLOR,
+            linewidth=1.2,
+            label=f"chosen: the top {chosen}, the fewest that pass",
+        )
+    for middle, first, last in gaps:
+        ax.text(
+            middle,
+            0.5,
+            f"k = {first}-{last} not rendered" if last > first else f"k = {first} not rendered",
+            rotation=90,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="#808080",
+        )
+        ax.axvspan(middle - 0.35, middle + 0.35, color="#f3f3f3", zorder=0)
+
+    ax.set_ylim(0.0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.set_ylabel("share of the LoRA's effect kept")
+    ax.set_xlim(xs[0] - 0.6, xs[-1] + 0.6)
+    every = max(1, math.ceil(n / 25))
+    ticks = [(x, k) for j, (x, k) in enumerate(zip(xs, k_sorted, strict=True)) if j % every == 0]
+    if ticks[-1][1] != k_sorted[-1]:
+        ticks.append((xs[-1], k_sorted[-1]))
+    ax.set_xticks([t[0] for t in ticks], [str(t[1]) for t in ticks])
+    ax.set_xlabel("k = number of top-ranked blocks kept")
+    ax.grid(axis="y", color="#e8e8e8", linewidth=0.8)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
+    by = f", ranked by {ranking}" if ranking else ""
+    fig.suptitle(
+        f"Pruning curve: the share of the LoRA's effect kept by the top-k blocks{by}",
+        x=0.01,
+        ha="left",
+        fontsize=12,
     )
-    return chart
+    return fig
+
+
+def pruning_curve_chart(
+    ks: Sequence[int],
+    worst: Mapping[str, Sequence[float]],
+    mean: Mapping[str, Sequence[float]],
+    sizes: Sequence[int],
+    *,
+    min_kept: float | None = None,
+    chosen: int | None = None,
+    ranking: str | None = None,
+    width: int = 1000,
+    height: int = 560,
+) -> Image.Image:
+    """:func:`pruning_curve_figure`, drawn."""
+    return figure_image(
+        pruning_curve_figure(
+            ks,
+            worst,
+            mean,
+            sizes,
+            min_kept=min_kept,
+            chosen=chosen,
+            ranking=ranking,
+            width=width,
+            height=height,
+        )
+    )

@@ -131,14 +131,29 @@ def heatmap_overlay(
     opacity: float = DEFAULT_OPACITY,
     cmap: str = DEFAULT_CMAP,
 ) -> np.ndarray:
-    """Alpha-blend :func:`colorize` of ``diff`` over ``image`` (``opacity`` = heatmap weight)."""
+    """:func:`colorize` of ``diff`` over a dimmed grey copy of ``image``, as strong as the change.
+
+    Each pixel's heatmap weight is ``opacity * sqrt(diff / vmax)`` (at most
+    ``opacity``): where nothing changed the render shows in grey, untinted, and
+    the strongest change is coloured at ``opacity``. The grey keeps the heat
+    legible over a colourful render; a uniform blend would tint a block that
+    changes nothing in the map's low colour. The square root keeps a change of
+    a tenth of ``vmax`` visible (a third of the full weight).
+    """
     img = _as_array(image)
     if diff.shape != img.shape[:2]:
         raise ValueError(f"diff map {diff.shape} does not match image {img.shape[:2]}")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be within 0..1, got {opacity}")
     colours = colorize(diff, vmax, cmap).astype(np.float64)
-    blended = (1.0 - opacity) * img.astype(np.float64) + opacity * colours
+    luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    grey = np.repeat((0.75 * luma)[..., None], 3, axis=-1)
+    if vmax > 0.0:
+        d = np.nan_to_num(np.asarray(diff, dtype=np.float64), nan=0.0, posinf=vmax, neginf=0.0)
+        weight = opacity * np.sqrt(np.clip(d / vmax, 0.0, 1.0))[..., None]
+    else:
+        weight = np.zeros((*diff.shape, 1))
+    blended = (1.0 - weight) * grey + weight * colours
     return np.asarray(np.clip(np.rint(blended), 0, 255), dtype=np.uint8)
 
 
@@ -244,8 +259,9 @@ def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
 # Tiles and sheets
 
 _CAPTION_BG: RGB = (40, 40, 40)
+_ALERT_BG: RGB = (170, 25, 25)
 _TITLE_FG: RGB = (255, 255, 255)
-_BOTTOM_FG: RGB = (200, 200, 200)
+_BOTTOM_FG: RGB = (215, 215, 215)
 _BOX_ALPHA = 200
 
 
@@ -261,13 +277,16 @@ def label_tile(
     top_right: str | None = None,
     bottom: str | None = None,
     scale: int = 1,
+    *,
+    alert: bool = False,
 ) -> Image.Image:
     """The image, nearest-neighbour upscaled by ``scale``, above a two-line caption.
 
     ``title`` (e.g. ``"double.7"``) is the caption's first line and ``bottom``
     (e.g. ``"SSIM 0.981"``) its second; ``top_right`` (e.g. ``"MSE 123.4"``) sits in
     the image's top-right corner on a dark box. The caption always has room for
-    two lines so tiles with and without ``bottom`` line up in a sheet.
+    two lines so tiles with and without ``bottom`` line up in a sheet. ``alert``
+    gives the caption a red background (a failed verdict).
     """
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
@@ -282,7 +301,7 @@ def label_tile(
     pad = max(2, line_h // 4)
     caption_h = 2 * line_h + 3 * pad
 
-    tile = Image.new("RGB", (width, height + caption_h), _CAPTION_BG)
+    tile = Image.new("RGB", (width, height + caption_h), _ALERT_BG if alert else _CAPTION_BG)
     tile.paste(img, (0, 0))
 
     if top_right:
@@ -310,10 +329,18 @@ _HEADER_FG: RGB = (235, 235, 235)
 
 
 def _sheet_size(
-    cols: int, rows: int, cell: tuple[int, int], gap: int, header_lines: int, header_line_h: int
+    cols: int,
+    rows: int,
+    cell: tuple[int, int],
+    gap: int,
+    header_lines: int,
+    header_line_h: int,
+    legend: tuple[int, int],
 ) -> tuple[int, int]:
     header_h = header_lines * header_line_h + gap if header_lines else 0
-    return cols * cell[0] + (cols + 1) * gap, header_h + rows * cell[1] + (rows + 1) * gap
+    header_h += legend[1]
+    width = max(cols * cell[0] + (cols + 1) * gap, legend[0] + 2 * gap)
+    return width, header_h + rows * cell[1] + (rows + 1) * gap
 
 
 def contact_sheet(
@@ -323,13 +350,15 @@ def contact_sheet(
     background: RGB = (24, 24, 24),
     header: str | None = None,
     gap: int = 4,
+    legend: Image.Image | None = None,
 ) -> Image.Image:
-    """Tiles in a grid, row by row, ``gap`` pixels apart, under an optional header.
+    """Tiles in a grid, row by row, ``gap`` pixels apart, under an optional header and legend.
 
     ``columns`` defaults to ``ceil(sqrt(n))`` (at most 12). Tiles of different sizes
     are centred in cells of the largest size. When the sheet would have more than
     ``max_pixels`` pixels the tiles shrink uniformly, keeping their aspect, until
-    it fits; gaps and header keep their size so the header stays readable.
+    it fits; gaps, header and ``legend`` (e.g. a :func:`colour_scale`, placed
+    under the header) keep their size so that they stay readable.
     """
     n = len(tiles)
     if n == 0:
@@ -345,12 +374,13 @@ def contact_sheet(
 
     font = _font(_HEADER_FONT_SIZE)
     header_line_h = _line_height(font) + 2
+    legend_size = (legend.width, legend.height) if legend is not None else (0, 0)
 
     def layout(tw: int) -> tuple[tuple[int, int], list[str], tuple[int, int]]:
         th = max(1, round(cell_h * tw / cell_w))
-        sheet_w = cols * tw + (cols + 1) * gap
+        sheet_w = max(cols * tw + (cols + 1) * gap, legend_size[0] + 2 * gap)
         lines = _wrap(header, font, sheet_w - 2 * max(gap, 4)) if header else []
-        size = _sheet_size(cols, rows, (tw, th), gap, len(lines), header_line_h)
+        size = _sheet_size(cols, rows, (tw, th), gap, len(lines), header_line_h, legend_size)
         return (tw, th), lines, size
 
     (tw, th), lines, (sheet_w, sheet_h) = layout(cell_w)
@@ -372,6 +402,8 @@ def contact_sheet(
     for line in lines:
         draw.text((max(gap, 4), y0), line, font=font, fill=_HEADER_FG)
         y0 += header_line_h
+    if legend is not None:
+        sheet.paste(legend.convert("RGB"), (gap, y0 + (gap if lines else 0)))
     top = sheet_h - (rows * th + (rows + 1) * gap)
     shrink = (tw, th) != (cell_w, cell_h)
     for i, tile in enumerate(tiles):
@@ -389,9 +421,9 @@ def contact_sheet(
     return sheet
 
 
-def side_by_side(tiles: Sequence[Image.Image]) -> Image.Image:
+def side_by_side(tiles: Sequence[Image.Image], legend: Image.Image | None = None) -> Image.Image:
     """Tiles in one row (``render``/``verify``: base | full | slim | heatmap)."""
-    return contact_sheet(tiles, columns=max(1, len(tiles)))
+    return contact_sheet(tiles, columns=max(1, len(tiles)), legend=legend)
 
 
 #: ``render``'s tiles are upscaled to about this width, so captions stay legible.
@@ -429,7 +461,9 @@ def combination_picture(
     if scale is None:
         scale = max(1, round(_LEGIBLE_WIDTH / max(base.shape[1], 1)))
     diff = diff_map(chosen, full)
-    vmax = global_vmax([diff])
+    # On the scale of the LoRA's effect, as in verify.png: a combination that renders
+    # like the full LoRA looks calm, however small its own differences are.
+    vmax = global_vmax([diff_map(full, base)])
     tiles = [
         label_tile(base, "base (no LoRA)", scale=scale),
         label_tile(full, "full LoRA", f"MSE {full_mse:.1f}", "vs base", scale=scale),
@@ -437,10 +471,75 @@ def combination_picture(
             chosen, label, f"MSE {chosen_mse:.1f}", f"SSIM {chosen_ssim:.3f} vs full", scale=scale
         ),
         label_tile(
-            heatmap_overlay(chosen, diff, vmax), "chosen vs full", f"max {vmax:.0f}", scale=scale
+            heatmap_overlay(chosen, diff, vmax), "chosen vs full", bottom="heatmap", scale=scale
         ),
     ]
-    return side_by_side(tiles)
+    scale_bar = colour_scale(
+        DEFAULT_CMAP,
+        vmax,
+        label=f"heatmap: {HEATMAP_UNIT}; on the scale of the LoRA's effect",
+        width=min(4 * tiles[0].width, 1000),
+    )
+    return side_by_side(tiles, legend=scale_bar)
+
+
+#: What a heatmap's colours measure, as the colour scales say it.
+HEATMAP_UNIT = "per-pixel squared error of the 8-bit RGB render (0-65025, as MSE)"
+
+
+def _nice_step(span: float, most: int) -> float:
+    """The smallest 1, 2, 2.5 or 5 times a power of ten that cuts ``span`` into at most ``most`` steps."""
+    base = 10.0 ** math.floor(math.log10(span / most))
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if span / (m * base) <= most:
+            return m * base
+    return 10.0 * base
+
+
+def colour_scale(
+    cmap: str,
+    vmax: float | None,
+    *,
+    label: str,
+    width: int = 900,
+    font_size: int = 16,
+    background: RGB = (24, 24, 24),
+) -> Image.Image:
+    """A horizontal colour bar: the map from 0 to ``vmax`` with round ticks, under ``label``.
+
+    ``vmax`` None means each heatmap has its own scale: the ends read "0" and
+    "each map's maximum" instead of numbers.
+    """
+    table = _cmap_table(cmap)
+    font = _font(font_size)
+    line_h = _line_height(font)
+    pad = 6
+    bar_h = max(10, line_h)
+    bar_w = width - 2 * pad
+    height = pad + line_h + 4 + bar_h + 4 + line_h + pad
+    strip = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(strip)
+    draw.text((pad, pad), _fit(label, font, bar_w), font=font, fill=_HEADER_FG)
+    top = pad + line_h + 4
+    ramp = table[np.rint(np.linspace(0, 255, bar_w)).astype(np.intp)]
+    strip.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0), "RGB"), (pad, top))
+    ticks: list[tuple[float, str]] = [(0.0, "0 (no change)")]
+    if vmax is None:
+        ticks.append((1.0, "each map's own maximum"))
+    elif vmax > 0.0:
+        step = _nice_step(vmax, 4)
+        values = [step * i for i in range(1, int(vmax / step) + 1)]
+        # The end is labelled with its value; a round tick too close to it is dropped.
+        ticks += [(v / vmax, f"{v:g}") for v in values if v <= 0.85 * vmax]
+        ticks.append((1.0, f"{vmax:.4g}"))
+    y = top + bar_h + 4
+    for q, text in ticks:
+        x = pad + q * (bar_w - 1)
+        draw.line([(x, top + bar_h), (x, top + bar_h + 3)], fill=_HEADER_FG)
+        tw = _text_width(font, text)
+        tx = min(max(pad, x - tw / 2), width - pad - tw)
+        draw.text((tx, y), text, font=font, fill=_HEADER_FG)
+    return strip
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,16 @@ from .fileio import refuse_overwrite, write_json
 from .lora import LoraFile
 from .markers import pinned_blocks
 from .metrics import diff_map
-from .pictures import contact_sheet, heatmap_overlay, label_tile, save_png, side_by_side
+from .pictures import (
+    HEATMAP_UNIT,
+    colour_scale,
+    contact_sheet,
+    global_vmax,
+    heatmap_overlay,
+    label_tile,
+    save_png,
+    side_by_side,
+)
 from .provenance import (
     CRITERION,
     FORMULA,
@@ -34,7 +43,7 @@ from .provenance import (
     resized_source,
 )
 from .renderer import Renderer
-from .settings import DEFAULT_BATCH_SIZE, AnalyzeSettings, settings_to_json
+from .settings import DEFAULT_BATCH_SIZE, DEFAULT_CMAP, AnalyzeSettings, settings_to_json
 from .slim import keep_size
 from .verdict import (
     BASE_DISTANCES,
@@ -272,7 +281,7 @@ def verify_slim(
     result = _new_result(
         full, full_sha256, sort_blocks(kept), criterion, settings, renderer, slim_path=slim_path
     )
-    rows = []
+    shown: list[tuple[np.ndarray, np.ndarray, np.ndarray, ImageScore]] = []
     for p, prompt in enumerate(settings.prompts):
         for seed in settings.seeds:
             if candidate is None:
@@ -285,10 +294,10 @@ def verify_slim(
             score = score_image(base, full_img, slim_img, p, seed, criterion, distances)
             result.images.append(score)
             if out_dir is not None:
-                rows.append(_verify_row(base, full_img, slim_img, score, scale))
+                shown.append((base, full_img, slim_img, score))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_png(contact_sheet(rows, columns=1), out_dir / "verify.png")
+        save_png(_verify_picture(shown, scale), out_dir / "verify.png")
         write_json(out_dir / "verify.json", result.to_json())
     return result
 
@@ -424,10 +433,32 @@ def _new_result(
     )
 
 
-def _verify_row(
-    base: np.ndarray, full_img: np.ndarray, slim_img: np.ndarray, score: ImageScore, scale: int
+def _verify_picture(
+    shown: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, ImageScore]], scale: int
 ) -> Image.Image:
-    """One row of ``verify.png``: base | full | slim | heatmap of slim vs full."""
+    """``verify.png``: a row per image, base | full | slim | heatmap of slim vs full.
+
+    Every heatmap is on one scale, that of the LoRA's effect (full vs no LoRA,
+    pooled over the images): a slim file that keeps the effect looks calm
+    however small its residual, one that loses it glows.
+    """
+    vmax = global_vmax(diff_map(full, base) for base, full, _slim, _score in shown)
+    rows = [_verify_row(*row, vmax=vmax, scale=scale) for row in shown]
+    label = f"heatmaps, slim vs full: {HEATMAP_UNIT}; on the scale of the LoRA's effect"
+    legend = colour_scale(DEFAULT_CMAP, vmax, label=label, width=min(rows[0].width - 8, 1000))
+    return contact_sheet(rows, columns=1, legend=legend)
+
+
+def _verify_row(
+    base: np.ndarray,
+    full_img: np.ndarray,
+    slim_img: np.ndarray,
+    score: ImageScore,
+    *,
+    vmax: float,
+    scale: int,
+) -> Image.Image:
+    """One row of ``verify.png``; a failed image's verdict tile is red."""
     d = diff_map(slim_img, full_img)
     verdict = ("pass" if score.passed else "FAIL") if score.measurable else "no effect"
     share = "n/a" if score.kept_share is None else f"{100 * score.kept_share:.1f}%"
@@ -450,10 +481,11 @@ def _verify_row(
                 scale=scale,
             ),
             label_tile(
-                heatmap_overlay(slim_img, d, max(float(d.max()), 1.0), 0.75),
+                heatmap_overlay(slim_img, d, vmax, 0.75),
                 f"slim vs full: {verdict}",
-                bottom=f"max diff {float(d.max()):.1f}",
+                bottom=f"residual MSE {score.mse:.1f}",
                 scale=scale,
+                alert=score.measurable and not score.passed,
             ),
         ]
     )

@@ -11,10 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from ..blocks import block_order
-from ..charts import influence_chart, pruning_curve_chart
+from ..charts import MODE_TITLES, ModeInfluence, influence_chart, pruning_curve_chart
 from ..fileio import atomic_write_bytes, write_json
 from ..metrics import diff_map
-from ..pictures import contact_sheet, heatmap_overlay, label_tile, save_png
+from ..pictures import (
+    HEATMAP_UNIT,
+    colour_scale,
+    contact_sheet,
+    heatmap_overlay,
+    label_tile,
+    save_png,
+)
 from ..provenance import CRITERION
 from ..report import write_report
 from ..settings import MODES, PictureOptions
@@ -31,10 +38,12 @@ def write_results(analysis: Analysis) -> None:
         names = sorted({n for p in curve for n in p.kept})
         chart = pruning_curve_chart(
             [p.k for p in curve],
+            {n: [p.worst.get(n, 0.0) for p in curve] for n in names},
             {n: [p.kept.get(n, 0.0) for p in curve] for n in names},
             [p.bytes for p in curve],
             min_kept=analysis.curve_criterion.min_kept if analysis.curve_criterion else None,
             chosen=len(analysis.suggestion.blocks) if chosen else None,
+            ranking=analysis.suggestion.mode,
         )
         save_png(chart, out_dir / "pruning_curve.png")
     write_json(out_dir / "ranking.json", analysis.to_json())
@@ -74,6 +83,13 @@ def write_pictures(
     primary = "solo" if "solo" in modes else "loo"
     scale = _tile_scale(options, settings.render.width)
     p0, s0 = 0, settings.render.seeds[0]
+    n_images = len(settings.render.prompts) * len(settings.render.seeds)
+    # The badges are the shown image's own scores: the ranks are by the mean over the images.
+    own = {
+        (e["mode"], e["block"]): (float(e["mse"]), float(e["ssim"]))
+        for e in analysis.images
+        if e["prompt"] == p0 and e["seed"] == s0
+    }
     for mode in modes:
         ref_kind = "base" if mode == "solo" else "full"
         rows = analysis.rows_for(mode)
@@ -91,25 +107,62 @@ def write_pictures(
             d = diff_map(img, ref)
             vmax = vmax_global if options.heatmap_scale == "global" else float(d.max())
             shown = heatmap_overlay(img, d, vmax, options.opacity, options.cmap)
+            m, s = own[(mode, row.block)]
             tiles.append(
                 label_tile(
                     shown,
                     f"{row.block} #{row.rank}",
-                    top_right=f"MSE {row.mse:.1f}",
-                    bottom=f"SSIM {row.ssim:.3f}",
+                    top_right=f"MSE {m:.1f}",
+                    bottom=f"SSIM {s:.3f}",
                     scale=scale,
                 )
             )
-        header = (
-            f"{Path(settings.lora).name} - {mode} (vs {'no LoRA' if mode == 'solo' else 'full LoRA'}) - "
-            f"prompt 0, seed {s0}; heatmaps on a {options.heatmap_scale} scale"
+        versus = "no LoRA" if mode == "solo" else "full LoRA"
+        ranked = (
+            f"#: rank by the mean over {n_images} images (ranking.csv)"
+            if n_images > 1
+            else "#: rank"
         )
-        sheet = contact_sheet(tiles, max_pixels=options.sheet_max_pixels, header=header)
+        header = (
+            f"{Path(settings.lora).name} - {MODE_TITLES[mode]}. Renders of prompt 0, seed {s0}; "
+            f"MSE and SSIM vs {versus} of that image; {ranked}"
+        )
+        scale_text = (
+            "one scale for the sweep"
+            if options.heatmap_scale == "global"
+            else "each map on its own scale"
+        )
+        legend = colour_scale(
+            options.cmap,
+            vmax_global if options.heatmap_scale == "global" else None,
+            label=f"heatmap vs {versus}: {HEATMAP_UNIT}; {scale_text}",
+            width=1000,
+            font_size=18,
+        )
+        sheet = contact_sheet(
+            tiles, max_pixels=options.sheet_max_pixels, header=header, legend=legend
+        )
         name = "contact_sheet.png" if mode == primary else f"contact_sheet_{mode}.png"
         save_png(sheet, out_dir / name)
-    chart_mode = primary
-    rows = sorted(analysis.rows_for(chart_mode), key=lambda r: block_order(r.block))
+    blocks = sorted({r.block for r in analysis.rows}, key=block_order)
+    charted = []
+    for mode in modes:
+        by = {r.block: r for r in analysis.rows_for(mode)}
+        nan = float("nan")
+        charted.append(
+            ModeInfluence(
+                mode,
+                [by[b].mse if b in by else nan for b in blocks],
+                [1.0 - by[b].ssim if b in by else nan for b in blocks],
+            )
+        )
+    suggestion = analysis.suggestion
     chart = influence_chart(
-        [r.block for r in rows], [r.mse for r in rows], [1.0 - r.ssim for r in rows]
+        blocks,
+        charted,
+        images=len(settings.render.prompts) * len(settings.render.seeds),
+        keep=suggestion.blocks,
+        keep_mode=suggestion.mode,
+        title=f"Block influence: {Path(settings.lora).name}",
     )
     save_png(chart, out_dir / "influence.png")
