@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,8 +29,10 @@ from lora_prune.analysis import (
     analyze,
     batches,
     compute_analysis,
+    outputs,
     plan_jobs,
     read_manifest,
+    set_curve,
     suggest_keep,
 )
 from lora_prune.analysis.scoring import _rank_rows
@@ -40,6 +43,7 @@ from lora_prune.lora import LoraFile, read_lora
 from lora_prune.rendercache import DamagedRenderError
 from lora_prune.safetensors_io import file_sha256
 from lora_prune.testing import planted_lora
+from lora_prune.verdict import Criterion, CurvePoint
 
 PLANTED = {"double.3": 1.0, "single.7": 0.5, "single.20": 0.25}
 
@@ -190,8 +194,70 @@ def test_outputs_are_written_and_read_back(lora: LoraFile, tmp_path: Path) -> No
     # two references + one tile per block, each 32 px upscaled x8 plus a caption
     assert sheet.width >= 8 * 256 and sheet.height > 8 * 256
     assert (out / "contact_sheet_loo.png").exists()
-    assert Image.open(out / "influence.png").size == (1400, 600)
+    assert Image.open(out / "influence.png").size == (1400, 110 + 4 * 230)  # both modes
     assert (out / "report.html").exists()
+
+
+def test_the_pictures_show_what_was_measured(
+    lora: LoraFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+    for name in ("influence_chart", "pruning_curve_chart", "label_tile"):
+        real = getattr(outputs, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.setdefault(_name, []).append((args, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(outputs, name, spy)
+    out = tmp_path / "out"
+    result = analyze(lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED))
+
+    # The influence chart: every mode swept, its mean over the 4 images, the keep set's source.
+    (blocks, charted), kwargs = calls["influence_chart"][-1]
+    assert blocks == sorted(lora.blocks, key=block_order)
+    assert [m.mode for m in charted] == ["solo", "loo"]
+    for m in charted:
+        rows = {r.block: r for r in result.rows_for(m.mode)}
+        assert m.mse == [rows[b].mse for b in blocks]
+        assert m.one_minus_ssim == [1.0 - rows[b].ssim for b in blocks]
+    assert kwargs["images"] == 4
+    assert kwargs["keep"] == result.suggestion.blocks and kwargs["keep_mode"] == "loo"
+
+    # The sheets' badges are the shown image's own scores (prompt 0, seed 0), not the means.
+    own = {(e["mode"], e["block"]): e for e in result.images if (e["prompt"], e["seed"]) == (0, 0)}
+    badged = [(args, kw) for args, kw in calls["label_tile"] if kw.get("top_right")]
+    assert len(badged) == 2 * len(lora.blocks)
+    differs = 0
+    for i, (args, kw) in enumerate(badged):
+        mode = "solo" if i < len(lora.blocks) else "loo"
+        block = args[1].split(" #")[0]
+        assert kw["top_right"] == f"MSE {own[(mode, block)]['mse']:.1f}"
+        assert kw["bottom"] == f"SSIM {own[(mode, block)]['ssim']:.3f}"
+        mean = next(r for r in result.rows_for(mode) if r.block == block).mse
+        differs += kw["top_right"] != f"MSE {mean:.1f}"
+    assert differs  # the planted blocks' means are not their first image's scores
+
+    # The pruning curve: the worst image (the verdict's) and the mean, apart.
+    order = [r.block for r in result.rows_for("loo")]
+    points = [
+        CurvePoint(
+            k,
+            order[:k],
+            1000 * k,
+            kept={"mse": min(1.0, 0.3 * k), "ssim": min(1.0, 0.25 * k)},
+            worst={"mse": min(1.0, 0.2 * k), "ssim": min(1.0, 0.15 * k)},
+            passed=0.2 * k >= 0.9 and 0.15 * k >= 0.9,
+        )
+        for k in (0, 1, 2, 3, 7, len(order))
+    ]
+    set_curve(result, points, Criterion(min_kept=0.9), lora=lora)
+    (ks, worst, mean, sizes), kwargs = calls["pruning_curve_chart"][-1]
+    assert ks == [0, 1, 2, 3, 7, len(order)] and sizes == [1000 * k for k in ks]
+    assert worst == {n: [p.worst[n] for p in points] for n in ("mse", "ssim")}
+    assert mean == {n: [p.kept[n] for p in points] for n in ("mse", "ssim")}
+    assert kwargs["min_kept"] == 0.9 and kwargs["chosen"] == 7 and kwargs["ranking"] == "loo"
+    assert (out / "pruning_curve.png").exists()
 
 
 def test_rerun_renders_nothing_and_interrupted_run_resumes_identically(

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_prune.charts import CATEGORY_COLORS, influence_chart
 from lora_prune.errors import OutputError, UsageError
 from lora_prune.metrics import diff_map
 from lora_prune.pictures import (
     COLORMAPS,
+    _nice_step,
     colorize,
+    colour_scale,
     contact_sheet,
     global_vmax,
     heatmap_overlay,
@@ -35,10 +36,6 @@ def _blue_dominant(px: np.ndarray) -> bool:
 
 def _red_dominant(px: np.ndarray) -> bool:
     return bool(px[0] > px[1] and px[0] > px[2])
-
-
-def _has_colour(img: Image.Image, rgb: tuple[int, int, int]) -> bool:
-    return bool(np.any(np.all(np.asarray(img) == np.asarray(rgb, np.uint8), axis=-1)))
 
 
 # --- colour maps -------------------------------------------------------------
@@ -79,16 +76,41 @@ def test_colorize_unknown_cmap_is_usage_error() -> None:
         colorize(np.zeros((2, 2), np.float32), 1.0, cmap="viridis")
 
 
-def test_heatmap_overlay_blends() -> None:
+def _grey(img: np.ndarray) -> np.ndarray:
+    luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.repeat((0.75 * luma)[..., None], 3, axis=-1)
+
+
+def test_heatmap_overlay_colours_only_what_changed() -> None:
     img = _gradient(8, 8)
-    diff = np.full((8, 8), 10.0, np.float32)
-    assert np.array_equal(heatmap_overlay(img, diff, 10.0, opacity=0.0), img)
-    assert np.array_equal(heatmap_overlay(img, diff, 10.0, opacity=1.0), colorize(diff, 10.0))
-    half = heatmap_overlay(img, diff, 10.0, opacity=0.5)
-    expected = np.rint(0.5 * img + 0.5 * colorize(diff, 10.0).astype(float)).astype(np.uint8)
-    assert np.array_equal(half, expected)
+    diff = np.zeros((8, 8), np.float32)
+    diff[:, 4:] = 10.0  # the right half changed by vmax, the left half not at all
+    diff[0, 0] = 2.5  # a quarter of vmax: half the weight (the square root)
+    grey = _grey(img)
+    shown = heatmap_overlay(img, diff, 10.0, opacity=0.6).astype(np.float64)
+    colours = colorize(diff, 10.0).astype(np.float64)
+    # Unchanged pixels: the render in grey, untinted by the map's low end.
+    assert np.array_equal(shown[1:, :4], np.rint(grey[1:, :4]))
+    assert np.allclose(shown[:, 4:], np.rint(0.4 * grey[:, 4:] + 0.6 * colours[:, 4:]), atol=0.5)
+    assert np.allclose(shown[0, 0], np.rint(0.7 * grey[0, 0] + 0.3 * colours[0, 0]), atol=0.5)
+    # opacity 1 paints a full change in the map's colour; opacity 0 and vmax 0 show grey only.
+    full = heatmap_overlay(img, diff, 10.0, opacity=1.0)
+    assert np.array_equal(full[:, 4:], colorize(diff, 10.0)[:, 4:])
+    assert np.array_equal(heatmap_overlay(img, diff, 10.0, opacity=0.0), np.rint(grey))
+    assert np.array_equal(heatmap_overlay(img, diff, 0.0), np.rint(grey))
     with pytest.raises(ValueError):
         heatmap_overlay(img, np.zeros((4, 4), np.float32), 1.0)
+
+
+def test_colour_scale_has_round_ticks_and_the_maps_ends() -> None:
+    strip = colour_scale("jet", 1664.0, label="heatmap", width=600)
+    arr = np.asarray(strip)
+    low, high = COLORMAPS["jet"][0], COLORMAPS["jet"][255]
+    bar_rows = [r for r in range(arr.shape[0]) if (arr[r, 6] == low).all()]
+    assert len(bar_rows) >= 10  # the ramp runs from the map's low end (left) ...
+    assert all((arr[r, 600 - 7] == high).all() for r in bar_rows)  # ... to its high end
+    assert _nice_step(1664.0, 4) == 500.0 and _nice_step(0.18, 4) == 0.05
+    assert _nice_step(100.0, 4) == 25.0
 
 
 # --- scaling -----------------------------------------------------------------
@@ -236,57 +258,6 @@ def test_side_by_side_is_one_row() -> None:
 
 
 # --- influence chart ---------------------------------------------------------
-
-_BLOCKS = [
-    "input",
-    *(f"double.{i}" for i in range(19)),
-    *(f"single.{i}" for i in range(38)),
-    "final",
-]
-
-
-def test_influence_chart_size_and_colours() -> None:
-    rng = np.random.default_rng(3)
-    mse = list(rng.uniform(0, 3000, len(_BLOCKS)))
-    oms = list(rng.uniform(0, 0.5, len(_BLOCKS)))
-    chart = influence_chart(_BLOCKS, mse, oms)
-    assert chart.size == (1400, 600)
-    for kind in ("double", "single", "other"):
-        assert _has_colour(chart, CATEGORY_COLORS[kind])
-    assert influence_chart(_BLOCKS, mse, oms, width=900, height=450).size == (900, 450)
-
-
-def test_influence_chart_colours_follow_block_kind() -> None:
-    chart = influence_chart(["double.0", "double.1"], [5.0, 9.0], [0.1, 0.2])
-    assert _has_colour(chart, CATEGORY_COLORS["double"])
-    assert not _has_colour(chart, CATEGORY_COLORS["single"])
-
-
-def _count_colour(img: Image.Image, rgb: tuple[int, int, int]) -> int:
-    return int(np.sum(np.all(np.asarray(img) == np.asarray(rgb, np.uint8), axis=-1)))
-
-
-def test_influence_chart_handles_zero_and_nan() -> None:
-    blue = CATEGORY_COLORS["double"]
-    missing = influence_chart(["double.0", "single.3"], [float("nan"), 0.0], [0.0, 0.0], 600, 400)
-    present = influence_chart(["double.0", "single.3"], [5.0, 0.0], [0.0, 0.0], 600, 400)
-    assert missing.size == (600, 400)
-    # Only the legend swatch is blue when the double block has no value; a bar adds far more.
-    assert 0 < _count_colour(missing, blue) < 400
-    assert _count_colour(present, blue) > _count_colour(missing, blue) + 1000
-
-
-def test_influence_chart_rejects_mismatched_lengths() -> None:
-    with pytest.raises(ValueError):
-        influence_chart(["double.0", "double.1"], [1.0], [0.1, 0.2])
-
-
-def test_influence_chart_other_blocks_get_third_colour() -> None:
-    chart = influence_chart(["clip", "t5", "input", "final"], [1.0, 2.0, 3.0, 4.0], [0.1] * 4)
-    assert _has_colour(chart, CATEGORY_COLORS["other"])
-    assert not _has_colour(chart, CATEGORY_COLORS["double"])
-    assert not _has_colour(chart, CATEGORY_COLORS["single"])
-
 
 # --- save_png ----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,10 +21,12 @@ from browser import Browser
 from clitools import run_cli
 from PIL import Image
 
+from lora_prune import verify as verify_module
 from lora_prune.analysis import AnalyzeSettings, Renderer, analyze, read_manifest
 from lora_prune.check import load_policy, run_check
 from lora_prune.errors import EXIT_NO_EFFECT, NoEffectError
 from lora_prune.lora import read_lora
+from lora_prune.pictures import label_tile
 from lora_prune.provenance import VERIFICATION_KEY, VerificationRecord
 from lora_prune.render.loading import LoadedModel, ModelSpec
 from lora_prune.render.session import open_session
@@ -99,7 +102,23 @@ def test_absolute_ssim_floor_is_optional_and_extra() -> None:
 
 
 # --- the tiny model: known, unequal shares ------------------------------------
-def test_verify_fails_a_slim_without_the_strongest_block(unequal: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def verdict_tiles(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The verdict tiles ``verify.png`` gets: their captions and whether they are red."""
+    tiles: list[dict[str, Any]] = []
+
+    def spy(image: Any, title: str, *args: Any, **kwargs: Any) -> Image.Image:
+        if title.startswith("slim vs full"):
+            tiles.append({"title": title, **kwargs})
+        return label_tile(image, title, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "label_tile", spy)
+    return tiles
+
+
+def test_verify_fails_a_slim_without_the_strongest_block(
+    unequal: Path, tmp_path: Path, verdict_tiles: list[dict[str, Any]]
+) -> None:
     slim = slim_lora(unequal, ["double.3", "single.7"], output=tmp_path / "nofinal.safetensors")
     result = run_cli(
         "verify", str(unequal), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
@@ -109,15 +128,24 @@ def test_verify_fails_a_slim_without_the_strongest_block(unequal: Path, tmp_path
     assert report["criterion"] == "kept_share" and report["min_kept"] == 0.9
     assert report["passed"] is False and report["kept_share"] < 0.5
     assert "FAIL" in result.stdout and "worst share of the effect kept" in result.stdout
+    # In verify.png the failed image's verdict is red, its residual named in MSE units.
+    failed = [not i["passed"] for i in report["images"]]
+    assert [t["alert"] for t in verdict_tiles] == failed and any(failed)
+    assert all(t["title"].endswith("FAIL") == t["alert"] for t in verdict_tiles)
+    assert all(t["bottom"].startswith("residual MSE ") for t in verdict_tiles)
 
 
-def test_verify_passes_the_full_keep_set(unequal: Path, tmp_path: Path) -> None:
+def test_verify_passes_the_full_keep_set(
+    unequal: Path, tmp_path: Path, verdict_tiles: list[dict[str, Any]]
+) -> None:
     slim = slim_lora(unequal, list(UNEQUAL), output=tmp_path / "all.safetensors")
     result = run_cli(
         "verify", str(unequal), str(slim.output), *RENDER, "--out", str(tmp_path / "v")
     )
     assert result.exit_code == 0, result.stdout
     assert json.loads((tmp_path / "v" / "verify.json").read_text())["kept_share"] == 1.0
+    assert verdict_tiles and not any(t["alert"] for t in verdict_tiles)
+    assert all(t["title"] == "slim vs full: pass" for t in verdict_tiles)
 
 
 def test_empty_keep_set_fails(unequal: Path, tiny_model: LoadedModel) -> None:
@@ -160,7 +188,7 @@ def test_slim_auto_keeps_only_blocks_that_carry_effect_and_passes(
     assert points[0]["k"] == 0 and points[0]["kept"] == {"mse": 0.0, "ssim": 0.0}
     assert points[-1]["k"] == len(read_lora(unequal).blocks)
     assert points[-1]["kept"] == {"mse": 1.0, "ssim": 1.0}
-    assert Image.open(work / "pruning_curve.png").size == (1000, 520)
+    assert Image.open(work / "pruning_curve.png").size == (1000, 560)
     # ... and the verified slim passes check against a policy demanding 90%, not 99.99%.
     policy = tmp_path / "p.toml"
     policy.write_text("require_verified = true\nmin_kept = 0.9\n")
