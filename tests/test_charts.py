@@ -8,6 +8,7 @@ fails here, not only when someone opens the PNG.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from lora_prune.charts import (
     pruning_curve_chart,
     pruning_curve_figure,
 )
+from lora_prune.errors import EXIT_MISSING_DEPENDENCY, MissingDependencyError
 
 BLOCKS = [
     "input",
@@ -213,3 +215,17 @@ def test_curve_of_every_k_is_linear_in_k() -> None:
     assert pruning_curve_chart(ks, {"mse": shares}, {}, [1] * 11).size == (1000, 560)
     with pytest.raises(ValueError):
         pruning_curve_figure(ks, {"mse": shares[:3]}, {}, [1] * 11)
+
+
+def test_without_matplotlib_the_charts_are_a_one_line_missing_dependency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it raises ImportError
+    with pytest.raises(MissingDependencyError) as caught:
+        influence_chart(["double.0"], [ModeInfluence("solo", [1.0], [0.1])], images=1)
+    assert str(caught.value) == (
+        "the charts need matplotlib, which is not installed, matplotlib, "
+        "install the render extra: pip install 'lora-prune[render]'"
+    )
+    assert caught.value.exit_code == EXIT_MISSING_DEPENDENCY

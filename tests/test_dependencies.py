@@ -32,6 +32,7 @@ DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}
 OPTIONAL_IN_CORE = {
     "yaml": "comfy: extra_model_paths.yaml beyond the plain subset it parses itself",
     "gguf": "comfy: GGUF transformers' tensors (without it, a one-line reason)",
+    "matplotlib": "charts: analyze's charts, from the render extra (without it, a one-line reason)",
 }
 #: Declared for a library that imports them, not for an import of ours.
 USED_THROUGH = {

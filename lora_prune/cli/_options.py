@@ -220,7 +220,8 @@ picture_options = gather(
             type=float,
             default=PictureOptions.opacity,
             show_default=True,
-            help="Heatmap opacity in the contact sheet, from 0 to 1.",
+            help="Heatmap weight of the strongest change in the contact sheets, from 0 to 1 "
+            "(unchanged pixels show the render in grey).",
         ),
         click.option(
             "--sheet-order",
