@@ -93,8 +93,9 @@ def analyze(
 ) -> None:
     """Rank a LoRA's blocks by rendering one variant per block (MSE and SSIM).
 
-    Writes DIR/ranking.csv, ranking.json, contact_sheet.png, influence.png,
-    report.html, manifest.json, images/ and heatmaps/. Rerunning renders only
+    Writes DIR/ranking.csv, ranking.json, contact_sheet.png (and
+    contact_sheet_loo.png with --mode both), influence.png, pruning_curve.png
+    (with --curve), report.html, manifest.json, images/ and heatmaps/. Rerunning renders only
     what is missing or damaged (each cached image is checked against its record).
 
     \b

@@ -23,7 +23,7 @@ from ._printers import ProgressBar, print_ranking, print_suggestion, print_verif
     help="Output folder.",
 )
 def demo(out_dir: Path) -> None:
-    """Run the whole loop on the built-in tiny model: no downloads, about a minute on a CPU.
+    """Run the whole loop on the built-in tiny model: no downloads, under a minute on a CPU.
 
     Makes a LoRA with a few planted strong blocks, analyzes it (solo and
     leave-one-out), slims it to the suggested keep set and verifies the result.
