@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel

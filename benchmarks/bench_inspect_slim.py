@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_prune.blocks import format_block_spec, parse_block_spec
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.blocks import LAYOUT
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
@@ -114,6 +115,7 @@ _RSS_CHILD = """
 import resource, sys
 from pathlib import Path
 from lora_prune.blocks import parse_block_spec
+from lora_prune.families.flux1.blocks import LAYOUT
 from lora_prune.lora import read_lora
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora
@@ -122,7 +124,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if op == "inspect":
     inspect_lora(read_lora(path))
 elif op == "slim":
-    slim_lora(path, parse_block_spec(keep), output=out, force=True)
+    slim_lora(path, parse_block_spec(keep, LAYOUT), output=out, force=True)
 elif op == "read":
     buf = bytearray(1 << 20)
     with open(path, "rb", buffering=0) as f:
@@ -164,7 +166,7 @@ def run(folder: Path, repeat: int, keep_spec: str, rank: int, profile: bool) -> 
     write_synth_lora(path, spec)
     generate_s = time.perf_counter() - start
     size = path.stat().st_size
-    keep = parse_block_spec(keep_spec)
+    keep = parse_block_spec(keep_spec, LAYOUT)
     out = folder / "slim.safetensors"
     copy = folder / "copy.safetensors"
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from bench_inspect_slim import best_of
 
-from lora_prune.blocks import BLOCK_IDS, TEXT_ENCODER_IDS
+from lora_prune.families.flux1.blocks import BLOCK_IDS, TEXT_ENCODER_IDS
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import ModelSpec, load_pipeline

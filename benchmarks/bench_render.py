@@ -38,7 +38,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 
-from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
+from lora_prune.families.flux1.blocks import DOUBLE_IDS, SINGLE_IDS
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import ModelSpec, load_pipeline

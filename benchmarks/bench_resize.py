@@ -27,7 +27,7 @@ from typing import Any
 
 from bench_inspect_slim import best_of, read_all
 
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.resize import resize_lora
 from lora_prune.testing import SynthSpec, write_synth_lora

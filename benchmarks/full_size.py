@@ -31,8 +31,8 @@ import transformers
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 
-from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
-from lora_prune.geometry import FLUX1_DEV, TINY
+from lora_prune.families.flux1.blocks import DOUBLE_IDS, SINGLE_IDS
+from lora_prune.families.flux1.geometry import FLUX1_DEV, TINY
 from lora_prune.lora import read_lora
 from lora_prune.render.checkpoints import shipped_config, shipped_transformer_config
 from lora_prune.render.engine import BlockEngine

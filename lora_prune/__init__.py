@@ -1,8 +1,9 @@
-"""lora-prune: find which blocks of a FLUX.1 LoRA matter and ship smaller LoRAs.
+"""lora-prune: find which blocks of a LoRA for a diffusion transformer matter and ship smaller LoRAs.
 
 The public API is this module's ``__all__``: the verbs :func:`read_lora`,
 :func:`inspect_lora`, :func:`plan_slim`, :func:`slim_lora`, :func:`resize_lora`,
-:func:`parse_block_spec`/:func:`format_block_spec` (no rendering needed),
+:func:`parse_block_spec`/:func:`format_block_spec` (no rendering needed; a
+LoRA's blocks are its family's, ``lora.family.blocks``, of :data:`FAMILIES`),
 :func:`analyze`, :func:`verify_slim`, :func:`auto_keep` (rank and prove with a
 renderer) and :func:`run_check` (the CI gate); the dataclasses they return; and
 the exception tree of :mod:`lora_prune.errors`, whose root
@@ -17,7 +18,8 @@ Example::
 
     lora = read_lora("my_lora.safetensors")
     print([(b.block, b.norm) for b in inspect_lora(lora, sort="norm").blocks[:5]])
-    slim_lora(lora, parse_block_spec("double.7,single.20"), output="small.safetensors")
+    keep = parse_block_spec("double.7,single.20", lora.family.blocks)
+    slim_lora(lora, keep, output="small.safetensors")
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .blocks import BLOCK_IDS, format_block_spec, parse_block_spec
+from .blocks import BlockLayout, BlockSpec, format_block_spec, parse_block_spec
 from .errors import (
     BlockIndexError,
     BlockSpecError,
@@ -50,6 +52,7 @@ from .errors import (
     UsageError,
     WrongBaseModelError,
 )
+from .families import FAMILIES, Family
 from .lora import LoraFile, LoraModule, read_lora
 from .slim import SlimPlan, SlimResult, plan_slim, slim_lora
 from .stats import BlockStats, LoraReport, inspect_lora
@@ -82,17 +85,20 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "BLOCK_IDS",
+    "FAMILIES",
     "Analysis",
     "AnalyzeSettings",
     "AutoResult",
     "BlockIndexError",
+    "BlockLayout",
+    "BlockSpec",
     "BlockSpecError",
     "BlockStats",
     "BudgetError",
     "CheckResult",
     "CorruptFileError",
     "Criterion",
+    "Family",
     "IncompleteFileError",
     "LoraFile",
     "LoraModule",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraPruneError, UnreadableFileError, UsageError
-from .keys import GUIDANCE_PREFIXES
+from .families.flux1.keys import GUIDANCE_PREFIXES
 from .memoryplan import PlanChoice, choose_plan, estimate_seconds_per_image
 from .safetensors_io import SafetensorsHeader, read_header
 from .settings import DEFAULT_SIZE, DEFAULT_STEPS

@@ -1,10 +1,10 @@
-"""A parsed FLUX.1 LoRA file: its modules, grouped by stem and attributed to blocks.
+"""A parsed LoRA file: its model family, its modules grouped by stem and attributed to blocks.
 
 :func:`read_lora` is the entry point every command uses: it validates the
-safetensors file (:mod:`lora_prune.safetensors_io`), resolves every key with the
-block map (:mod:`lora_prune.keys`), groups the tensors of one module stem,
-reads the tiny alpha scalars and the PEFT adapter metadata, and refuses files
-that are not FLUX.1 LoRAs with an error naming what they are.
+safetensors file (:mod:`lora_prune.safetensors_io`), finds the family whose key
+grammars read it (:mod:`lora_prune.families`), groups the tensors of one module
+stem, reads the tiny alpha scalars and the PEFT adapter metadata, and refuses
+files of no supported family with an error naming what they are.
 """
 
 from __future__ import annotations
@@ -15,24 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import adapter_of, rank_of, scale_of
-from .blocks import DOUBLE_BLOCKS, OTHER, SINGLE_BLOCKS, sort_blocks
+from .blocks import OTHER, sort_blocks
 from .boundedjson import JsonLimitError, loads_bounded
 from .errors import (
-    BlockIndexError,
     CorruptFileError,
     UnknownKeysError,
     UnsupportedLoraError,
     WrongBaseModelError,
 )
-from .keys import (
-    INDEX_MAX_DIGITS,
-    BlockRangeError,
-    ParsedKey,
-    Target,
-    guess_base_model,
-    other_key,
-    parse_key,
-)
+from .families import FAMILIES, Family, guess_base_model
+from .keys import BlockRangeError, ParsedKey, Target, other_key
 from .safetensors_io import SafetensorsHeader, SafetensorsReader, TensorInfo, read_header
 
 #: key grammar -> the generic grammar its modules' bare ".alpha" keys read as
@@ -82,11 +74,24 @@ class LoraModule:
 
 
 @dataclass
+class ParsedHeader:
+    """A header's keys read by one family: modules by stem, each key's block, the grammars."""
+
+    family: Family
+    modules: dict[str, LoraModule]
+    #: key -> block id, for every tensor of the file
+    key_blocks: dict[str, str]
+    #: grammar name -> number of keys in it
+    grammars: Counter[str]
+
+
+@dataclass
 class LoraFile:
-    """A FLUX.1 LoRA file, read and attributed. Tensor data stays on disk."""
+    """A LoRA file, read and attributed to its family's blocks. Tensor data stays on disk."""
 
     path: Path
     header: SafetensorsHeader
+    family: Family
     modules: dict[str, LoraModule]
     #: key -> block id, for every tensor of the file
     key_blocks: dict[str, str]
@@ -339,84 +344,68 @@ def _peft_alpha(config: dict[str, object], module: LoraModule, path: Path) -> fl
     return scale * rank
 
 
+def _supported() -> str:
+    return " or ".join(f.display for f in FAMILIES)
+
+
 def _check_other_base_model(unknown: list[str], path: Path) -> None:
     base = guess_base_model(unknown)
     if base is not None:
         raise WrongBaseModelError(
-            f"this LoRA is for {base}, not FLUX.1 ({len(unknown)} keys such as {unknown[0]!r})",
+            f"this LoRA is for {base}, which lora-prune does not support "
+            f"({len(unknown)} keys such as {unknown[0]!r})",
             path,
-            "use a FLUX.1 LoRA",
+            f"use a LoRA for {_supported()}",
             base,
         )
 
 
-def _range_error(
-    errors: list[BlockRangeError], keys: list[str], path: Path, has_single: bool
-) -> None:
-    max_double = max((e.index for e in errors if e.kind == "double"), default=-1)
-    max_single = max((e.index for e in errors if e.kind == "single"), default=-1)
-    first = errors[0]
-    diffusers_named = all("transformer_blocks" in k for k in keys)
-    if max_double >= 20 and not has_single and max_single < 0 and diffusers_named:
-        # SD3's joint blocks use the same diffusers names as FLUX's double blocks (24 or 38 of them).
-        raise WrongBaseModelError(
-            f"double block index {max_double} is beyond FLUX.1's {DOUBLE_BLOCKS} and there are no "
-            "single blocks; SD3 has 24-38 joint blocks with these names, so this LoRA is likely for SD3",
-            path,
-            "use a FLUX.1 LoRA",
-            "SD3",
-        )
-    if max_single >= SINGLE_BLOCKS and max_single < 48 and max_double < DOUBLE_BLOCKS:
-        raise WrongBaseModelError(
-            f"single block index {max_single} is beyond FLUX.1's {SINGLE_BLOCKS}; "
-            "FLUX.2 has 48 single blocks, so this LoRA is likely for FLUX.2",
-            path,
-            "use a FLUX.1 LoRA",
-            "FLUX.2",
-        )
-    if max_double >= DOUBLE_BLOCKS and max_double < 20 and max_single < 40:
-        raise WrongBaseModelError(
-            f"double block index {max_double} is beyond FLUX.1's {DOUBLE_BLOCKS}; "
-            "HunyuanVideo has 20 double blocks, so this LoRA is likely for HunyuanVideo",
-            path,
-            "use a FLUX.1 LoRA",
-            "HunyuanVideo",
-        )
-    limit = DOUBLE_BLOCKS if first.kind == "double" else SINGLE_BLOCKS
-    raise BlockIndexError(
-        f"{first.kind} block index "
-        f"{first.index if first.index < 10**INDEX_MAX_DIGITS else f'of over {INDEX_MAX_DIGITS} digits'}"
-        f" is out of range 0..{limit - 1}",
-        path,
-        "this is not a FLUX.1 LoRA, or its keys are damaged",
-    )
+@dataclass
+class _Reading:
+    parsed: list[ParsedKey]
+    unknown: list[str]
+    range_errors: list[BlockRangeError]
+    range_keys: list[str]
+
+    @property
+    def transformer_keys(self) -> int:
+        return sum(pk.target is not None and pk.target.model == "transformer" for pk in self.parsed)
+
+
+def _read_keys(family: Family, header: SafetensorsHeader) -> _Reading:
+    reading = _Reading([], [], [], [])
+    for key in header.tensors:
+        try:
+            pk = family.parse_key(key)
+        except BlockRangeError as exc:
+            reading.range_errors.append(exc)
+            reading.range_keys.append(key)
+            continue
+        if pk is None:
+            reading.unknown.append(key)
+        else:
+            reading.parsed.append(pk)
+    return reading
 
 
 def parse_lora_header(
-    header: SafetensorsHeader, *, allow_unknown: bool = False
-) -> tuple[dict[str, LoraModule], dict[str, str], Counter[str]]:
-    """Group the header's keys into modules without reading tensor data."""
+    header: SafetensorsHeader, *, allow_unknown: bool = False, family: Family | None = None
+) -> ParsedHeader:
+    """Group the header's keys into modules without reading tensor data.
+
+    ``family`` None reads the keys with every family's grammars and takes the
+    one that places the most transformer keys (the first of a tie).
+    """
     path = header.path
-    parsed: list[ParsedKey] = []
-    unknown: list[str] = []
-    range_errors: list[BlockRangeError] = []
-    range_keys: list[str] = []
-    for key in header.tensors:
-        try:
-            pk = parse_key(key)
-        except BlockRangeError as exc:
-            range_errors.append(exc)
-            range_keys.append(key)
-            continue
-        if pk is None:
-            unknown.append(key)
-        else:
-            parsed.append(pk)
-    if range_errors:
-        has_single = any(pk.block.startswith("single.") for pk in parsed)
-        _range_error(range_errors, range_keys, path, has_single)
+    readings = [(f, _read_keys(f, header)) for f in ((family,) if family else FAMILIES)]
+    best = max(range(len(readings)), key=lambda i: (readings[i][1].transformer_keys, -i))
+    family, reading = readings[best]
+    parsed, unknown = reading.parsed, reading.unknown
+    if reading.range_errors:
+        blocks = frozenset(pk.block for pk in parsed)
+        family.report_range_errors(reading.range_errors, reading.range_keys, blocks, path)
     if unknown:
-        # Text-encoder keys alone do not make a FLUX.1 LoRA: SD1.5 and SDXL share its CLIP-L.
+        # Text-encoder keys alone do not make a LoRA of a family: SD1.5 and SDXL share FLUX.1's CLIP-L.
         if not any(pk.target is not None and pk.target.model == "transformer" for pk in parsed):
             _check_other_base_model(unknown, path)
         if not allow_unknown:
@@ -424,7 +413,7 @@ def parse_lora_header(
             shown = ", ".join(unknown[:_SHOW_KEYS])
             more = f" and {len(unknown) - _SHOW_KEYS} more" if len(unknown) > _SHOW_KEYS else ""
             raise UnknownKeysError(
-                f"{len(unknown)} keys match no FLUX.1 LoRA format: {shown}{more}",
+                f"{len(unknown)} keys match no {family.display} LoRA format: {shown}{more}",
                 path,
                 "pass --allow-unknown to report them as block 'other'",
                 unknown,
@@ -452,11 +441,13 @@ def parse_lora_header(
     for module in modules.values():
         if module.block != OTHER:
             grammars[module.grammar] += len(module.tensors)
-    return modules, key_blocks, grammars
+    return ParsedHeader(family, modules, key_blocks, grammars)
 
 
-def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
-    """Read and attribute a FLUX.1 LoRA file.
+def read_lora(
+    path: str | Path, *, allow_unknown: bool = False, family: Family | None = None
+) -> LoraFile:
+    """Read a LoRA file and attribute it to its family's blocks.
 
     Reads the header and the alpha scalars only; tensor data is read on demand
     by the statistics and the writers. Raises errors of :mod:`lora_prune.errors`.
@@ -466,6 +457,8 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
             (kohya, diffusers/PEFT, ComfyUI, XLabs, LyCORIS, ...).
         allow_unknown: attribute keys no grammar names to block ``other``
             instead of raising :class:`~lora_prune.errors.UnknownKeysError`.
+        family: read with this family's grammars only (e.g. a slim file as its
+            source's family); None finds the family (see :func:`parse_lora_header`).
 
     Example::
 
@@ -473,10 +466,10 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
         print(lora.format, lora.blocks[:3], lora.total_bytes)
     """
     header = read_header(path)
-    modules, key_blocks, grammars = parse_lora_header(header, allow_unknown=allow_unknown)
+    read = parse_lora_header(header, allow_unknown=allow_unknown, family=family)
     peft = _peft_config(header.metadata, header.path)
     with SafetensorsReader(header.path, header) as reader:
-        for module in modules.values():
+        for module in read.modules.values():
             info = module.tensors.get("alpha")
             if info is not None:
                 value = reader.read_array(info.name)
@@ -489,4 +482,6 @@ def read_lora(path: str | Path, *, allow_unknown: bool = False) -> LoraFile:
                 module.alpha = float(value.reshape(-1)[0])
             elif peft is not None:
                 module.alpha = _peft_alpha(peft, module, header.path)
-    return LoraFile(header.path, header, modules, key_blocks, grammars, peft)
+    return LoraFile(
+        header.path, header, read.family, read.modules, read.key_blocks, read.grammars, peft
+    )

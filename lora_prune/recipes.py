@@ -77,7 +77,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS, block_kind, format_block_spec, sort_blocks
+from .blocks import block_kind, format_block_spec, sort_blocks
+from .families.flux1.blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS
 
 if TYPE_CHECKING:
     from .lora import LoraFile

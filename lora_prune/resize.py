@@ -39,7 +39,14 @@ import numpy as np
 import numpy.typing as npt
 
 from .adapters import UNRENDERABLE_ROLES, alpha_problem, factor_problem
-from .blocks import format_block_spec, parse_block_spec, sort_blocks
+from .blocks import (
+    BlockLayout,
+    BlockSpec,
+    format_block_spec,
+    parse_block_spec,
+    resolve_blocks,
+    sort_blocks,
+)
 from .errors import UnsupportedAdapterError, UsageError
 from .lora import LoraFile, LoraModule
 from .markers import check_pinned_kept
@@ -144,12 +151,13 @@ class BlockRanks:
     later entry overrides an earlier one.
     """
 
-    #: (spec as written, its block ids, rank)
-    entries: tuple[tuple[str, frozenset[str], int], ...]
+    #: (spec as written, rank); the specs are read against the LoRA's family (:meth:`resolve`)
+    entries: tuple[tuple[str, int], ...]
+    option: str = "--ranks"
 
     @classmethod
     def parse(cls, text: str, option: str = "--ranks") -> BlockRanks:
-        entries: list[tuple[str, frozenset[str], int]] = []
+        entries: list[tuple[str, int]] = []
         parts: list[str] = []
         example = f"e.g. {option} double.0-7=32,single=8,input=16"
         for piece in text.split(","):
@@ -164,28 +172,37 @@ class BlockRanks:
                 raise UsageError(
                     f"the rank {digits!r} of {spec!r} is not an integer >= 1", option, example
                 )
-            try:
-                blocks = parse_block_spec(spec)
-            except UsageError as exc:
-                raise UsageError(exc.what, option, exc.fix) from exc
-            entries.append((spec, blocks, int(digits)))
+            if not spec.strip(" ,"):
+                raise UsageError("empty block spec", option, f"write SPEC=RANK, {example}")
+            entries.append((spec, int(digits)))
         rest = ",".join(parts).strip()
         if rest or not entries:
             what = f"{rest!r} has no rank" if rest else f"{option} names no block"
             raise UsageError(what, option, f"write SPEC=RANK, {example}")
-        return cls(tuple(entries))
+        return cls(tuple(entries), option)
+
+    def resolve(self, layout: BlockLayout) -> list[tuple[str, frozenset[str], int]]:
+        """(spec, its block ids in ``layout``, rank) per entry; a bad spec is a usage error."""
+        out = []
+        for spec, rank in self.entries:
+            try:
+                blocks = parse_block_spec(spec, layout)
+            except UsageError as exc:
+                raise UsageError(exc.what, self.option, exc.fix) from exc
+            out.append((spec, blocks, rank))
+        return out
 
     def mapping(self, lora: LoraFile, default: int | None = None) -> dict[str, int]:
         """Block id -> rank: ``default`` for the LoRA's blocks no entry names (None: as stored)."""
         ranks = dict.fromkeys(lora.blocks, default) if default is not None else {}
-        for _, blocks, k in self.entries:
+        for _, blocks, k in self.resolve(lora.family.blocks):
             ranks.update(dict.fromkeys(blocks, k))
         return ranks
 
     def unmatched(self, lora: LoraFile) -> tuple[str, ...]:
         """The entries' specs that name none of ``lora``'s blocks."""
         have = set(lora.blocks)
-        return tuple(spec for spec, blocks, _ in self.entries if not blocks & have)
+        return tuple(s for s, blocks, _ in self.resolve(lora.family.blocks) if not blocks & have)
 
 
 def factor_svd(up: Array, down: Array) -> tuple[Array, Array, Array, Array, Array]:
@@ -561,7 +578,7 @@ def resize_lora(
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
     block_ranks: BlockRanks | None = None,
-    blocks: Iterable[str] | None = None,
+    blocks: Iterable[str] | BlockSpec | None = None,
     keep: Iterable[str] | None = None,
     force: bool = False,
     allow_unknown: bool = False,
@@ -620,9 +637,9 @@ def resize_lora(
     if block_ranks is not None:
         # --rank is the default of the blocks --ranks does not name.
         ranks, rank, unmatched = block_ranks.mapping(lora, rank), None, block_ranks.unmatched(lora)
-    chosen = set(blocks) if blocks is not None else None
+    chosen = resolve_blocks(blocks, lora.family.blocks)
     if chosen is not None:
-        check_block_ids(chosen, "--blocks")
+        check_block_ids(chosen, "--blocks", lora.family.blocks)
     kept = _kept_modules(lora, keep)
     out_path = Path(output) if output is not None else default_output(lora.path, ".resized")
     check_output_path(lora.path, out_path, force=force)
@@ -642,6 +659,7 @@ def resize_lora(
         )  # fmt: skip
         metadata = write_checked(
             out_path,
+            lora.family,
             sort_blocks({m.block for m in kept}),
             entries,
             ss_meta,
@@ -700,7 +718,7 @@ def _settings_record(
     rank: int | None,
     energy: float | None,
     ranks: Mapping[str, int] | None,
-    chosen: set[str] | None,
+    chosen: frozenset[str] | None,
     slimmed: bool,
 ) -> dict[str, Any]:
     """What the resize was asked to do, for the ``resized_ranks`` provenance record."""
@@ -722,7 +740,7 @@ def _kept_modules(lora: LoraFile, keep: Iterable[str] | None) -> list[LoraModule
     if keep is None:
         return list(lora.modules.values())
     keep_set = set(keep)
-    check_block_ids(keep_set, "--keep")
+    check_block_ids(keep_set, "--keep", lora.family.blocks)
     check_pinned_kept(lora, keep_set)
     kept = [m for m in lora.modules.values() if m.block in keep_set]
     if not kept:
@@ -736,7 +754,7 @@ def _kept_modules(lora: LoraFile, keep: Iterable[str] | None) -> list[LoraModule
 
 def _resize_modules(
     modules: list[LoraModule],
-    chosen: set[str] | None,
+    chosen: frozenset[str] | None,
     reader: SafetensorsReader,
     spool: _Spool,
     *,

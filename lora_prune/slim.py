@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .blocks import BLOCK_IDS, OTHER, format_block_spec, sort_blocks
+from .blocks import OTHER, BlockLayout, BlockSpec, format_block_spec, resolve_blocks, sort_blocks
 from .boundedjson import JsonLimitError, loads_bounded
 from .errors import OutputError, OutputExistsError, UsageError
+from .families import Family
 from .fileio import refuse_overwrite
 from .lora import (
     LoraFile,
@@ -135,9 +136,13 @@ def keep_size(lora: LoraFile, blocks: Sequence[str]) -> int:
 
 
 def _resolve_keep(
-    lora: LoraFile, keep: Iterable[str] | None, drop: Iterable[str] | None
+    lora: LoraFile,
+    keep_blocks: Iterable[str] | BlockSpec | None,
+    drop_blocks: Iterable[str] | BlockSpec | None,
 ) -> set[str]:
     """The keep set from ``--keep`` or ``--drop`` (exactly one of them)."""
+    keep = resolve_blocks(keep_blocks, lora.family.blocks)
+    drop = resolve_blocks(drop_blocks, lora.family.blocks)
     if (keep is None) == (drop is None):
         raise UsageError(
             "give exactly one of --keep and --drop", None, "see lora-prune slim --help"
@@ -145,7 +150,7 @@ def _resolve_keep(
     if keep is not None:
         keep_set = set(keep)
         # "all" means every tensor: with --allow-unknown, also those of block 'other'.
-        if keep_set >= set(BLOCK_IDS):
+        if keep_set >= set(lora.family.blocks.ids):
             keep_set.add(OTHER)
         return keep_set
     assert drop is not None
@@ -288,15 +293,20 @@ def open_source(source: str | Path | LoraFile, allow_unknown: bool) -> LoraFile:
     return read_lora(source, allow_unknown=allow_unknown)
 
 
-def check_block_ids(ids: Iterable[str], option: str) -> None:
-    """Refuse block ids that name no block (``option``: where the user gave them)."""
-    unknown = set(ids) - set(BLOCK_IDS) - {OTHER}
+def check_block_ids(ids: Iterable[str], option: str, layout: BlockLayout) -> None:
+    """Refuse block ids that name no block of ``layout`` (``option``: where the user gave them)."""
+    unknown = set(ids) - set(layout.ids) - {OTHER}
     if unknown:
-        raise UsageError(f"unknown block ids {sorted(unknown)}", option, "use ids like double.7")
+        raise UsageError(
+            f"unknown block ids {sorted(unknown)}",
+            option,
+            f"{layout.family}'s blocks are {format_block_spec(layout.ids)}",
+        )
 
 
 def write_checked(
     dest: Path,
+    family: Family,
     blocks: list[str],
     entries: list[TensorEntry],
     ss_metadata: Mapping[str, str],
@@ -309,12 +319,13 @@ def write_checked(
     """
     digests = digest_entries(entries, ss_metadata)
     metadata = metadata_of(digests)
-    check = output_checker(blocks, entries, digests, metadata, dest)
+    check = output_checker(family, blocks, entries, digests, metadata, dest)
     write_safetensors(dest, entries, metadata, check=check)
     return metadata
 
 
 def output_checker(
+    family: Family,
     blocks: list[str],
     entries: list[TensorEntry],
     digests: Digests,
@@ -325,7 +336,7 @@ def output_checker(
 
     The data section's SHA-256 and every tensor's place in it are compared, which
     proves each tensor byte-identical to what ``entries`` gave with one hash
-    pass; the file must parse as a LoRA holding exactly ``blocks``.
+    pass; the file must parse as a LoRA of ``family`` holding exactly ``blocks``.
     """
     _, layout = build_header(entries, None)
     expected: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
@@ -357,7 +368,7 @@ def output_checker(
             raise OutputError(
                 "the written data does not read back identical", dest, "check the disk and retry"
             )
-        modules, _, _ = parse_lora_header(header, allow_unknown=OTHER in blocks)
+        modules = parse_lora_header(header, allow_unknown=OTHER in blocks, family=family).modules
         if sort_blocks(m.block for m in modules.values()) != blocks:
             raise OutputError(
                 "the written file holds other blocks than planned", dest, "report this bug"
@@ -368,9 +379,9 @@ def output_checker(
 
 def slim_lora(
     source: str | Path | LoraFile,
-    keep: Iterable[str] | None = None,
+    keep: Iterable[str] | BlockSpec | None = None,
     *,
-    drop: Iterable[str] | None = None,
+    drop: Iterable[str] | BlockSpec | None = None,
     output: str | Path | None = None,
     force: bool = False,
     extra_metadata: Mapping[str, str] | None = None,
@@ -385,8 +396,9 @@ def slim_lora(
 
     Args:
         source: the full LoRA, as a path or a :class:`~lora_prune.lora.LoraFile`.
-        keep: block ids to keep; or None with ``drop``.
-        drop: block ids to drop (everything else is kept).
+        keep: block ids (or a :class:`~lora_prune.blocks.BlockSpec`) to keep; or None
+            with ``drop``.
+        drop: block ids or spec to drop (everything else is kept).
         output: where to write; None is ``<stem>.slim.safetensors`` beside the source.
         force: replace an existing output (never the source itself).
         extra_metadata: more ``__metadata__`` entries (e.g. a verification record).
@@ -396,13 +408,13 @@ def slim_lora(
 
     Example::
 
-        result = slim_lora("my_lora.safetensors", parse_block_spec("double.7,single.20"),
+        result = slim_lora("my_lora.safetensors", ["double.7", "single.20"],
                            output="small.safetensors")
         print(result.kept_blocks, result.output)
     """
     lora = open_source(source, allow_unknown)
     keep_set = _resolve_keep(lora, keep, drop)
-    check_block_ids(keep_set, "--keep")
+    check_block_ids(keep_set, "--keep", lora.family.blocks)
     check_pinned_kept(lora, keep_set)
     plan = plan_slim(lora, keep_set)
     if not plan.kept:
@@ -424,6 +436,7 @@ def slim_lora(
         ss_meta = {k: v for k, v in lora.metadata.items() if k.startswith("ss_")}
         metadata = write_checked(
             out_path,
+            lora.family,
             plan.kept_blocks,
             entries,
             ss_meta,

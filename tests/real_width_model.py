@@ -13,7 +13,7 @@ from typing import Any
 import diffusers
 import torch
 
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.render.loading import shipped_transformer_config
 
 

@@ -11,7 +11,7 @@ from conftest import TensorFile
 from lora_prune import errors, verify
 from lora_prune.adapters import bias_rows, delta_io, factor_pairs, factor_problem, missing_factor
 from lora_prune.errors import EXIT_UNSUPPORTED, NotASubsetError, UnsupportedLoraError
-from lora_prune.keys import is_guidance_path
+from lora_prune.families.flux1.keys import is_guidance_path
 from lora_prune.lora import LoraModule, read_lora
 from lora_prune.pickles import is_pickle_name, sniff_pickle
 from lora_prune.provenance import check_subset, subset_differences

@@ -404,7 +404,7 @@ def test_unknown_keys_are_named_and_the_rest_still_checked(tensor_file: TensorFi
 
 
 def test_base_model_variants(tmp_path: Path) -> None:
-    from lora_prune.geometry import TINY
+    from lora_prune.families.flux1.geometry import TINY
 
     schnell_geometry = type(TINY)(**{**TINY.__dict__, "guidance": False})
     synth(tmp_path / "s.safetensors", geometry=schnell_geometry)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lora_prune import fileio
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.testing import SynthSpec, write_synth_lora
 

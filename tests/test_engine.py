@@ -20,14 +20,14 @@ from flux_oracle import dense_delta, kohya_targets
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from lora_prune.blocks import DOUBLE_IDS, SINGLE_IDS
 from lora_prune.errors import (
     ModelMismatchError,
     UnsupportedAdapterError,
     UsageError,
     WrongBaseModelError,
 )
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.blocks import DOUBLE_IDS, SINGLE_IDS
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render import hooks
 from lora_prune.render.combination import render_combination

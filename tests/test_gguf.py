@@ -30,7 +30,7 @@ from real_width_model import (
 from test_render_loading import to_bfl
 
 from lora_prune.errors import UsageError
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel

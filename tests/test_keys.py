@@ -21,8 +21,9 @@ from lora_prune.errors import (
     UnsupportedLoraError,
     WrongBaseModelError,
 )
-from lora_prune.geometry import FLUX1_DEV, FLUX1_SCHNELL, TINY
-from lora_prune.keys import ParsedKey, parse_key, split_role
+from lora_prune.families.flux1.geometry import FLUX1_DEV, FLUX1_SCHNELL, TINY
+from lora_prune.families.flux1.keys import parse_key
+from lora_prune.keys import ParsedKey, split_role
 from lora_prune.lora import read_lora
 from lora_prune.slim import slim_lora
 from lora_prune.stats import inspect_lora

@@ -47,7 +47,13 @@ import numpy as np
 import pytest
 import torch
 
-from lora_prune.blocks import DOUBLE_BLOCKS, DOUBLE_IDS, SINGLE_BLOCKS, SINGLE_IDS, TEXT_ENCODER_IDS
+from lora_prune.families.flux1.blocks import (
+    DOUBLE_BLOCKS,
+    DOUBLE_IDS,
+    SINGLE_BLOCKS,
+    SINGLE_IDS,
+    TEXT_ENCODER_IDS,
+)
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel

@@ -27,7 +27,7 @@ from flux_oracle import dense_delta, kohya_targets
 from real_width_model import forward, real_width_inputs
 from safetensors.numpy import load_file
 
-from lora_prune.geometry import FLUX1_DEV
+from lora_prune.families.flux1.geometry import FLUX1_DEV
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel

@@ -18,11 +18,12 @@ from clitools import run_cli
 from conftest import write_tensors
 
 from lora_prune.blocks import parse_block_spec
+from lora_prune.families.flux1.blocks import LAYOUT
 from lora_prune.lora import read_lora
 from lora_prune.recipes import input_ranks, recipes_for
 from lora_prune.testing import SynthSpec, planted_lora, synth_modules, write_synth_lora
 
-KEEP = parse_block_spec("input,double.0-2,double.7,single.5,single.30-37,final")
+KEEP = parse_block_spec("input,double.0-2,double.7,single.5,single.30-37,final", LAYOUT)
 
 # kohya-ss/sd-scripts docs/flux_train_network.md 6.4: "train_double_block_indices=0,1,8-12,18"
 # style lists; 6.3: "in_dims=[4,2,2,2,4]" (img_in, time_in, vector_in, guidance_in, txt_in);
@@ -139,7 +140,7 @@ def test_ai_toolkit_substrings_select_exactly_the_kept_modules() -> None:
 
 
 def test_recipes_for_text_encoders_and_whole_kinds() -> None:
-    kohya, ai_toolkit, one_trainer = recipes_for(parse_block_spec("t5,single.0-37"))
+    kohya, ai_toolkit, one_trainer = recipes_for(parse_block_spec("t5,single.0-37", LAYOUT))
     # docs/flux_train_network.md 6.4: "all" / "none"; 6.6: "train_t5xxl=True", CLIP-L trains too.
     assert kohya.text == (
         '--network_args "train_double_block_indices=none" '
@@ -236,7 +237,7 @@ def test_slim_prints_the_recipes_of_the_kept_blocks(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "to retrain only these blocks:" in result.output
-    for recipe in recipes_for(parse_block_spec("double.0-2,double.7")):
+    for recipe in recipes_for(parse_block_spec("double.0-2,double.7", LAYOUT)):
         for line in recipe.text.split("\n"):
             assert f"    {line}\n" in result.output
 

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_prune
-from lora_prune.blocks import BLOCK_IDS, block_vector, format_block_spec, parse_block_spec
+from lora_prune.blocks import block_vector, format_block_spec, parse_block_spec
 from lora_prune.errors import (
     BlockSpecError,
     LoraPruneError,
@@ -38,6 +38,7 @@ from lora_prune.errors import (
     SameFileError,
     UsageError,
 )
+from lora_prune.families.flux1.blocks import BLOCK_IDS, LAYOUT
 from lora_prune.lora import read_lora
 from lora_prune.markers import pinned_blocks
 from lora_prune.safetensors_io import TensorEntry, build_header
@@ -472,7 +473,7 @@ def test_property_slim_all_is_the_input(
     spec: SynthSpec, source: Callable[[SynthSpec], Path], workdir: Path
 ) -> None:
     src = source(spec)
-    out = slim_lora(src, parse_block_spec("all"), output=fresh(workdir)).output
+    out = slim_lora(src, parse_block_spec("all", LAYOUT), output=fresh(workdir)).output
     assert official_tensors(out) == official_tensors(src)
     # Same tensors in the same writer order: the data sections are identical too.
     assert data_section(out) == data_section(src)
@@ -576,10 +577,10 @@ def test_property_block_specs_parse_and_round_trip(
         sep + tok for sep, (tok, _) in zip(separators, tokens[1:], strict=False)
     )
     expected = set().union(*(members for _, members in tokens))
-    assert parse_block_spec(text) == expected
+    assert parse_block_spec(text, LAYOUT) == expected
     canonical = format_block_spec(expected)
-    assert parse_block_spec(canonical) == expected
-    assert format_block_spec(parse_block_spec(canonical)) == canonical
+    assert parse_block_spec(canonical, LAYOUT) == expected
+    assert format_block_spec(parse_block_spec(canonical, LAYOUT)) == canonical
     assert len(canonical) <= len(",".join(sorted(expected)))
 
 
@@ -588,7 +589,7 @@ def test_property_block_specs_parse_and_round_trip(
 def test_property_formatted_sets_round_trip(blocks: frozenset[str]) -> None:
     spec = format_block_spec(blocks)
     if blocks:
-        assert parse_block_spec(spec) == blocks
+        assert parse_block_spec(spec, LAYOUT) == blocks
     else:
         assert spec == ""
 
@@ -624,9 +625,9 @@ def test_property_block_weight_vectors(length: int, data: st.DataObject) -> None
         for i, o in enumerate(on):
             if o:
                 keep |= {f"double.{i}", f"single.{2 * i}", f"single.{2 * i + 1}"}
-    assert parse_block_spec(",".join(weights)) == keep
+    assert parse_block_spec(",".join(weights), LAYOUT) == keep
     # The emitted vector of a set means that set, up to the blocks the layout groups.
-    assert parse_block_spec(block_vector(keep, length)) == keep
+    assert parse_block_spec(block_vector(keep, length, LAYOUT), LAYOUT) == keep
 
 
 @pytest.mark.parametrize("weight", ["0.5", "1.25", "-1", "2"])
@@ -634,13 +635,13 @@ def test_a_block_weight_between_keep_and_drop_is_refused(weight: str) -> None:
     vector = ["1"] * 57
     vector[7] = weight
     with pytest.raises(BlockSpecError, match=f"block weight {weight} is neither 0 nor 1"):
-        parse_block_spec(",".join(vector))
+        parse_block_spec(",".join(vector), LAYOUT)
 
 
 @pytest.mark.parametrize("spec", [",,", " , ", ",\t,"])
 def test_a_spec_of_separators_alone_is_empty(spec: str) -> None:
     with pytest.raises(BlockSpecError, match="empty block spec"):
-        parse_block_spec(spec)
+        parse_block_spec(spec, LAYOUT)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, database=None)
@@ -668,11 +669,11 @@ def test_property_kohya_train_block_indices(
     else:
         text += f" train_single_block_indices={ranges(singles)}"
         expected |= {f"single.{i}" for i in singles}
-    assert parse_block_spec(text) == expected
+    assert parse_block_spec(text, LAYOUT) == expected
 
 
 def test_kohya_spec_examples() -> None:
-    assert parse_block_spec("train_double_block_indices=0,1,8-12") == {
+    assert parse_block_spec("train_double_block_indices=0,1,8-12", LAYOUT) == {
         "clip",
         "t5",
         "input",
@@ -682,7 +683,9 @@ def test_kohya_spec_examples() -> None:
         *(f"double.{i}" for i in range(8, 13)),
         *SINGLES,
     }
-    assert parse_block_spec("train_double_block_indices=none train_single_block_indices=all") == {
+    assert parse_block_spec(
+        "train_double_block_indices=none train_single_block_indices=all", LAYOUT
+    ) == {
         "clip",
         "t5",
         "input",

@@ -25,7 +25,7 @@ from ..errors import (
     UnsupportedLoraError,
     WrongBaseModelError,
 )
-from ..keys import is_guidance_path
+from ..families.flux1.keys import is_guidance_path
 from ..lora import LoraFile, LoraModule, read_lora
 from ..safetensors_io import SafetensorsHeader, SafetensorsReader, read_header
 from .model import FileResult, Finding, finding_from, number_text
@@ -307,19 +307,20 @@ def policy_findings(
         )
     if lora is not None:
         present = set(lora.blocks) - {OTHER}
-        if policy.allowed_blocks is not None:
-            extra = sort_blocks(present - policy.allowed_blocks)
+        allowed = policy.allowed_in(lora.family.blocks)
+        if allowed is not None:
+            extra = sort_blocks(present - allowed)
             if extra:
                 out.append(
                     Finding(
                         "error",
                         "block_not_allowed",
                         f"blocks {format_block_spec(extra)} are not allowed by the policy "
-                        f"(allowed: {format_block_spec(policy.allowed_blocks)}): drop them "
+                        f"(allowed: {format_block_spec(allowed) or 'none'}): drop them "
                         f"with lora-prune slim --drop {format_block_spec(extra)}",
                     )
                 )
-        missing = sort_blocks(policy.required_blocks - present)
+        missing = sort_blocks(policy.required_in(lora.family.blocks) - present)
         if missing:
             out.append(
                 Finding(

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..blocks import parse_block_spec
+from ..blocks import BlockLayout, parse_block_spec
 from ..errors import BlockSpecError, MissingDependencyError, UsageError
+from ..families import FAMILIES
 from ..units import parse_size
 
 __all__ = ["POLICY_KEYS", "Policy", "SlimPair", "load_policy", "parse_policy"]
@@ -33,9 +34,9 @@ class Policy:
     """Rules a repository sets for its LoRA files (see docs/ci.md)."""
 
     max_bytes: int | None = None
-    #: blocks a file may contain; None = any
-    allowed_blocks: frozenset[str] | None = None
-    required_blocks: frozenset[str] = frozenset()
+    #: block specs of what a file may contain (read against each file's family); None = any
+    allowed_blocks: tuple[str, ...] | None = None
+    required_blocks: tuple[str, ...] = ()
     required_metadata: tuple[str, ...] = ()
     #: every slim file (one with lora_prune provenance) must carry a passed verification
     require_verified: bool = False
@@ -45,6 +46,24 @@ class Policy:
     min_kept: float | None = None
     slim: tuple[SlimPair, ...] = ()
     source: Path | None = None
+
+    def allowed_in(self, layout: BlockLayout) -> frozenset[str] | None:
+        """The blocks of ``layout`` a file may contain; None = any."""
+        return _union(self.allowed_blocks, layout) if self.allowed_blocks is not None else None
+
+    def required_in(self, layout: BlockLayout) -> frozenset[str]:
+        """The blocks of ``layout`` a file must contain."""
+        return _union(self.required_blocks, layout)
+
+
+def _union(specs: tuple[str, ...], layout: BlockLayout) -> frozenset[str]:
+    out: set[str] = set()
+    for spec in specs:
+        try:
+            out |= parse_block_spec(spec, layout)
+        except BlockSpecError:
+            continue  # a spec for another family names none of this one's blocks
+    return frozenset(out)
 
 
 #: Top-level keys a policy file may hold.
@@ -106,7 +125,8 @@ def _bad(key: str, source: Path | None, what: str, fix: str) -> UsageError:
     return UsageError(what, where, fix)
 
 
-def _block_set(value: object, key: str, source: Path | None) -> frozenset[str]:
+def _block_specs(value: object, key: str, source: Path | None) -> tuple[str, ...]:
+    """The specs of a block key, each readable by at least one supported family."""
     specs = [value] if isinstance(value, str) else value
     if not isinstance(specs, list) or not specs or not all(isinstance(s, str) for s in specs):
         raise _bad(
@@ -115,13 +135,16 @@ def _block_set(value: object, key: str, source: Path | None) -> frozenset[str]:
             f"policy key {key!r} must be a block spec or a list of them",
             'write e.g. "double.0-18,single" or ["double.7", "single.10-20"]',
         )
-    out: set[str] = set()
     for spec in specs:
-        try:
-            out |= parse_block_spec(spec)
-        except BlockSpecError as exc:
-            raise _bad(key, source, exc.what, exc.fix or "fix the block spec") from exc
-    return frozenset(out)
+        errors: list[BlockSpecError] = []
+        for family in FAMILIES:
+            try:
+                parse_block_spec(spec, family.blocks)
+            except BlockSpecError as exc:
+                errors.append(exc)
+        if len(errors) == len(FAMILIES):
+            raise _bad(key, source, errors[0].what, errors[0].fix or "fix the block spec")
+    return tuple(specs)
 
 
 def _max_bytes(data: Mapping[str, Any], source: Path | None) -> int | None:
@@ -229,14 +252,14 @@ def parse_policy(
             )
     max_bytes = _max_bytes(data, source)
     allowed = (
-        _block_set(data["allowed_blocks"], "allowed_blocks", source)
+        _block_specs(data["allowed_blocks"], "allowed_blocks", source)
         if "allowed_blocks" in data
         else None
     )
     required = (
-        _block_set(data["required_blocks"], "required_blocks", source)
+        _block_specs(data["required_blocks"], "required_blocks", source)
         if "required_blocks" in data
-        else frozenset()
+        else ()
     )
     meta_keys = _metadata_keys(data, source)
     require_verified = data.get("require_verified", False)

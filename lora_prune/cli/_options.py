@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from ..blocks import parse_block_spec
+from ..blocks import BlockSpec
 from ..errors import UsageError
 from ..fileio import not_a_folder
 from ..settings import (
@@ -75,14 +75,9 @@ def gather(
     return decorate
 
 
-def block_spec(value: str | None, option: str) -> frozenset[str] | None:
-    """A block spec option's blocks (None when not given); errors name ``option``."""
-    if value is None:
-        return None
-    try:
-        return parse_block_spec(value)
-    except UsageError as exc:
-        raise UsageError(exc.what, option, exc.fix) from exc
+def block_spec(value: str | None, option: str) -> BlockSpec | None:
+    """A block spec option (None when not given), read against the LoRA's family later."""
+    return BlockSpec(value, option) if value is not None else None
 
 
 def need_spec(spec: ModelSpec | None) -> ModelSpec:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..blocks import format_block_spec
+from ..blocks import BlockSpec, format_block_spec
 from ..render import require_render
 from ..settings import ModelSpec, RenderRequest
 from ._app import EXIT_CODES_HELP
 from ._model_options import render_options
-from ._options import block_spec, lora_arg, need_spec
+from ._options import lora_arg, need_spec
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -43,7 +43,7 @@ def render(
     --blocks double.7,single.20 -o combo.png
     """
     spec = need_spec(spec)
-    blocks = block_spec(blocks_spec, "--blocks") or frozenset()
+    blocks = BlockSpec(blocks_spec, "--blocks")
     require_render()
     from ..render.workflows import render_blocks
 

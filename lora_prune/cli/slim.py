@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..blocks import implied_blocks
 from ..errors import BudgetError, UsageError
 from ..lora import read_lora
 from ..render import require_render
@@ -112,7 +111,7 @@ def slim(
             force=force,
             allow_unknown=allow_unknown,
         )
-        implied = implied_blocks(keep) if keep is not None else frozenset()
+        implied = keep_set.implied(lora_file.family.blocks) if keep_set else frozenset()
         print_slim(result, lora_file, recipes=recipes, implied=implied)
         return
     if keep or drop:

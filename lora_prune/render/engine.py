@@ -41,9 +41,9 @@ from ..adapters import (
     factor_problem,
     missing_factor,
 )
-from ..blocks import BLOCK_IDS, OTHER, TEXT_ENCODER_IDS, sort_blocks
+from ..blocks import OTHER, TEXT_ENCODER_IDS, format_block_spec, sort_blocks
 from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterError, UsageError
-from ..geometry import FLUX1_DEV, TINY
+from ..families.flux1.geometry import FLUX1_DEV, TINY
 from ..keys import Target
 from ..lora import LoraFile, LoraModule
 from ..resize import is_rank, rotated_factors, why_kept
@@ -690,14 +690,14 @@ class BlockEngine:
                 "the render engine is closed", self.lora.path, "create a new BlockEngine"
             )
 
-    @staticmethod
-    def _check_variant(variant: frozenset[str]) -> None:
-        unknown = sorted(b for b in variant if b not in BLOCK_IDS)
+    def _check_variant(self, variant: frozenset[str]) -> None:
+        layout = self.lora.family.blocks
+        unknown = sorted(b for b in variant if b not in layout.ids)
         if unknown:
             raise UsageError(
                 f"unknown block id {unknown[0]!r}",
                 "variant",
-                "use ids like input, double.7, single.20, final, clip, t5",
+                f"{layout.family}'s blocks are {format_block_spec(layout.ids)}",
             )
 
     @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch
 
 from ..comfy import ComfyModels, count_blocks, find_models
 from ..errors import UnreadableFileError, UsageError
-from ..keys import is_guidance_path
+from ..families.flux1.keys import is_guidance_path
 from ..safetensors_io import SafetensorsHeader, file_sha256, read_header
 from ..settings import ModelSpec
 from .checkpoints import first_line, shipped_config, shipped_transformer_config, strip_prefix

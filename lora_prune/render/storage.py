@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..comfy import count_blocks
 from ..errors import MissingDependencyError, UnreadableFileError, UsageError
-from ..keys import transformer_target
+from ..families.flux1.keys import transformer_target
 from ..safetensors_io import read_header
 from .checkpoints import first_line, shipped_transformer_config, strip_prefix
 

@@ -27,7 +27,7 @@ import torch
 import transformers as _transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from ..blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS
+from ..families.flux1.blocks import DOUBLE_BLOCKS, SINGLE_BLOCKS
 
 # The model id, its T5 tokens per prompt (FLUX's default 512 is slow here) and the
 # size and steps it is made for live with the other per-model defaults.

@@ -30,7 +30,7 @@ import diffusers as _diffusers
 import torch
 
 from ..errors import LoraPruneError, UnreadableFileError, UnsafeFileError, UsageError
-from ..keys import is_guidance_path, transformer_target
+from ..families.flux1.keys import is_guidance_path, transformer_target
 from ..pickles import is_pickle_name
 from ..safetensors_io import file_sha256
 from .checkpoints import first_line, shipped_transformer_config, strip_prefix

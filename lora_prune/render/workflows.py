@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from ..analysis import (
     read_manifest,
     set_curve,
 )
-from ..blocks import sort_blocks
+from ..blocks import BlockSpec, resolve_blocks, sort_blocks
 from ..budget import BudgetCandidate, budget_error, plan_budget, record_reserve
 from ..errors import LoraPruneError, OutputError, OutputExistsError
 from ..fileio import refuse_overwrite
@@ -68,7 +68,7 @@ def render_blocks(
     lora_path: Path,
     spec: ModelSpec,
     settings: RenderSettings,
-    blocks: frozenset[str],
+    blocks: Iterable[str] | BlockSpec,
     output: Path,
     *,
     force: bool = False,
@@ -83,7 +83,7 @@ def render_blocks(
     if output.exists() and not force:
         raise OutputExistsError("the output exists", output, "pass --force to replace it")
     lora = read_lora(lora_path)
-    chosen = blocks & set(lora.blocks)
+    chosen = (resolve_blocks(blocks, lora.family.blocks) or frozenset()) & set(lora.blocks)
     with open_session(spec, lora) as session:
         image = settings.image(
             settings.prompts[0], settings.seeds[0], session.renderer.max_sequence_length

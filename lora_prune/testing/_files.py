@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..blocks import block_order
-from ..geometry import TINY, FluxGeometry
+from ..families.flux1.geometry import TINY, FluxGeometry
 from ..safetensors_io import TensorEntry, encode_array, write_safetensors
 from ._grammars import SynthModule, SynthSpec, adapter_of, check_spec, grammar_row
 from ._modules import default_blocks, synth_modules

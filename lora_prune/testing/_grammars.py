@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from ..blocks import BLOCK_IDS
-from ..geometry import TINY, FluxGeometry
+from ..families.flux1.blocks import BLOCK_IDS
+from ..families.flux1.geometry import TINY, FluxGeometry
 from ..safetensors_io import ENCODABLE_DTYPES
 
 GRAMMARS: tuple[str, ...] = (

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..blocks import BLOCK_IDS, block_order
-from ..geometry import TINY, FluxGeometry
+from ..blocks import block_order
+from ..families.flux1.blocks import BLOCK_IDS
+from ..families.flux1.geometry import TINY, FluxGeometry
 from ._grammars import (
     LYCORIS_SUFFIXES,
     Adapter,
