@@ -18,13 +18,14 @@ why it was chosen); no function in it is long.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import LoraPruneError, UnreadableFileError, UsageError
-from .families.flux1.keys import GUIDANCE_PREFIXES
+from .families.base import count_blocks, strip_wrapper
+from .families.flux1.checkpoints import WIDTHS, TransformerLayout, read_transformer
 from .memoryplan import PlanChoice, choose_plan, estimate_seconds_per_image
 from .safetensors_io import SafetensorsHeader, read_header
 from .settings import DEFAULT_SIZE, DEFAULT_STEPS
@@ -59,14 +60,11 @@ _WANTED = {
 _SUFFIXES = (".safetensors", ".sft", ".gguf")
 #: GGUF files (city96's ComfyUI-GGUF quantised transformers) open with these bytes.
 _GGUF_MAGIC = b"GGUF"
-#: FLUX.1's input widths, for a GGUF file whose tensors cannot be listed here.
-_FLUX1_WIDTHS = {"txt": 4096, "pooled": 768, "latent": 16}
 # A models tree is walked to this depth and this many files per folder: a
 # symlink loop or a folder of a million files must not hang discovery.
 _MAX_DEPTH = 4
 _MAX_FILES = 2000
 _MAX_YAML_BYTES = 256 * 1024
-_WRAPPERS = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 _FP8 = ("F8_E4M3", "F8_E5M2")
 
 
@@ -205,23 +203,6 @@ def _main_dtype(header: SafetensorsHeader) -> str:
     return max(weights, key=lambda d: weights[d]) if weights else "?"
 
 
-def _strip_wrapper(tensors: Mapping[str, Any]) -> tuple[str, set[str]]:
-    for prefix in _WRAPPERS:
-        inner = {k[len(prefix) :] for k in tensors if k.startswith(prefix)}
-        if inner:
-            return prefix, inner
-    return "", set(tensors)
-
-
-def count_blocks(keys: Iterable[str], prefix: str) -> int:
-    """How many numbered blocks ``prefix<N>.`` there are (N = 0, 1, ... without gaps)."""
-    found = set(keys)
-    n = 0
-    while any(k.startswith(f"{prefix}{n}.") for k in found):
-        n += 1
-    return n
-
-
 def _shape(header: SafetensorsHeader, key: str) -> tuple[int, ...]:
     info = header.tensors.get(key)
     return info.shape if info is not None else ()
@@ -248,7 +229,7 @@ def _identify_gguf(path: Path) -> Component | str:
     except ImportError:
         return Component(
             "transformer", path, "GGUF file (tensors not listed: the gguf package is missing)",
-            "GGUF", size, size, widths=dict(_FLUX1_WIDTHS), variant="dev", naming="gguf",
+            "GGUF", size, size, widths=dict(WIDTHS), variant="dev", naming="gguf",
             problem="loading GGUF needs the gguf package: pip install 'lora-prune[gguf]'",
         )  # fmt: skip
     try:
@@ -257,24 +238,14 @@ def _identify_gguf(path: Path) -> Component | str:
         }
     except Exception as exc:  # gguf's parser errors at the file boundary
         return f"unreadable GGUF file ({type(exc).__name__})"
-    prefix, keys = _strip_wrapper(dict.fromkeys(tensors))
-    if "double_blocks.0.img_attn.qkv.weight" not in keys:
+    layout = read_transformer(tensors, lambda name: tensors.get(name, ()))
+    if layout is None or (isinstance(layout, TransformerLayout) and layout.naming != "bfl"):
         return "a GGUF file, but not a FLUX.1 transformer in BFL naming"
-    txt, pooled = (
-        tensors.get(f"{prefix}txt_in.weight"),
-        tensors.get(f"{prefix}vector_in.in_layer.weight"),
-    )
-    img = tensors.get(f"{prefix}img_in.weight")
-    if not (txt and pooled and img) or min(len(txt), len(pooled), len(img)) != 2:
-        return "BFL-named GGUF blocks but no txt_in/vector_in/img_in: not a FLUX.1 transformer"
-    dev = any(k.startswith("guidance_in.") for k in keys)
-    variant = "dev" if dev else "schnell"
+    if isinstance(layout, str):
+        return layout
     return Component(
-        "transformer", path,
-        f"FLUX.1-{variant} transformer, GGUF (quantised): {count_blocks(keys, 'double_blocks.')} "
-        f"double + {count_blocks(keys, 'single_blocks.')} single blocks",
-        "GGUF", size, size, widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
-        variant=variant, naming="gguf",
+        "transformer", path, layout.describe("GGUF (quantised)"), "GGUF", size, size,
+        widths=layout.widths, variant=layout.variant, naming="gguf",
     )  # fmt: skip
 
 
@@ -297,9 +268,9 @@ def identify(path: Path) -> Component | str:
     def made(kind: str, reason: str, **kw: Any) -> Component:
         return Component(kind, path, reason, dtype, nbytes, numel, **kw)
 
-    prefix, keys = _strip_wrapper(header.tensors)
+    keys = set(strip_wrapper(header.tensors)[1])
     fp8_note = " (scaled fp8)" if "scaled_fp8" in keys else ""
-    found = _identify_transformer(header, prefix, keys, made, fp8_note)
+    found = _identify_transformer(header, made, fp8_note)
     if found is None:
         found = _identify_other(header, keys, made, fp8_note)
     return found or "none of transformer, CLIP, T5 or VAE (by its keys)"
@@ -309,51 +280,21 @@ _Made = Callable[..., Component]
 
 
 def _identify_transformer(
-    header: SafetensorsHeader, prefix: str, keys: set[str], made: _Made, fp8_note: str
+    header: SafetensorsHeader, made: _Made, fp8_note: str
 ) -> Component | str | None:
     """A FLUX.1 transformer in BFL or diffusers naming; None when the keys are neither."""
-    if "double_blocks.0.img_attn.qkv.weight" in keys:
-        dev = any(k.startswith("guidance_in.") for k in keys)
-        txt = _shape(header, f"{prefix}txt_in.weight")
-        pooled = _shape(header, f"{prefix}vector_in.in_layer.weight")
-        img = _shape(header, f"{prefix}img_in.weight")
-        if len(txt) != 2 or len(pooled) != 2 or len(img) != 2:
-            return "BFL-named blocks but no txt_in/vector_in/img_in: not a FLUX.1 transformer"
-        variant = "dev" if dev else "schnell"
-        doubles, singles = (
-            count_blocks(keys, "double_blocks."),
-            count_blocks(keys, "single_blocks."),
-        )
-        return made(
-            "transformer",
-            f"FLUX.1-{variant} transformer, BFL naming: {doubles} double + {singles} single "
-            f"blocks, {'guidance_in present' if dev else 'no guidance_in'}"
-            f"{fp8_note}",
-            widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
-            variant=variant,
-            naming="bfl",
-        )
-    if "transformer_blocks.0.attn.to_q.weight" in keys and any(
-        k.startswith("single_transformer_blocks.") for k in keys
-    ):
-        dev = any(k.startswith(GUIDANCE_PREFIXES) for k in keys)
-        txt = _shape(header, f"{prefix}context_embedder.weight")
-        pooled = _shape(header, f"{prefix}time_text_embed.text_embedder.linear_1.weight")
-        img = _shape(header, f"{prefix}x_embedder.weight")
-        if len(txt) != 2 or len(pooled) != 2 or len(img) != 2:
-            return "diffusers-named blocks but no context/text/x embedder: not a FLUX.1 transformer"
-        variant = "dev" if dev else "schnell"
-        return made(
-            "transformer",
-            f"FLUX.1-{variant} transformer, diffusers naming: "
-            f"{count_blocks(keys, 'transformer_blocks.')} double + "
-            f"{count_blocks(keys, 'single_transformer_blocks.')} single blocks, "
-            f"{'guidance embedder present' if dev else 'no guidance embedder'}",
-            widths={"txt": txt[1], "pooled": pooled[1], "latent": img[1] // 4},
-            variant=variant,
-            naming="diffusers",
-        )
-    return None
+    layout = read_transformer(header.tensors, lambda name: _shape(header, name))
+    if not isinstance(layout, TransformerLayout):
+        return layout
+    # The scaled-fp8 note belongs to BFL-named files (ComfyUI's own fp8 checkpoints).
+    note = fp8_note if layout.naming == "bfl" else ""
+    return made(
+        "transformer",
+        layout.describe() + note,
+        widths=layout.widths,
+        variant=layout.variant,
+        naming=layout.naming,
+    )
 
 
 def _identify_other(

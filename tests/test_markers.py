@@ -18,8 +18,9 @@ from lora_prune.analysis.model import BlockRow
 from lora_prune.analysis.scoring import suggest_keep
 from lora_prune.blocks import block_order
 from lora_prune.errors import UsageError
+from lora_prune.families.flux1.markers import MARKER_SETS
 from lora_prune.lora import read_lora
-from lora_prune.markers import MARKER_SETS, pinned_blocks
+from lora_prune.markers import pinned_blocks
 from lora_prune.resize import resize_lora
 from lora_prune.safetensors_io import file_sha256
 from lora_prune.settings import AnalyzeSettings

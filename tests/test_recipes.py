@@ -19,8 +19,9 @@ from conftest import write_tensors
 
 from lora_prune.blocks import parse_block_spec
 from lora_prune.families.flux1.blocks import LAYOUT
+from lora_prune.families.flux1.recipes import recipes_for
 from lora_prune.lora import read_lora
-from lora_prune.recipes import input_ranks, recipes_for
+from lora_prune.recipes import input_ranks
 from lora_prune.testing import SynthSpec, planted_lora, synth_modules, write_synth_lora
 
 KEEP = parse_block_spec("input,double.0-2,double.7,single.5,single.30-37,final", LAYOUT)

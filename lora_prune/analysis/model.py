@@ -9,11 +9,15 @@ from typing import Any
 
 from .._version import __version__
 from ..blocks import block_order, format_block_spec
+from ..families import FAMILIES, Family
 from ..provenance import CRITERION, FORMULA
 from ..recipes import recipes_for
 from ..settings import AnalyzeSettings, settings_to_json
 from ..verdict import NOISE_MSE, Criterion, CurvePoint
 from .plan import RenderStats
+
+#: The family of an analysis read back without its LoRA (``analyze --from``): the first.
+_DEFAULT_FAMILY = FAMILIES[0]
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class Analysis:
     curve_criterion: Criterion | None = None
     #: the LoRA's ranks on its input layers, for the recipes (lora_prune.recipes.input_ranks)
     input_ranks: tuple[int, ...] | None = None
+    #: the LoRA's model family, whose recipes retrain the suggestion
+    family: Family = _DEFAULT_FAMILY
 
     @property
     def zero_blocks(self) -> list[str]:
@@ -140,7 +146,10 @@ class Analysis:
             "suggestion": asdict(self.suggestion),
             # the trainer settings that retrain only the suggested blocks (lora_prune.recipes)
             "recipes": [
-                asdict(r) for r in recipes_for(self.suggestion.blocks, input_ranks=self.input_ranks)
+                asdict(r)
+                for r in recipes_for(
+                    self.family, self.suggestion.blocks, input_ranks=self.input_ranks
+                )
             ]
             if self.suggestion.command is not None
             else [],

@@ -326,6 +326,8 @@ def compute_analysis(
         effects=effects,
         input_ranks=input_ranks(lora) if lora is not None else None,
     )
+    if lora is not None:
+        analysis.family = lora.family
     write_pictures(analysis, out_dir, options, image, refs, jobs)
     write_csv(out_dir / "ranking.csv", rows)
     stored = read_curve(out_dir, manifest)

@@ -15,6 +15,7 @@ import click
 from ..analysis import Analysis, RenderStats, Shard
 from ..blocks import format_block_spec
 from ..budget import BudgetCandidate
+from ..families import Family
 from ..lora import LoraFile
 from ..recipes import input_ranks, recipes_for
 from ..slim import SlimResult
@@ -148,7 +149,7 @@ def print_slim(
     )
     click.echo(f"wrote    {result.output}")
     if recipes:
-        print_recipes(result.kept_blocks, input_ranks(lora))
+        print_recipes(lora.family, result.kept_blocks, input_ranks(lora))
     else:
         click.echo(_RECIPES_HINT)
 
@@ -158,9 +159,9 @@ _RECIPES_HINT = (
 )
 
 
-def print_recipes(blocks: Sequence[str], ranks: tuple[int, ...] | None) -> None:
+def print_recipes(family: Family, blocks: Sequence[str], ranks: tuple[int, ...] | None) -> None:
     click.echo("\nto retrain only these blocks:")
-    for recipe in recipes_for(blocks, input_ranks=ranks):
+    for recipe in recipes_for(family, blocks, input_ranks=ranks):
         click.echo(f"  {recipe.trainer} ({recipe.where}):")
         for line in recipe.text.split("\n"):
             click.echo(f"    {line}")
@@ -210,7 +211,7 @@ def print_suggestion(analysis: Analysis, *, recipes: bool = False) -> None:
     click.echo(f"size {human_bytes(s.bytes_before)} -> about {human_bytes(s.bytes)}")
     click.echo(f"  {s.command}")
     if recipes:
-        print_recipes(s.blocks, analysis.input_ranks)
+        print_recipes(analysis.family, s.blocks, analysis.input_ranks)
     else:
         click.echo(
             "retrain  the settings that train only these blocks are in ranking.json "

@@ -7,10 +7,10 @@ model's facts only through it (``lora.family``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from ..blocks import BlockLayout
 from ..keys import BlockRangeError, ParsedKey, Target
@@ -27,6 +27,44 @@ RangeErrorReport = Callable[
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """One trainer's setting that trains only the keep set."""
+
+    #: ``kohya sd-scripts``, ``ai-toolkit`` or ``OneTrainer``
+    trainer: str
+    #: where the text goes: a command line, a YAML config, a JSON config
+    where: str
+    #: the setting, ready to paste
+    text: str
+    #: what the trainer cannot restrict, or does besides; "" when nothing
+    note: str
+    #: the documents the syntax was checked against
+    source: str
+
+
+@dataclass(frozen=True)
+class MarkerSet:
+    """The keys a loader needs, all of them, to convert a file of one format (:mod:`lora_prune.markers`)."""
+
+    format: str
+    loaders: str
+    keys: frozenset[str]
+
+
+class ModuleLike(Protocol):
+    """What a family's recipes read of a LoRA module (:class:`lora_prune.lora.LoraModule`)."""
+
+    @property
+    def block(self) -> str: ...
+
+    @property
+    def rank(self) -> int | None: ...
+
+    @property
+    def target(self) -> Target | None: ...
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family: its blocks and LoRA key grammars (more joins as families do).
 
@@ -39,6 +77,10 @@ class Family:
             pattern's) to its target, in any of the family's namings.
         transformer_target: the transformer layer a checkpoint path names, or None.
         report_range_errors: see :data:`RangeErrorReport`.
+        recipes_for: the trainer settings that retrain only some blocks (kohya,
+            ai-toolkit, OneTrainer), given the LoRA's input-layer ranks or None.
+        input_ranks: those ranks, from the LoRA's modules.
+        markers: the key sets loaders convert a whole file by (their blocks are pinned).
     """
 
     name: str
@@ -48,3 +90,34 @@ class Family:
     resolve_module_path: Callable[[str], Target | None]
     transformer_target: Callable[[str], Target | None]
     report_range_errors: RangeErrorReport
+    recipes_for: Callable[[Iterable[str], Sequence[int] | None], list[Recipe]]
+    input_ranks: Callable[[Iterable[ModuleLike]], tuple[int, ...]]
+    markers: tuple[MarkerSet, ...] = ()
+
+
+#: The wrappers a full checkpoint puts before its transformer's names (ComfyUI's saved
+#: models, diffusers' pipelines); a bare transformer file has none.
+CHECKPOINT_WRAPPERS: tuple[str, ...] = (
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "transformer.",
+)
+
+
+def strip_wrapper(names: Iterable[str]) -> tuple[str, list[str]]:
+    """The wrapper prefix of a checkpoint's transformer names, and those names without it."""
+    names = list(names)
+    for prefix in CHECKPOINT_WRAPPERS:
+        inner = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+        if inner:
+            return prefix, inner
+    return "", names
+
+
+def count_blocks(names: Iterable[str], prefix: str) -> int:
+    """How many numbered blocks ``prefix<N>.`` there are (N = 0, 1, ... without gaps)."""
+    found = set(names)
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in found):
+        n += 1
+    return n

@@ -20,12 +20,13 @@ from typing import Any, cast
 import diffusers as _diffusers
 import torch
 
-from ..comfy import ComfyModels, count_blocks, find_models
+from ..comfy import ComfyModels, find_models
 from ..errors import UnreadableFileError, UsageError
-from ..families.flux1.keys import is_guidance_path
+from ..families.base import count_blocks
+from ..families.flux1.checkpoints import TransformerLayout, read_transformer
 from ..safetensors_io import SafetensorsHeader, file_sha256, read_header
 from ..settings import ModelSpec
-from .checkpoints import first_line, shipped_config, shipped_transformer_config, strip_prefix
+from .checkpoints import first_line, shipped_config, shipped_transformer_config
 from .storage import keep_fp8_storage, split_scales, stored_tensor
 from .tiny import TINY_TRANSFORMER_CONFIG
 from .transformerfile import load_transformer_file
@@ -37,61 +38,28 @@ __all__ = ["single_file_pipeline"]
 
 
 def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
-    """FLUX.1's transformer config with the widths and depths this file has."""
-    prefix, keys = strip_prefix(list(header.tensors))
-    paths = [k[len(prefix) :] for k in keys]
-    shape = {p: header.tensors[k].shape for k, p in zip(keys, paths, strict=True)}
-    bfl = "double_blocks.0.img_attn.qkv.weight" in shape
-    names = (
-        (
-            "img_in.weight",
-            "txt_in.weight",
-            "vector_in.in_layer.weight",
-            "double_blocks.0.img_attn.norm.query_norm.scale",
-        )
-        if bfl
-        else (
-            "x_embedder.weight",
-            "context_embedder.weight",
-            "time_text_embed.text_embedder.linear_1.weight",
-            "transformer_blocks.0.attn.norm_q.weight",
-        )
+    """The transformer config with the widths and depths this file has."""
+    layout = read_transformer(
+        header.tensors, lambda n: header.tensors[n].shape if n in header.tensors else ()
     )
-    img, txt, pooled, norm = (shape.get(n, ()) for n in names)
-    if len(img) != 2 or len(txt) != 2 or len(pooled) != 2 or len(norm) != 1:
+    if not isinstance(layout, TransformerLayout) or layout.head is None:
         raise UsageError(
             "not a FLUX.1 transformer checkpoint (no input embedders or attention norms)",
             header.path,
             "pass a FLUX.1-dev/schnell transformer .safetensors",
         )
-    head = norm[0]
-    guidance = any(is_guidance_path(p) for p in paths)
-    config = shipped_transformer_config(guidance)
+    config = layout.diffusers_config(shipped_transformer_config(layout.variant == "dev"))
     tiny_head = int(cast(int, TINY_TRANSFORMER_CONFIG["attention_head_dim"]))
-    if head == tiny_head:
-        # lora-prune's own tiny model saved as a single file: its rotary split is not FLUX's.
+    if layout.head == tiny_head:
+        # lora-prune's own tiny model saved as a single file: its rotary split is its own.
         axes = [int(a) for a in cast(Sequence[int], TINY_TRANSFORMER_CONFIG["axes_dims_rope"])]
-    elif head % 32:
+        config["axes_dims_rope"] = axes
+    elif layout.head % 32:
         raise UsageError(
-            f"attention head width {head} is not a multiple of 32",
+            f"attention head width {layout.head} is not a multiple of 32",
             header.path,
             "pass a FLUX.1 transformer (head width 128)",
         )
-    else:
-        # FLUX.1's rotary split (16, 56, 56) of 128, at any head width.
-        axes = [head // 8, 7 * head // 16, 7 * head // 16]
-    config.update(
-        in_channels=img[1],
-        num_attention_heads=img[0] // head,
-        attention_head_dim=head,
-        joint_attention_dim=txt[1],
-        pooled_projection_dim=pooled[1],
-        num_layers=count_blocks(paths, "double_blocks." if bfl else "transformer_blocks."),
-        num_single_layers=count_blocks(
-            paths, "single_blocks." if bfl else "single_transformer_blocks."
-        ),
-        axes_dims_rope=axes,
-    )
     return config
 
 

@@ -48,11 +48,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..comfy import count_blocks
 from ..errors import MissingDependencyError, UnreadableFileError, UsageError
+from ..families.flux1.checkpoints import TransformerLayout, read_transformer
 from ..families.flux1.keys import transformer_target
 from ..safetensors_io import read_header
-from .checkpoints import first_line, shipped_transformer_config, strip_prefix
+from .checkpoints import first_line, shipped_transformer_config
 
 __all__ = [
     "GGUF_MAGIC",
@@ -321,9 +321,9 @@ def load_gguf_transformer(
 
     The weights stay quantised (diffusers' ``GGUFLinear`` dequantises per
     call). The config is the base folder's or the shipped FLUX.1-dev/schnell
-    one, chosen by whether the file has ``guidance_in`` tensors; nothing is
+    one, chosen by whether the file has a guidance embedder; nothing is
     downloaded. diffusers' FLUX single-file converter assumes FLUX.1's real
-    width (3072), so only real-width GGUF files load. Raises
+    width, so only real-width GGUF files load. Raises
     :class:`UsageError` for a file whose block counts differ from the config's.
     """
     gguf = _require_gguf(path)
@@ -332,14 +332,24 @@ def load_gguf_transformer(
     diffusers: Any = _diffusers  # untyped library
 
     try:
-        names = [t.name for t in gguf.GGUFReader(str(path)).tensors]
+        # GGUF lists shapes innermost first.
+        shapes = {
+            t.name: [int(d) for d in reversed(t.shape)] for t in gguf.GGUFReader(str(path)).tensors
+        }
     except Exception as exc:  # gguf's parser errors at the file boundary
         raise UnreadableFileError(
             f"cannot read GGUF transformer ({type(exc).__name__}: {first_line(exc)})",
             path,
             "check that it is a complete FLUX.1 transformer .gguf",
         ) from exc
-    guidance = any("guidance_in" in n for n in names)
+    layout = read_transformer(shapes, lambda name: shapes.get(name, []))
+    if not isinstance(layout, TransformerLayout):
+        raise UsageError(
+            layout or "not a FLUX.1 transformer",
+            path,
+            "use a FLUX.1-dev/schnell GGUF transformer (as made by city96's ComfyUI-GGUF tools)",
+        )
+    guidance = layout.variant == "dev"
     if base_config is not None:
         config = dict(base_config)
         config["guidance_embeds"] = guidance
@@ -347,13 +357,7 @@ def load_gguf_transformer(
         config = shipped_transformer_config(guidance)
     # diffusers leaves a config's blocks that the file lacks on the meta device
     # and then fails with "Cannot copy out of meta tensor"; say what is wrong.
-    prefix, inner = strip_prefix(names)
-    paths = [n[len(prefix) :] for n in inner]
-    bfl = any(p.startswith("double_blocks.") for p in paths)
-    depth = (
-        count_blocks(paths, "double_blocks." if bfl else "transformer_blocks."),
-        count_blocks(paths, "single_blocks." if bfl else "single_transformer_blocks."),
-    )
+    depth = (layout.doubles, layout.singles)
     expected = (config.get("num_layers"), config.get("num_single_layers"))
     if depth != expected:
         raise UsageError(

@@ -11,6 +11,8 @@ from ...keys import INDEX_MAX_DIGITS, BlockRangeError
 from ..base import Family
 from .blocks import DOUBLE_BLOCKS, LAYOUT, SINGLE_BLOCKS
 from .keys import parse_key, resolve_module_path, transformer_target
+from .markers import MARKER_SETS
+from .recipes import input_ranks, recipes_for
 
 
 def report_range_errors(
@@ -65,4 +67,7 @@ FLUX1 = Family(
     resolve_module_path=resolve_module_path,
     transformer_target=transformer_target,
     report_range_errors=report_range_errors,
+    recipes_for=lambda blocks, ranks: recipes_for(blocks, input_ranks=ranks),
+    input_ranks=input_ranks,
+    markers=MARKER_SETS,
 )
