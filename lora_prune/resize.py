@@ -1,7 +1,7 @@
 """Lower the rank of a LoRA's modules by the exact SVD of each low-rank product.
 
 :func:`resize_lora` writes, per plain LoRA module (``up [out, r]``, ``down [r, in]``,
-optional alpha; BFL's fused qkv/linear1 are such modules too), the best rank-k
+optional alpha; modules on fused projections are such modules too), the best rank-k
 approximation of ``scale * up @ down`` (Eckart-Young), with k a fixed rank or
 the smallest rank that keeps a share of the Frobenius energy (the sum of
 squared singular values). The SVD is computed from the factors alone, never
@@ -249,7 +249,7 @@ def _basis(a: Array) -> tuple[Array, Array]:
 
     An eigendecomposition of ``a.T @ a`` instead of a QR of ``a``: the same
     factorisation for every direction that carries energy, ~13x faster on a
-    FLUX.1 ``linear1`` factor ([21504, 64]: 12 ms against 160 ms), since the
+    FLUX.1 factor of its largest layer, rank 64 (12 ms against 160 ms), since the
     only pass over ``a`` is two matrix products. Rank-deficient factors (the
     planted ranks of a padded LoRA) lose their empty directions.
     """

@@ -34,7 +34,9 @@ def test_no_module_outside_the_families_names_a_flux1_layer_or_width() -> None:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if FLUX1_FACTS.search(line):
-                found.setdefault(str(path.relative_to(ROOT)), []).append(f"{number}: {line.strip()}")
+                found.setdefault(str(path.relative_to(ROOT)), []).append(
+                    f"{number}: {line.strip()}"
+                )
     assert not found, "\n".join(f"{p}:\n  " + "\n  ".join(lines) for p, lines in found.items())
 
 

@@ -196,7 +196,7 @@ def _base_model(lora: LoraFile) -> tuple[str, list[Finding]]:
             Finding(
                 "warning",
                 "base_model_mismatch",
-                f"metadata {key} = {value!r} says schnell, but the LoRA trains guidance_in, "
+                f"metadata {key} = {value!r} says schnell, but the LoRA trains the guidance embedder, "
                 "which only FLUX.1-dev has: fix the metadata",
                 key,
             )

@@ -77,8 +77,10 @@ def compile_blocks(transformer: torch.nn.Module, **options: Any) -> list[torch.n
         regional(**options)
         blocks = [m for m in transformer.modules() if type(m).__name__ in repeated]
     else:
-        for attr in ("transformer_blocks", "single_transformer_blocks"):
-            blocks.extend(getattr(transformer, attr, None) or [])
+        # A diffusers transformer keeps its blocks in ModuleLists, whatever the model.
+        for child in transformer.children():
+            if isinstance(child, torch.nn.ModuleList):
+                blocks.extend(child)
         for block in blocks:
             block.compile(**options)
     _open_compiles.append(blocks)

@@ -56,7 +56,7 @@ class Piece:
     strength s moves the weight s of the way to the replacement.
 
     LoHa and LoKr stay factored, so a piece holds about what the file stores
-    (a dense delta of FLUX.1's ``linear1`` is 66 M values): ``hada``
+    (a dense delta of FLUX.1's largest single-block layer is 66 M values): ``hada``
     (w1a, w1b, w2a, w2b, rows already cut to this target) is expanded to
     ``scale * (w1a @ w1b) * (w2a @ w2b)`` only inside the forward, a few rows
     at a time; ``lokr`` is applied through the Kronecker identity, see :class:`Kron`.
@@ -112,7 +112,7 @@ def loha_linear(
 ) -> torch.Tensor:
     """``x @ (scale * (w1a @ w1b) * (w2a @ w2b)).T``, the delta built a block of rows at a time.
 
-    The full delta of a FLUX.1 ``linear1`` is 252 MiB in float32; building it
+    The full delta of FLUX.1's largest single-block layer is 252 MiB in float32; building it
     in row blocks of at most :data:`LOHA_CHUNK` elements, used and freed at once,
     keeps the forward's extra memory bounded whatever the layer's size.
     """
@@ -346,6 +346,6 @@ def norm_features(norm: torch.nn.Module) -> int | None:
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    # BFL's final adaLN emits (shift, scale), diffusers' norm_out (scale, shift).
+    # The original code's final modulation emits (shift, scale), diffusers' (scale, shift).
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)

@@ -173,10 +173,10 @@ def stored_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def scale_targets(
     scales: Mapping[str, torch.Tensor], source: str | Path
 ) -> dict[str, torch.Tensor]:
-    """``{diffusers module name: scalar scale}`` from ``{BFL/diffusers layer path: scale}``.
+    """``{diffusers module name: scalar scale}`` from ``{layer path in any naming: scale}``.
 
-    A fused BFL layer (``qkv``, ``linear1``) has one scale for all its row
-    parts, so every diffusers module it splits into gets that scale.
+    A layer the original code fuses has one scale for all its row parts, so
+    every diffusers module it splits into gets that scale.
     """
     out: dict[str, torch.Tensor] = {}
     for layer, scale in scales.items():

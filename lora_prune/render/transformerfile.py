@@ -1,19 +1,19 @@
 """A FLUX.1 transformer from one checkpoint file (``--transformer`` or a ComfyUI single file).
 
 A FLUX.1 transformer can come as one ``.safetensors`` file in BFL/ComfyUI
-naming (``double_blocks.N.img_attn.qkv.weight``...), the form most people have
-on disk, in diffusers naming, as fp8 or scaled fp8 (kept so by :mod:`.storage`)
-or as GGUF (loaded by :mod:`.storage` through diffusers).
+naming, the form most people have on disk, in diffusers naming, as fp8 or
+scaled fp8 (kept so by :mod:`.storage`) or as GGUF (loaded by :mod:`.storage`
+through diffusers).
 
 Single files are converted here rather than by diffusers' ``from_single_file``:
-its FLUX converter hard-codes FLUX.1's width (3072) when splitting the fused
-single-block ``linear1``, so it cannot load the tiny model, and it needs the
+its FLUX converter hard-codes FLUX.1's real width when splitting the fused
+single-block projection, so it cannot load the tiny model, and it needs the
 transformer config as a diffusers folder or a hub download. Our conversion
-takes the module map from :mod:`lora_prune.keys` (the one home of BFL <->
-diffusers names) and the row split sizes from the model itself, so it works
-at any width; the config is the base folder's transformer config or, when the
-folder has none, the shipped FLUX.1-dev/schnell config chosen by whether the
-checkpoint has ``guidance_in`` weights. Pickle checkpoints (``.ckpt``, ``.pt``,
+takes the module map from the family's key grammar (the one home of BFL <->
+diffusers names, :mod:`lora_prune.families.flux1.keys`) and the row split sizes
+from the model itself, so it works at any width; the config is the base
+folder's transformer config or, when the folder has none, the shipped
+FLUX.1-dev/schnell config chosen by whether the checkpoint has a guidance embedder. Pickle checkpoints (``.ckpt``, ``.pt``,
 ``.bin``) are refused.
 
 :mod:`.loading` puts such a transformer into a diffusers pipeline, :mod:`.singlefile`
@@ -58,7 +58,7 @@ def convert_transformer_checkpoint(
     """Rename a FLUX.1 transformer state dict (BFL or diffusers naming) to diffusers'.
 
     ``rows`` maps every diffusers parameter name of the target model to its
-    number of rows; fused BFL tensors (``qkv``, ``linear1``) are split by them,
+    number of rows; fused BFL tensors are split by them,
     so any width converts. ``tensors`` keys carry no wrapper prefix. Raises
     :class:`UsageError` naming ``source`` for keys that are not FLUX.1
     transformer weights.

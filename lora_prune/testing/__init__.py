@@ -24,8 +24,7 @@ guide rather than the parser with itself.
 
 from __future__ import annotations
 
-from ._files import planted_lora, synth_metadata, synth_tensors, write_synth_lora
-from ._grammars import (
+from ..families.flux1.synth_grammars import (
     ADAPTERS,
     ALPHA_KEY_GRAMMARS,
     GRAMMARS,
@@ -35,7 +34,13 @@ from ._grammars import (
     SynthSpec,
     expected_scale,
 )
-from ._modules import default_blocks, diffusers_linear_shapes, supported_blocks, synth_modules
+from ..families.flux1.synth_modules import (
+    default_blocks,
+    diffusers_linear_shapes,
+    supported_blocks,
+    synth_modules,
+)
+from ._files import planted_lora, synth_metadata, synth_tensors, write_synth_lora
 
 __all__ = [
     "ADAPTERS",

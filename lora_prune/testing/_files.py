@@ -20,9 +20,15 @@ import numpy.typing as npt
 
 from ..blocks import block_order
 from ..families.flux1.geometry import TINY, FluxGeometry
+from ..families.flux1.synth_grammars import (
+    SynthModule,
+    SynthSpec,
+    adapter_of,
+    check_spec,
+    grammar_row,
+)
+from ..families.flux1.synth_modules import default_blocks, synth_modules
 from ..safetensors_io import TensorEntry, encode_array, write_safetensors
-from ._grammars import SynthModule, SynthSpec, adapter_of, check_spec, grammar_row
-from ._modules import default_blocks, synth_modules
 
 
 def _factorization(n: int) -> tuple[int, int]:

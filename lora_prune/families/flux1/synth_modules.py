@@ -1,13 +1,13 @@
-"""The modules of a synthetic LoRA: real layer shapes of a FLUX geometry, named per grammar."""
+"""FLUX.1 synthetic LoRAs (for lora_prune.testing): real layer shapes of a geometry, named per grammar."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..blocks import block_order
-from ..families.flux1.blocks import BLOCK_IDS
-from ..families.flux1.geometry import TINY, FluxGeometry
-from ._grammars import (
+from ...blocks import block_order
+from .blocks import BLOCK_IDS
+from .geometry import TINY, FluxGeometry
+from .synth_grammars import (
     LYCORIS_SUFFIXES,
     Adapter,
     Family,

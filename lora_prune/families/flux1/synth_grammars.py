@@ -1,4 +1,4 @@
-"""What a synthetic LoRA is made of: the spec, the key grammars and their adapter rules.
+"""FLUX.1 synthetic LoRAs (for lora_prune.testing): the spec, the key grammars and their adapter rules.
 
 One row of the grammar table per key grammar of the field guide (prefix,
 naming family, factor suffixes, which blocks the trainer covers by default,
@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from ..families.flux1.blocks import BLOCK_IDS
-from ..families.flux1.geometry import TINY, FluxGeometry
-from ..safetensors_io import ENCODABLE_DTYPES
+from ...safetensors_io import ENCODABLE_DTYPES
+from .blocks import BLOCK_IDS
+from .geometry import TINY, FluxGeometry
 
 GRAMMARS: tuple[str, ...] = (
     "kohya",
