@@ -7,8 +7,8 @@ model's facts only through it (``lora.family``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Protocol
 
@@ -81,6 +81,11 @@ class Family:
             ai-toolkit, OneTrainer), given the LoRA's input-layer ranks or None.
         input_ranks: those ranks, from the LoRA's modules.
         markers: the key sets loaders convert a whole file by (their blocks are pinned).
+        known_widths: per component (``transformer``, ``clip``, ``t5``), the hidden
+            widths of the family's models and their names, to name the model a
+            mismatched LoRA was made for.
+        explain_missing: why a model may lack a module path a LoRA targets (a
+            variant without it), or "".
     """
 
     name: str
@@ -93,6 +98,8 @@ class Family:
     recipes_for: Callable[[Iterable[str], Sequence[int] | None], list[Recipe]]
     input_ranks: Callable[[Iterable[ModuleLike]], tuple[int, ...]]
     markers: tuple[MarkerSet, ...] = ()
+    known_widths: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    explain_missing: Callable[[str], str] = lambda _path: ""
 
 
 #: The wrappers a full checkpoint puts before its transformer's names (ComfyUI's saved

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,21 +30,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..adapters import (
-    APPLIED_ROLES,
-    FULL_ROLES,
-    UNRENDERABLE_ROLES,
-    alpha_problem,
-    bias_rows,
-    delta_io,
-    factor_problem,
-    missing_factor,
-)
-from ..blocks import OTHER, TEXT_ENCODER_IDS, format_block_spec, sort_blocks
-from ..errors import CorruptFileError, ModelMismatchError, UnsupportedAdapterError, UsageError
-from ..families.flux1.geometry import FLUX1_DEV, TINY
+from ..blocks import TEXT_ENCODER_IDS, format_block_spec, sort_blocks
+from ..errors import UsageError
 from ..keys import Target
 from ..lora import LoraFile, LoraModule
+from ..matching import COMPONENTS, AttachPlan, ModelIndex, ModelModule, plan_attach
 from ..resize import is_rank, rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
 from ..settings import DEFAULT_BATCH_SIZE, DEFAULT_STRENGTH, ImageSettings, check_batch_size
@@ -63,25 +52,6 @@ OutputKind = Literal["uint8", "float"]
 RankCaps = Mapping[str, int] | None
 # Which text encoders a variant switches on, and its rank caps on their modules.
 _TextState = tuple[bool, bool, tuple[tuple[str, int], ...]]
-
-#: How many offending modules an error message names.
-_SHOW = 3
-# Roles that only carry a scalar or are read through LoraModule.scale.
-_SCALAR_ROLES = frozenset({"alpha"})
-# Known widths, to name the base model a mismatched LoRA was made for.
-_TRANSFORMER_WIDTHS: dict[int, str] = {
-    FLUX1_DEV.hidden: "FLUX.1",
-    TINY.hidden: "the tiny test model",
-}
-_TEXT_WIDTHS: dict[str, dict[int, str]] = {
-    "clip": {FLUX1_DEV.clip_hidden: "CLIP-L", TINY.clip_hidden: "the tiny test CLIP"},
-    "t5": {FLUX1_DEV.t5_d_model: "T5-XXL", TINY.t5_d_model: "the tiny test T5"},
-}
-_COMPONENTS: dict[str, str] = {
-    "transformer": "transformer",
-    "clip": "text_encoder",
-    "t5": "text_encoder_2",
-}
 
 # Transformers with an open engine: a second engine would stack its hooks on the first.
 _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -136,40 +106,8 @@ def _lora_rows(lo: int, hi: int, total: int, swapped: bool) -> tuple[tuple[int, 
     return tuple(ranges)
 
 
-@dataclass
-class _Plan:
-    """A LoRA module checked against the model, before its tensors are read."""
-
-    module: LoraModule
-    hook_keys: list[str]  # "<component>:<module path>" per target module
-    rows: list[int]  # output rows per target module
-    in_features: int
-
-
-@dataclass(frozen=True)
-class _Mismatch:
-    module: LoraModule
-    reason: str
-    lora_in: int | None = None
-    model_in: int | None = None
-
-
 def _shape(module: LoraModule, role: str) -> tuple[int, ...]:
     return tuple(module.tensors[role].shape)
-
-
-def _lora_io(module: LoraModule) -> tuple[int, int] | None:
-    """(in, out) of a linear module's delta from the header shapes; None for bias-only modules."""
-    path = str(module.stem)
-    problem = factor_problem(module) or alpha_problem(module)
-    if problem is not None:
-        raise CorruptFileError(problem, path, "re-save or re-download the LoRA")
-    lacking = missing_factor(module)
-    if lacking is not None:
-        raise CorruptFileError(
-            f"module has no lora_{lacking[1]} tensor", path, "re-save or re-download the LoRA"
-        )
-    return delta_io(module)
 
 
 class BlockEngine:
@@ -232,7 +170,7 @@ class BlockEngine:
             )
         self._check_unfused(transformer)
         self._check_no_step_cache()
-        plans = self._plan()
+        plans = plan_attach(lora, self._model_index())
         try:
             with SafetensorsReader(lora.path, lora.header) as reader:
                 for plan in plans:
@@ -253,7 +191,7 @@ class BlockEngine:
 
     # --- attaching -----------------------------------------------------------
     def _component(self, model: str) -> torch.nn.Module | None:
-        component = getattr(self.pipe, _COMPONENTS[model], None)
+        component = getattr(self.pipe, COMPONENTS[model], None)
         return component if isinstance(component, torch.nn.Module) else None
 
     def _module(self, key: str) -> torch.nn.Module | None:
@@ -320,154 +258,25 @@ class BlockEngine:
                     "call pipe.unfuse_qkv_projections() before attaching the engine",
                 )
 
-    def _check_adapter(self, module: LoraModule) -> None:
-        for role in module.tensors:
-            base = role.split("#")[0]
-            if base in UNRENDERABLE_ROLES:
-                raise UnsupportedAdapterError(
-                    f"{UNRENDERABLE_ROLES[base]} is not supported by the render engine",
-                    module.tensors[role].name,
-                    "render with a tool that supports it, or drop this module",
-                )
-            if "#" in role and base not in _SCALAR_ROLES:
-                raise CorruptFileError(
-                    f"two tensors give module {module.stem!r} its {base}",
-                    module.tensors[role].name,
-                    "keep one naming per module and re-save the LoRA",
-                )
-        if module.adapter == "unsupported":
-            raise UnsupportedAdapterError(
-                f"adapter roles {sorted(module.tensors)} are not supported by the render engine",
-                module.stem,
-                "drop this module",
-            )
+    def _model_index(self) -> ModelIndex:
+        """The pipeline as matching sees it: its components, module kinds and shapes, widths."""
 
-    def _plan(self) -> list[_Plan]:
-        plans: list[_Plan] = []
-        problems: list[_Mismatch] = []
-        for module in self.lora.modules.values():
-            self._check_adapter(module)
-            if module.block == OTHER or module.target is None:
-                problems.append(_Mismatch(module, "matches no module of FLUX.1"))
-                continue
-            if module.adapter == "empty":
-                continue  # only an alpha: there is no delta to attach
-            plan = self._plan_module(module, module.target, problems)
-            if plan is not None:
-                plans.append(plan)
-        if problems:
-            raise self._mismatch_error(problems)
-        return plans
+        def lookup(key: str) -> ModelModule | None:
+            module = self._module(key)
+            if module is None:
+                return None
+            name = type(module).__name__
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                rows, cols = weight_shape(weight)
+                return ModelModule("linear", name, rows, cols)
+            features = norm_features(module)
+            if features is not None and normaliser(module) is not None:
+                return ModelModule("norm", name, int(features))
+            return ModelModule("other", name)
 
-    def _plan_module(
-        self, module: LoraModule, target: Target, problems: list[_Mismatch]
-    ) -> _Plan | None:
-        if target.kind == "other":
-            raise UnsupportedAdapterError(
-                f"text-encoder weight {target.name} is no Linear layer (an embedding or "
-                "layer norm, as ComfyUI's LoRA extractor writes): the render engine does not "
-                "apply these",
-                module.stem,
-                f"slim the LoRA without block {module.block} (--drop {module.block}) to render the rest",
-            )
-        if self._component(target.model) is None:
-            problems.append(_Mismatch(module, f"the pipeline has no {_COMPONENTS[target.model]}"))
-            return None
-        keys = [f"{target.model}:{path}" for path in target.modules]
-        found = [self._module(k) for k in keys]
-        missing = [p for p, m in zip(target.modules, found, strict=True) if m is None]
-        if missing:
-            reason = f"has no counterpart {missing[0]} in the model"
-            if "guidance_embedder" in missing[0]:
-                reason += " (a FLUX.1-schnell model has no guidance embedder: this LoRA is for FLUX.1-dev)"
-            problems.append(_Mismatch(module, reason))
-            return None
-        modules = [m for m in found if m is not None]
-        roles = {r.split("#")[0] for r in module.tensors} - _SCALAR_ROLES
-        if target.kind == "norm":
-            return self._plan_norm(module, keys, modules, roles, problems)
-        return self._plan_linear(module, keys, modules, roles, problems)
-
-    @staticmethod
-    def _plan_norm(
-        module: LoraModule,
-        keys: list[str],
-        modules: list[torch.nn.Module],
-        roles: set[str],
-        problems: list[_Mismatch],
-    ) -> _Plan | None:
-        """A norm layer's full-weight diff: its size must be the layers' features."""
-        bad = sorted(roles - FULL_ROLES)
-        if bad:
-            raise UnsupportedAdapterError(
-                f"{'/'.join(bad)} on a norm layer is not supported by the render engine",
-                module.stem,
-                "drop this module",
-            )
-        features = [norm_features(m) for m in modules]
-        if any(f is None for f in features) or any(normaliser(m) is None for m in modules):
-            problems.append(
-                _Mismatch(module, f"targets {type(modules[0]).__name__}, not a norm layer")
-            )
-            return None
-        rows = [int(f) for f in features if f is not None]
-        shapes = sorted({_shape(module, r) for r in roles})
-        if shapes != [(sum(rows),)]:
-            problems.append(
-                _Mismatch(module, f"norm tensors of shape {shapes}, model has {sum(rows)} features")
-            )
-            return None
-        return _Plan(module, keys, rows, sum(rows))
-
-    @staticmethod
-    def _plan_linear(
-        module: LoraModule,
-        keys: list[str],
-        modules: list[torch.nn.Module],
-        roles: set[str],
-        problems: list[_Mismatch],
-    ) -> _Plan | None:
-        """A Linear target (or a fused row split of several): the delta's in/out must match."""
-        target = module.target
-        assert target is not None
-        bad = sorted(roles - APPLIED_ROLES)
-        if bad:
-            raise UnsupportedAdapterError(
-                f"roles {bad} are not supported by the render engine",
-                module.stem,
-                "drop this module",
-            )
-        weights = [getattr(m, "weight", None) for m in modules]
-        matrices = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2]
-        if len(matrices) != len(modules):
-            problems.append(
-                _Mismatch(module, f"targets {type(modules[0]).__name__}, not a Linear layer")
-            )
-            return None
-        shapes = [weight_shape(w) for w in matrices]
-        rows = [s[0] for s in shapes]
-        ins = {s[1] for s in shapes}
-        model_in = ins.pop() if len(ins) == 1 else -1
-        io = _lora_io(module)
-        extra_rows = bias_rows(module)
-        out_ok = (io is None or io[1] == sum(rows)) and (
-            extra_rows is None or extra_rows == sum(rows)
-        )
-        in_ok = io is None or io[0] == model_in
-        if target.swap_halves and sum(rows) % 2:
-            out_ok = False
-        if not (out_ok and in_ok):
-            lora_in, lora_out = io if io is not None else (None, extra_rows)
-            problems.append(
-                _Mismatch(
-                    module,
-                    f"LoRA {lora_in}->{lora_out}, model {model_in}->{sum(rows)}",
-                    lora_in,
-                    model_in,
-                )
-            )
-            return None
-        return _Plan(module, keys, rows, model_in)
+        present = frozenset(m for m in COMPONENTS if self._component(m) is not None)
+        return ModelIndex(present, lookup, {m: self._model_width(m) for m in COMPONENTS})
 
     def _model_width(self, model: str) -> int | None:
         component = self._component(model)
@@ -481,35 +290,7 @@ class BlockEngine:
         width = getattr(config, "hidden_size" if model == "clip" else "d_model", None)
         return int(width) if width else None
 
-    def _mismatch_error(self, problems: list[_Mismatch]) -> ModelMismatchError:
-        shown = "; ".join(f"{p.module.stem}: {p.reason}" for p in problems[:_SHOW])
-        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
-        what = f"{len(problems)} of {len(self.lora.modules)} LoRA modules do not fit the model ({shown}{more})"
-        # The likely base model: the LoRA's input width on layers that read the model's hidden width.
-        for model in ("transformer", "clip", "t5"):
-            width = self._model_width(model)
-            widths = Counter(
-                p.lora_in
-                for p in problems
-                if p.module.target is not None
-                and p.module.target.model == model
-                and p.model_in == width
-                and p.lora_in not in (None, -1, width)
-            )
-            if width is None or not widths:
-                continue
-            lora_width = widths.most_common(1)[0][0]
-            assert lora_width is not None
-            names = _TRANSFORMER_WIDTHS if model == "transformer" else _TEXT_WIDTHS[model]
-            label = "hidden" if model == "transformer" else f"{_COMPONENTS[model]} width"
-            base = names.get(lora_width, "another model")
-            what += f"; this LoRA is for {base} ({label} {lora_width}) but the model has {label} {width}"
-            break
-        return ModelMismatchError(
-            what, self.lora.path, "render with the base model the LoRA was trained for"
-        )
-
-    def _attach(self, plan: _Plan, reader: SafetensorsReader) -> None:
+    def _attach(self, plan: AttachPlan, reader: SafetensorsReader) -> None:
         module = plan.module
         target = module.target
         assert target is not None
@@ -528,7 +309,7 @@ class BlockEngine:
 
         self._add_pieces(plan, device, dtype, self._deltas(plan, read))
 
-    def _deltas(self, plan: _Plan, read: Callable[[str], torch.Tensor]) -> _Parts:
+    def _deltas(self, plan: AttachPlan, read: Callable[[str], torch.Tensor]) -> _Parts:
         """The module's parts in float32, in the model's row order (final adaLN halves swapped)."""
         module = plan.module
         target = module.target
@@ -590,7 +371,7 @@ class BlockEngine:
         return target.model
 
     def _add_pieces(
-        self, plan: _Plan, device: torch.device, dtype: torch.dtype, parts: _Parts
+        self, plan: AttachPlan, device: torch.device, dtype: torch.dtype, parts: _Parts
     ) -> None:
         """Place the parts on the model's device and hang one piece on each target's hook."""
         module = plan.module
@@ -670,7 +451,7 @@ class BlockEngine:
                     )
         return sum(seen.values())
 
-    def _current(self, plan: _Plan, target: Target) -> torch.Tensor:
+    def _current(self, plan: AttachPlan, target: Target) -> torch.Tensor:
         """The weight a ``set_weight`` replaces, in the LoRA's row order, as float32."""
         parts: list[torch.Tensor] = []
         for key, n in zip(plan.hook_keys, plan.rows, strict=True):

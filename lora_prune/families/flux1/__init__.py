@@ -10,6 +10,7 @@ from ...errors import BlockIndexError, WrongBaseModelError
 from ...keys import INDEX_MAX_DIGITS, BlockRangeError
 from ..base import Family
 from .blocks import DOUBLE_BLOCKS, LAYOUT, SINGLE_BLOCKS
+from .geometry import FLUX1_DEV, TINY
 from .keys import parse_key, resolve_module_path, transformer_target
 from .markers import MARKER_SETS
 from .recipes import input_ranks, recipes_for
@@ -59,6 +60,20 @@ def report_range_errors(
     )
 
 
+def explain_missing(path: str) -> str:
+    """schnell has no guidance embedder: a LoRA that trains it is for dev."""
+    if "guidance_embedder" in path:
+        return "a FLUX.1-schnell model has no guidance embedder: this LoRA is for FLUX.1-dev"
+    return ""
+
+
+KNOWN_WIDTHS = {
+    "transformer": {FLUX1_DEV.hidden: "FLUX.1", TINY.hidden: "the tiny test model"},
+    "clip": {FLUX1_DEV.clip_hidden: "CLIP-L", TINY.clip_hidden: "the tiny test CLIP"},
+    "t5": {FLUX1_DEV.t5_d_model: "T5-XXL", TINY.t5_d_model: "the tiny test T5"},
+}
+
+
 FLUX1 = Family(
     name="flux1",
     display="FLUX.1",
@@ -70,4 +85,6 @@ FLUX1 = Family(
     recipes_for=lambda blocks, ranks: recipes_for(blocks, input_ranks=ranks),
     input_ranks=input_ranks,
     markers=MARKER_SETS,
+    known_widths=KNOWN_WIDTHS,
+    explain_missing=explain_missing,
 )
