@@ -207,6 +207,8 @@ class LoraReport:
     """What ``inspect`` shows about a LoRA file."""
 
     path: str
+    #: the model family the keys are for (``FLUX.1``)
+    family: str
     format: str
     grammars: dict[str, int]
     file_bytes: int
@@ -228,6 +230,7 @@ class LoraReport:
     def to_dict(self) -> dict[str, object]:
         return {
             "path": self.path,
+            "family": self.family,
             "format": self.format,
             "grammars": self.grammars,
             "file_bytes": self.file_bytes,
@@ -342,6 +345,7 @@ def inspect_lora(lora: LoraFile, *, sort: str = SORT_KEYS[0]) -> LoraReport:
     meta = lora.metadata
     return LoraReport(
         path=str(lora.path),
+        family=lora.family.display,
         format=lora.format,
         grammars=dict(lora.grammars),
         file_bytes=lora.header.file_size,
@@ -351,7 +355,7 @@ def inspect_lora(lora: LoraFile, *, sort: str = SORT_KEYS[0]) -> LoraReport:
         ranks=dict(sorted(ranks.items())),
         alphas=dict(sorted(alphas.items())),
         adapters=dict(adapters),
-        text_encoders=[b for b in ("clip", "t5") if b in lora.blocks],
+        text_encoders=[b for b in lora.family.blocks.text_encoders if b in lora.blocks],
         metadata={k: meta[k] for k in SUMMARY_METADATA_KEYS if k in meta},
         metadata_keys=len(meta),
         blocks=blocks,

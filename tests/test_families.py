@@ -10,6 +10,25 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+from clitools import run_cli
+from conftest import write_tensors
+
+from lora_prune.blocks import (
+    BlockLayout,
+    BlockSpec,
+    format_block_spec,
+    parse_block_spec,
+    short_label,
+    sort_blocks,
+)
+from lora_prune.errors import EXIT_UNSUPPORTED, BlockSpecError
+from lora_prune.families import FLUX1, family_named
+from lora_prune.lora import read_lora
+from lora_prune.stats import inspect_lora
+from lora_prune.testing import SynthSpec, write_synth_lora
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_prune"
 
@@ -45,3 +64,72 @@ def test_the_pattern_finds_what_it_is_for() -> None:
         assert FLUX1_FACTS.search(text), text
     for text in ("ANCHOR_PIXELS = 768 * 768", "_SNIFF_BYTES = 4096", "block.30", "linear10"):
         assert not FLUX1_FACTS.search(text), text
+
+
+def test_a_lora_knows_its_family_and_inspect_names_it(tmp_path: Path) -> None:
+    path = write_synth_lora(tmp_path / "l.safetensors", SynthSpec(blocks=("double.0",)))
+    lora = read_lora(path)
+    assert lora.family is FLUX1 and family_named("flux1") is FLUX1 and family_named("sdxl") is None
+    report = inspect_lora(lora)
+    assert report.family == "FLUX.1" and report.to_dict()["family"] == "FLUX.1"
+    result = run_cli("inspect", str(path))
+    assert result.exit_code == 0 and "\nfamily        FLUX.1\n" in result.stdout
+
+
+def test_an_unsupported_family_is_refused_in_one_line_naming_it(tmp_path: Path) -> None:
+    sdxl = write_tensors(
+        tmp_path / "sdxl.safetensors",
+        {
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_down.weight": np.ones(
+                (4, 8)
+            ),
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight": np.ones(
+                (8, 4)
+            ),
+        },
+    )
+    result = run_cli("inspect", str(sdxl))
+    assert result.exit_code == EXIT_UNSUPPORTED
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith(
+        "error: this LoRA is for SDXL, which lora-prune does not support"
+    )
+
+
+# A made-up family of 4 plain blocks: the block grammar is the same for every family.
+FOUR = BlockLayout(
+    family="Four",
+    ids=("t5", "input", *(f"block.{i}" for i in range(4)), "final"),
+    vectors={4: tuple((f"block.{i}",) for i in range(4))},
+    vector_help="use 4 values",
+)
+
+
+def test_block_specs_read_against_any_familys_layout() -> None:
+    assert FOUR.counts == {"block": 4} and FOUR.groups["block"] == tuple(
+        f"block.{i}" for i in range(4)
+    )
+    assert parse_block_spec("block.1-2,final", FOUR) == {"block.1", "block.2", "final"}
+    assert parse_block_spec("0,1,0,1", FOUR) == {"t5", "input", "block.1", "block.3", "final"}
+    assert parse_block_spec("te", FOUR) == {"t5"}
+    assert format_block_spec({"block.0", "block.1", "block.2", "input"}) == "input,block.0-2"
+    assert short_label("block.3") == "b3" and sort_blocks(
+        ["final", "block.10", "block.2", "t5"]
+    ) == [
+        "t5",
+        "block.2",
+        "block.10",
+        "final",
+    ]
+    for spec, message in (
+        ("block.4", "block block index 4 is out of range 0..3"),
+        ("double.0", "Four has no double blocks"),
+        ("1,0,1", "a block-weight vector of 3 values has no known layout for Four"),
+        ("train_double_block_indices=0", "kohya's block indices do not name Four's blocks"),
+        ("clip", "unknown block 'clip'"),
+    ):
+        with pytest.raises(BlockSpecError, match=re.escape(message)):
+            parse_block_spec(spec, FOUR)
+    assert BlockSpec("block.0", "--keep").resolve(FOUR) == {"block.0"}
+    with pytest.raises(BlockSpecError, match=r"--drop 'block.9'"):
+        BlockSpec("block.9", "--drop").resolve(FOUR)

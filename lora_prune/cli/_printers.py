@@ -41,6 +41,7 @@ def _alpha_text(alpha: float) -> str:
 def print_report(report: LoraReport) -> None:
     echo = click.echo
     echo(f"file          {report.path} ({human_bytes(report.file_bytes)})")
+    echo(f"family        {report.family}")
     grammars = ", ".join(f"{g} ({n} keys)" for g, n in report.grammars.items())
     echo(f"format        {report.format}" + (f"  [{grammars}]" if len(report.grammars) > 1 else ""))
     echo(
