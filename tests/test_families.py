@@ -7,6 +7,7 @@ everything else asks the family (``lora.family``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -133,3 +134,12 @@ def test_block_specs_read_against_any_familys_layout() -> None:
     assert BlockSpec("block.0", "--keep").resolve(FOUR) == {"block.0"}
     with pytest.raises(BlockSpecError, match=r"--drop 'block.9'"):
         BlockSpec("block.9", "--drop").resolve(FOUR)
+
+
+def test_rendering_asks_the_familys_pipeline_call() -> None:
+    from lora_prune.errors import UnsupportedLoraError
+    from lora_prune.render.families import pipeline_call
+
+    assert pipeline_call(FLUX1).text_blocks == ("clip", "t5")
+    with pytest.raises(UnsupportedLoraError, match="rendering Four is not supported yet"):
+        pipeline_call(dataclasses.replace(FLUX1, name="four", display="Four"))

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..blocks import TEXT_ENCODER_IDS, format_block_spec, sort_blocks
+from ..blocks import format_block_spec, sort_blocks
 from ..errors import UsageError
 from ..keys import Target
 from ..lora import LoraFile, LoraModule
@@ -39,6 +39,8 @@ from ..resize import is_rank, rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
 from ..settings import DEFAULT_BATCH_SIZE, DEFAULT_STRENGTH, ImageSettings, check_batch_size
 from .compiled import compile_blocks, step_cache, uncompile
+from .families import pipeline_call
+from .families.base import Conditioning
 from .hooks import Hook, Kron, Piece, Selection, Switches, norm_features, normaliser, swap_halves
 from .loading import LoadedModel
 from .storage import dense_weight, weight_shape
@@ -50,8 +52,8 @@ __all__ = [
 OutputKind = Literal["uint8", "float"]
 #: Per variant, module stem -> the rank it is rendered at (None or absent: as attached).
 RankCaps = Mapping[str, int] | None
-# Which text encoders a variant switches on, and its rank caps on their modules.
-_TextState = tuple[bool, bool, tuple[tuple[str, int], ...]]
+# Which text-encoder blocks a variant switches on, and its rank caps on their modules.
+_TextState = tuple[tuple[str, ...], tuple[tuple[str, int], ...]]
 
 # Transformers with an open engine: a second engine would stack its hooks on the first.
 _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -170,6 +172,7 @@ class BlockEngine:
             )
         self._check_unfused(transformer)
         self._check_no_step_cache()
+        self._call = pipeline_call(lora.family)
         plans = plan_attach(lora, self._model_index())
         try:
             with SafetensorsReader(lora.path, lora.header) as reader:
@@ -514,53 +517,22 @@ class BlockEngine:
         check_batch_size(batch_size)
 
     def _text_state(self, variant: frozenset[str], caps: RankCaps) -> _TextState:
-        clip, t5 = (
-            "clip" in variant and "clip" in self.blocks,
-            "t5" in variant and "t5" in self.blocks,
-        )
-        on = {m for m, flag in (("clip", clip), ("t5", t5)) if flag}
+        on = tuple(b for b in self._call.text_blocks if b in variant and b in self.blocks)
         text_caps = tuple(
             sorted((stem, r) for stem, r in (caps or {}).items() if self._model_of(stem) in on)
         )
-        return clip, t5, text_caps
+        return on, text_caps
 
-    def _encode(
-        self, settings: ImageSettings, state: _TextState
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        clip, t5, text_caps = state
-        self._switches.selection = {
-            b: None for b, on in zip(TEXT_ENCODER_IDS, (clip, t5), strict=True) if on
-        }
+    def _encode(self, settings: ImageSettings, state: _TextState) -> Conditioning:
+        on, text_caps = state
+        self._switches.selection = dict.fromkeys(on)
         self._switches.batch = 1
         self._switches.rank_masks = self._rank_masks([dict(text_caps)], set(dict(text_caps)))
         try:
-            with torch.no_grad():
-                embeds, pooled, _ids = self.pipe.encode_prompt(
-                    prompt=settings.prompt,
-                    prompt_2=None,
-                    device=self.pipe._execution_device,
-                    num_images_per_prompt=1,
-                    max_sequence_length=settings.max_sequence_length,
-                )
+            return self._call.encode(self.pipe, settings)
         finally:
             self._switches.selection = {}
             self._switches.rank_masks = self._switches.rank_off
-        return embeds, pooled
-
-    def _latent(self, settings: ImageSettings, dtype: torch.dtype) -> torch.Tensor:
-        # A CPU generator draws the same noise on every device; packed once, repeated per image.
-        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-        channels = self.pipe.transformer.config.in_channels // 4
-        latents, _ids = self.pipe.prepare_latents(
-            1,
-            channels,
-            settings.height,
-            settings.width,
-            dtype,
-            self.pipe._execution_device,
-            generator,
-        )
-        return torch.as_tensor(latents)
 
     def _check_ranks(self, ranks: Sequence[RankCaps] | None, count: int) -> list[dict[str, int]]:
         """Per variant its rank caps (empty: as attached), checked against the attached modules."""
@@ -642,14 +614,15 @@ class BlockEngine:
         caps = self._check_ranks(ranks, len(wanted))
         if not wanted:
             return []
-        embeddings: dict[_TextState, tuple[torch.Tensor, torch.Tensor]] = {}
+        embeddings: dict[_TextState, Conditioning] = {}
         self._switches.strength = float(settings.strength)
         try:
             states = [self._text_state(v, c) for v, c in zip(wanted, caps, strict=True)]
             for state in states:
                 if state not in embeddings:
                     embeddings[state] = self._encode(settings, state)
-            latent = self._latent(settings, next(iter(embeddings.values()))[0].dtype)
+            dtype = next(iter(embeddings.values()))[0].dtype
+            latent = self._call.latent(self.pipe, settings, dtype)
             images: list[np.ndarray] = []
             for start in range(0, len(wanted), batch_size):
                 stop = start + batch_size
@@ -668,7 +641,7 @@ class BlockEngine:
 
     def _render_batch(
         self,
-        batch: list[tuple[frozenset[str], dict[str, int], tuple[torch.Tensor, torch.Tensor]]],
+        batch: list[tuple[frozenset[str], dict[str, int], Conditioning]],
         settings: ImageSettings,
         latent: torch.Tensor,
         output: OutputKind,
@@ -678,7 +651,7 @@ class BlockEngine:
         variants = [v for v, _, _ in batch]
         selection: dict[str, Selection] = {}
         for block in self.blocks:
-            if block in TEXT_ENCODER_IDS:
+            if block in self._call.text_blocks:
                 continue  # text-encoder blocks live in the embeddings
             on = [i for i, variant in enumerate(variants) if block in variant]
             if not on:
@@ -686,8 +659,8 @@ class BlockEngine:
             selection[block] = (
                 None if len(on) == size else torch.tensor(on, dtype=torch.long, device=device)
             )
-        embeds = torch.cat([e[0] for _, _, e in batch], dim=0)
-        pooled = torch.cat([e[1] for _, _, e in batch], dim=0)
+        parts = zip(*(e for _, _, e in batch), strict=True)
+        conditioning = tuple(torch.cat(list(part), dim=0) for part in parts)
         caps = [c for _, c, _ in batch]
         # Eager hooks mask only the modules capped in this batch, compiled ones every module.
         if self._compiled:
@@ -699,23 +672,16 @@ class BlockEngine:
         self._switches.batch = size
         self._set_mask(variants, self._switches.strength)
         try:
-            result = self.pipe(
-                prompt_embeds=embeds,
-                pooled_prompt_embeds=pooled,
-                latents=latent.repeat(size, *([1] * (latent.dim() - 1))),
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                max_sequence_length=settings.max_sequence_length,
-                output_type="np",
-                return_dict=False,
+            arrays = self._call.denoise(
+                self.pipe,
+                conditioning,
+                latent.repeat(size, *([1] * (latent.dim() - 1))),
+                settings,
             )
         finally:
             self._switches.selection = {}
             self._switches.mask = self._switches.off
             self._switches.rank_masks = self._switches.rank_off
-        arrays = np.asarray(result[0], dtype=np.float32)
         if output == "uint8":
             # diffusers' own PIL conversion, so "uint8" equals output_type="pil" pixel for pixel.
             return [np.asarray((a * 255).round().astype(np.uint8)) for a in arrays]
