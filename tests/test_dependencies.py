@@ -79,8 +79,8 @@ def test_each_package_is_declared_where_it_is_imported() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     core_declared = _declared(PYPROJECT["project"]["dependencies"])
     render_declared = _declared(extras["render"]) | _declared(extras["gguf"])
-    render_files = list((PACKAGE / "render").glob("*.py"))
-    core_files = [p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE / "render"]
+    render_files = list((PACKAGE / "render").rglob("*.py"))
+    core_files = [p for p in PACKAGE.rglob("*.py") if (PACKAGE / "render") not in p.parents]
     core = _imports(core_files)
     render = _imports(render_files)
 
