@@ -244,7 +244,7 @@ def _identify_gguf(path: Path) -> Component | str:
     if isinstance(layout, str):
         return layout
     return Component(
-        "transformer", path, layout.describe("GGUF (quantised)"), "GGUF", size, size,
+        "transformer", path, layout.describe("GGUF (quantised)", path.name), "GGUF", size, size,
         widths=layout.widths, variant=layout.variant, naming="gguf",
     )  # fmt: skip
 
@@ -290,7 +290,7 @@ def _identify_transformer(
     note = fp8_note if layout.naming == "bfl" else ""
     return made(
         "transformer",
-        layout.describe() + note,
+        layout.describe(file_name=header.path.name) + note,
         widths=layout.widths,
         variant=layout.variant,
         naming=layout.naming,

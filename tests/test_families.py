@@ -143,3 +143,40 @@ def test_rendering_asks_the_familys_pipeline_call() -> None:
     assert pipeline_call(FLUX1).text_blocks == ("clip", "t5")
     with pytest.raises(UnsupportedLoraError, match="rendering Four is not supported yet"):
         pipeline_call(dataclasses.replace(FLUX1, name="four", display="Four"))
+
+
+def _bfl_transformer(path: Path, *, guidance: bool) -> Path:
+    tensors = {
+        "double_blocks.0.img_attn.qkv.weight": np.zeros((96, 32)),
+        "double_blocks.0.img_attn.norm.query_norm.scale": np.zeros(16),
+        "single_blocks.0.linear1.weight": np.zeros((224, 32)),
+        "img_in.weight": np.zeros((32, 64)),
+        "txt_in.weight": np.zeros((32, 32)),
+        "vector_in.in_layer.weight": np.zeros((32, 32)),
+    }
+    if guidance:
+        tensors["guidance_in.in_layer.weight"] = np.zeros((32, 256))
+    return write_tensors(path, tensors)
+
+
+def test_krea_is_named_by_its_metadata_and_its_file_name(tmp_path: Path) -> None:
+    from lora_prune.comfy import Component, identify
+    from lora_prune.families.flux1.variants import base_model
+
+    assert base_model([], {"modelspec.architecture": "flux-1-krea-dev/lora"}) == (
+        "FLUX.1-Krea-dev",
+        [],
+    )
+    assert base_model([], {"ss_base_model_version": "flux1_schnell"}) == ("FLUX.1-schnell", [])
+    krea = identify(_bfl_transformer(tmp_path / "flux1-krea-dev.safetensors", guidance=True))
+    dev = identify(_bfl_transformer(tmp_path / "flux1-dev.safetensors", guidance=True))
+    schnell = identify(_bfl_transformer(tmp_path / "krea-schnell.safetensors", guidance=False))
+    assert (
+        isinstance(krea, Component)
+        and isinstance(dev, Component)
+        and isinstance(schnell, Component)
+    )
+    assert krea.reason.startswith("FLUX.1-Krea-dev transformer, BFL naming: 1 double + 1 single")
+    assert krea.variant == dev.variant == "dev"  # Krea renders with dev's config
+    assert dev.reason.startswith("FLUX.1-dev transformer")
+    assert schnell.reason.startswith("FLUX.1-schnell transformer")  # a schnell layout is never Krea

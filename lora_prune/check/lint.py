@@ -10,9 +10,7 @@ and metadata rules.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,6 @@ from ..errors import (
     UnsupportedLoraError,
     WrongBaseModelError,
 )
-from ..families.flux1.keys import is_guidance_path
 from ..lora import LoraFile, LoraModule, read_lora
 from ..safetensors_io import SafetensorsHeader, SafetensorsReader, read_header
 from .model import FileResult, Finding, finding_from, number_text
@@ -149,59 +146,12 @@ def _module_findings(module: LoraModule) -> list[Finding]:
     return out
 
 
-def _has_guidance(lora: LoraFile) -> bool:
-    return any(
-        m.target is not None and is_guidance_path(m.target.name) for m in lora.modules.values()
-    )
-
-
-def _metadata_claim(metadata: Mapping[str, str]) -> tuple[str, str, str] | None:
-    """(key, value, claimed base) from the metadata, or None when it names none."""
-    for key in ("modelspec.architecture", "ss_base_model_version"):
-        value = metadata.get(key, "").strip()
-        if not value:
-            continue
-        low = value.lower()
-        if re.search(r"flux[-_. ]?2", low):
-            return key, value, "FLUX.2"
-        if re.search(r"flux[-_. ]?1|^flux(\b|_)", low):
-            if "schnell" in low:
-                return key, value, "FLUX.1-schnell"
-            if "dev" in low:
-                return key, value, "FLUX.1-dev"
-            return key, value, "FLUX.1"
-        return key, value, value
-    return None
-
-
 def _base_model(lora: LoraFile) -> tuple[str, list[Finding]]:
-    guidance = _has_guidance(lora)
-    from_keys = "FLUX.1-dev" if guidance else "FLUX.1"
-    claim = _metadata_claim(lora.metadata)
-    if claim is None:
-        return from_keys, []
-    key, value, claimed = claim
-    if not claimed.startswith("FLUX.1"):
-        return from_keys, [
-            Finding(
-                "warning",
-                "base_model_mismatch",
-                f"metadata {key} = {value!r} names another base model, but the keys are "
-                "FLUX.1 keys: fix the metadata",
-                key,
-            )
-        ]
-    if claimed == "FLUX.1-schnell" and guidance:
-        return "FLUX.1-dev", [
-            Finding(
-                "warning",
-                "base_model_mismatch",
-                f"metadata {key} = {value!r} says schnell, but the LoRA trains the guidance embedder, "
-                "which only FLUX.1-dev has: fix the metadata",
-                key,
-            )
-        ]
-    return (claimed if claimed != "FLUX.1" else from_keys), []
+    """The base model the LoRA is for, as its family reads keys and metadata, and any warnings."""
+    name, warnings = lora.family.base_model(lora.modules.values(), lora.metadata)
+    return name or lora.family.display, [
+        Finding("warning", "base_model_mismatch", text, key) for key, text in warnings
+    ]
 
 
 def _consistency(lora: LoraFile, result: FileResult) -> None:

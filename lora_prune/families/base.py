@@ -86,6 +86,8 @@ class Family:
             mismatched LoRA was made for.
         explain_missing: why a model may lack a module path a LoRA targets (a
             variant without it), or "".
+        base_model: the model a LoRA is for, from its modules and metadata, and
+            (metadata key, warning) for each claim the keys contradict (``check``).
     """
 
     name: str
@@ -100,6 +102,9 @@ class Family:
     markers: tuple[MarkerSet, ...] = ()
     known_widths: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     explain_missing: Callable[[str], str] = lambda _path: ""
+    base_model: Callable[
+        [Iterable[ModuleLike], Mapping[str, str]], tuple[str, list[tuple[str, str]]]
+    ] = lambda _modules, _metadata: ("", [])
 
 
 #: The wrappers a full checkpoint puts before its transformer's names (ComfyUI's saved

@@ -14,6 +14,7 @@ from .geometry import FLUX1_DEV, TINY
 from .keys import parse_key, resolve_module_path, transformer_target
 from .markers import MARKER_SETS
 from .recipes import input_ranks, recipes_for
+from .variants import base_model
 
 
 def report_range_errors(
@@ -87,4 +88,5 @@ FLUX1 = Family(
     markers=MARKER_SETS,
     known_widths=KNOWN_WIDTHS,
     explain_missing=explain_missing,
+    base_model=base_model,
 )

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..base import count_blocks, strip_wrapper
 from .keys import is_guidance_path
+from .variants import checkpoint_name
 
 #: Per naming: (the key that marks it, the image/text/pooled input weights, the first
 #: attention norm, the double- and single-block prefixes).
@@ -69,17 +70,16 @@ class TransformerLayout:
     def widths(self) -> dict[str, int]:
         return {"txt": self.txt, "pooled": self.pooled, "latent": self.in_channels // 4}
 
-    def describe(self, storage: str | None = None) -> str:
+    def describe(self, storage: str | None = None, file_name: str = "") -> str:
         """``FLUX.1-dev transformer, BFL naming: 19 double + 38 single blocks, guidance_in present``.
 
-        ``storage`` replaces the naming (``"GGUF (quantised)"``), without the guidance note.
+        ``storage`` replaces the naming (``"GGUF (quantised)"``), without the guidance note;
+        ``file_name`` may name the model (Krea has dev's layout).
         """
         bfl = self.naming == "bfl"
         where = storage or f"{'BFL' if bfl else 'diffusers'} naming"
-        text = (
-            f"FLUX.1-{self.variant} transformer, {where}: {self.doubles} double + "
-            f"{self.singles} single blocks"
-        )
+        model = checkpoint_name(self.variant, file_name)
+        text = f"{model} transformer, {where}: {self.doubles} double + {self.singles} single blocks"
         if storage is None:
             guidance = "guidance_in" if bfl else "guidance embedder"
             text += f", {guidance} present" if self.variant == "dev" else f", no {guidance}"
