@@ -38,12 +38,6 @@ __all__ = ["AttachPlan", "ModelIndex", "ModelModule", "plan_attach"]
 _SHOW = 3
 # Roles that only carry a scalar or are read through LoraModule.scale.
 SCALAR_ROLES = frozenset({"alpha"})
-#: The pipeline attribute of each component a target may name.
-COMPONENTS: dict[str, str] = {
-    "transformer": "transformer",
-    "clip": "text_encoder",
-    "t5": "text_encoder_2",
-}
 
 
 @dataclass(frozen=True)
@@ -166,7 +160,8 @@ def _plan_module(
             f"slim the LoRA without block {module.block} (--drop {module.block}) to render the rest",
         )
     if target.model not in model.components:
-        problems.append(_Mismatch(module, f"the pipeline has no {COMPONENTS[target.model]}"))
+        attribute = lora.family.components.get(target.model, target.model)
+        problems.append(_Mismatch(module, f"the pipeline has no {attribute}"))
         return None
     keys = [f"{target.model}:{path}" for path in target.modules]
     found = [model.lookup(k) for k in keys]
@@ -269,7 +264,8 @@ def _mismatch_error(
         f"{len(problems)} of {len(lora.modules)} LoRA modules do not fit the model ({shown}{more})"
     )
     # The likely base model: the LoRA's input width on layers that read the model's hidden width.
-    for component in COMPONENTS:
+    components = lora.family.components
+    for component in components:
         width = model.widths.get(component)
         widths = Counter(
             p.lora_in
@@ -283,7 +279,7 @@ def _mismatch_error(
             continue
         lora_width = widths.most_common(1)[0][0]
         assert lora_width is not None
-        label = "hidden" if component == "transformer" else f"{COMPONENTS[component]} width"
+        label = "hidden" if component == "transformer" else f"{components[component]} width"
         base = _known_widths(component).get(lora_width, "another model")
         what += (
             f"; this LoRA is for {base} ({label} {lora_width}) but the model has {label} {width}"

@@ -88,6 +88,8 @@ class Family:
             variant without it), or "".
         base_model: the model a LoRA is for, from its modules and metadata, and
             (metadata key, warning) for each claim the keys contradict (``check``).
+        components: each target model a key may name (``Target.model``) -> the
+            attribute of the family's diffusers pipeline that holds it.
     """
 
     name: str
@@ -105,6 +107,7 @@ class Family:
     base_model: Callable[
         [Iterable[ModuleLike], Mapping[str, str]], tuple[str, list[tuple[str, str]]]
     ] = lambda _modules, _metadata: ("", [])
+    components: Mapping[str, str] = field(default_factory=lambda: {"transformer": "transformer"})
 
 
 #: The wrappers a full checkpoint puts before its transformer's names (ComfyUI's saved

@@ -34,7 +34,7 @@ from ..blocks import format_block_spec, sort_blocks
 from ..errors import UsageError
 from ..keys import Target
 from ..lora import LoraFile, LoraModule
-from ..matching import COMPONENTS, AttachPlan, ModelIndex, ModelModule, plan_attach
+from ..matching import AttachPlan, ModelIndex, ModelModule, plan_attach
 from ..resize import is_rank, rotated_factors, why_kept
 from ..safetensors_io import SafetensorsReader
 from ..settings import DEFAULT_BATCH_SIZE, DEFAULT_STRENGTH, ImageSettings, check_batch_size
@@ -194,7 +194,8 @@ class BlockEngine:
 
     # --- attaching -----------------------------------------------------------
     def _component(self, model: str) -> torch.nn.Module | None:
-        component = getattr(self.pipe, COMPONENTS[model], None)
+        attribute = self.lora.family.components.get(model)
+        component = getattr(self.pipe, attribute, None) if attribute else None
         return component if isinstance(component, torch.nn.Module) else None
 
     def _module(self, key: str) -> torch.nn.Module | None:
@@ -278,8 +279,9 @@ class BlockEngine:
                 return ModelModule("norm", name, int(features))
             return ModelModule("other", name)
 
-        present = frozenset(m for m in COMPONENTS if self._component(m) is not None)
-        return ModelIndex(present, lookup, {m: self._model_width(m) for m in COMPONENTS})
+        components = self.lora.family.components
+        present = frozenset(m for m in components if self._component(m) is not None)
+        return ModelIndex(present, lookup, {m: self._model_width(m) for m in components})
 
     def _model_width(self, model: str) -> int | None:
         component = self._component(model)

@@ -89,4 +89,5 @@ FLUX1 = Family(
     known_widths=KNOWN_WIDTHS,
     explain_missing=explain_missing,
     base_model=base_model,
+    components={"transformer": "transformer", "clip": "text_encoder", "t5": "text_encoder_2"},
 )
