@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .safetensors_io import file_sha256
 from .units import parse_size
 
 #: The built-in offline test model: renders at 64 px in 4 steps with 32 tokens.
@@ -190,6 +191,19 @@ def model_defaults(model: str) -> ModelDefaults:
 
 
 @dataclass(frozen=True)
+class InputImage:
+    """An image to edit (``--image``): its file and the sha256 of its bytes (the cache's key)."""
+
+    path: str
+    sha256: str
+
+
+def input_images(paths: Sequence[str | Path]) -> tuple[InputImage, ...]:
+    """The ``--image`` files, hashed; a file that cannot be read is an error naming it."""
+    return tuple(InputImage(str(p), file_sha256(p)) for p in paths)
+
+
+@dataclass(frozen=True)
 class ImageSettings:
     """What the engine renders for one image: prompt, seed, size, steps, guidance, strength.
 
@@ -206,6 +220,8 @@ class ImageSettings:
     guidance: float = DEFAULT_GUIDANCE
     strength: float = DEFAULT_STRENGTH
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
+    #: the input image an edit model (FLUX.1 Kontext) edits, and its sha256; None = text to image
+    image: InputImage | None = None
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
@@ -230,10 +246,14 @@ class RenderSettings:
     guidance: float = DEFAULT_GUIDANCE
     strength: float = DEFAULT_STRENGTH
     modes: tuple[str, ...] = ("solo",)
+    #: the images an edit model edits: none (text to image), one for every prompt, or one
+    #: per prompt in order
+    images: tuple[InputImage, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise UsageError("no prompt given", "--prompt", "give at least one --prompt")
+        check_images(len(self.images), self.prompts)
         if not self.seeds:
             raise UsageError("no seed given", "--seeds", "give e.g. --seeds 0,1,2")
         for seed in self.seeds:
@@ -242,6 +262,12 @@ class RenderSettings:
         if bad or not self.modes:
             raise UsageError(f"unknown mode {bad}", "--mode", "use solo, loo or both")
         _check_render_numbers(self.width, self.height, self.steps, self.guidance, self.strength)
+
+    def input_image(self, prompt: str) -> InputImage | None:
+        """The image ``prompt`` edits (None for text to image)."""
+        if not self.images:
+            return None
+        return self.images[0] if len(self.images) == 1 else self.images[self.prompts.index(prompt)]
 
     def image(self, prompt: str, seed: int, max_sequence_length: int) -> ImageSettings:
         """One image of the sweep, as the engine renders it (the one conversion)."""
@@ -254,6 +280,25 @@ class RenderSettings:
             guidance=self.guidance,
             strength=self.strength,
             max_sequence_length=max_sequence_length,
+            image=self.input_image(prompt),
+        )
+
+
+def check_images(count: int, prompts: Sequence[str]) -> None:
+    """``--image``: none, one, or one per ``--prompt`` (then the prompts must differ)."""
+    if count in (0, 1):
+        return
+    if count != len(prompts):
+        raise UsageError(
+            f"{count} images for {len(prompts)} prompts",
+            "--image",
+            "give one --image for every prompt, or one per --prompt in order",
+        )
+    if len(set(prompts)) != len(prompts):
+        raise UsageError(
+            "the same prompt twice, each with its own image",
+            "--prompt",
+            "give each prompt once, or one --image for all",
         )
 
 
@@ -263,7 +308,10 @@ AnalyzeSettings = RenderSettings
 
 def settings_to_json(settings: AnalyzeSettings) -> dict[str, Any]:
     """Settings as stored in manifests and reports (lists for tuples)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+    doc = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+    if not settings.images:
+        del doc["images"]  # text to image: manifests stay as they were
+    return doc
 
 
 def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
@@ -277,6 +325,7 @@ def settings_from_json(doc: Mapping[str, Any]) -> AnalyzeSettings:
         guidance=float(doc["guidance"]),
         strength=float(doc["strength"]),
         modes=tuple(doc["modes"]),
+        images=tuple(InputImage(str(i["path"]), str(i["sha256"])) for i in doc.get("images", ())),
     )
 
 
@@ -296,8 +345,11 @@ class RenderRequest:
     steps: int | None = None
     guidance: float = DEFAULT_GUIDANCE
     strength: float = DEFAULT_STRENGTH
+    images: tuple[InputImage, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.prompts:
+            check_images(len(self.images), self.prompts)
         for seed in self.seeds:
             check_seed(seed)
         side = self.size if self.size is not None else DEFAULT_SIZE
@@ -323,6 +375,7 @@ class RenderRequest:
             guidance=self.guidance,
             strength=self.strength,
             modes=tuple(modes),
+            images=self.images,
         )
 
 

@@ -39,7 +39,7 @@ def set_curve(
     render = analysis.settings.to_json()
     doc = {
         "lora_sha256": analysis.settings.lora_sha256,
-        "settings": {k: render[k] for k in _CURVE_SETTINGS},
+        "settings": {k: render[k] for k in (*_CURVE_SETTINGS, "images") if k in render},
         "min_kept": criterion.min_kept,
         "min_ssim": criterion.min_ssim,
         "points": [asdict(p) for p in curve],
@@ -88,8 +88,10 @@ def read_curve(
     try:
         doc = loads_bounded(read_limited(path, CURVE_MAX_BYTES), max_bytes=CURVE_MAX_BYTES)
         settings = manifest["settings"]
+        stored = doc["settings"]
+        # "images" is absent for text to image: compared both ways, an edit never reuses that.
         if doc["lora_sha256"] != manifest["lora"]["sha256"] or any(
-            doc["settings"][k] != settings[k] for k in doc["settings"]
+            stored.get(k) != settings.get(k) for k in {*stored, "images"}
         ):
             return None
         points = [CurvePoint(**p) for p in doc["points"]]

@@ -127,6 +127,9 @@ def cache_key(
     if blocks:
         doc["lora"] = lora_sha256
         doc["strength"] = settings.strength
+    edited = settings.input_image(prompt)
+    if edited is not None:
+        doc["image"] = edited.sha256  # an edit: the image it edits decides it too
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 

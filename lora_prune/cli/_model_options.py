@@ -20,6 +20,7 @@ from ..settings import (
     TINY_MODEL_ID,
     ModelSpec,
     RenderRequest,
+    input_images,
     model_defaults,
 )
 from ._options import Callback, F, dtype_opt, file_argument, gather, seeds_opt
@@ -41,6 +42,7 @@ def _build_render(kw: dict[str, Any]) -> None:
     kw["request"] = RenderRequest(
         prompts=tuple(kw.pop("prompts")),
         seeds=kw.pop("seeds"),
+        images=input_images(kw.pop("images")),
         **{k: kw.pop(k) for k in ("size", "width", "height", "steps", "guidance", "strength")},
     )
 
@@ -137,6 +139,14 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
                 multiple=True,
                 required=required,
                 help=f"{when}Prompt (repeatable).",
+            ),
+            click.option(
+                "--image",
+                "images",
+                multiple=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help=f"{when}An image to edit (FLUX.1 Kontext): one for every prompt, or one per "
+                "--prompt in order; renders are edits of it.",
             ),
             seeds_opt,
             size_opt,

@@ -11,7 +11,7 @@ from ..check import FORMATS, load_policy, run_check
 from ..check import render as render_check
 from ..errors import UsageError
 from ..render import require_render
-from ..settings import ModelSpec, RenderRequest
+from ..settings import ModelSpec, RenderRequest, input_images
 from ..verdict import Criterion
 from ._app import CHECK_EXIT_HELP
 from ._model_options import size_opt, steps_opt
@@ -34,6 +34,13 @@ from ._options import file_argument, seeds_opt, verdict_options
     "recorded verification (needs --prompt).",
 )
 @click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --model: an image to edit (FLUX.1 Kontext), one for every prompt or one per prompt.",
+)
 @seeds_opt
 @size_opt
 @steps_opt
@@ -44,6 +51,7 @@ def check(
     fmt: str,
     model: str | None,
     prompts: tuple[str, ...],
+    images: tuple[Path, ...],
     seeds: tuple[int, ...],
     size: int | None,
     steps: int | None,
@@ -60,7 +68,9 @@ def check(
     if model is not None:
         if not prompts:
             raise UsageError("--model needs --prompt", "check", "add --prompt")
-        request = RenderRequest(prompts=prompts, seeds=seeds, size=size, steps=steps)
+        request = RenderRequest(
+            prompts=prompts, seeds=seeds, size=size, steps=steps, images=input_images(images)
+        )
         settings = request.settings(model)
         require_render()
         from ..render.workflows import make_reverify

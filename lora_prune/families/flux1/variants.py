@@ -1,9 +1,10 @@
-"""Which FLUX.1 a LoRA or checkpoint is for: dev (it has a guidance embedder), schnell, Krea.
+"""Which FLUX.1 a LoRA or checkpoint is for: dev (it has a guidance embedder), schnell, Krea, Kontext.
 
 Keys tell dev from schnell (only dev has the guidance embedder); the metadata
 (``modelspec.architecture``, ``ss_base_model_version``) may name the model, and a
-claim the keys contradict is a warning for ``check``. Krea (FLUX.1 Krea [dev]) has
-dev's layout: only the metadata or a checkpoint's file name can name it.
+claim the keys contradict is a warning for ``check``. Krea (FLUX.1 Krea [dev]) and
+Kontext (FLUX.1 Kontext [dev], an image editor) have dev's layout: only the
+metadata or a checkpoint's file name can name them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from ..base import ModuleLike
 from .keys import is_guidance_path
 
+#: The dev-layout models a name may give, by the word that names them.
+_DEV_MODELS = (("kontext", "FLUX.1-Kontext-dev"), ("krea", "FLUX.1-Krea-dev"))
 _FLUX2 = re.compile(r"flux[-_. ]?2")
 _FLUX1 = re.compile(r"flux[-_. ]?1|^flux(\b|_)")
 
@@ -28,8 +31,9 @@ def _claim(metadata: Mapping[str, str]) -> tuple[str, str, str] | None:
         if _FLUX2.search(low):
             return key, value, "FLUX.2"
         if _FLUX1.search(low):
-            if "krea" in low:
-                return key, value, "FLUX.1-Krea-dev"
+            named = next((m for word, m in _DEV_MODELS if word in low), None)
+            if named is not None:
+                return key, value, named
             if "schnell" in low:
                 return key, value, "FLUX.1-schnell"
             if "dev" in low:
@@ -69,7 +73,7 @@ def base_model(
 
 
 def checkpoint_name(variant: str, file_name: str) -> str:
-    """A transformer checkpoint's model: Krea by its file name, else FLUX.1-dev/schnell."""
-    if variant == "dev" and "krea" in file_name.lower():
-        return "FLUX.1-Krea-dev"
-    return f"FLUX.1-{variant}"
+    """A transformer checkpoint's model: Krea or Kontext by its file name, else FLUX.1-dev/schnell."""
+    low = file_name.lower()
+    named = next((m for word, m in _DEV_MODELS if word in low), None)
+    return named if variant == "dev" and named is not None else f"FLUX.1-{variant}"

@@ -1,14 +1,48 @@
-"""FLUX.1's pipeline call (dev, schnell): CLIP pooled + T5 embeddings, packed latents, distilled guidance."""
+"""FLUX.1's pipeline call: CLIP pooled + T5 embeddings, packed latents, distilled guidance.
+
+dev, schnell and Krea render text to image with ``FluxPipeline``; an image to
+edit (``--image``: FLUX.1 Kontext) renders with ``FluxKontextPipeline`` built
+on the same components, its input image resized to the render's size.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ...settings import ImageSettings
+from ...errors import UnreadableFileError
+from ...settings import ImageSettings, InputImage
 from .base import Conditioning
+
+#: Where the Kontext view of a loaded pipeline is kept (it shares every component).
+_KONTEXT = "_lora_prune_kontext"
+
+
+def _kontext(pipe: Any) -> Any:
+    view = getattr(pipe, _KONTEXT, None)
+    if view is None:
+        diffusers: Any = importlib.import_module("diffusers")
+        view = diffusers.FluxKontextPipeline(**pipe.components)
+        view.set_progress_bar_config(disable=True)
+        object.__setattr__(pipe, _KONTEXT, view)
+    return view
+
+
+def _input_pixels(image: InputImage, width: int, height: int) -> Image.Image:
+    """The image to edit, as RGB at the render's size (PIL refuses decompression bombs)."""
+    try:
+        with Image.open(image.path) as opened:
+            return opened.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableFileError(
+            f"cannot read the image to edit ({type(exc).__name__})",
+            image.path,
+            "give a PNG, JPEG or WebP file",
+        ) from exc
 
 
 class FluxCall:
@@ -40,7 +74,17 @@ class FluxCall:
         self, pipe: Any, conditioning: Conditioning, latents: torch.Tensor, settings: ImageSettings
     ) -> np.ndarray:
         embeds, pooled = conditioning
+        edit: dict[str, Any] = {}
+        if settings.image is not None:
+            pipe = _kontext(pipe)
+            edit = {
+                "image": _input_pixels(settings.image, settings.width, settings.height),
+                # Kontext would resize the output to ~1 MP and the input to its preferred sizes.
+                "max_area": settings.width * settings.height,
+                "_auto_resize": False,
+            }
         result = pipe(
+            **edit,
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
             latents=latents,
