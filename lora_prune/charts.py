@@ -3,8 +3,8 @@
 Drawn with matplotlib (the ``render`` extra) on its Agg canvas through the
 object API: no pyplot, so no global figure state and no GUI backend. The
 ``*_figure`` functions return the :class:`~matplotlib.figure.Figure` (tests read
-its data: which mode, which statistic, the axis ranges); the ``*_chart``
-functions return it drawn as a Pillow image for :func:`.pictures.save_png`.
+its data: which mode, which statistic, the axis ranges); :func:`figure_image`
+draws one as a Pillow image for :func:`.pictures.save_png`.
 """
 
 from __future__ import annotations
@@ -235,24 +235,6 @@ def influence_figure(
     return fig
 
 
-def influence_chart(
-    blocks: Sequence[str],
-    modes: Sequence[ModeInfluence],
-    *,
-    images: int,
-    keep: Sequence[str] = (),
-    keep_mode: str | None = None,
-    title: str = "Block influence",
-    width: int = 1400,
-) -> Image.Image:
-    """:func:`influence_figure`, drawn."""
-    return figure_image(
-        influence_figure(
-            blocks, modes, images=images, keep=keep, keep_mode=keep_mode, title=title, width=width
-        )
-    )
-
-
 # ---------------------------------------------------------------------------
 # Pruning curve
 
@@ -404,31 +386,3 @@ def pruning_curve_figure(
         fontsize=12,
     )
     return fig
-
-
-def pruning_curve_chart(
-    ks: Sequence[int],
-    worst: Mapping[str, Sequence[float]],
-    mean: Mapping[str, Sequence[float]],
-    sizes: Sequence[int],
-    *,
-    min_kept: float | None = None,
-    chosen: int | None = None,
-    ranking: str | None = None,
-    width: int = 1000,
-    height: int = 560,
-) -> Image.Image:
-    """:func:`pruning_curve_figure`, drawn."""
-    return figure_image(
-        pruning_curve_figure(
-            ks,
-            worst,
-            mean,
-            sizes,
-            min_kept=min_kept,
-            chosen=chosen,
-            ranking=ranking,
-            width=width,
-            height=height,
-        )
-    )

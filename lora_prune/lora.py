@@ -405,11 +405,11 @@ def parse_lora_header(
         blocks = frozenset(pk.block for pk in parsed)
         family.report_range_errors(reading.range_errors, reading.range_keys, blocks, path)
     if unknown:
-        # Text-encoder keys alone do not make a LoRA of a family: SD1.5 and SDXL share FLUX.1's CLIP-L.
-        if not any(pk.target is not None and pk.target.model == "transformer" for pk in parsed):
+        # Text-encoder keys alone do not make a LoRA of a family: SD1.5 and SDXL share FLUX.1's
+        # CLIP-L, so another model is named then even with allow_unknown.
+        if not allow_unknown or reading.transformer_keys == 0:
             _check_other_base_model(unknown, path)
         if not allow_unknown:
-            _check_other_base_model(unknown, path)
             shown = ", ".join(unknown[:_SHOW_KEYS])
             more = f" and {len(unknown) - _SHOW_KEYS} more" if len(unknown) > _SHOW_KEYS else ""
             raise UnknownKeysError(

@@ -202,7 +202,7 @@ def test_the_pictures_show_what_was_measured(
     lora: LoraFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
-    for name in ("influence_chart", "pruning_curve_chart", "label_tile"):
+    for name in ("influence_figure", "pruning_curve_figure", "label_tile"):
         real = getattr(outputs, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
@@ -214,7 +214,7 @@ def test_the_pictures_show_what_was_measured(
     result = analyze(lora, file_sha256(lora.path), settings(), out, FakeRenderer(PLANTED))
 
     # The influence chart: every mode swept, its mean over the 4 images, the keep set's source.
-    (blocks, charted), kwargs = calls["influence_chart"][-1]
+    (blocks, charted), kwargs = calls["influence_figure"][-1]
     assert blocks == sorted(lora.blocks, key=block_order)
     assert [m.mode for m in charted] == ["solo", "loo"]
     for m in charted:
@@ -252,7 +252,7 @@ def test_the_pictures_show_what_was_measured(
         for k in (0, 1, 2, 3, 7, len(order))
     ]
     set_curve(result, points, Criterion(min_kept=0.9), lora=lora)
-    (ks, worst, mean, sizes), kwargs = calls["pruning_curve_chart"][-1]
+    (ks, worst, mean, sizes), kwargs = calls["pruning_curve_figure"][-1]
     assert ks == [0, 1, 2, 3, 7, len(order)] and sizes == [1000 * k for k in ks]
     assert worst == {n: [p.worst[n] for p in points] for n in ("mse", "ssim")}
     assert mean == {n: [p.kept[n] for p in points] for n in ("mse", "ssim")}

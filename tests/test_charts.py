@@ -21,9 +21,8 @@ from matplotlib.patches import Rectangle
 from lora_prune.charts import (
     CATEGORY_COLORS,
     ModeInfluence,
-    influence_chart,
+    figure_image,
     influence_figure,
-    pruning_curve_chart,
     pruning_curve_figure,
 )
 from lora_prune.errors import EXIT_MISSING_DEPENDENCY, MissingDependencyError
@@ -134,8 +133,14 @@ def test_influence_refuses_mismatched_lengths_and_draws_at_its_size() -> None:
         )
     with pytest.raises(ValueError):
         influence_figure(["double.0"], [], images=1)
-    assert influence_chart(BLOCKS, modes()[:1], images=4).size == (1400, 110 + 2 * 230)
-    assert influence_chart(BLOCKS, modes(), images=4, width=900).size == (900, 110 + 4 * 230)
+    assert figure_image(influence_figure(BLOCKS, modes()[:1], images=4)).size == (
+        1400,
+        110 + 2 * 230,
+    )
+    assert figure_image(influence_figure(BLOCKS, modes(), images=4, width=900)).size == (
+        900,
+        110 + 4 * 230,
+    )
 
 
 # --- the pruning curve ------------------------------------------------------
@@ -212,7 +217,7 @@ def test_curve_of_every_k_is_linear_in_k() -> None:
     ax = next(a for a in fig.axes if a.get_ylabel().startswith("share"))
     assert xdata(ax.get_lines()[0]) == ks
     assert not ax.texts  # no gap
-    assert pruning_curve_chart(ks, {"mse": shares}, {}, [1] * 11).size == (1000, 560)
+    assert figure_image(pruning_curve_figure(ks, {"mse": shares}, {}, [1] * 11)).size == (1000, 560)
     with pytest.raises(ValueError):
         pruning_curve_figure(ks, {"mse": shares[:3]}, {}, [1] * 11)
 
@@ -223,7 +228,7 @@ def test_without_matplotlib_the_charts_are_a_one_line_missing_dependency(
     for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # an import of it raises ImportError
     with pytest.raises(MissingDependencyError) as caught:
-        influence_chart(["double.0"], [ModeInfluence("solo", [1.0], [0.1])], images=1)
+        influence_figure(["double.0"], [ModeInfluence("solo", [1.0], [0.1])], images=1)
     assert str(caught.value) == (
         "the charts need matplotlib, which is not installed, matplotlib, "
         "install the render extra: pip install 'lora-prune[render]'"

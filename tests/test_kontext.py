@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from lora_prune.families.flux1.variants import base_model, checkpoint_name
 from lora_prune.lora import read_lora
 from lora_prune.render.engine import BlockEngine
 from lora_prune.render.loading import LoadedModel
+from lora_prune.render.plain import plain_render
 from lora_prune.settings import (
     TINY_MAX_SEQUENCE_LENGTH,
     ImageSettings,
@@ -42,31 +42,6 @@ def picture(path: Path, seed: int, shape: tuple[int, int] = (SIZE, SIZE)) -> Pat
     pixels = np.random.default_rng(seed).uniform(0, 255, (*shape, 3)).astype(np.uint8)
     Image.fromarray(pixels).save(path)
     return path
-
-
-def kontext_render(pipe: Any, settings: ImageSettings) -> np.ndarray:
-    """diffusers' own edit: FluxKontextPipeline on the same components, seeded as the engine is."""
-    import diffusers
-
-    assert settings.image is not None
-    view = diffusers.FluxKontextPipeline(**pipe.components)
-    view.set_progress_bar_config(disable=True)
-    with Image.open(settings.image.path) as image:
-        source = image.convert("RGB").resize((settings.width, settings.height), Image.LANCZOS)
-    out = view(
-        image=source,
-        prompt=settings.prompt,
-        height=settings.height,
-        width=settings.width,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        max_sequence_length=settings.max_sequence_length,
-        max_area=settings.width * settings.height,
-        _auto_resize=False,
-        generator=torch.Generator("cpu").manual_seed(settings.seed),
-        output_type="np",
-    )
-    return np.asarray(out.images[0], dtype=np.float32)
 
 
 def test_edits_equal_diffusers_kontext_with_the_lora_loaded(
@@ -94,10 +69,10 @@ def test_edits_equal_diffusers_kontext_with_the_lora_loaded(
     )
     path = write_synth_lora(tmp_path / "edit.safetensors", spec)
     pipe = tiny_model.pipe
-    plain = kontext_render(pipe, settings)
+    plain = plain_render(pipe, settings)
     pipe.load_lora_weights(str(path), adapter_name="ref")
     try:
-        reference = kontext_render(pipe, settings)
+        reference = plain_render(pipe, settings)
     finally:
         pipe.unload_lora_weights()
     assert np.abs(reference - plain).max() > 0.05  # the LoRA changes the edit

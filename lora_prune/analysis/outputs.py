@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from ..blocks import block_order
-from ..charts import MODE_TITLES, ModeInfluence, influence_chart, pruning_curve_chart
+from ..charts import (
+    MODE_TITLES,
+    ModeInfluence,
+    figure_image,
+    influence_figure,
+    pruning_curve_figure,
+)
 from ..fileio import atomic_write_bytes, write_json
 from ..metrics import diff_map
 from ..pictures import (
@@ -36,7 +42,7 @@ def write_results(analysis: Analysis) -> None:
         curve = analysis.curve
         chosen = analysis.suggestion.blocks and analysis.suggestion.criterion == CRITERION
         names = sorted({n for p in curve for n in p.kept})
-        chart = pruning_curve_chart(
+        chart = pruning_curve_figure(
             [p.k for p in curve],
             {n: [p.worst.get(n, 0.0) for p in curve] for n in names},
             {n: [p.kept.get(n, 0.0) for p in curve] for n in names},
@@ -45,7 +51,7 @@ def write_results(analysis: Analysis) -> None:
             chosen=len(analysis.suggestion.blocks) if chosen else None,
             ranking=analysis.suggestion.mode,
         )
-        save_png(chart, out_dir / "pruning_curve.png")
+        save_png(figure_image(chart), out_dir / "pruning_curve.png")
     write_json(out_dir / "ranking.json", analysis.to_json())
     write_report(out_dir, analysis.to_json())
 
@@ -145,10 +151,10 @@ def write_pictures(
         name = "contact_sheet.png" if mode == primary else f"contact_sheet_{mode}.png"
         save_png(sheet, out_dir / name)
     blocks = sorted({r.block for r in analysis.rows}, key=block_order)
+    nan = float("nan")
     charted = []
     for mode in modes:
         by = {r.block: r for r in analysis.rows_for(mode)}
-        nan = float("nan")
         charted.append(
             ModeInfluence(
                 mode,
@@ -157,12 +163,12 @@ def write_pictures(
             )
         )
     suggestion = analysis.suggestion
-    chart = influence_chart(
+    chart = influence_figure(
         blocks,
         charted,
-        images=len(settings.render.prompts) * len(settings.render.seeds),
+        images=n_images,
         keep=suggestion.blocks,
         keep_mode=suggestion.mode,
         title=f"Block influence: {Path(settings.lora).name}",
     )
-    save_png(chart, out_dir / "influence.png")
+    save_png(figure_image(chart), out_dir / "influence.png")

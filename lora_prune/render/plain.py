@@ -13,11 +13,21 @@ import numpy as np
 import torch
 
 from ..settings import ImageSettings
+from .families.flux1 import edit_inputs, kontext_view
 
 
 def plain_render(pipe: Any, settings: ImageSettings) -> np.ndarray:
-    """One image from ``pipe`` itself, seeded by a CPU generator: float32 HxWx3 in [0, 1]."""
+    """One image from ``pipe`` itself, seeded by a CPU generator: float32 HxWx3 in [0, 1].
+
+    An edit (``settings.image``) renders with diffusers' ``FluxKontextPipeline`` on
+    ``pipe``'s components, given the image as the engine gives it.
+    """
+    edit: dict[str, Any] = {}
+    if settings.image is not None:
+        pipe = kontext_view(pipe)
+        edit = edit_inputs(settings.image, settings.width, settings.height)
     out = pipe(
+        **edit,
         prompt=settings.prompt,
         height=settings.height,
         width=settings.width,

@@ -22,7 +22,8 @@ from .base import Conditioning
 _KONTEXT = "_lora_prune_kontext"
 
 
-def _kontext(pipe: Any) -> Any:
+def kontext_view(pipe: Any) -> Any:
+    """``FluxKontextPipeline`` on ``pipe``'s components, built once per pipeline."""
     view = getattr(pipe, _KONTEXT, None)
     if view is None:
         diffusers: Any = importlib.import_module("diffusers")
@@ -32,17 +33,23 @@ def _kontext(pipe: Any) -> Any:
     return view
 
 
-def _input_pixels(image: InputImage, width: int, height: int) -> Image.Image:
-    """The image to edit, as RGB at the render's size (PIL refuses decompression bombs)."""
+def edit_inputs(image: InputImage, width: int, height: int) -> dict[str, Any]:
+    """A Kontext call's arguments for an edit of ``image`` at the render's size.
+
+    The image is read as RGB and resized to ``width`` x ``height`` (PIL refuses
+    decompression bombs); Kontext would otherwise resize the output to ~1 MP and
+    the input to its preferred sizes.
+    """
     try:
         with Image.open(image.path) as opened:
-            return opened.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+            pixels = opened.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableFileError(
             f"cannot read the image to edit ({type(exc).__name__})",
             image.path,
             "give a PNG, JPEG or WebP file",
         ) from exc
+    return {"image": pixels, "max_area": width * height, "_auto_resize": False}
 
 
 class FluxCall:
@@ -76,13 +83,8 @@ class FluxCall:
         embeds, pooled = conditioning
         edit: dict[str, Any] = {}
         if settings.image is not None:
-            pipe = _kontext(pipe)
-            edit = {
-                "image": _input_pixels(settings.image, settings.width, settings.height),
-                # Kontext would resize the output to ~1 MP and the input to its preferred sizes.
-                "max_area": settings.width * settings.height,
-                "_auto_resize": False,
-            }
+            pipe = kontext_view(pipe)
+            edit = edit_inputs(settings.image, settings.width, settings.height)
         result = pipe(
             **edit,
             prompt_embeds=embeds,
