@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .errors import BlockSpecError
 
@@ -79,7 +80,9 @@ class BlockLayout:
     vector_help: str = ""
     kohya_indices: bool = False
 
-    @property
+    # Derived once per layout (the spec parser asks per token); cached_property writes the
+    # instance dict directly, which a frozen dataclass allows.
+    @cached_property
     def counts(self) -> dict[str, int]:
         """Blocks per indexed kind (``{"double": 19, "single": 38}``)."""
         out: dict[str, int] = {}
@@ -89,11 +92,11 @@ class BlockLayout:
                 out[kind] = out.get(kind, 0) + 1
         return out
 
-    @property
+    @cached_property
     def text_encoders(self) -> tuple[str, ...]:
         return tuple(b for b in self.ids if b in TEXT_ENCODER_IDS)
 
-    @property
+    @cached_property
     def groups(self) -> dict[str, tuple[str, ...]]:
         """``double``/``single``/``block`` (each indexed kind), ``te`` where present, ``all``."""
         out = {kind: tuple(b for b in self.ids if block_kind(b) == kind) for kind in self.counts}
@@ -102,7 +105,7 @@ class BlockLayout:
         out["all"] = self.ids
         return out
 
-    @property
+    @cached_property
     def named(self) -> tuple[str, ...]:
         """The ids that are not indexed (``clip``, ``input``, ``final``, ...)."""
         return tuple(b for b in self.ids if block_kind(b) not in INDEXED_KINDS)

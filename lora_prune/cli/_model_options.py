@@ -23,7 +23,7 @@ from ..settings import (
     input_images,
     model_defaults,
 )
-from ._options import Callback, F, dtype_opt, file_argument, gather, seeds_opt
+from ._options import Callback, F, dtype_opt, file_argument, gather, images_opt, seeds_opt
 
 
 def _build_render(kw: dict[str, Any]) -> None:
@@ -140,14 +140,7 @@ def render_options(*, required: bool = True, when: str = "") -> Callable[[F], F]
                 required=required,
                 help=f"{when}Prompt (repeatable).",
             ),
-            click.option(
-                "--image",
-                "images",
-                multiple=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                help=f"{when}An image to edit (FLUX.1 Kontext): one for every prompt, or one per "
-                "--prompt in order; renders are edits of it.",
-            ),
+            images_opt(when),
             seeds_opt,
             size_opt,
             click.option("--width", type=int, help="Width (overrides --size)."),

@@ -106,6 +106,20 @@ seeds_opt = click.option(
     callback=checked(parse_seeds),
     help="Comma-separated seeds (--seed S for one).",
 )
+
+
+def images_opt(when: str = "") -> Callable[[F], F]:
+    """``--image FILE`` (repeatable): the images an edit model edits; ``when`` prefixes the help."""
+    return click.option(
+        "--image",
+        "images",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=f"{when}An image to edit (FLUX.1 Kontext): one for every prompt, or one per "
+        "--prompt in order; renders are edits of it.",
+    )
+
+
 batch_size_opt = click.option(
     "--batch-size",
     type=int,

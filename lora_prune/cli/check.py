@@ -15,7 +15,7 @@ from ..settings import ModelSpec, RenderRequest, input_images
 from ..verdict import Criterion
 from ._app import CHECK_EXIT_HELP
 from ._model_options import size_opt, steps_opt
-from ._options import file_argument, seeds_opt, verdict_options
+from ._options import file_argument, images_opt, seeds_opt, verdict_options
 
 
 @click.command(epilog=CHECK_EXIT_HELP)
@@ -34,13 +34,7 @@ from ._options import file_argument, seeds_opt, verdict_options
     "recorded verification (needs --prompt).",
 )
 @click.option("--prompt", "prompts", multiple=True, help="With --model: prompt (repeatable).")
-@click.option(
-    "--image",
-    "images",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="With --model: an image to edit (FLUX.1 Kontext), one for every prompt or one per prompt.",
-)
+@images_opt("With --model: ")
 @seeds_opt
 @size_opt
 @steps_opt
