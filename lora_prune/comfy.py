@@ -238,7 +238,7 @@ def _identify_gguf(path: Path) -> Component | str:
         }
     except Exception as exc:  # gguf's parser errors at the file boundary
         return f"unreadable GGUF file ({type(exc).__name__})"
-    layout = read_transformer(tensors, lambda name: tensors.get(name, ()))
+    layout = read_transformer(tensors)
     if layout is None or (isinstance(layout, TransformerLayout) and layout.naming != "bfl"):
         return "a GGUF file, but not a FLUX.1 transformer in BFL naming"
     if isinstance(layout, str):
@@ -283,7 +283,7 @@ def _identify_transformer(
     header: SafetensorsHeader, made: _Made, fp8_note: str
 ) -> Component | str | None:
     """A FLUX.1 transformer in BFL or diffusers naming; None when the keys are neither."""
-    layout = read_transformer(header.tensors, lambda name: _shape(header, name))
+    layout = read_transformer(header.shapes)
     if not isinstance(layout, TransformerLayout):
         return layout
     # The scaled-fp8 note belongs to BFL-named files (ComfyUI's own fp8 checkpoints).

@@ -131,6 +131,11 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, by name (what checkpoint readers look at)."""
+        return {name: info.shape for name, info in self.tensors.items()}
+
 
 @dataclass(frozen=True)
 class TensorEntry:

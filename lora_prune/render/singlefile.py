@@ -39,9 +39,7 @@ __all__ = ["single_file_pipeline"]
 
 def _transformer_config(header: SafetensorsHeader) -> dict[str, Any]:
     """The transformer config with the widths and depths this file has."""
-    layout = read_transformer(
-        header.tensors, lambda n: header.tensors[n].shape if n in header.tensors else ()
-    )
+    layout = read_transformer(header.shapes)
     if not isinstance(layout, TransformerLayout) or layout.head is None:
         raise UsageError(
             "not a FLUX.1 transformer checkpoint (no input embedders or attention norms)",
@@ -109,7 +107,7 @@ def _load_clip(path: Path, dtype: torch.dtype) -> Any:
     transformers: Any = importlib.import_module("transformers")
 
     header = read_header(path)
-    t = {k: v.shape for k, v in header.tensors.items()}
+    t = header.shapes
     emb = t["text_model.embeddings.token_embedding.weight"]
     config = shipped_config("clip-l-text.json")
     config.pop("architectures", None)
@@ -134,7 +132,7 @@ def _load_t5(path: Path, dtype: torch.dtype) -> Any:
     transformers: Any = importlib.import_module("transformers")
 
     header = read_header(path)
-    t = {k: v.shape for k, v in header.tensors.items()}
+    t = header.shapes
     shared = t.get("shared.weight") or t["encoder.embed_tokens.weight"]
     bias = t["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     config = shipped_config("t5-xxl-encoder.json")
@@ -178,7 +176,7 @@ def _load_vae(path: Path, dtype: torch.dtype) -> Any:
 
     convert: Any = single_file_utils.convert_ldm_vae_checkpoint
     header = read_header(path)
-    t = {k: v.shape for k, v in header.tensors.items()}
+    t = header.shapes
     ldm = not any(k.startswith("decoder.mid_block.") for k in t)
     level = "encoder.down.{}.block." if ldm else "encoder.down_blocks.{}.resnets."
     levels = count_blocks(list(t), "encoder.down." if ldm else "encoder.down_blocks.")

@@ -342,7 +342,7 @@ def load_gguf_transformer(
             path,
             "check that it is a complete FLUX.1 transformer .gguf",
         ) from exc
-    layout = read_transformer(shapes, lambda name: shapes.get(name, []))
+    layout = read_transformer(shapes)
     if not isinstance(layout, TransformerLayout):
         raise UsageError(
             layout or "not a FLUX.1 transformer",

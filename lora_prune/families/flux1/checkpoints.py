@@ -8,7 +8,7 @@ a guidance embedder, schnell none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,16 +104,17 @@ class TransformerLayout:
         return config
 
 
-def read_transformer(
-    names: Iterable[str], shape: Callable[[str], Sequence[int]]
-) -> TransformerLayout | str | None:
-    """The layout of a FLUX.1 transformer checkpoint, from its tensor names and shapes.
+def read_transformer(shapes: Mapping[str, Sequence[int]]) -> TransformerLayout | str | None:
+    """The layout of a FLUX.1 transformer checkpoint, from its tensors' shapes by name.
 
-    ``shape(name)`` gives a tensor's shape (empty when there is none). Returns
-    None when the names are no FLUX.1 transformer's, a reason (str) when they are
-    but the input layers are missing.
+    Returns None when the names are no FLUX.1 transformer's, a reason (str) when
+    they are but the input layers are missing.
     """
-    prefix, paths = strip_wrapper(names)
+
+    def shape(name: str) -> Sequence[int]:
+        return shapes.get(name, ())
+
+    prefix, paths = strip_wrapper(shapes)
     present = set(paths)
     for naming, (marker, inputs, norm, doubles, singles) in _NAMINGS.items():
         if marker not in present:
